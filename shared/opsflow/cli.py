@@ -1,0 +1,144 @@
+"""``opsflow``: the one command for people running opsflow.
+
+Every failure a user can cause (a bad variable, a port in use, a component that
+does not start) ends in one or two lines saying what went wrong and what to do,
+and a non-zero exit; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import asdict
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from opsflow import stack
+from opsflow.errors import ConfigurationError, OpsflowError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+console = Console()
+errors = Console(stderr=True)
+_debug = False
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    global _debug
+    _debug = debug
+
+
+def _uptime(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if seconds else "-"
+
+
+def _print_status(plan: stack.StackPlan) -> bool:
+    rows = stack.status(plan)
+    table = Table(title=f"opsflow stack ({plan.data_dir})")
+    for column in ("component", "address", "state", "pid", "uptime", "restarts", "health"):
+        table.add_column(column)
+    for row in rows:
+        health = (
+            f"[green]healthy[/] {row.detail}" if row.healthy else f"[red]unhealthy[/] {row.detail}"
+        )
+        table.add_row(
+            row.name,
+            row.address,
+            row.state,
+            str(row.pid or "-"),
+            _uptime(row.uptime_s),
+            str(row.restarts),
+            health,
+        )
+    console.print(table)
+    return all(row.healthy for row in rows)
+
+
+@app.command()
+def up(
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
+) -> None:
+    """Start the local stack: broker, PostgreSQL and schema registry, unless configured away.
+
+    In the foreground Ctrl-C stops everything; with --detach, `opsflow down` does.
+    A second `up` finds the running stack instead of starting another.
+    """
+    already = stack.running_plan()
+    plan, proc = stack.up(foreground=not detach)
+    if already is not None:
+        console.print("[yellow]The stack is already running.[/]")
+    _print_status(plan)
+    if proc is not None:
+        console.print("Press Ctrl-C to stop.")
+        code = stack.wait_foreground(plan, proc)
+        console.print("Stopped." if code == 0 else f"supervisord exited with {code}.")
+        raise typer.Exit(code)
+
+
+@app.command()
+def down() -> None:
+    """Stop the local stack and everything it started."""
+    plan = stack.down()
+    console.print("Stopped." if plan else "No stack was started from this data directory.")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show each component with its address, state, pid, uptime, restarts and health."""
+    plan = stack.StackPlan.load(stack.data_dir())
+    if plan is None:
+        raise OpsflowError("no stack has been started from this data directory; run `opsflow up`")
+    if as_json:
+        rows = [asdict(row) for row in stack.status(plan)]
+        print(json.dumps({"data_dir": str(plan.data_dir), "env": plan.env, "components": rows}))
+        healthy = all(row["healthy"] for row in rows)
+    else:
+        healthy = _print_status(plan)
+    raise typer.Exit(0 if healthy else 1)
+
+
+@app.command()
+def env() -> None:
+    """Print `export` lines that point a shell at the running stack."""
+    plan = stack.running_plan()
+    if plan is None:
+        raise OpsflowError("the stack is not running; start it with `opsflow up --detach`")
+    for key, value in sorted(plan.env.items()):
+        print(f"export {key}={shlex.quote(value)}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning opsflow's errors into one clear line."""
+    try:
+        code = app(standalone_mode=False)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except ConfigurationError as err:
+        if _debug:
+            raise
+        errors.print(
+            f"[red]error:[/] {err.variable}: {err.problem}.\n  {err.hint}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+    except OpsflowError as err:
+        if _debug:
+            raise
+        errors.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

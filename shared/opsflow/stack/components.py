@@ -1,0 +1,214 @@
+"""What the embedded stack is made of, and where each part listens.
+
+Each embedded component stands in for a production counterpart selected by one
+environment variable; when the variable is set the component is not started
+and the variable's value is used as is:
+
+=============  ============================  =========================
+component      production counterpart        variable
+=============  ============================  =========================
+bucket+broker  Apache Kafka, Redpanda, ...   KAFKA_BOOTSTRAP_SERVERS
+postgres       any PostgreSQL 14+            DATABASE_URL
+registry       Confluent Schema Registry     SCHEMA_REGISTRY_URL
+=============  ============================  =========================
+
+The plan is pure data (names, ports, commands): ``supervisor`` turns it into
+a process manager's configuration and ``launch`` runs each command.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from opsflow.errors import ConfigurationError
+from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, StackSettings
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One supervised process of the embedded stack.
+
+    Attributes:
+        name: the program name shown by ``opsflow status``.
+        port: the loopback port it listens on.
+        address: how clients reach it (``host:port`` or a URL).
+        priority: start order (lower first); stop order is the reverse.
+        waits_for: ports that must accept connections before it starts.
+    """
+
+    name: str
+    port: int
+    address: str
+    priority: int
+    waits_for: tuple[int, ...] = ()
+
+    @property
+    def command(self) -> list[str]:
+        """The command the process manager runs; ``launch`` prepares and execs the process."""
+        return [sys.executable, "-m", "opsflow.stack.launch", self.name]
+
+
+@dataclass(frozen=True)
+class StackPlan:
+    """Everything ``opsflow up`` needs to start the stack and tell others where it is."""
+
+    data_dir: Path
+    broker_storage: str
+    components: tuple[Component, ...]
+    env: dict[str, str]
+    supervisor_port: int
+    external: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def state_file(self) -> Path:
+        return self.data_dir / "stack.json"
+
+    def component(self, name: str) -> Component | None:
+        return next((c for c in self.components if c.name == name), None)
+
+    def save(self) -> None:
+        """Record the plan so later commands (status, down, tests) find the running stack."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        data = asdict(self)
+        data["data_dir"] = str(self.data_dir)
+        self.state_file.write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, data_dir: Path) -> StackPlan | None:
+        path = data_dir / "stack.json"
+        if not path.exists():
+            return None
+        data = json.loads(path.read_text())
+        data["data_dir"] = Path(data["data_dir"])
+        data["components"] = tuple(
+            Component(**{**c, "waits_for": tuple(c["waits_for"])}) for c in data["components"]
+        )
+        return cls(**data)
+
+
+def port_is_free(port: int) -> bool:
+    """True when nothing listens on the loopback port and we may bind it."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(taken: set[int]) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind((LOOPBACK, 0))
+            port = int(sock.getsockname()[1])
+        if port not in taken:
+            return port
+
+
+class _PortChooser:
+    """Chooses ports: the configured one, else the one used last time, else any free one.
+
+    Reusing last time's port keeps the URLs a user copied from ``opsflow status``
+    valid across restarts.
+    """
+
+    def __init__(self, previous: StackPlan | None) -> None:
+        self.previous = previous
+        self.taken: set[int] = set()
+
+    def choose(self, name: str, configured: int | None, variable: str) -> int:
+        if configured is not None:
+            if not port_is_free(configured):
+                raise ConfigurationError(
+                    variable,
+                    f"port {configured} on {LOOPBACK} is already in use",
+                    f"Stop what listens there, choose another port, or unset {variable} "
+                    "to take a free one.",
+                )
+            port = configured
+        else:
+            previous = self._previous_port(name)
+            if previous is None or previous in self.taken or not port_is_free(previous):
+                previous = _free_port(self.taken)
+            port = previous
+        self.taken.add(port)
+        return port
+
+    def _previous_port(self, name: str) -> int | None:
+        if self.previous is None:
+            return None
+        if name == "supervisor":
+            return self.previous.supervisor_port
+        old = self.previous.component(name)
+        return old.port if old else None
+
+
+def plan_stack(settings: StackSettings | None = None) -> StackPlan:
+    """Decide which components to start and on which ports, from the environment.
+
+    Raises:
+        ConfigurationError: a configured port is already taken.
+    """
+    settings = settings or StackSettings()
+    data_dir = settings.data_dir.expanduser().resolve()
+    kafka = KafkaSettings()
+    database = DatabaseSettings()
+    registry = RegistrySettings()
+    ports = _PortChooser(StackPlan.load(data_dir))
+
+    components: list[Component] = []
+    env: dict[str, str] = {}
+    external: dict[str, str] = {}
+
+    if kafka.bootstrap_servers:
+        external["kafka"] = env["KAFKA_BOOTSTRAP_SERVERS"] = kafka.bootstrap_servers
+    else:
+        broker_port = ports.choose("broker", settings.broker_port, "OPSFLOW_BROKER_PORT")
+        if settings.broker_storage == "durable":
+            bucket_port = ports.choose("bucket", None, "")
+            components.append(
+                Component("bucket", bucket_port, f"http://{LOOPBACK}:{bucket_port}", 10)
+            )
+            waits: tuple[int, ...] = (bucket_port,)
+        else:
+            waits = ()
+        address = f"{LOOPBACK}:{broker_port}"
+        components.append(Component("broker", broker_port, address, 20, waits))
+        env["KAFKA_BOOTSTRAP_SERVERS"] = address
+
+    if database.database_url:
+        external["postgres"] = env["DATABASE_URL"] = database.database_url
+        db_waits: tuple[int, ...] = ()
+    else:
+        pg_port = ports.choose("postgres", settings.postgres_port, "OPSFLOW_POSTGRES_PORT")
+        url = f"postgresql://postgres@{LOOPBACK}:{pg_port}/postgres"
+        components.append(Component("postgres", pg_port, url, 10))
+        env["DATABASE_URL"] = url
+        db_waits = (pg_port,)
+
+    if registry.schema_registry_url:
+        external["registry"] = env["SCHEMA_REGISTRY_URL"] = registry.schema_registry_url
+    else:
+        reg_port = ports.choose("registry", settings.registry_port, "OPSFLOW_REGISTRY_PORT")
+        url = f"http://{LOOPBACK}:{reg_port}"
+        components.append(Component("registry", reg_port, url, 30, db_waits))
+        env["SCHEMA_REGISTRY_URL"] = url
+
+    supervisor_port = ports.choose(
+        "supervisor", settings.supervisor_port, "OPSFLOW_SUPERVISOR_PORT"
+    )
+    return StackPlan(
+        data_dir=data_dir,
+        broker_storage=settings.broker_storage,
+        components=tuple(components),
+        env=env,
+        supervisor_port=supervisor_port,
+        external=external,
+    )

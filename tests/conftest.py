@@ -1,0 +1,53 @@
+"""Fixtures: one real stack for the whole session, and a fresh namespace per test.
+
+The session stack is started with the real command (`opsflow up --detach`) in
+a temporary data directory. It honours KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL
+and SCHEMA_REGISTRY_URL when they are set, so the same suite runs against
+production counterparts (e.g. DATABASE_URL at a local PostgreSQL server);
+otherwise it runs against the embedded broker, PostgreSQL and registry.
+Tests keep out of each other's way with their own topics, subjects, consumer
+groups and database schemas.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+from tests.stackctl import Stack
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data_dir = tmp_path_factory.mktemp("session-stack")
+    session = Stack(data_dir, {**os.environ, "OPSFLOW_DATA_DIR": str(data_dir)})
+    session.run("up", "--detach")
+    yield session
+    session.run("down")
+
+
+@pytest.fixture(scope="session")
+def registry_url(stack: Stack) -> str:
+    return stack.address("SCHEMA_REGISTRY_URL")
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers(stack: Stack) -> str:
+    return stack.address("KAFKA_BOOTSTRAP_SERVERS")
+
+
+@pytest.fixture
+def database_url(stack: Stack) -> Iterator[str]:
+    """A URL whose connections work in a fresh, empty schema of the stack's database."""
+    base = stack.address("DATABASE_URL")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")

@@ -1,0 +1,77 @@
+"""Drive the `opsflow` command the way a user does, for the tests.
+
+The suite starts real components through the real command (`opsflow up
+--detach`) rather than through private functions, so what is tested is what a
+user runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+OPSFLOW = [sys.executable, "-m", "opsflow"]
+# Variables that would make a test's stack use something other than what the
+# test asked for.
+STACK_VARIABLES = (
+    "KAFKA_BOOTSTRAP_SERVERS",
+    "DATABASE_URL",
+    "SCHEMA_REGISTRY_URL",
+    "OPSFLOW_BROKER_PORT",
+    "OPSFLOW_POSTGRES_PORT",
+    "OPSFLOW_REGISTRY_PORT",
+    "OPSFLOW_SUPERVISOR_PORT",
+    "OPSFLOW_BROKER_STORAGE",
+)
+
+
+@dataclass
+class Stack:
+    """A stack started from one data directory."""
+
+    data_dir: Path
+    env: dict[str, str]
+
+    def run(
+        self, *args: str, timeout: float = 240, check: bool = True, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `opsflow ARGS` against this stack's data directory."""
+        result = subprocess.run(
+            [*OPSFLOW, *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"opsflow {' '.join(args)} exited {result.returncode}\n"
+                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+            )
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result = self.run("status", "--json", check=False)
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def components(self) -> dict[str, dict[str, Any]]:
+        return {row["name"]: row for row in self.status()["components"]}
+
+    def address(self, variable: str) -> str:
+        value: str = self.status()["env"][variable]
+        return value
+
+
+def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment for a stack in ``data_dir``: the caller's, minus stack choices."""
+    env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
+    env["OPSFLOW_DATA_DIR"] = str(data_dir)
+    env.update(overrides)
+    return env

@@ -1,0 +1,658 @@
+"""The event contracts: schemas and models agree, round-trip, and only evolve compatibly.
+
+The schemas in ``schemas/`` are the contract and the topics are the replay source,
+so these tests check (without Kafka or a database) that the Python models are an
+exact mirror of the latest schemas, that events survive the wire unchanged, and
+that every record ever written stays readable by the newest schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import shutil
+import types
+import typing
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pydantic
+import pytest
+from annotated_types import Le
+from pydantic import AwareDatetime
+
+from opsflow.compatibility import CompatibilityLevel
+from opsflow.contracts import (
+    EVENT_TOPICS,
+    MODELS,
+    SCHEMAS_DIR_VARIABLE,
+    Actor,
+    ActorRole,
+    Address,
+    AvroRecord,
+    CustomerRiskTier,
+    DispatchExecuted,
+    DispatchFailed,
+    DispatchFailureClass,
+    DispatchRequested,
+    Envelope,
+    Event,
+    OrderItem,
+    OrderReceived,
+    PodCaptured,
+    PodRejected,
+    PodRejectionCode,
+    PolicyChecked,
+    PolicyOutcome,
+    Reason,
+    ReviewClaimed,
+    ReviewDecided,
+    ReviewDecision,
+    ReviewEscalated,
+    ReviewReleased,
+    ReviewRequested,
+    ReviewSlaBreached,
+    ReviewTier,
+    TimestampMillis,
+    Topic,
+    catalogue,
+    check_evolution,
+    load_catalogue,
+    schemas_dir,
+)
+from opsflow.errors import BadInputError
+
+SCHEMAS = schemas_dir()
+CATALOGUE = load_catalogue(SCHEMAS)
+ENVELOPE_SCHEMA = json.loads((SCHEMAS / "envelope.avsc").read_text())
+NAMESPACE = "opsflow.events"
+
+# --- walking both sides into comparable shapes -----------------------------------------
+#
+# A shape is a nested tuple: ("record", name, ((field, shape, default), ...)),
+# ("enum", name, symbols), ("array", item), ("nullable", inner) or a primitive such as
+# ("long",) / ("uuid",) / ("timestamp-millis",). Both the Avro schema and the model are
+# reduced to it, so any difference (a field added to one side only, a reordered field, a
+# changed type, enum symbol or nullability) shows up as an inequality.
+
+REQUIRED = "<required>"
+_TIMESTAMP_VALIDATORS = typing.get_args(TimestampMillis)[1:]
+
+
+def avro_shape(schema: Any, named: dict[str, Any] | None = None) -> Any:
+    """Reduce an Avro type to a shape; named types may be referenced after definition."""
+    named = {} if named is None else named
+    if isinstance(schema, list):
+        if len(schema) == 2 and schema[0] == "null":
+            return ("nullable", avro_shape(schema[1], named))
+        return ("union", tuple(avro_shape(branch, named) for branch in schema))
+    if isinstance(schema, str):
+        if schema in named:
+            return named[schema]
+        if f"{NAMESPACE}.{schema}" in named:
+            return named[f"{NAMESPACE}.{schema}"]
+        return (schema,)
+    kind = schema["type"]
+    if kind == "record":
+        fields = tuple(
+            (
+                field["name"],
+                avro_shape(field["type"], named),
+                field.get("default", REQUIRED),
+            )
+            for field in schema["fields"]
+        )
+        shape: Any = ("record", schema["name"], fields)
+    elif kind == "enum":
+        shape = ("enum", schema["name"], tuple(schema["symbols"]))
+    elif kind == "array":
+        return ("array", avro_shape(schema["items"], named))
+    elif "logicalType" in schema:
+        return (schema["logicalType"],)
+    else:
+        return avro_shape(kind, named)
+    named[f"{schema.get('namespace', NAMESPACE)}.{schema['name']}"] = shape
+    return shape
+
+
+def model_shape(annotation: Any, metadata: tuple[Any, ...] = ()) -> Any:
+    """Reduce a model (or a field annotation) to the shape its Avro type must have."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return model_shape(args[0], metadata + tuple(annotation.__metadata__))
+    if origin in (typing.Union, types.UnionType):
+        others = [a for a in args if a is not type(None)]
+        assert len(others) == 1 and len(args) == 2, f"only T | None maps to Avro: {annotation}"
+        return ("nullable", model_shape(others[0]))
+    if origin is list:
+        return ("array", model_shape(args[0]))
+    if isinstance(annotation, type) and issubclass(annotation, AvroRecord):
+        fields = tuple(
+            (
+                name,
+                model_shape(info.annotation, tuple(info.metadata)),
+                REQUIRED if info.is_required() else info.default,
+            )
+            for name, info in annotation.model_fields.items()
+        )
+        return ("record", annotation.__name__, fields)
+    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
+        return ("enum", annotation.__name__, tuple(m.value for m in annotation))
+    if annotation is AwareDatetime and all(v in metadata for v in _TIMESTAMP_VALIDATORS):
+        return ("timestamp-millis",)
+    if annotation is uuid.UUID:
+        return ("uuid",)
+    if annotation is int and Le(2**31 - 1) in metadata:
+        return ("int",)
+    if annotation is int and Le(2**63 - 1) in metadata:
+        return ("long",)
+    simple = {str: "string", bool: "boolean", float: "double", bytes: "bytes"}
+    return (simple.get(annotation, f"unmapped python type {annotation!r}"),)
+
+
+def flatten(shape: Any, path: str = "") -> dict[str, str]:
+    """A shape as ``{path: what is there}``, so a failing comparison lists only the
+    differing paths (``items[].quantity``, ``notes?`` for the inside of a nullable)."""
+    kind = shape[0]
+    if kind == "record":
+        out = {path or "<event>": f"record {shape[1]} {[f[0] for f in shape[2]]}"}
+        for name, field_shape, default in shape[2]:
+            here = f"{path}.{name}" if path else name
+            out[f"{here} (default)"] = repr(default)
+            out |= flatten(field_shape, here)
+        return out
+    if kind == "enum":
+        return {path: f"enum {shape[1]} {list(shape[2])}"}
+    if kind == "array":
+        return flatten(shape[1], f"{path}[]")
+    if kind == "nullable":
+        return flatten(shape[1], f"{path}?")
+    return {path: " ".join(map(str, shape))}
+
+
+def walk_named(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every named type (record, enum) defined in a schema, outermost first."""
+    if isinstance(schema, list):
+        for branch in schema:
+            yield from walk_named(branch)
+    elif isinstance(schema, dict):
+        if schema["type"] in ("record", "enum"):
+            yield schema
+        if schema["type"] == "record":
+            for field in schema["fields"]:
+                yield from walk_named(field["type"])
+        elif schema["type"] == "array":
+            yield from walk_named(schema["items"])
+
+
+def walk_fields(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every field of every record defined in a schema."""
+    for named in walk_named(schema):
+        if named["type"] == "record":
+            yield from named["fields"]
+
+
+ALL_VERSIONS = [
+    pytest.param(et.versions[n], id=f"{name}-v{n}")
+    for name, et in CATALOGUE.items()
+    for n in et.versions
+]
+OLDER_VERSIONS = [
+    pytest.param(name, n, id=f"{name}-v{n}")
+    for name, et in CATALOGUE.items()
+    for n in et.versions
+    if n < et.latest_version
+]
+
+# --- samples: one realistic event per type, every optional field set ---------------------
+
+T0 = datetime(2025, 3, 14, 9, 26, 53, 589000, tzinfo=UTC)
+ORDER = "ord-20250314-0042"
+REVIEWER = Actor(user_id="u-7f3a", display_name="Ada Reviewer", role=ActorRole.REVIEWER)
+REASONS = [Reason(code="AMOUNT_OVER_LIMIT", message="Order total 1,250.00 EUR exceeds 1,000.00")]
+ADDRESS = Address(
+    name="Grace Hopper", street="Hauptstr. 5", city="Berlin", postal_code="10115", country="DE"
+)
+
+
+def envelope(model: type[Event], n: int) -> Envelope:
+    return Envelope(
+        event_id=uuid.UUID(int=n),
+        idempotency_key=f"{model.event_type}:{ORDER}:{n}",
+        occurred_at=T0 + timedelta(minutes=n),
+        correlation_id=ORDER,
+        causation_id=str(uuid.UUID(int=n - 1)),
+        producer="contract-tests",
+        contract_version=model.contract_version,
+    )
+
+
+def sample(event_type: str) -> Event:
+    model = MODELS[event_type]
+    common: dict[str, Any] = {"envelope": envelope(model, 1), "order_id": ORDER}
+    review: dict[str, Any] = {"task_id": "task-1", "tier": ReviewTier.REVIEWER}
+    dispatch: dict[str, Any] = {"dispatch_id": "disp-1", "carrier": "dhl", "attempt": 2}
+    samples: dict[str, Event] = {
+        "order.received": OrderReceived(
+            **common,
+            customer_id="cust-9",
+            customer_name="Grace Hopper",
+            customer_risk_tier=CustomerRiskTier.MEDIUM,
+            amount_minor=125_000,
+            currency="EUR",
+            destination=ADDRESS,
+            items=[
+                OrderItem(sku="SKU-1", description="Widget", quantity=3, unit_price_minor=25_000),
+                OrderItem(sku="SKU-2", description="Gadget", quantity=1, unit_price_minor=50_000),
+            ],
+            placed_at=T0 - timedelta(hours=1),
+            notes="Leave at reception",
+            sales_channel="web",
+        ),
+        "policy.checked": PolicyChecked(
+            **common,
+            outcome=PolicyOutcome.NEEDS_REVIEW,
+            reason_codes=["AMOUNT_OVER_LIMIT"],
+            reasons=REASONS,
+            rules_version="2025.03.1",
+        ),
+        "review.requested": ReviewRequested(
+            **common,
+            **review,
+            due_at=T0 + timedelta(hours=4),
+            reason_codes=["AMOUNT_OVER_LIMIT"],
+            reasons=REASONS,
+        ),
+        "review.claimed": ReviewClaimed(**common, **review, actor=REVIEWER),
+        "review.released": ReviewReleased(
+            **common, **review, actor=REVIEWER, reason="Going off shift"
+        ),
+        "review.decided": ReviewDecided(
+            **common,
+            **review,
+            actor=REVIEWER,
+            decision=ReviewDecision.APPROVED,
+            reason="Known customer, verified by phone",
+        ),
+        "review.escalated": ReviewEscalated(
+            **common,
+            task_id="task-1",
+            previous_tier=ReviewTier.REVIEWER,
+            tier=ReviewTier.SUPERVISOR,
+            breached_due_at=T0 + timedelta(hours=4),
+            due_at=T0 + timedelta(hours=6),
+        ),
+        "review.sla_breached": ReviewSlaBreached(
+            **common, task_id="task-1", tier=ReviewTier.SUPERVISOR, due_at=T0 + timedelta(hours=6)
+        ),
+        "dispatch.requested": DispatchRequested(**common, **dispatch, destination=ADDRESS),
+        "dispatch.executed": DispatchExecuted(
+            **common,
+            **dispatch,
+            booking_reference="BK-123456",
+            tracking_url="https://track.example/BK-123456",
+            estimated_delivery_at=T0 + timedelta(days=2),
+        ),
+        "dispatch.failed": DispatchFailed(
+            **common,
+            **dispatch,
+            failure_class=DispatchFailureClass.TRANSIENT,
+            reason="carrier API timed out after 10s",
+            retries_exhausted=False,
+            next_attempt_at=T0 + timedelta(minutes=5),
+        ),
+        "pod.captured": PodCaptured(
+            **common,
+            carrier="dhl",
+            booking_reference="BK-123456",
+            delivered_at=T0 + timedelta(days=2),
+            received_by="G. Hopper",
+            signature_ref="s3://pod/BK-123456/signature.png",
+            photo_ref="s3://pod/BK-123456/photo.jpg",
+        ),
+        "pod.rejected": PodRejected(
+            **common,
+            carrier="dhl",
+            booking_reference="BK-999999",
+            reason_code=PodRejectionCode.UNKNOWN_BOOKING,
+            reason="no dispatch with booking reference BK-999999",
+            raw_payload='{"booking": "BK-999999", "signed_by": "?"}',
+        ),
+    }
+    return samples[event_type]
+
+
+def optional_fields(model: type[AvroRecord]) -> list[str]:
+    return [name for name, info in model.model_fields.items() if not info.is_required()]
+
+
+def encode(schema: dict[str, Any], datum: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(schema), datum)
+    return buffer.getvalue()
+
+
+def decode(data: bytes, writer: dict[str, Any], reader: dict[str, Any]) -> Any:
+    return fastavro.schemaless_reader(
+        io.BytesIO(data), fastavro.parse_schema(writer), fastavro.parse_schema(reader)
+    )
+
+
+# --- the catalogue and the topic contract ------------------------------------------------
+
+
+def test_catalogue_routes_each_event_type_to_its_step_topic_and_record_name_subject() -> None:
+    table = {name: (et.topic, et.record_name, et.subject) for name, et in CATALOGUE.items()}
+    ev = "opsflow.events"
+    assert table == {
+        "order.received": (Topic.ORDERS, f"{ev}.OrderReceived", f"orders-{ev}.OrderReceived"),
+        "policy.checked": (
+            Topic.POLICY_CHECK,
+            f"{ev}.PolicyChecked",
+            f"policy-check-{ev}.PolicyChecked",
+        ),
+        "review.requested": (
+            Topic.REVIEW,
+            f"{ev}.ReviewRequested",
+            f"review-{ev}.ReviewRequested",
+        ),
+        "review.claimed": (Topic.REVIEW, f"{ev}.ReviewClaimed", f"review-{ev}.ReviewClaimed"),
+        "review.released": (Topic.REVIEW, f"{ev}.ReviewReleased", f"review-{ev}.ReviewReleased"),
+        "review.decided": (Topic.REVIEW, f"{ev}.ReviewDecided", f"review-{ev}.ReviewDecided"),
+        "review.escalated": (
+            Topic.REVIEW,
+            f"{ev}.ReviewEscalated",
+            f"review-{ev}.ReviewEscalated",
+        ),
+        "review.sla_breached": (
+            Topic.REVIEW,
+            f"{ev}.ReviewSlaBreached",
+            f"review-{ev}.ReviewSlaBreached",
+        ),
+        "dispatch.requested": (
+            Topic.DISPATCH,
+            f"{ev}.DispatchRequested",
+            f"dispatch-{ev}.DispatchRequested",
+        ),
+        "dispatch.executed": (
+            Topic.DISPATCH,
+            f"{ev}.DispatchExecuted",
+            f"dispatch-{ev}.DispatchExecuted",
+        ),
+        "dispatch.failed": (
+            Topic.DISPATCH,
+            f"{ev}.DispatchFailed",
+            f"dispatch-{ev}.DispatchFailed",
+        ),
+        "pod.captured": (Topic.POD, f"{ev}.PodCaptured", f"pod-{ev}.PodCaptured"),
+        "pod.rejected": (Topic.POD_REJECTS, f"{ev}.PodRejected", f"pod-rejects-{ev}.PodRejected"),
+    }
+
+
+def test_every_event_type_has_a_model_whose_contract_version_is_the_latest_schema() -> None:
+    assert set(MODELS) == set(EVENT_TOPICS) == set(CATALOGUE)
+    for name, et in CATALOGUE.items():
+        assert et.model is MODELS[name]
+        assert et.model.event_type == name
+        assert et.model.contract_version == et.latest_version, name
+        assert et.record_name == f"{NAMESPACE}.{et.model.__name__}"
+
+
+def test_order_received_follows_its_v2_schema() -> None:
+    assert CATALOGUE["order.received"].latest_version == 2
+    assert OrderReceived.contract_version == 2
+
+
+def test_catalogue_finds_event_types_by_record_name_and_by_topic() -> None:
+    assert CATALOGUE.by_record_name("opsflow.events.ReviewDecided").name == "review.decided"
+    assert [et.name for et in CATALOGUE.for_topic(Topic.DISPATCH)] == [
+        "dispatch.requested",
+        "dispatch.executed",
+        "dispatch.failed",
+    ]
+
+
+def test_schemas_dir_can_be_pointed_at_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    copy_dir = tmp_path / "schemas"
+    shutil.copytree(SCHEMAS, copy_dir)
+    monkeypatch.setenv(SCHEMAS_DIR_VARIABLE, str(copy_dir))
+    assert schemas_dir() == copy_dir
+    assert catalogue().directory == copy_dir.resolve()
+
+
+def test_schema_directory_without_a_known_event_type_is_refused(tmp_path: Path) -> None:
+    copy_dir = tmp_path / "schemas"
+    shutil.copytree(SCHEMAS, copy_dir)
+    (copy_dir / "order.cancelled").mkdir()
+    with pytest.raises(BadInputError, match=r"unknown event type\(s\) order\.cancelled"):
+        load_catalogue(copy_dir)
+
+
+# --- schemas and models agree -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+def test_model_mirrors_latest_schema_field_by_field(event_type: str) -> None:
+    et = CATALOGUE[event_type]
+    assert flatten(model_shape(et.model)) == flatten(avro_shape(et.latest_schema))
+
+
+def test_envelope_model_mirrors_envelope_schema() -> None:
+    assert flatten(model_shape(Envelope)) == flatten(avro_shape(ENVELOPE_SCHEMA))
+
+
+def test_shape_comparison_catches_a_field_added_to_only_one_side() -> None:
+    extended = pydantic.create_model(
+        "OrderReceived", __base__=OrderReceived, gift_wrap=(bool | None, None)
+    )
+    schema = CATALOGUE["order.received"].latest_schema
+    assert model_shape(extended) != avro_shape(schema)
+    grown = copy.deepcopy(schema)
+    grown["fields"].append({"name": "gift_wrap", "type": ["null", "boolean"], "default": None})
+    assert model_shape(OrderReceived) != avro_shape(grown)
+    assert model_shape(extended) == avro_shape(grown)
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+def test_latest_schema_starts_with_the_shared_envelope(event_type: str) -> None:
+    first = CATALOGUE[event_type].latest_schema["fields"][0]
+    assert first["name"] == "envelope"
+    assert first["type"] == ENVELOPE_SCHEMA
+    assert CATALOGUE.envelope_schema == ENVELOPE_SCHEMA
+
+
+def test_named_types_are_defined_identically_in_every_schema() -> None:
+    """One Python class per record/enum name, so every schema must define it the same way."""
+    seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, et in CATALOGUE.items():
+        for named in walk_named(et.latest_schema):
+            assert named.get("namespace") == NAMESPACE, (name, named["name"])
+            first = seen.setdefault(named["name"], (name, named))
+            assert named == first[1], f"{named['name']} differs in {name} and {first[0]}"
+
+
+@pytest.mark.parametrize("schema", ALL_VERSIONS)
+def test_every_record_enum_and_field_is_documented(schema: dict[str, Any]) -> None:
+    for named in walk_named(schema):
+        assert named.get("doc", "").strip(), named["name"]
+    for field in walk_fields(schema):
+        assert field.get("doc", "").strip(), field["name"]
+
+
+@pytest.mark.parametrize("schema", ALL_VERSIONS)
+def test_every_event_is_keyed_by_order_id(schema: dict[str, Any]) -> None:
+    assert [f["name"] for f in schema["fields"][:2]] == ["envelope", "order_id"]
+    assert schema["fields"][1]["type"] == "string"
+
+
+# --- models on the wire ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+def test_event_round_trips_through_fastavro_unchanged(event_type: str) -> None:
+    event = sample(event_type)
+    assert all(getattr(event, f) is not None for f in optional_fields(type(event)))
+    schema = CATALOGUE[event_type].latest_schema
+    decoded = decode(encode(schema, event.to_avro()), schema, schema)
+    assert type(event).from_avro(decoded) == event
+
+
+@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+def test_event_with_optional_fields_unset_round_trips_unchanged(event_type: str) -> None:
+    full = sample(event_type)
+    event = full.model_copy(update=dict.fromkeys(optional_fields(type(full))))
+    schema = CATALOGUE[event_type].latest_schema
+    decoded = decode(encode(schema, event.to_avro()), schema, schema)
+    assert type(event).from_avro(decoded) == event
+
+
+def test_timestamps_are_kept_as_utc_milliseconds_as_on_the_wire() -> None:
+    event = sample("review.sla_breached")
+    local = datetime(2025, 3, 14, 11, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    moved = ReviewSlaBreached.model_validate({**event.model_dump(), "due_at": local})
+    assert moved.due_at == datetime(2025, 3, 14, 9, 0, 0, 123000, tzinfo=UTC)
+    assert moved.due_at.tzinfo is UTC
+
+
+def test_naive_timestamps_are_refused() -> None:
+    data = sample("review.sla_breached").model_dump()
+    with pytest.raises(pydantic.ValidationError):
+        ReviewSlaBreached.model_validate({**data, "due_at": datetime(2025, 3, 14, 9, 0)})
+
+
+def test_new_envelope_carries_the_models_contract_version_and_causation() -> None:
+    cause = envelope(MODELS["policy.checked"], 7)
+    env = ReviewRequested.envelope_for(
+        order_id=ORDER, idempotency_key="k", producer="review", caused_by=cause
+    )
+    assert env.correlation_id == ORDER
+    assert env.causation_id == str(cause.event_id)
+    assert env.contract_version == ReviewRequested.contract_version
+    assert (
+        OrderReceived.envelope_for(
+            order_id=ORDER, idempotency_key="k", producer="intake"
+        ).contract_version
+        == 2
+    )
+
+
+# --- evolution: the replay guarantee ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("event_type", "version"), OLDER_VERSIONS)
+def test_record_written_with_an_older_version_is_readable_with_the_latest_schema(
+    event_type: str, version: int
+) -> None:
+    et = CATALOGUE[event_type]
+    old_schema = et.versions[version]
+    old_fields = {f["name"] for f in old_schema["fields"]}
+    latest = sample(event_type).to_avro()
+    old_datum = {k: v for k, v in latest.items() if k in old_fields}
+    old_datum["envelope"] = {**old_datum["envelope"], "contract_version": version}
+
+    replayed = et.model.from_avro(
+        decode(encode(old_schema, old_datum), old_schema, et.latest_schema)
+    )
+
+    assert replayed.envelope.contract_version == version
+    for field in et.latest_schema["fields"]:
+        expected = old_datum[field["name"]] if field["name"] in old_fields else field["default"]
+        assert replayed.to_avro()[field["name"]] == expected, field["name"]
+
+
+def test_order_received_v1_record_replays_into_the_v2_model() -> None:
+    et = CATALOGUE["order.received"]
+    datum = {k: v for k, v in sample("order.received").to_avro().items() if k != "sales_channel"}
+    datum["envelope"] = {**datum["envelope"], "contract_version": 1}
+    replayed = OrderReceived.from_avro(
+        decode(encode(et.versions[1], datum), et.versions[1], et.latest_schema)
+    )
+    assert replayed.sales_channel is None
+    assert replayed.customer_risk_tier is CustomerRiskTier.MEDIUM
+    assert replayed.envelope.contract_version == 1
+
+
+def test_evolution_gate_passes_on_the_repository_schemas() -> None:
+    assert check_evolution(SCHEMAS) == []
+
+
+@pytest.fixture
+def schemas_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "schemas"
+    shutil.copytree(SCHEMAS, target)
+    return target
+
+
+def publish(directory: Path, event_type: str, schema: dict[str, Any]) -> int:
+    """Add ``schema`` as the next version of ``event_type``; return its number."""
+    number = len(CATALOGUE[event_type].versions) + 1
+    (directory / event_type / f"v{number}.avsc").write_text(json.dumps(schema, indent=2))
+    return number
+
+
+def test_evolution_gate_fails_on_a_new_required_field_without_default(schemas_copy: Path) -> None:
+    schema = copy.deepcopy(CATALOGUE["policy.checked"].latest_schema)
+    schema["fields"].append({"name": "risk_score", "type": "long", "doc": "Score."})
+    publish(schemas_copy, "policy.checked", schema)
+
+    problems = check_evolution(schemas_copy)
+
+    assert problems
+    assert all(p.startswith("policy.checked v2 (against v1): ") for p in problems)
+    assert "reader_field_missing_default_value (risk_score)" in problems[0]
+
+
+def test_evolution_gate_fails_on_a_removed_enum_symbol(schemas_copy: Path) -> None:
+    schema = copy.deepcopy(CATALOGUE["review.decided"].latest_schema)
+    decision = next(f for f in schema["fields"] if f["name"] == "decision")
+    decision["type"]["symbols"].remove("REJECTED")
+    publish(schemas_copy, "review.decided", schema)
+
+    problems = check_evolution(schemas_copy)
+
+    assert len(problems) == 1
+    assert problems[0].startswith("review.decided v2 (against v1): ")
+    assert "missing_enum_symbols ({'REJECTED'})" in problems[0]
+
+
+def test_evolution_gate_checks_every_earlier_version_not_only_the_last(
+    schemas_copy: Path,
+) -> None:
+    """v3 dropping the default of v2's new field reads v2 data but not v1 data."""
+    schema = copy.deepcopy(CATALOGUE["order.received"].latest_schema)
+    del schema["fields"][-1]["default"]
+    publish(schemas_copy, "order.received", schema)
+
+    assert check_evolution(schemas_copy, CompatibilityLevel.BACKWARD) == []
+    problems = check_evolution(schemas_copy)
+    assert len(problems) == 1
+    assert problems[0].startswith("order.received v3 (against v1): ")
+    assert "reader_field_missing_default_value (sales_channel)" in problems[0]
+
+
+def test_evolution_gate_fails_on_a_renamed_record_and_a_version_gap(schemas_copy: Path) -> None:
+    renamed = copy.deepcopy(CATALOGUE["pod.captured"].latest_schema)
+    renamed["name"] = "ProofOfDeliveryCaptured"
+    publish(schemas_copy, "pod.captured", renamed)
+    (schemas_copy / "pod.rejected" / "v3.avsc").write_text(
+        json.dumps(CATALOGUE["pod.rejected"].latest_schema)
+    )
+
+    problems = check_evolution(schemas_copy)
+
+    assert any(
+        p.startswith("pod.captured v2: record renamed from opsflow.events.PodCaptured")
+        for p in problems
+    )
+    assert any(
+        p.startswith("pod.rejected: versions must run v1..vN without gaps") for p in problems
+    )

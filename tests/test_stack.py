@@ -1,0 +1,212 @@
+"""The embedded stack as a user drives it: up, status, down, restarts, and bad configuration.
+
+Each test here starts its own stack in its own data directory through the
+real `opsflow` command, so it proves what a newcomer gets from `make run`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from confluent_kafka import Consumer, Message, Producer
+
+from tests.stackctl import OPSFLOW, Stack, stack_env
+
+COMPONENTS = {"bucket", "broker", "postgres", "registry", "provision"}
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[Stack]:
+    """A stack of the test's own, in a fresh data directory; stopped after the test."""
+    stack = Stack(tmp_path / "data", stack_env(tmp_path / "data"))
+    yield stack
+    stack.run("down", check=False)
+
+
+def _alive(pids: list[int]) -> list[int]:
+    return [
+        p
+        for p in pids
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ]
+
+
+def _consumer(bootstrap: str, group: str) -> Consumer:
+    return Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": group,
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+        }
+    )
+
+
+def _consume(consumer: Consumer, want: int, timeout: float = 60) -> list[Message]:
+    got: list[Message] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        got += [msg for msg in consumer.consume(want - len(got), 1.0) if msg.error() is None]
+    return got
+
+
+def test_up_status_down_from_a_clean_data_directory_and_again_on_the_existing_one(
+    own_stack: Stack,
+) -> None:
+    own_stack.run("up", "--detach")
+    components = own_stack.components()
+    assert set(components) == COMPONENTS
+    assert all(c["healthy"] for c in components.values()), components
+    assert components["broker"]["address"].startswith("127.0.0.1:")
+    assert components["registry"]["address"].startswith("http://127.0.0.1:")
+    assert components["postgres"]["address"].startswith("postgresql://")
+    pids = [c["pid"] for c in components.values() if c["state"] == "RUNNING"]
+    assert len(pids) == 4
+
+    table = own_stack.run("status").stdout
+    for name in COMPONENTS:
+        assert name in table
+    own_stack.run("down")
+    assert not _alive(pids), "every component process is gone after down"
+    assert own_stack.run("status", check=False).returncode != 0, "status says unhealthy"
+
+    own_stack.run("up", "--detach")
+    again = own_stack.components()
+    assert all(c["healthy"] for c in again.values()), again
+    assert again["broker"]["address"] == components["broker"]["address"], "ports are kept"
+
+
+def test_a_second_up_finds_the_running_stack_instead_of_starting_another(own_stack: Stack) -> None:
+    own_stack.run("up", "--detach")
+    before = {n: c["pid"] for n, c in own_stack.components().items()}
+    second = own_stack.run("up", "--detach")
+    assert "already running" in second.stdout
+    assert {n: c["pid"] for n, c in own_stack.components().items()} == before
+
+
+def test_restarting_the_stack_keeps_topics_records_and_committed_offsets(own_stack: Stack) -> None:
+    own_stack.run("up", "--detach")
+    bootstrap = own_stack.address("KAFKA_BOOTSTRAP_SERVERS")
+    topic, group = f"orders-{uuid.uuid4().hex[:8]}", f"g-{uuid.uuid4().hex[:8]}"
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 10, "enable.idempotence": True}
+    )
+    values = [f"record-{i}".encode() for i in range(200)]
+    for value in values:
+        producer.produce(topic, key=b"order-1", value=value)
+    assert producer.flush(30) == 0
+
+    consumer = _consumer(bootstrap, group)
+    consumer.subscribe([topic])
+    first = _consume(consumer, 120)
+    assert [m.value() for m in first] == values[:120]
+    consumer.commit(message=first[-1], asynchronous=False)
+    consumer.close()
+
+    own_stack.run("down")
+    own_stack.run("up", "--detach")
+    bootstrap = own_stack.address("KAFKA_BOOTSTRAP_SERVERS")
+
+    # A fresh group reads every record from the beginning...
+    everything = _consumer(bootstrap, f"g-{uuid.uuid4().hex[:8]}")
+    everything.subscribe([topic])
+    assert [m.value() for m in _consume(everything, len(values))] == values
+    everything.close()
+    # ...and the old group resumes at its committed offset.
+    resumed = _consumer(bootstrap, group)
+    resumed.subscribe([topic])
+    assert [m.value() for m in _consume(resumed, 80)] == values[120:]
+    resumed.close()
+
+
+def test_a_component_that_dies_is_restarted_and_counted(own_stack: Stack) -> None:
+    own_stack.run("up", "--detach")
+    broker = own_stack.components()["broker"]
+    os.kill(broker["pid"], signal.SIGKILL)
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        now = own_stack.components()["broker"]
+        if now["pid"] != broker["pid"] and now["state"] == "RUNNING" and now["healthy"]:
+            break
+        time.sleep(0.5)
+    assert now["restarts"] == 1, (broker, now)
+    assert now["healthy"], now
+
+
+def test_foreground_run_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
+    env = stack_env(tmp_path / "data")
+    proc = subprocess.Popen(
+        [*OPSFLOW, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    stack = Stack(tmp_path / "data", env)
+    try:
+        deadline = time.monotonic() + 180
+        pids: list[int] = []
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (tmp_path / "data" / "stack.json").exists():
+                rows = (
+                    stack.status().get("components", [])
+                    if stack.run("status", "--json", check=False).stdout
+                    else []
+                )
+                if rows and all(r["healthy"] for r in rows):
+                    pids = [r["pid"] for r in rows if r["pid"]]
+                    break
+            time.sleep(1)
+        assert pids, "the stack became healthy in the foreground"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, output
+        assert not _alive(pids)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stack.run("down", check=False)
+
+
+def _opsflow_fails(tmp_path: Path, **env: str) -> str:
+    result = subprocess.run(
+        [*OPSFLOW, "up", "--detach"],
+        env=stack_env(tmp_path / "data", **env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 2, result.stderr
+    return result.stderr
+
+
+def test_unreachable_kafka_is_one_clear_line_naming_the_variable(tmp_path: Path) -> None:
+    message = _opsflow_fails(tmp_path, KAFKA_BOOTSTRAP_SERVERS="127.0.0.1:1")
+    assert "KAFKA_BOOTSTRAP_SERVERS" in message and "127.0.0.1:1" in message
+    assert "unset it" in message
+
+
+def test_bad_database_url_is_one_clear_line_naming_the_variable(tmp_path: Path) -> None:
+    message = _opsflow_fails(tmp_path, DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    assert "DATABASE_URL" in message and "127.0.0.1:1" in message
+
+
+def test_a_configured_port_in_use_is_one_clear_line_naming_the_variable(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        message = _opsflow_fails(tmp_path, OPSFLOW_BROKER_PORT=str(port))
+    assert "OPSFLOW_BROKER_PORT" in message and str(port) in message
