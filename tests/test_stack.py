@@ -210,3 +210,43 @@ def test_a_configured_port_in_use_is_one_clear_line_naming_the_variable(tmp_path
         port = busy.getsockname()[1]
         message = _opsflow_fails(tmp_path, OPSFLOW_BROKER_PORT=str(port))
     assert "OPSFLOW_BROKER_PORT" in message and str(port) in message
+
+
+def test_after_kill_9_of_the_supervisor_and_broker_up_stops_leftovers_and_keeps_records(
+    own_stack: Stack,
+) -> None:
+    own_stack.run("up", "--detach")
+    bootstrap = own_stack.address("KAFKA_BOOTSTRAP_SERVERS")
+    topic = f"orders-{uuid.uuid4().hex[:8]}"
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10})
+    values = [f"record-{i}".encode() for i in range(300)]
+    for value in values:
+        producer.produce(topic, key=b"order-7", value=value)
+    assert producer.flush(30) == 0
+
+    # A crash: the supervisor and the broker die at once; the other
+    # components are orphaned and keep running.
+    old = {name: c["pid"] for name, c in own_stack.components().items() if c["pid"]}
+    supervisord = int((own_stack.data_dir / "run" / "supervisord.pid").read_text())
+    os.kill(supervisord, signal.SIGKILL)
+    os.kill(old["broker"], signal.SIGKILL)
+    time.sleep(0.5)
+    assert _alive([old["postgres"], old["registry"]]), "orphans survive their supervisor"
+
+    own_stack.run("up", "--detach")
+    assert not _alive(list(old.values())), "nothing of the crashed stack is left running"
+    consumer = _consumer(own_stack.address("KAFKA_BOOTSTRAP_SERVERS"), f"g-{uuid.uuid4().hex}")
+    consumer.subscribe([topic])
+    assert [m.value() for m in _consume(consumer, len(values))] == values
+    consumer.close()
+
+
+def test_memory_storage_runs_a_throwaway_broker_without_the_bucket(tmp_path: Path) -> None:
+    stack = Stack(tmp_path / "data", stack_env(tmp_path / "data", OPSFLOW_BROKER_STORAGE="memory"))
+    try:
+        stack.run("up", "--detach")
+        components = stack.components()
+        assert "bucket" not in components
+        assert components["broker"]["healthy"] and components["provision"]["healthy"]
+    finally:
+        stack.run("down", check=False)
