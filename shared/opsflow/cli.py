@@ -22,7 +22,8 @@ from opsflow import stack
 from opsflow.errors import ConfigurationError, OpsflowError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-console = Console()
+# Tables are for people: when output is piped, keep them readable rather than 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 _debug = False
 
