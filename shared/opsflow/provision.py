@@ -25,7 +25,7 @@ from opsflow import db
 from opsflow.contracts.catalogue import catalogue
 from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
-from opsflow.topics import ensure_topics
+from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 
 T = TypeVar("T")
 
@@ -52,8 +52,9 @@ def _required(value: str | None, variable: str) -> str:
 
 
 def record_topics() -> list[str]:
-    """Every topic of record named by the contracts."""
-    return sorted({str(event.topic) for event in catalogue().values()})
+    """Every topic of record named by the contracts, with its dead-letter topic."""
+    names = {topic_name(event.topic) for event in catalogue().values()}
+    return sorted(names | {dead_letter_topic(name) for name in names})
 
 
 def provision() -> None:

@@ -80,3 +80,6 @@ class TopicSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="OPSFLOW_TOPIC_", extra="ignore")
 
     partitions: int = Field(default=6, ge=1)
+    # Prepended to every topic name, so several environments (or test runs)
+    # can share one cluster without seeing each other's records.
+    prefix: str = ""

@@ -13,8 +13,20 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from opsflow.errors import RetryableError
+from opsflow.settings import TopicSettings
 
 RECORD_TOPIC_CONFIG = {"retention.ms": "-1", "cleanup.policy": "delete"}
+DEAD_LETTER_SUFFIX = ".dlq"
+
+
+def topic_name(topic: str, *, prefix: str | None = None) -> str:
+    """The Kafka name of a contract topic in this environment (``OPSFLOW_TOPIC_PREFIX``)."""
+    return f"{TopicSettings().prefix if prefix is None else prefix}{topic}"
+
+
+def dead_letter_topic(source: str) -> str:
+    """Where records of ``source`` that cannot be processed are kept: ``<source>.dlq``."""
+    return f"{source}{DEAD_LETTER_SUFFIX}"
 
 
 def ensure_topics(

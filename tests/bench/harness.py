@@ -136,19 +136,38 @@ class Case(ABC):
         """Release what ``prepare`` acquired (clients, connections)."""
 
 
-def rate(work: Callable[[Any], object], items: Sequence[Any]) -> float:
-    """``items`` per second that ``work`` processes, one item per call.
+Work = tuple[str, Callable[[Any], object], Sequence[Any]]
+"""A figure to measure: its metric key, a call taking one item, and the items."""
 
-    The garbage left by the previous measurement is collected first so it is
-    not billed to this one; the collector stays enabled while timing, since
-    services run with it and allocation-heavy code pays for it.
+CHUNK = 1_000
+
+
+def interleaved_rates(plan: Sequence[Work], chunk: int = CHUNK) -> dict[str, float]:
+    """Items per second of each piece of work, timed in interleaved chunks.
+
+    Timing each piece in one block would let a change of machine state between
+    blocks (a neighbour's build, CPU frequency) land on one side of a
+    comparison only. Instead every piece processes ``chunk`` items in turn,
+    round after round (in reverse order every other round), and its times are
+    summed, so each side samples the same moments.
+
+    The garbage left by the previous chunk is collected before each one so it
+    is not billed to the next piece; the collector stays enabled while timing,
+    since services run with it and allocation-heavy code pays for it.
     """
-    gc.collect()
-    start = time.perf_counter()
-    for item in items:
-        work(item)
-    elapsed = time.perf_counter() - start
-    return len(items) / elapsed
+    elapsed = {key: 0.0 for key, _, _ in plan}
+    longest = max(len(items) for _, _, items in plan)
+    for round_, start in enumerate(range(0, longest, chunk)):
+        for key, work, items in plan if round_ % 2 == 0 else reversed(plan):
+            part = items[start : start + chunk]
+            if not part:
+                continue
+            gc.collect()
+            began = time.perf_counter()
+            for item in part:
+                work(item)
+            elapsed[key] += time.perf_counter() - began
+    return {key: len(items) / elapsed[key] for key, _, items in plan}
 
 
 # --- summaries -------------------------------------------------------------------------
@@ -421,7 +440,7 @@ def results_table(results: Sequence[CaseResult], repeat: int) -> Table:
                 f"[bold]{_fmt_ratio(s.median, ratio.percent)}[/]",
                 f"{_fmt_ratio(s.min, ratio.percent)} .. {_fmt_ratio(s.max, ratio.percent)}",
                 f"{s.spread:.0%}",
-                "share of time" if ratio.percent else "ratio",
+                "% of time" if ratio.percent else "x",
             )
         table.add_section()
     return table
@@ -459,7 +478,8 @@ def run(cases: Sequence[type[Case]], *, repeat: int, use_env: bool, command: Seq
     Returns:
         The path of the results file.
     """
-    console = Console()
+    # Piped or under make, Rich would assume 80 columns and wrap the table.
+    console = Console(width=None if sys.stdout.isatty() else 110)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     started = datetime.now(UTC)
     clock = time.perf_counter()
@@ -485,8 +505,7 @@ def run(cases: Sequence[type[Case]], *, repeat: int, use_env: bool, command: Seq
         "cases": {result.case.name: result.to_json() for result in results},
     }
     path = write_results(document, started)
-    console.print(
-        f"Wrote {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path} "
-        f"({document['seconds']:.0f}s in all)"
-    )
+    shown = path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+    console.print(f"Wrote {shown} ({document['seconds']:.0f}s in all)", highlight=False)
+    console.print(f"Reproduce: {document['command_line']}", highlight=False, soft_wrap=True)
     return path

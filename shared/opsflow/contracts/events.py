@@ -13,9 +13,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from pydantic import model_validator
 
 from opsflow.contracts.envelope import Envelope
+from opsflow.contracts.lineage import current as current_lineage
 from opsflow.contracts.record import AvroInt, AvroLong, AvroRecord, TimestampMillis
 
 # --- enums (values are the Avro symbols, in schema order) -------------------------------
@@ -126,6 +129,20 @@ class Event(AvroRecord):
 
     envelope: Envelope
     order_id: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_envelope(cls, data: Any) -> Any:
+        """Inside a handler, an event built without an envelope gets one derived from the
+        input being handled (see ``opsflow.contracts.lineage``); elsewhere it is required."""
+        if isinstance(data, dict) and "envelope" not in data:
+            lineage = current_lineage()
+            if lineage is not None:
+                return {
+                    **data,
+                    "envelope": lineage.envelope_for(cls.event_type, cls.contract_version),
+                }
+        return data
 
     @classmethod
     def envelope_for(

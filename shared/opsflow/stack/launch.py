@@ -52,8 +52,16 @@ def wait_for_ports(ports: tuple[int, ...], *, timeout: float = 60.0) -> None:
 def _bucket(plan: StackPlan, comp: Component) -> list[str]:
     root = plan.data_dir / "broker"
     root.mkdir(parents=True, exist_ok=True)
-    binary = Path(sys.executable).with_name("localbucket")
-    return [str(binary), str(root), "--host", LOOPBACK, "--port", str(comp.port)]
+    return [
+        sys.executable,
+        "-m",
+        "opsflow.stack.bucket",
+        str(root),
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(comp.port),
+    ]
 
 
 def _broker(plan: StackPlan, comp: Component) -> list[str]:

@@ -1,0 +1,68 @@
+"""The service runtime: declare a ``Service``, write typed handlers, ``run`` it.
+
+See ``service`` for how a service is written and ``worker`` for what the
+runtime guarantees (exactly-once processing, retries, dead letters).
+"""
+
+from __future__ import annotations
+
+import importlib
+import signal
+from types import FrameType
+
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow import logs
+from opsflow.errors import ConfigurationError
+from opsflow.runtime.service import BatchPolicy, RetryPolicy, Service
+from opsflow.runtime.worker import Worker
+from opsflow.settings import KafkaSettings, RegistrySettings
+
+__all__ = ["BatchPolicy", "RetryPolicy", "Service", "Worker", "load_service", "run"]
+
+
+def load_service(target: str) -> Service:
+    """The ``Service`` named by ``module[:attribute]`` (attribute defaults to ``service``)."""
+    module_name, _, attribute = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute or "service")
+    except (ImportError, AttributeError) as err:
+        raise ConfigurationError(
+            target,
+            f"no service found ({err})",
+            "Name a module that defines `service = Service(...)`.",
+        ) from err
+    if not isinstance(found, Service):
+        raise ConfigurationError(
+            target,
+            f"is a {type(found).__name__}, not a Service",
+            "Point at the module's Service instance.",
+        )
+    return found
+
+
+def run(service: Service) -> None:
+    """Run ``service`` until SIGTERM or SIGINT, then finish cleanly (exit status 0)."""
+    logs.configure(service.name)
+    kafka = KafkaSettings()
+    registry = RegistrySettings().schema_registry_url
+    if not kafka.bootstrap_servers:
+        raise ConfigurationError(
+            "KAFKA_BOOTSTRAP_SERVERS",
+            "is not set",
+            "Set it, or run the service under `opsflow up`.",
+        )
+    if not registry:
+        raise ConfigurationError(
+            "SCHEMA_REGISTRY_URL", "is not set", "Set it, or run the service under `opsflow up`."
+        )
+    worker = Worker(
+        service, kafka=kafka.client_config(), registry=SchemaRegistryClient({"url": registry})
+    )
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worker.run()

@@ -1,0 +1,128 @@
+"""The one way to write an opsflow service: declare topics, write typed handlers.
+
+    service = Service("policy-check", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+
+    @service.handler
+    def check(order: OrderReceived) -> PolicyChecked:
+        return PolicyChecked(order_id=order.order_id, ...)   # envelope derived for you
+
+A handler takes one event (its type hint says which: one event class or a
+union) and returns the events to emit: one, several (any iterable), or None.
+Decoding, encoding, envelopes, keys, transactions, retries and dead letters
+are the runtime's (``opsflow.runtime.worker``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import types
+import typing
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from opsflow.contracts import EVENT_TOPICS, Event, Topic
+from opsflow.errors import PermanentError
+
+HandlerResult = Event | Iterable[Event] | None
+Handler = Callable[[Any], HandlerResult]
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How many inputs one transaction covers: whichever limit is reached first.
+
+    Larger batches amortise the commit round trips; the interval bounds the
+    latency an event can wait for its batch to commit.
+    """
+
+    max_events: int = 500
+    max_interval_s: float = 0.1
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff for transient failures: exponential, capped, with jitter.
+
+    ``max_attempts=None`` retries until it works (the partition waits, nothing
+    is lost); a number dead-letters the input once it is reached.
+    """
+
+    initial_s: float = 0.2
+    max_s: float = 30.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    max_attempts: int | None = None
+
+    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before try number ``attempt + 1`` (attempt counts from 1)."""
+        base = min(self.max_s, self.initial_s * self.multiplier ** max(attempt - 1, 0))
+        spread = base * self.jitter
+        return max(0.0, base + (rng or random).uniform(-spread, spread))
+
+    def exhausted(self, attempt: int) -> bool:
+        return self.max_attempts is not None and attempt >= self.max_attempts
+
+
+def _event_classes(handler: Handler) -> list[type[Event]]:
+    hints = typing.get_type_hints(handler)
+    params = list(inspect.signature(handler).parameters)
+    if not params or params[0] not in hints:
+        raise TypeError(f"handler {handler.__qualname__} needs a type hint on its event parameter")
+    hint = hints[params[0]]
+    origin = typing.get_origin(hint)
+    classes = typing.get_args(hint) if origin in (Union, types.UnionType) else (hint,)
+    if not all(isinstance(c, type) and issubclass(c, Event) for c in classes):
+        raise TypeError(f"handler {handler.__qualname__} must take opsflow events, not {hint}")
+    return list(classes)
+
+
+@dataclass
+class Service:
+    """A named consumer-transformer-producer with its handlers.
+
+    Args:
+        name: the service's name: its consumer group, the ``producer`` of its
+            events and part of every idempotency key it derives.
+        consumes: topics it reads.
+        produces: topics it may write (a handler returning an event for any
+            other topic is a bug, and dead-letters the input).
+        batch: transaction batching.
+        retry: backoff for transient failures.
+    """
+
+    name: str
+    consumes: Sequence[Topic]
+    produces: Sequence[Topic]
+    batch: BatchPolicy = field(default_factory=BatchPolicy)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    handlers: dict[str, Handler] = field(default_factory=dict)
+
+    def handler(self, fn: Handler) -> Handler:
+        """Register ``fn`` for the event type(s) named by its first parameter's hint."""
+        for cls in _event_classes(fn):
+            if EVENT_TOPICS[cls.event_type] not in self.consumes:
+                raise TypeError(
+                    f"{fn.__qualname__} handles {cls.event_type}, which arrives on "
+                    f"{EVENT_TOPICS[cls.event_type]}, a topic {self.name} does not consume"
+                )
+            if cls.event_type in self.handlers:
+                raise TypeError(f"{cls.event_type} already has a handler in {self.name}")
+            self.handlers[cls.event_type] = fn
+        return fn
+
+    def handle(self, event: Event) -> list[Event]:
+        """Run the handler for ``event`` (none: the event is not for this service)."""
+        fn = self.handlers.get(event.event_type)
+        if fn is None:
+            return []
+        result = fn(event)
+        outputs = [] if result is None else [result] if isinstance(result, Event) else list(result)
+        for out in outputs:
+            if EVENT_TOPICS[out.event_type] not in self.produces:
+                raise PermanentError(
+                    f"{self.name} emitted {out.event_type} to {EVENT_TOPICS[out.event_type]}, "
+                    f"which is not among the topics it produces ({', '.join(self.produces)})"
+                )
+        return outputs

@@ -1,0 +1,429 @@
+"""The consume-transform-produce loop, exactly once.
+
+Each input partition a worker owns gets its own transactional producer
+(``transactional.id`` = ``<group>.<topic>.<partition>``). The outputs of a
+batch of that partition's inputs and the offset after the batch are committed
+in one Kafka transaction (``send_offsets_to_transaction``). A stable id per
+partition means whoever owns the partition next, this process after a restart
+or another instance after a rebalance, fences the previous owner and settles
+its unfinished transaction before processing anything (see ``recovery``).
+No transaction ever spans a partition the worker no longer owns: partitions
+are committed on revocation and dropped, without commit, when lost.
+
+Failures: a transient error (``RetryableError``: registry or broker trouble, or
+a handler saying "try again") commits what came before, pauses only that
+partition and retries the same input with backoff; the rest keep flowing. Any
+other failure of one input (undecodable bytes, an unknown schema, a handler
+rejecting the event, a bug) dead-letters it to ``<topic>.dlq`` in the same
+transaction, with its original key, bytes and headers describing the error,
+and processing goes on. One bad record never blocks its partition.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow.contracts import EVENT_TOPICS, Event
+from opsflow.contracts.lineage import caused_by
+from opsflow.contracts.wire import WireCodec
+from opsflow.errors import RetryableError
+from opsflow.runtime import recovery
+from opsflow.runtime.service import Service
+from opsflow.topics import dead_letter_topic, topic_name
+
+log = logging.getLogger("opsflow.runtime")
+
+EVENT_TYPE_HEADER = "opsflow-event-type"
+_TXN_TIMEOUT_S = 30.0
+
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class _Input:
+    """A consumed record with the types the client's stubs leave optional pinned down."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp_ms: int
+
+    @classmethod
+    def of(cls, msg: Message) -> _Input:
+        return cls(
+            topic=msg.topic() or "",
+            partition=msg.partition() or 0,
+            offset=msg.offset() or 0,
+            key=msg.key(),
+            value=msg.value(),
+            headers=recovery.header_pairs(msg),
+            timestamp_ms=msg.timestamp()[1],
+        )
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
+
+@dataclass
+class _Output:
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    index: int | str
+
+
+@dataclass
+class _Partition:
+    """What the worker keeps for one owned input partition."""
+
+    topic: str
+    partition: int
+    producer: Producer
+    committed: int
+    position: int
+    next_offset: int | None = None
+    in_txn: bool = False
+    txn_started: float = 0.0
+    pending: int = 0
+    skip: set[str] | None = None
+    attempts: int = 0
+    paused_until: float | None = None
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
+    return {
+        # Joining a group waits half a session timeout on some brokers; 6 s
+        # keeps a takeover quick while tolerating scheduling hiccups.
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1000,
+        **kafka,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+    }
+
+
+class Worker:
+    """Runs one ``Service`` until ``stop()``; see the module docstring for the guarantees.
+
+    Args:
+        service: what to run.
+        kafka: librdkafka settings shared by clients (bootstrap servers, security).
+        registry: the schema registry client.
+    """
+
+    def __init__(
+        self, service: Service, *, kafka: dict[str, Any], registry: SchemaRegistryClient
+    ) -> None:
+        self.service = service
+        self.kafka = kafka
+        self.group = topic_name(service.name)
+        self.inputs = [topic_name(t) for t in service.consumes]
+        self.outputs = sorted(
+            {topic_name(t) for t in service.produces} | {dead_letter_topic(t) for t in self.inputs}
+        )
+        self.codec = WireCodec(registry)
+        self.consumer = Consumer(_consumer_config(kafka, self.group))
+        self.partitions: dict[tuple[str, int], _Partition] = {}
+        self._stopping = False
+
+    # --- lifecycle ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to finish its open transactions, leave the group and return."""
+        self._stopping = True
+
+    def run(self) -> None:
+        """Consume, transform and produce until ``stop()``."""
+        self.consumer.subscribe(
+            self.inputs, on_assign=self._assigned, on_revoke=self._revoked, on_lost=self._lost
+        )
+        log.info("started", extra={"inputs": self.inputs, "outputs": self.outputs})
+        try:
+            while not self._stopping:
+                for msg in self.consumer.consume(self.service.batch.max_events, 0.05):
+                    self._process(msg)
+                self._commit_due()
+                self._resume_due()
+        finally:
+            for part in list(self.partitions.values()):
+                self._commit(part)
+            self.consumer.close()
+            for part in self.partitions.values():
+                part.producer.flush(10)
+            self.partitions.clear()
+            log.info("stopped")
+
+    # --- partition ownership -------------------------------------------------------------
+
+    def _assigned(self, consumer: Consumer, tps: Sequence[TopicPartition]) -> None:
+        committed = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in consumer.committed(list(tps), timeout=_TXN_TIMEOUT_S)
+        }
+        for tp in tps:
+            offset = committed.get((tp.topic, tp.partition), -1)
+            if offset < 0:
+                offset = consumer.get_watermark_offsets(tp, timeout=_TXN_TIMEOUT_S)[0]
+            producer = self._transactional_producer(tp.topic, tp.partition)
+            self._settle(producer, tp.topic, tp.partition, offset)
+            self.partitions[(tp.topic, tp.partition)] = _Partition(
+                tp.topic, tp.partition, producer, committed=offset, position=offset
+            )
+        consumer.assign(
+            [
+                TopicPartition(
+                    tp.topic, tp.partition, self.partitions[(tp.topic, tp.partition)].committed
+                )
+                for tp in tps
+            ]
+        )
+        log.info("assigned", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
+
+    def _revoked(self, consumer: Consumer, tps: Sequence[TopicPartition]) -> None:
+        for tp in tps:
+            part = self.partitions.pop((tp.topic, tp.partition), None)
+            if part is not None:
+                self._commit(part)
+                part.producer.flush(10)
+        log.info("revoked", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
+
+    def _lost(self, consumer: Consumer, tps: Sequence[TopicPartition]) -> None:
+        # Another member owns these now: committing could only fail or, worse, race it.
+        for tp in tps:
+            part = self.partitions.pop((tp.topic, tp.partition), None)
+            if part is not None and part.in_txn:
+                try:
+                    part.producer.abort_transaction(_TXN_TIMEOUT_S)
+                except KafkaException as exc:
+                    log.warning("abort after loss failed", extra={"error": str(exc)})
+        log.warning("lost", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
+
+    # --- processing ----------------------------------------------------------------------
+
+    def _process(self, message: Message) -> None:
+        if message.error() is not None:
+            log.warning("consumer error", extra={"error": str(message.error())})
+            return
+        msg = _Input.of(message)
+        part = self.partitions.get((msg.topic, msg.partition))
+        offset = msg.offset
+        if part is None or part.paused_until is not None or offset < part.position:
+            return  # not ours any more, waiting to retry, or already handled
+        if part.skip is None:
+            part.skip = recovery.written_sources(
+                self.kafka,
+                self.outputs,
+                source_partition=(part.topic, part.partition),
+                from_offset=part.committed,
+                since_ms=msg.timestamp_ms,
+            )
+            if part.skip:
+                log.warning(
+                    "recovered",
+                    extra={
+                        "partition": f"{part.topic}/{part.partition}",
+                        "already_written": len(part.skip),
+                    },
+                )
+        try:
+            outputs = self._transform(msg)
+        except RetryableError as err:
+            part.attempts += 1
+            if not self.service.retry.exhausted(part.attempts):
+                self._retry_later(part, msg, err)
+                return
+            outputs = [self._dead_letter(msg, err, attempts=part.attempts)]
+        except Exception as err:
+            outputs = [self._dead_letter(msg, err, attempts=part.attempts + 1)]
+        if not part.in_txn:
+            part.producer.begin_transaction()
+            part.in_txn, part.txn_started = True, time.monotonic()
+        for out in outputs:
+            source = recovery.source_of(part.topic, part.partition, offset, out.index)
+            if source in part.skip:
+                continue
+            headers = [*out.headers, (recovery.SOURCE_HEADER, source.encode())]
+            self._produce(part.producer, out.topic, out.key, out.value, headers)
+        part.next_offset = part.position = offset + 1
+        part.pending += 1
+        part.attempts = 0
+
+    def _transform(self, msg: _Input) -> list[_Output]:
+        """Decode, handle and encode one input; nothing is produced until all of it worked."""
+        event = self.codec.decode(msg.value)
+        with caused_by(
+            event.envelope,
+            producer=self.service.name,
+            occurred_at=datetime.fromtimestamp(msg.timestamp_ms / 1000, UTC),
+        ):
+            results = self.service.handle(event)
+        return [self._output(out, index) for index, out in enumerate(results)]
+
+    def _output(self, event: Event, index: int) -> _Output:
+        topic = topic_name(EVENT_TOPICS[event.event_type])
+        return _Output(
+            topic,
+            event.order_id.encode(),
+            self.codec.encode(event),
+            [(EVENT_TYPE_HEADER, event.event_type.encode())],
+            index,
+        )
+
+    def _dead_letter(self, msg: _Input, err: BaseException, *, attempts: int) -> _Output:
+        now = datetime.now(UTC).isoformat(timespec="milliseconds")
+        headers = [
+            *((k, v) for k, v in msg.headers if k != recovery.SOURCE_HEADER),
+            ("opsflow-error-class", type(err).__name__.encode()),
+            ("opsflow-error-message", str(err)[:2000].encode()),
+            ("opsflow-source-topic", msg.topic.encode()),
+            ("opsflow-source-partition", str(msg.partition).encode()),
+            ("opsflow-source-offset", str(msg.offset).encode()),
+            ("opsflow-service", self.service.name.encode()),
+            ("opsflow-attempts", str(attempts).encode()),
+            ("opsflow-failed-at", now.encode()),
+        ]
+        log.error(
+            "dead-lettered",
+            extra={
+                "source": msg.where,
+                "error_class": type(err).__name__,
+                "error": str(err)[:500],
+            },
+        )
+        return _Output(dead_letter_topic(msg.topic), msg.key, msg.value, headers, "dlq")
+
+    def _retry_later(self, part: _Partition, msg: _Input, err: RetryableError) -> None:
+        self._commit(part)
+        delay = self.service.retry.delay(part.attempts)
+        self.consumer.pause([part.tp])
+        self.consumer.seek(TopicPartition(part.topic, part.partition, msg.offset))
+        part.position = msg.offset
+        part.paused_until = time.monotonic() + delay
+        log.warning(
+            "retrying",
+            extra={
+                "source": msg.where,
+                "attempt": part.attempts,
+                "delay_s": round(delay, 3),
+                "error": str(err)[:500],
+            },
+        )
+
+    def _resume_due(self) -> None:
+        now = time.monotonic()
+        for part in self.partitions.values():
+            if part.paused_until is not None and part.paused_until <= now:
+                part.paused_until = None
+                self.consumer.resume([part.tp])
+
+    @staticmethod
+    def _produce(
+        producer: Producer,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+    ) -> None:
+        while True:
+            try:
+                producer.produce(topic, key=key, value=value, headers=headers)  # type: ignore[arg-type]
+                return
+            except BufferError:
+                producer.poll(0.05)  # local queue full: let deliveries drain
+
+    # --- commits -------------------------------------------------------------------------
+
+    def _commit_due(self) -> None:
+        now, batch = time.monotonic(), self.service.batch
+        for part in list(self.partitions.values()):
+            part.producer.poll(0)
+            if part.in_txn and (
+                part.pending >= batch.max_events or now - part.txn_started >= batch.max_interval_s
+            ):
+                self._commit(part)
+
+    def _commit(self, part: _Partition) -> None:
+        if not part.in_txn:
+            return
+        try:
+            if part.next_offset is not None:
+                part.producer.send_offsets_to_transaction(
+                    [TopicPartition(part.topic, part.partition, part.next_offset)],
+                    self.consumer.consumer_group_metadata(),
+                    _TXN_TIMEOUT_S,
+                )
+            part.producer.commit_transaction(_TXN_TIMEOUT_S)
+            if part.next_offset is not None:
+                part.committed = part.next_offset
+        except KafkaException as exc:
+            error = exc.args[0]
+            log.warning(
+                "transaction failed",
+                extra={
+                    "partition": f"{part.topic}/{part.partition}",
+                    "error": str(error),
+                    "fatal": error.fatal(),
+                },
+            )
+            if error.fatal():
+                # The producer is unusable (fenced, or its sequence state lost):
+                # start over as a new owner of the partition would.
+                part.producer = self._transactional_producer(part.topic, part.partition)
+                self._settle(part.producer, part.topic, part.partition, part.committed)
+            else:
+                part.producer.abort_transaction(_TXN_TIMEOUT_S)
+            # Re-process from the last commit; outputs the failed transaction
+            # left visible (on brokers that show them) are found again and skipped.
+            self.consumer.seek(TopicPartition(part.topic, part.partition, part.committed))
+            part.position, part.skip = part.committed, None
+        finally:
+            part.in_txn, part.pending, part.next_offset = False, 0, None
+
+    def _transactional_producer(self, topic: str, partition: int) -> Producer:
+        producer = Producer(
+            {
+                **self.kafka,
+                "transactional.id": f"{self.group}.{topic}.{partition}",
+                "linger.ms": 5,
+            }
+        )
+        producer.init_transactions(_TXN_TIMEOUT_S)
+        return producer
+
+    def _settle(self, producer: Producer, topic: str, partition: int, offset: int) -> None:
+        """Commit an offsets-only transaction at ``offset``.
+
+        On Apache Kafka, ``init_transactions`` has already fenced the previous
+        owner and aborted its open transaction, so this only re-commits the same
+        offset. Brokers that do neither (the embedded one) end the previous
+        owner's transaction with this commit, which makes its records visible;
+        ``recovery`` then finds them so they are not written twice.
+        """
+        producer.begin_transaction()
+        producer.send_offsets_to_transaction(
+            [TopicPartition(topic, partition, offset)],
+            self.consumer.consumer_group_metadata(),
+            _TXN_TIMEOUT_S,
+        )
+        producer.commit_transaction(_TXN_TIMEOUT_S)

@@ -1,0 +1,36 @@
+"""A one-hop service for runtime tests: every order becomes an auto-approved policy check.
+
+Orders whose notes ask for it misbehave, so tests can drive each failure path:
+``reject`` raises bad input, ``crash`` raises a bug, ``flaky:N`` fails N times
+transiently before it works.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from opsflow.contracts import OrderReceived, PolicyChecked, PolicyOutcome, Topic
+from opsflow.errors import BadInputError, RetryableError
+from opsflow.runtime import Service
+
+service = Service("relay", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+_failures: Counter[str] = Counter()
+
+
+@service.handler
+def relay(order: OrderReceived) -> PolicyChecked:
+    note = order.notes or ""
+    if note == "reject":
+        raise BadInputError(f"order {order.order_id} asked to be rejected")
+    if note == "crash":
+        raise KeyError("a bug in the handler")
+    if note.startswith("flaky:") and _failures[order.order_id] < int(note.split(":")[1]):
+        _failures[order.order_id] += 1
+        raise RetryableError(f"transient trouble #{_failures[order.order_id]}")
+    return PolicyChecked(
+        order_id=order.order_id,
+        outcome=PolicyOutcome.AUTO_APPROVED,
+        reason_codes=[],
+        reasons=[],
+        rules_version="relay-1",
+    )
