@@ -102,7 +102,10 @@ class WireCodec:
         if magic != MAGIC_BYTE:
             raise BadInputError(f"record value starts with byte {magic}, not the magic byte 0")
         event_type, writer = self._writer_schema(schema_id)
-        _, reader = self._latest_schema(event_type)
+        latest_id, latest = self._latest_schema(event_type)
+        # Resolution is only needed for older writers; fastavro would otherwise
+        # compare the two (equal) schemas on every record.
+        reader = None if schema_id == latest_id else latest
         try:
             datum = fastavro.schemaless_reader(io.BytesIO(data[_HEADER.size :]), writer, reader)
             return event_type.model.from_avro(datum)  # type: ignore[arg-type]

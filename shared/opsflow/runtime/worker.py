@@ -37,6 +37,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.errors import RetryableError
 from opsflow.runtime import recovery
 from opsflow.runtime.service import Service
+from opsflow.settings import TopicSettings
 from opsflow.topics import dead_letter_topic, topic_name
 
 log = logging.getLogger("opsflow.runtime")
@@ -137,10 +138,13 @@ class Worker:
     ) -> None:
         self.service = service
         self.kafka = kafka
-        self.group = topic_name(service.name)
-        self.inputs = [topic_name(t) for t in service.consumes]
+        prefix = TopicSettings().prefix
+        self.group = topic_name(service.name, prefix=prefix)
+        self.inputs = [topic_name(t, prefix=prefix) for t in service.consumes]
+        self.topic_of = {name: topic_name(t, prefix=prefix) for name, t in EVENT_TOPICS.items()}
         self.outputs = sorted(
-            {topic_name(t) for t in service.produces} | {dead_letter_topic(t) for t in self.inputs}
+            {topic_name(t, prefix=prefix) for t in service.produces}
+            | {dead_letter_topic(t) for t in self.inputs}
         )
         self.codec = WireCodec(registry)
         self.consumer = Consumer(_consumer_config(kafka, self.group))
@@ -281,7 +285,7 @@ class Worker:
         return [self._output(out, index) for index, out in enumerate(results)]
 
     def _output(self, event: Event, index: int) -> _Output:
-        topic = topic_name(EVENT_TOPICS[event.event_type])
+        topic = self.topic_of[event.event_type]
         return _Output(
             topic,
             event.order_id.encode(),
