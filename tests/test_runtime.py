@@ -8,7 +8,9 @@ topics of its own (``OPSFLOW_TOPIC_PREFIX``).
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -19,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
@@ -85,11 +88,19 @@ def orders(count: int, *, notes: dict[int, str] | None = None) -> list[OrderRece
     return made
 
 
-def publish(topics: Topics, events: list[OrderReceived], raw: Sequence[bytes] = ()) -> None:
+def publish(
+    topics: Topics,
+    events: list[OrderReceived],
+    raw: Sequence[bytes] = (),
+    headers: list[tuple[str, bytes]] | None = None,
+) -> None:
     producer = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 10})
     for event in events:
         producer.produce(
-            topics.orders, key=event.order_id.encode(), value=topics.codec.encode(event)
+            topics.orders,
+            key=event.order_id.encode(),
+            value=topics.codec.encode(event),
+            headers=headers,
         )
     for value in raw:
         producer.produce(topics.orders, key=b"poison", value=value)
@@ -99,9 +110,14 @@ def publish(topics: Topics, events: list[OrderReceived], raw: Sequence[bytes] = 
 class ServiceProcess:
     """One instance of the relay service, as a real process."""
 
-    def __init__(self, stack: Stack, topics: Topics, log: Path) -> None:
+    def __init__(self, stack: Stack, topics: Topics, log: Path, **env_extra: str) -> None:
         self.log = log
-        env = {**stack.env, **stack.status()["env"], "OPSFLOW_TOPIC_PREFIX": topics.prefix}
+        env = {
+            **stack.env,
+            **stack.status()["env"],
+            "OPSFLOW_TOPIC_PREFIX": topics.prefix,
+            **env_extra,
+        }
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opsflow.runtime", "tests.services.relay"],
             cwd=ROOT,
@@ -129,9 +145,9 @@ def services(stack: Stack, topics: Topics, tmp_path: Path) -> Iterator[list[Serv
 
 
 def start(
-    started: list[ServiceProcess], stack: Stack, topics: Topics, tmp_path: Path
+    started: list[ServiceProcess], stack: Stack, topics: Topics, tmp_path: Path, **env: str
 ) -> ServiceProcess:
-    service = ServiceProcess(stack, topics, tmp_path / f"service-{len(started)}.log")
+    service = ServiceProcess(stack, topics, tmp_path / f"service-{len(started)}.log", **env)
     started.append(service)
     return service
 
@@ -284,3 +300,57 @@ def test_a_transient_handler_error_is_retried_and_then_processed_once(
     log = service.log.read_bytes()
     assert log.count(b'"message": "retrying"') == 2
     assert read_all(topics.bootstrap, topics.dead_letters, at_least=0, quiet=1) == []
+
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_a_trace_id_on_the_input_appears_on_every_output(
+    stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    inputs = orders(20)
+    publish(
+        topics, inputs, headers=[("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01".encode())]
+    )
+    start(services, stack, topics, tmp_path)
+    records = read_all(topics.bootstrap, topics.checks, at_least=len(inputs))
+    assert len(records) == len(inputs)
+    for _, _, headers in records:
+        version, trace_id, span_id, _ = headers["traceparent"].decode().split("-")
+        assert (version, trace_id) == ("00", TRACE_ID)
+        assert span_id != "00f067aa0ba902b7", "the output's parent is the processing span"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_metrics_health_and_json_logs_describe_what_the_service_did(
+    stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    port = _free_port()
+    inputs = orders(40, notes={3: "reject"})
+    publish(topics, inputs)
+    service = start(services, stack, topics, tmp_path, OPSFLOW_METRICS_PORT=str(port))
+    read_all(topics.bootstrap, topics.checks, at_least=39)
+    base = f"http://127.0.0.1:{port}"
+    assert httpx.get(f"{base}/healthz").status_code == 200
+    assert httpx.get(f"{base}/readyz").status_code == 200
+    metrics = httpx.get(f"{base}/metrics").text
+    label = f'topic="{topics.orders}"'
+    assert f"opsflow_events_processed_total{{{label}}} 40.0" in metrics
+    assert f"opsflow_events_dead_lettered_total{{{label}}} 1.0" in metrics
+    assert "opsflow_transaction_commit_seconds_count" in metrics
+    assert 'opsflow_consumer_lag{partition="0"' in metrics
+
+    lines = [
+        json.loads(line) for line in service.log.read_text().splitlines() if line.startswith("{")
+    ]
+    assert lines and all(line["service"] == "relay" for line in lines)
+    dead = next(line for line in lines if line["message"] == "dead-lettered")
+    rejected = inputs[3]
+    assert dead["correlation_id"] == rejected.order_id
+    assert dead["event_id"] == str(rejected.envelope.event_id)
+    assert len(dead["trace_id"]) == 32

@@ -83,3 +83,12 @@ class TopicSettings(BaseSettings):
     # Prepended to every topic name, so several environments (or test runs)
     # can share one cluster without seeing each other's records.
     prefix: str = ""
+
+
+class RuntimeSettings(BaseSettings):
+    """How a service process runs."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSFLOW_", extra="ignore")
+
+    # /metrics, /healthz and /readyz; 0 takes a free port (logged at start).
+    metrics_port: int = Field(default=0, ge=0, le=65535)

@@ -7,6 +7,7 @@ runtime guarantees (exactly-once processing, retries, dead letters).
 from __future__ import annotations
 
 import importlib
+import logging
 import signal
 from types import FrameType
 
@@ -14,9 +15,10 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import logs
 from opsflow.errors import ConfigurationError
+from opsflow.runtime import observability
 from opsflow.runtime.service import BatchPolicy, RetryPolicy, Service
 from opsflow.runtime.worker import Worker
-from opsflow.settings import KafkaSettings, RegistrySettings
+from opsflow.settings import KafkaSettings, RegistrySettings, RuntimeSettings
 
 __all__ = ["BatchPolicy", "RetryPolicy", "Service", "Worker", "load_service", "run"]
 
@@ -58,6 +60,11 @@ def run(service: Service) -> None:
         )
     worker = Worker(
         service, kafka=kafka.client_config(), registry=SchemaRegistryClient({"url": registry})
+    )
+
+    server = observability.serve(worker.metrics, worker.health, RuntimeSettings().metrics_port)
+    logging.getLogger("opsflow.runtime").info(
+        "serving metrics", extra={"metrics_port": server.server_address[1]}
     )
 
     def stop(signum: int, _frame: FrameType | None) -> None:

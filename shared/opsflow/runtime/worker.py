@@ -30,12 +30,13 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
+from opentelemetry.trace import Span
 
 from opsflow.contracts import EVENT_TOPICS, Event
 from opsflow.contracts.lineage import caused_by
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import RetryableError
-from opsflow.runtime import recovery
+from opsflow.runtime import observability, recovery
 from opsflow.runtime.service import Service
 from opsflow.settings import TopicSettings
 from opsflow.topics import dead_letter_topic, topic_name
@@ -124,6 +125,22 @@ def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
     }
 
 
+def _trace_fields(span: Span) -> dict[str, str]:
+    """The log fields that tie a line to one event: trace, correlation and event ids."""
+    fields: dict[str, str] = {}
+    context = span.get_span_context()
+    if context.is_valid:
+        fields["trace_id"] = format(context.trace_id, "032x")
+    attributes = getattr(span, "attributes", None) or {}
+    for attribute, name in (
+        ("opsflow.correlation_id", "correlation_id"),
+        ("messaging.message.id", "event_id"),
+    ):
+        if attribute in attributes:
+            fields[name] = str(attributes[attribute])
+    return fields
+
+
 class Worker:
     """Runs one ``Service`` until ``stop()``; see the module docstring for the guarantees.
 
@@ -150,6 +167,9 @@ class Worker:
         self.consumer = Consumer(_consumer_config(kafka, self.group))
         self.partitions: dict[tuple[str, int], _Partition] = {}
         self._stopping = False
+        self.metrics = observability.Metrics(service.name)
+        self.health = observability.Health()
+        self.tracer = observability.tracer(service.name)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -165,6 +185,7 @@ class Worker:
         log.info("started", extra={"inputs": self.inputs, "outputs": self.outputs})
         try:
             while not self._stopping:
+                self.health.last_turn = time.monotonic()
                 for msg in self.consumer.consume(self.service.batch.max_events, 0.05):
                     self._process(msg)
                 self._commit_due()
@@ -202,6 +223,7 @@ class Worker:
                 for tp in tps
             ]
         )
+        self.health.joined = True
         log.info("assigned", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
 
     def _revoked(self, consumer: Consumer, tps: Sequence[TopicPartition]) -> None:
@@ -250,32 +272,52 @@ class Worker:
                         "already_written": len(part.skip),
                     },
                 )
-        try:
-            outputs = self._transform(msg)
-        except RetryableError as err:
-            part.attempts += 1
-            if not self.service.retry.exhausted(part.attempts):
-                self._retry_later(part, msg, err)
-                return
-            outputs = [self._dead_letter(msg, err, attempts=part.attempts)]
-        except Exception as err:
-            outputs = [self._dead_letter(msg, err, attempts=part.attempts + 1)]
-        if not part.in_txn:
-            part.producer.begin_transaction()
-            part.in_txn, part.txn_started = True, time.monotonic()
-        for out in outputs:
-            source = recovery.source_of(part.topic, part.partition, offset, out.index)
-            if source in part.skip:
-                continue
-            headers = [*out.headers, (recovery.SOURCE_HEADER, source.encode())]
-            self._produce(part.producer, out.topic, out.key, out.value, headers)
+        attributes = {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": msg.topic,
+            "messaging.destination.partition.id": str(msg.partition),
+            "messaging.kafka.offset": msg.offset,
+            "messaging.consumer.group.name": self.group,
+        }
+        with observability.process_span(self.tracer, msg.headers, attributes, msg.topic) as span:
+            started = time.perf_counter()
+            try:
+                outputs = self._transform(msg, span)
+            except RetryableError as err:
+                part.attempts += 1
+                self.metrics.failed.labels(msg.topic).inc()
+                if not self.service.retry.exhausted(part.attempts):
+                    self._retry_later(part, msg, err, span)
+                    return
+                outputs = [self._dead_letter(msg, err, span, attempts=part.attempts)]
+            except Exception as err:
+                self.metrics.failed.labels(msg.topic).inc()
+                outputs = [self._dead_letter(msg, err, span, attempts=part.attempts + 1)]
+            self.metrics.handler_seconds.labels(msg.topic).observe(time.perf_counter() - started)
+            if not part.in_txn:
+                part.producer.begin_transaction()
+                part.in_txn, part.txn_started = True, time.monotonic()
+            trace_context = observability.trace_headers()
+            for out in outputs:
+                source = recovery.source_of(part.topic, part.partition, offset, out.index)
+                if source in part.skip:
+                    continue
+                headers = [*out.headers, *trace_context, (recovery.SOURCE_HEADER, source.encode())]
+                self._produce(part.producer, out.topic, out.key, out.value, headers)
+        self.metrics.processed.labels(msg.topic).inc()
+        self.metrics.end_to_end_seconds.labels(msg.topic).observe(
+            max(time.time() - msg.timestamp_ms / 1000, 0.0)
+        )
         part.next_offset = part.position = offset + 1
         part.pending += 1
         part.attempts = 0
 
-    def _transform(self, msg: _Input) -> list[_Output]:
+    def _transform(self, msg: _Input, span: Span) -> list[_Output]:
         """Decode, handle and encode one input; nothing is produced until all of it worked."""
         event = self.codec.decode(msg.value)
+        span.set_attribute("messaging.message.id", str(event.envelope.event_id))
+        span.set_attribute("opsflow.correlation_id", event.envelope.correlation_id)
         with caused_by(
             event.envelope,
             producer=self.service.name,
@@ -294,7 +336,9 @@ class Worker:
             index,
         )
 
-    def _dead_letter(self, msg: _Input, err: BaseException, *, attempts: int) -> _Output:
+    def _dead_letter(
+        self, msg: _Input, err: BaseException, span: Span, *, attempts: int
+    ) -> _Output:
         now = datetime.now(UTC).isoformat(timespec="milliseconds")
         headers = [
             *((k, v) for k, v in msg.headers if k != recovery.SOURCE_HEADER),
@@ -307,18 +351,22 @@ class Worker:
             ("opsflow-attempts", str(attempts).encode()),
             ("opsflow-failed-at", now.encode()),
         ]
+        self.metrics.dead_lettered.labels(msg.topic).inc()
+        span.record_exception(err)
         log.error(
             "dead-lettered",
             extra={
                 "source": msg.where,
+                **_trace_fields(span),
                 "error_class": type(err).__name__,
                 "error": str(err)[:500],
             },
         )
         return _Output(dead_letter_topic(msg.topic), msg.key, msg.value, headers, "dlq")
 
-    def _retry_later(self, part: _Partition, msg: _Input, err: RetryableError) -> None:
+    def _retry_later(self, part: _Partition, msg: _Input, err: RetryableError, span: Span) -> None:
         self._commit(part)
+        self.metrics.retries.labels(msg.topic).inc()
         delay = self.service.retry.delay(part.attempts)
         self.consumer.pause([part.tp])
         self.consumer.seek(TopicPartition(part.topic, part.partition, msg.offset))
@@ -328,6 +376,7 @@ class Worker:
             "retrying",
             extra={
                 "source": msg.where,
+                **_trace_fields(span),
                 "attempt": part.attempts,
                 "delay_s": round(delay, 3),
                 "error": str(err)[:500],
@@ -370,6 +419,7 @@ class Worker:
     def _commit(self, part: _Partition) -> None:
         if not part.in_txn:
             return
+        started = time.perf_counter()
         try:
             if part.next_offset is not None:
                 part.producer.send_offsets_to_transaction(
@@ -378,8 +428,15 @@ class Worker:
                     _TXN_TIMEOUT_S,
                 )
             part.producer.commit_transaction(_TXN_TIMEOUT_S)
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
             if part.next_offset is not None:
                 part.committed = part.next_offset
+            # The high mark from fetch responses (cached) is right on every broker
+            # tried; ListOffsets("latest") is not on the embedded one.
+            high = self.consumer.get_watermark_offsets(part.tp, cached=True)[1]
+            self.metrics.lag.labels(part.topic, str(part.partition)).set(
+                max(high - part.position, 0)
+            )
         except KafkaException as exc:
             error = exc.args[0]
             log.warning(

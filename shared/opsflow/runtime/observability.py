@@ -1,0 +1,153 @@
+"""What a running service tells the outside: traces, metrics, health.
+
+- Traces: one span per processed event, named and attributed after the
+  OpenTelemetry messaging conventions (``process <topic>``, kind CONSUMER).
+  Its parent is the W3C trace context in the input's headers, and the outputs
+  carry the span's context onward, so one trace follows an order across every
+  service. Spans are exported by OTLP/HTTP when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+  is set; trace ids exist (and reach the logs and headers) either way.
+- Metrics: Prometheus, on ``OPSFLOW_METRICS_PORT`` (``/metrics``), next to
+  ``/healthz`` (the loop is turning) and ``/readyz`` (it has joined its group).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from opentelemetry import context, propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """The service's Prometheus metrics (one registry per service process)."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["topic"]
+        kw: dict[str, Any] = {"registry": self.registry, "namespace": "opsflow"}
+        self.processed = Counter("events_processed", "Inputs processed", labels, **kw)
+        self.failed = Counter("events_failed", "Inputs whose processing raised", labels, **kw)
+        self.dead_lettered = Counter("events_dead_lettered", "Inputs sent to the DLQ", labels, **kw)
+        self.retries = Counter("retries", "Transient failures retried", labels, **kw)
+        self.lag = Gauge(
+            "consumer_lag", "Records behind the partition's end", ["topic", "partition"], **kw
+        )
+        self.handler_seconds = Histogram(
+            "handler_seconds",
+            "Decode, handle and encode time",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            **kw,
+        )
+        self.end_to_end_seconds = Histogram(
+            "end_to_end_seconds",
+            "Input record timestamp to output produced",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            **kw,
+        )
+        self.commit_seconds = Histogram(
+            "transaction_commit_seconds", "Commit duration", buckets=_LATENCY_BUCKETS, **kw
+        )
+        self.service = service
+
+
+class Health:
+    """Liveness and readiness as the loop reports them."""
+
+    def __init__(self, stale_after_s: float = 30.0) -> None:
+        self.last_turn = time.monotonic()
+        self.joined = False
+        self.stale_after_s = stale_after_s
+
+    def alive(self) -> bool:
+        return time.monotonic() - self.last_turn < self.stale_after_s
+
+
+def serve(metrics: Metrics, health: Health, port: int) -> ThreadingHTTPServer:
+    """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread; returns the server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._send(200, generate_latest(metrics.registry), "text/plain; version=0.0.4")
+            elif self.path == "/healthz":
+                ok = health.alive()
+                self._send(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
+            elif self.path == "/readyz":
+                ok = health.joined and health.alive()
+                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+            else:
+                self._send(404, b"not found\n")
+
+        def _send(self, status: int, body: bytes, kind: str = "text/plain") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass  # scrapes every few seconds would drown the service's own log
+
+    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
+    return server
+
+
+def tracer(service: str) -> trace.Tracer:
+    """A tracer for ``service``: exporting by OTLP/HTTP when an endpoint is configured."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service}))
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    return provider.get_tracer("opsflow.runtime")
+
+
+class _HeaderGetter:
+    """Reads W3C trace context from Kafka headers (name, bytes) pairs."""
+
+    def get(self, carrier: list[tuple[str, bytes]], key: str) -> list[str] | None:
+        values = [v.decode("latin-1") for k, v in carrier if k == key]
+        return values or None
+
+    def keys(self, carrier: list[tuple[str, bytes]]) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+_GETTER = _HeaderGetter()
+
+
+@contextmanager
+def process_span(
+    tracer_: trace.Tracer, headers: list[tuple[str, bytes]], attributes: dict[str, Any], topic: str
+) -> Iterator[trace.Span]:
+    """A CONSUMER span for processing one record, child of the trace in its headers."""
+    parent = propagate.extract(headers, getter=_GETTER)  # type: ignore[arg-type]
+    token = context.attach(parent)
+    try:
+        with tracer_.start_as_current_span(
+            f"process {topic}", kind=trace.SpanKind.CONSUMER, attributes=attributes
+        ) as span:
+            yield span
+    finally:
+        context.detach(token)
+
+
+def trace_headers() -> list[tuple[str, bytes]]:
+    """The current trace context as Kafka headers (``traceparent``, ``tracestate``)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return [(k, v.encode("latin-1")) for k, v in carrier.items()]
