@@ -119,6 +119,16 @@ def env() -> None:
         print(f"export {key}={shlex.quote(value)}")
 
 
+@app.command("run")
+def run_service(
+    target: Annotated[str, typer.Argument(help="MODULE[:ATTRIBUTE] of a Service.")],
+) -> None:
+    """Run one service in the foreground until Ctrl-C or SIGTERM (e.g. `services.policy_check`)."""
+    from opsflow.runtime import load_service, run
+
+    run(load_service(target))
+
+
 def main() -> None:
     """Entry point: run the app, turning opsflow's errors into one clear line."""
     try:
