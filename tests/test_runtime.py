@@ -9,6 +9,7 @@ topics of its own (``OPSFLOW_TOPIC_PREFIX``).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import struct
@@ -354,3 +355,21 @@ def test_metrics_health_and_json_logs_describe_what_the_service_did(
     assert dead["correlation_id"] == rejected.order_id
     assert dead["event_id"] == str(rejected.envelope.event_id)
     assert len(dead["trace_id"]) == 32
+
+
+def test_running_a_service_without_its_cluster_is_one_clear_line() -> None:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("KAFKA_BOOTSTRAP_SERVERS", "SCHEMA_REGISTRY_URL")
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "opsflow", "run", "tests.services.relay"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "KAFKA_BOOTSTRAP_SERVERS" in result.stderr and "Traceback" not in result.stderr

@@ -45,6 +45,7 @@ log = logging.getLogger("opsflow.runtime")
 
 EVENT_TYPE_HEADER = "opsflow-event-type"
 _TXN_TIMEOUT_S = 30.0
+_TAKE_OVER_ATTEMPTS = 8
 
 
 Headers = list[tuple[str, bytes]]
@@ -210,8 +211,7 @@ class Worker:
             offset = committed.get((tp.topic, tp.partition), -1)
             if offset < 0:
                 offset = consumer.get_watermark_offsets(tp, timeout=_TXN_TIMEOUT_S)[0]
-            producer = self._transactional_producer(tp.topic, tp.partition)
-            self._settle(producer, tp.topic, tp.partition, offset)
+            producer = self._take_over(tp.topic, tp.partition, offset)
             self.partitions[(tp.topic, tp.partition)] = _Partition(
                 tp.topic, tp.partition, producer, committed=offset, position=offset
             )
@@ -450,8 +450,7 @@ class Worker:
             if error.fatal():
                 # The producer is unusable (fenced, or its sequence state lost):
                 # start over as a new owner of the partition would.
-                part.producer = self._transactional_producer(part.topic, part.partition)
-                self._settle(part.producer, part.topic, part.partition, part.committed)
+                part.producer = self._take_over(part.topic, part.partition, part.committed)
             else:
                 part.producer.abort_transaction(_TXN_TIMEOUT_S)
             # Re-process from the last commit; outputs the failed transaction
@@ -460,6 +459,34 @@ class Worker:
             part.position, part.skip = part.committed, None
         finally:
             part.in_txn, part.pending, part.next_offset = False, 0, None
+
+    def _take_over(self, topic: str, partition: int, offset: int) -> Producer:
+        """A producer for a newly owned partition, with the previous owner settled.
+
+        The broker may be briefly unavailable (restarting, electing a
+        coordinator): retry with the service's backoff rather than crash, up to
+        a bound after which the process exits and its supervisor restarts it.
+        """
+        for attempt in range(1, _TAKE_OVER_ATTEMPTS + 1):
+            try:
+                producer = self._transactional_producer(topic, partition)
+                self._settle(producer, topic, partition, offset)
+                return producer
+            except KafkaException as exc:
+                if attempt == _TAKE_OVER_ATTEMPTS:
+                    raise
+                delay = self.service.retry.delay(attempt)
+                log.warning(
+                    "taking over partition failed, retrying",
+                    extra={
+                        "partition": f"{topic}/{partition}",
+                        "attempt": attempt,
+                        "delay_s": round(delay, 3),
+                        "error": str(exc.args[0]),
+                    },
+                )
+                time.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _transactional_producer(self, topic: str, partition: int) -> Producer:
         producer = Producer(
