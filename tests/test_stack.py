@@ -250,3 +250,17 @@ def test_memory_storage_runs_a_throwaway_broker_without_the_bucket(tmp_path: Pat
         assert components["broker"]["healthy"] and components["provision"]["healthy"]
     finally:
         stack.run("down", check=False)
+
+
+def test_provisioning_creates_every_topic_of_record_and_its_dead_letter_topic(
+    bootstrap_servers: str,
+) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    from opsflow.contracts import Topic
+
+    topics = AdminClient({"bootstrap.servers": bootstrap_servers}).list_topics(timeout=10).topics
+    for topic in Topic:
+        for name in (str(topic), f"{topic}.dlq"):
+            assert name in topics, name
+            assert len(topics[name].partitions) == 6, name
