@@ -33,7 +33,7 @@ from opsflow.contracts.lineage import derive_idempotency_key
 from opsflow.contracts.wire import WireCodec
 from opsflow.topics import ensure_topics
 from tests.samples import sample
-from tests.stackctl import Stack
+from tests.stackctl import Stack, stack_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,15 +57,20 @@ class Topics:
         return f"{self.prefix}orders.dlq"
 
 
-@pytest.fixture
-def topics(stack: Stack, bootstrap_servers: str, registry_url: str) -> Topics:
+def make_topics(bootstrap: str, registry_url: str) -> Topics:
+    """Fresh topics for one test: its own prefix on the given cluster."""
     prefix = f"rt{uuid.uuid4().hex[:8]}."
     ensure_topics(
-        AdminClient({"bootstrap.servers": bootstrap_servers}),
+        AdminClient({"bootstrap.servers": bootstrap}),
         [f"{prefix}orders", f"{prefix}orders.dlq", f"{prefix}policy-check"],
         partitions=4,
     )
-    return Topics(prefix, bootstrap_servers, WireCodec(SchemaRegistryClient({"url": registry_url})))
+    return Topics(prefix, bootstrap, WireCodec(SchemaRegistryClient({"url": registry_url})))
+
+
+@pytest.fixture
+def topics(stack: Stack, bootstrap_servers: str, registry_url: str) -> Topics:
+    return make_topics(bootstrap_servers, registry_url)
 
 
 def orders(count: int, *, notes: dict[int, str] | None = None) -> list[OrderReceived]:
@@ -373,3 +378,26 @@ def test_running_a_service_without_its_cluster_is_one_clear_line() -> None:
     )
     assert result.returncode == 2
     assert "KAFKA_BOOTSTRAP_SERVERS" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_log_scan_delivery_on_the_durable_broker_is_exactly_once_after_kill_9(
+    services: list[ServiceProcess], tmp_path: Path
+) -> None:
+    durable = Stack(tmp_path / "data", stack_env(tmp_path / "data"))
+    durable.run("up", "--detach")
+    try:
+        env = durable.status()["env"]
+        assert env["OPSFLOW_DELIVERY"] == "log-scan", "the durable embedded broker asks for it"
+        own = make_topics(env["KAFKA_BOOTSTRAP_SERVERS"], env["SCHEMA_REGISTRY_URL"])
+        inputs = orders(4_000)
+        publish(own, inputs)
+        first = start(services, durable, own, tmp_path)
+        wait_for(own.bootstrap, own.checks, 1_000)
+        first.kill9()
+        start(services, durable, own, tmp_path)
+        assert_exactly_once(own, inputs)
+    finally:
+        for service in services:
+            if service.proc.poll() is None:
+                service.kill9()
+        durable.run("down", check=False)

@@ -92,3 +92,6 @@ class RuntimeSettings(BaseSettings):
 
     # /metrics, /healthz and /readyz; 0 takes a free port (logged at start).
     metrics_port: int = Field(default=0, ge=0, le=65535)
+    # "transactions" (Kafka transactions) or "log-scan" (see opsflow.runtime.Delivery);
+    # `opsflow up` sets log-scan for its durable embedded broker.
+    delivery: Literal["transactions", "log-scan"] = "transactions"

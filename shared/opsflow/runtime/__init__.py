@@ -16,11 +16,11 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from opsflow import logs
 from opsflow.errors import ConfigurationError
 from opsflow.runtime import observability
-from opsflow.runtime.service import BatchPolicy, RetryPolicy, Service
+from opsflow.runtime.service import BatchPolicy, Delivery, RetryPolicy, Service
 from opsflow.runtime.worker import Worker
 from opsflow.settings import KafkaSettings, RegistrySettings, RuntimeSettings
 
-__all__ = ["BatchPolicy", "RetryPolicy", "Service", "Worker", "load_service", "run"]
+__all__ = ["BatchPolicy", "Delivery", "RetryPolicy", "Service", "Worker", "load_service", "run"]
 
 
 def load_service(target: str) -> Service:
@@ -58,11 +58,15 @@ def run(service: Service) -> None:
         raise ConfigurationError(
             "SCHEMA_REGISTRY_URL", "is not set", "Set it, or run the service under `opsflow up`."
         )
+    settings = RuntimeSettings()
     worker = Worker(
-        service, kafka=kafka.client_config(), registry=SchemaRegistryClient({"url": registry})
+        service,
+        kafka=kafka.client_config(),
+        registry=SchemaRegistryClient({"url": registry}),
+        delivery=Delivery(settings.delivery),
     )
 
-    server = observability.serve(worker.metrics, worker.health, RuntimeSettings().metrics_port)
+    server = observability.serve(worker.metrics, worker.health, settings.metrics_port)
     logging.getLogger("opsflow.runtime").info(
         "serving metrics", extra={"metrics_port": server.server_address[1]}
     )

@@ -20,6 +20,7 @@ import types
 import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Union
 
 from opsflow.contracts import EVENT_TOPICS, Event, Topic
@@ -27,6 +28,25 @@ from opsflow.errors import PermanentError
 
 HandlerResult = Event | Iterable[Event] | None
 Handler = Callable[[Any], HandlerResult]
+
+
+class Delivery(StrEnum):
+    """How a service makes each input's outputs appear exactly once.
+
+    ``transactions``: Kafka transactions, one transactional producer per input
+    partition; the standard on Apache Kafka and Redpanda.
+
+    ``log-scan``: a plain producer; outputs are written, then offsets
+    committed, and after any failure or takeover the outputs already written
+    are found in the output topics and not written again. For brokers whose
+    transactions cannot take concurrent producers (the embedded broker's
+    durable store). Per key, outputs keep their order except around a failed
+    write, and a stalled instance that lost its partitions without noticing
+    could still write (no fencing).
+    """
+
+    TRANSACTIONS = "transactions"
+    LOG_SCAN = "log-scan"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from opentelemetry.trace import Span
 
@@ -37,7 +44,7 @@ from opsflow.contracts.lineage import caused_by
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import RetryableError
 from opsflow.runtime import observability, recovery
-from opsflow.runtime.service import Service
+from opsflow.runtime.service import Delivery, Service
 from opsflow.settings import TopicSettings
 from opsflow.topics import dead_letter_topic, topic_name
 
@@ -99,7 +106,10 @@ class _Partition:
     committed: int
     position: int
     next_offset: int | None = None
-    in_txn: bool = False
+    # A batch is open: outputs produced whose input offsets are not committed yet.
+    open: bool = False
+    # Log-scan delivery: a write of this batch failed, so the batch must be redone.
+    failed: bool = False
     txn_started: float = 0.0
     pending: int = 0
     skip: set[str] | None = None
@@ -152,10 +162,27 @@ class Worker:
     """
 
     def __init__(
-        self, service: Service, *, kafka: dict[str, Any], registry: SchemaRegistryClient
+        self,
+        service: Service,
+        *,
+        kafka: dict[str, Any],
+        registry: SchemaRegistryClient,
+        delivery: Delivery = Delivery.TRANSACTIONS,
     ) -> None:
         self.service = service
         self.kafka = kafka
+        self.delivery = delivery
+        # Log-scan delivery writes through one plain producer: no idempotence
+        # (its state is what some brokers cannot keep under concurrency) and no
+        # retries (a failed write is redone from the last commit instead, so a
+        # retry can never duplicate a record).
+        self.plain = (
+            Producer(
+                {**kafka, "enable.idempotence": False, "acks": "all", "retries": 0, "linger.ms": 5}
+            )
+            if delivery is Delivery.LOG_SCAN
+            else None
+        )
         prefix = TopicSettings().prefix
         self.group = topic_name(service.name, prefix=prefix)
         self.inputs = [topic_name(t, prefix=prefix) for t in service.consumes]
@@ -197,6 +224,8 @@ class Worker:
             self.consumer.close()
             for part in self.partitions.values():
                 part.producer.flush(10)
+            if self.plain is not None:
+                self.plain.flush(10)
             self.partitions.clear()
             log.info("stopped")
 
@@ -238,7 +267,7 @@ class Worker:
         # Another member owns these now: committing could only fail or, worse, race it.
         for tp in tps:
             part = self.partitions.pop((tp.topic, tp.partition), None)
-            if part is not None and part.in_txn:
+            if part is not None and part.open and self.delivery is Delivery.TRANSACTIONS:
                 try:
                     part.producer.abort_transaction(_TXN_TIMEOUT_S)
                 except KafkaException as exc:
@@ -295,16 +324,17 @@ class Worker:
                 self.metrics.failed.labels(msg.topic).inc()
                 outputs = [self._dead_letter(msg, err, span, attempts=part.attempts + 1)]
             self.metrics.handler_seconds.labels(msg.topic).observe(time.perf_counter() - started)
-            if not part.in_txn:
-                part.producer.begin_transaction()
-                part.in_txn, part.txn_started = True, time.monotonic()
+            if not part.open:
+                if self.delivery is Delivery.TRANSACTIONS:
+                    part.producer.begin_transaction()
+                part.open, part.txn_started = True, time.monotonic()
             trace_context = observability.trace_headers()
             for out in outputs:
                 source = recovery.source_of(part.topic, part.partition, offset, out.index)
                 if source in part.skip:
                     continue
                 headers = [*out.headers, *trace_context, (recovery.SOURCE_HEADER, source.encode())]
-                self._produce(part.producer, out.topic, out.key, out.value, headers)
+                self._produce(part, out.topic, out.key, out.value, headers)
         self.metrics.processed.labels(msg.topic).inc()
         self.metrics.end_to_end_seconds.labels(msg.topic).observe(
             max(time.time() - msg.timestamp_ms / 1000, 0.0)
@@ -390,20 +420,31 @@ class Worker:
                 part.paused_until = None
                 self.consumer.resume([part.tp])
 
-    @staticmethod
     def _produce(
-        producer: Producer,
+        self,
+        part: _Partition,
         topic: str,
         key: bytes | None,
         value: bytes | None,
-        headers: list[tuple[str, bytes]],
+        headers: Headers,
     ) -> None:
+        def delivered(err: KafkaError | None, _msg: Message) -> None:
+            if err is not None:
+                part.failed = True
+
+        on_delivery = delivered if self.delivery is Delivery.LOG_SCAN else None
         while True:
             try:
-                producer.produce(topic, key=key, value=value, headers=headers)  # type: ignore[arg-type]
+                part.producer.produce(
+                    topic,
+                    key=key,
+                    value=value,
+                    headers=headers,  # type: ignore[arg-type]
+                    on_delivery=on_delivery,
+                )
                 return
             except BufferError:
-                producer.poll(0.05)  # local queue full: let deliveries drain
+                part.producer.poll(0.05)  # local queue full: let deliveries drain
 
     # --- commits -------------------------------------------------------------------------
 
@@ -411,13 +452,16 @@ class Worker:
         now, batch = time.monotonic(), self.service.batch
         for part in list(self.partitions.values()):
             part.producer.poll(0)
-            if part.in_txn and (
+            if part.open and (
                 part.pending >= batch.max_events or now - part.txn_started >= batch.max_interval_s
             ):
                 self._commit(part)
 
     def _commit(self, part: _Partition) -> None:
-        if not part.in_txn:
+        if not part.open:
+            return
+        if self.delivery is Delivery.LOG_SCAN:
+            self._commit_written(part)
             return
         started = time.perf_counter()
         try:
@@ -458,7 +502,37 @@ class Worker:
             self.consumer.seek(TopicPartition(part.topic, part.partition, part.committed))
             part.position, part.skip = part.committed, None
         finally:
-            part.in_txn, part.pending, part.next_offset = False, 0, None
+            part.open, part.pending, part.next_offset = False, 0, None
+
+    def _commit_written(self, part: _Partition) -> None:
+        """Log-scan delivery: once every output of the batch is written, commit its offset.
+
+        A failed write, or a failed offset commit, redoes the batch from the
+        last commit; the recovery scan finds what was written and skips it.
+        """
+        started = time.perf_counter()
+        try:
+            unsent = part.producer.flush(_TXN_TIMEOUT_S)
+            if unsent or part.failed:
+                raise KafkaException(
+                    KafkaError(KafkaError._MSG_TIMED_OUT, f"{unsent} output(s) not written")
+                )
+            if part.next_offset is not None:
+                self.consumer.commit(
+                    offsets=[TopicPartition(part.topic, part.partition, part.next_offset)],
+                    asynchronous=False,
+                )
+                part.committed = part.next_offset
+            self.metrics.commit_seconds.observe(time.perf_counter() - started)
+        except KafkaException as exc:
+            log.warning(
+                "batch not committed, redoing it",
+                extra={"partition": f"{part.topic}/{part.partition}", "error": str(exc.args[0])},
+            )
+            self.consumer.seek(TopicPartition(part.topic, part.partition, part.committed))
+            part.position, part.skip = part.committed, None
+        finally:
+            part.open, part.failed, part.pending, part.next_offset = False, False, 0, None
 
     def _take_over(self, topic: str, partition: int, offset: int) -> Producer:
         """A producer for a newly owned partition, with the previous owner settled.
@@ -467,6 +541,8 @@ class Worker:
         coordinator): retry with the service's backoff rather than crash, up to
         a bound after which the process exits and its supervisor restarts it.
         """
+        if self.plain is not None:
+            return self.plain
         for attempt in range(1, _TAKE_OVER_ATTEMPTS + 1):
             try:
                 producer = self._transactional_producer(topic, partition)

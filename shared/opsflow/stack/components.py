@@ -182,6 +182,10 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
         address = f"{LOOPBACK}:{broker_port}"
         components.append(Component("broker", broker_port, address, 20, waits))
         env["KAFKA_BOOTSTRAP_SERVERS"] = address
+        if settings.broker_storage == "durable":
+            # Its S3 store fails concurrent transactional producers (README,
+            # "Known limits"); services use log-scan delivery on it.
+            env["OPSFLOW_DELIVERY"] = "log-scan"
 
     if database.database_url:
         external["postgres"] = env["DATABASE_URL"] = database.database_url
