@@ -13,9 +13,10 @@ from rich.console import Console
 
 from tests.bench.codec import CodecCase
 from tests.bench.harness import BenchError, Case, run
+from tests.bench.onehop import OneHopCase
 
 # Every case, in the order a full run takes them.
-CASES: dict[str, type[Case]] = {case.name: case for case in (CodecCase,)}
+CASES: dict[str, type[Case]] = {case.name: case for case in (CodecCase, OneHopCase)}
 
 
 def _positive(text: str) -> int:
@@ -34,8 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat",
         type=_positive,
-        default=5,
-        help="repetitions per case; the median and min/max are reported (default: 5)",
+        help="repetitions per case; the median and min/max are reported (default: "
+        + ", ".join(f"{name} {case.default_repeat}" for name, case in CASES.items())
+        + ")",
+    )
+    parser.add_argument(
+        "--events",
+        type=_positive,
+        help="events per case, to shrink a run for a quick check of the machinery; startup "
+        "then weighs on the figures (default: each case's own)",
     )
     parser.add_argument("--only", choices=sorted(CASES), help="run only this case")
     parser.add_argument(
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = [CASES[args.only]] if args.only else list(CASES.values())
     command = [sys.executable, "-m", "tests.bench", *(sys.argv[1:] if argv is None else argv)]
     try:
-        run(cases, repeat=args.repeat, use_env=args.use_env, command=command)
+        run(cases, repeat=args.repeat, events=args.events, use_env=args.use_env, command=command)
     except BenchError as err:
         Console(stderr=True).print(f"[red]benchmark failed:[/] {err}", highlight=False)
         return 1

@@ -28,7 +28,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from opsflow.contracts import OrderReceived, catalogue
 from opsflow.contracts.wire import WireCodec
-from tests.bench.harness import BenchError, Case, Metric, Ratio, interleaved_rates
+from tests.bench.harness import BenchError, Case, Metric, Ratio, StackInfo, interleaved_rates
 from tests.bench.orders import orders
 
 EVENTS = 20_000
@@ -38,7 +38,9 @@ class CodecCase(Case):
     """Encode and decode throughput of realistic ``OrderReceived`` events."""
 
     name: ClassVar[str] = "codec"
-    summary: ClassVar[str] = f"{EVENTS:,} varied OrderReceived, opsflow WireCodec vs stock serde"
+    summary: ClassVar[str] = (
+        f"varied OrderReceived ({EVENTS:,} unless --events), opsflow WireCodec vs stock serde"
+    )
     metrics: ClassVar[tuple[Metric, ...]] = (
         Metric("opsflow_encode", "opsflow  encode(event)"),
         Metric("stock_encode", "stock    serializer(event.to_avro())"),
@@ -91,9 +93,13 @@ class CodecCase(Case):
         ),
     )
 
+    def __init__(self, stack: StackInfo, *, events: int | None = None) -> None:
+        super().__init__(stack, events=events)
+        self.count = events or EVENTS
+
     def params(self) -> dict[str, Any]:
         return {
-            "events": EVENTS,
+            "events": self.count,
             "event_type": "order.received",
             "schema_version": catalogue()["order.received"].latest_version,
             "mean_value_bytes": round(sum(map(len, self.values)) / len(self.values), 1),
@@ -116,7 +122,7 @@ class CodecCase(Case):
         self.serializer = AvroSerializer(stock_registry, schema, conf=conf)
         self.deserializer = AvroDeserializer(stock_registry, schema, conf=conf)
 
-        self.events = orders(EVENTS)
+        self.events = orders(self.count)
         self.dicts = [event.to_avro() for event in self.events]
         self.values = [self.codec.encode(event) for event in self.events]
         for n, (event, datum, value) in enumerate(

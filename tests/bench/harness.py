@@ -51,7 +51,17 @@ REPO_DIR = Path(__file__).resolve().parents[2]
 ADDRESS_VARIABLES = ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "SCHEMA_REGISTRY_URL")
 UP_TIMEOUT_S = 300.0  # opsflow up waits up to 180 s for readiness itself
 DOWN_TIMEOUT_S = 120.0
-PACKAGES = ("opsflow", "confluent-kafka", "fastavro", "pydantic", "pydantic-core", "rich")
+PACKAGES = (
+    "opsflow",
+    "confluent-kafka",
+    "fastavro",
+    "pydantic",
+    "pydantic-core",
+    "rich",
+    "faust-streaming",
+    "faststream",
+    "aiokafka",
+)
 
 
 class BenchError(Exception):
@@ -69,12 +79,15 @@ class Metric:
         key: stable name, used in the JSON and by ratios.
         label: what exactly was timed, for the table.
         unit: e.g. ``events/s``; higher is better unless ``lower_is_better``.
+        target: the value the figure should reach (at most, if ``lower_is_better``);
+            shown beside the median with whether it was met.
     """
 
     key: str
     label: str
     unit: str = "events/s"
     lower_is_better: bool = False
+    target: float | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +99,7 @@ class Ratio:
 
     Args:
         percent: show as a percentage (for shares of time) instead of ``1.23x``.
+        target: the least the ratio should be; shown with whether it was met.
     """
 
     key: str
@@ -93,15 +107,22 @@ class Ratio:
     numerator: str
     denominator: str
     percent: bool = False
+    target: float | None = None
 
 
 @dataclass(frozen=True)
 class StackInfo:
-    """Where the benchmark's stack is; ``env`` holds the three address variables."""
+    """Where the benchmark's stack is; ``env`` holds the three address variables.
+
+    ``broker_pid`` is the embedded broker's process (None for an external one), so
+    a case can tell what the broker spent, which on one machine competes with
+    the code measured.
+    """
 
     env: Mapping[str, str]
     data_dir: Path | None
     external: bool
+    broker_pid: int | None = None
 
 
 class Case(ABC):
@@ -110,19 +131,36 @@ class Case(ABC):
     Subclasses set ``name`` (what ``--only`` takes), ``summary``, ``metrics`` and
     ``ratios``. ``prepare`` builds inputs and checks correctness once, so a fast
     but wrong implementation cannot win; ``measure`` returns one value per metric.
+
+    ``default_repeat`` is the repetitions when ``--repeat`` is not given: a case
+    whose one repetition takes minutes would otherwise dominate the run.
+    ``stack_overrides`` are variables the benchmark stack must be started with
+    for the case to run at all (e.g. the broker's storage).
     """
 
     name: ClassVar[str]
     summary: ClassVar[str]
     metrics: ClassVar[tuple[Metric, ...]]
     ratios: ClassVar[tuple[Ratio, ...]] = ()
+    default_repeat: ClassVar[int] = 5
+    stack_overrides: ClassVar[Mapping[str, str]] = {}
 
-    def __init__(self, stack: StackInfo) -> None:
+    def __init__(self, stack: StackInfo, *, events: int | None = None) -> None:
+        """``events``: how many events to measure on (``--events``); None for the case's own."""
         self.stack = stack
 
     def params(self) -> dict[str, Any]:
         """Parameters worth recording with the figures (sample sizes, seeds)."""
         return {}
+
+    def notes(self) -> list[str]:
+        """What a reader must know to read the figures (a fallback taken, a cap hit)."""
+        return []
+
+    def labelled_metrics(self) -> tuple[Metric, ...]:
+        """``metrics`` as measured: a case may relabel one after learning, say, which
+        guarantee a system really ran with."""
+        return self.metrics
 
     @abstractmethod
     def prepare(self) -> None:
@@ -198,24 +236,35 @@ class CaseResult:
 
     case: type[Case]
     params: dict[str, Any]
+    repeat: int
+    declared: tuple[Metric, ...] = ()
     metrics: dict[str, Summary] = field(default_factory=dict)
     ratios: dict[str, Summary] = field(default_factory=dict)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "summary": self.case.summary,
             "params": self.params,
+            "repeat": self.repeat,
             "seconds": round(self.seconds, 2),
+            "notes": self.notes,
             "metrics": {
-                m.key: {"label": m.label, "unit": m.unit, **asdict(self.metrics[m.key])}
-                for m in self.case.metrics
+                m.key: {
+                    "label": m.label,
+                    "unit": m.unit,
+                    "target": m.target,
+                    **asdict(self.metrics[m.key]),
+                }
+                for m in self.declared
             },
             "ratios": {
                 r.key: {
                     "label": r.label,
                     "numerator": r.numerator,
                     "denominator": r.denominator,
+                    "target": r.target,
                     **asdict(self.ratios[r.key]),
                 }
                 for r in self.case.ratios
@@ -245,7 +294,14 @@ def run_case(case: Case, repeat: int, console: Console) -> CaseResult:
     finally:
         gc.unfreeze()
         case.close()
-    result = CaseResult(type(case), case.params(), seconds=time.perf_counter() - started)
+    result = CaseResult(
+        type(case),
+        case.params(),
+        repeat,
+        declared=case.labelled_metrics(),
+        seconds=time.perf_counter() - started,
+        notes=case.notes(),
+    )
     for metric in case.metrics:
         result.metrics[metric.key] = Summary.of([run[metric.key] for run in runs])
     for ratio in case.ratios:
@@ -300,21 +356,25 @@ def _interrupts_deferred(console: Console) -> Iterator[None]:
 
 
 @contextmanager
-def benchmark_stack(use_env: bool, console: Console) -> Iterator[StackInfo]:
+def benchmark_stack(
+    use_env: bool, console: Console, overrides: Mapping[str, str] | None = None
+) -> Iterator[StackInfo]:
     """Start a stack in a temporary data directory; always stop it on the way out.
 
     Args:
         use_env: keep KAFKA_BOOTSTRAP_SERVERS, DATABASE_URL and SCHEMA_REGISTRY_URL
             from the caller's environment (external counterparts), instead of
             starting embedded ones.
+        overrides: stack variables the cases need (see ``Case.stack_overrides``).
     """
     with tempfile.TemporaryDirectory(prefix="opsflow-bench-", ignore_cleanup_errors=True) as tmp:
         data_dir = Path(tmp) / "data"
-        env = stack_env(data_dir)
+        env = stack_env(data_dir, **(overrides or {}))
         if use_env:
             env.update({k: os.environ[k] for k in ADDRESS_VARIABLES if k in os.environ})
         try:
-            console.print(f"Starting the benchmark stack in {data_dir}")
+            shown = " ".join(f"{k}={v}" for k, v in (overrides or {}).items())
+            console.print(f"Starting the benchmark stack in {data_dir} {shown}".rstrip())
             started = time.perf_counter()
             up = _opsflow(env, "up", "--detach", timeout=UP_TIMEOUT_S)
             if up.returncode != 0:
@@ -334,7 +394,17 @@ def benchmark_stack(use_env: bool, console: Console) -> Iterator[StackInfo]:
                 raise BenchError(f"unhealthy after `opsflow up`: {', '.join(unhealthy)}")
             addresses = {k: report["env"][k] for k in ADDRESS_VARIABLES}
             console.print(f"Stack ready in {time.perf_counter() - started:.1f}s")
-            yield StackInfo(env=addresses, data_dir=data_dir, external=use_env)
+            broker = [
+                c.get("pid")
+                for c in report["components"]
+                if c["name"] == "broker" and "KAFKA_BOOTSTRAP_SERVERS" not in env
+            ]
+            yield StackInfo(
+                env=addresses,
+                data_dir=data_dir,
+                external=use_env,
+                broker_pid=broker[0] if broker and broker[0] else None,
+            )
         finally:
             with _interrupts_deferred(console):
                 down = _opsflow(env, "down", timeout=DOWN_TIMEOUT_S, own_session=True)
@@ -399,16 +469,24 @@ def software_facts() -> dict[str, Any]:
 
 
 def _fmt(value: float, unit: str) -> str:
-    return f"{value:,.0f}" if unit == "events/s" and value >= 100 else f"{value:,.3g}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.3g}"
 
 
 def _fmt_ratio(value: float, percent: bool) -> str:
     return f"{value:.0%}" if percent else f"{value:.2f}x"
 
 
-def results_table(results: Sequence[CaseResult], repeat: int) -> Table:
+def _verdict(median: float, target: float | None, at_most: bool, shown: str) -> str:
+    """``>= 0.50x met`` or ``<= 150 MISSED``; empty without a target."""
+    if target is None:
+        return ""
+    met = median <= target if at_most else median >= target
+    return f"{'<=' if at_most else '>='} {shown} " + ("[green]met[/]" if met else "[red]MISSED[/]")
+
+
+def results_table(results: Sequence[CaseResult]) -> Table:
     """Figures first, then the ratios of each case (marked by a section line)."""
-    table = Table(title=f"opsflow benchmarks (median of {repeat}, min..max, spread)")
+    table = Table(title="opsflow benchmarks (median of each case's runs, min..max, spread)")
     for column, justify in (
         ("case", "left"),
         ("figure", "left"),
@@ -416,11 +494,12 @@ def results_table(results: Sequence[CaseResult], repeat: int) -> Table:
         ("min .. max", "right"),
         ("spread", "right"),
         ("unit", "left"),
+        ("target", "left"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for result in results:
-        name = result.case.name
-        for metric in result.case.metrics:
+        name = f"{result.case.name} ({result.repeat} run{'s' if result.repeat > 1 else ''})"
+        for metric in result.declared:
             s = result.metrics[metric.key]
             table.add_row(
                 name,
@@ -429,6 +508,12 @@ def results_table(results: Sequence[CaseResult], repeat: int) -> Table:
                 f"{_fmt(s.min, metric.unit)} .. {_fmt(s.max, metric.unit)}",
                 f"{s.spread:.0%}",
                 metric.unit,
+                _verdict(
+                    s.median,
+                    metric.target,
+                    metric.lower_is_better,
+                    _fmt(metric.target or 0.0, metric.unit),
+                ),
             )
             name = ""
         table.add_section()
@@ -441,9 +526,22 @@ def results_table(results: Sequence[CaseResult], repeat: int) -> Table:
                 f"{_fmt_ratio(s.min, ratio.percent)} .. {_fmt_ratio(s.max, ratio.percent)}",
                 f"{s.spread:.0%}",
                 "% of time" if ratio.percent else "x",
+                _verdict(
+                    s.median, ratio.target, False, _fmt_ratio(ratio.target or 0.0, ratio.percent)
+                ),
             )
         table.add_section()
     return table
+
+
+def _stack_overrides(cases: Sequence[type[Case]]) -> dict[str, str]:
+    """The union of the cases' ``stack_overrides``; two cases wanting different values fail."""
+    merged: dict[str, str] = {}
+    for case in cases:
+        for key, value in case.stack_overrides.items():
+            if merged.setdefault(key, value) != value:
+                raise BenchError(f"cases need different {key} ({merged[key]}, {value}): run apart")
+    return merged
 
 
 def write_results(document: dict[str, Any], started: datetime) -> Path:
@@ -472,23 +570,41 @@ def _terminate_as_interrupt(_signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run(cases: Sequence[type[Case]], *, repeat: int, use_env: bool, command: Sequence[str]) -> Path:
+def run(
+    cases: Sequence[type[Case]],
+    *,
+    repeat: int | None,
+    events: int | None,
+    use_env: bool,
+    command: Sequence[str],
+) -> Path:
     """Run ``cases`` against a fresh stack, print the table and write the JSON.
+
+    Args:
+        repeat: repetitions of every case; None for each case's ``default_repeat``.
+        events: events per case; None for each case's own number.
 
     Returns:
         The path of the results file.
     """
     # Piped or under make, Rich would assume 80 columns and wrap the table.
-    console = Console(width=None if sys.stdout.isatty() else 110)
+    console = Console(width=None if sys.stdout.isatty() else 132)
     signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     started = datetime.now(UTC)
     clock = time.perf_counter()
     machine = machine_facts()
     results: list[CaseResult] = []
-    with benchmark_stack(use_env, console) as stack:
+    with benchmark_stack(use_env, console, _stack_overrides(cases)) as stack:
         for case_type in cases:
-            results.append(run_case(case_type(stack), repeat, console))
-    console.print(results_table(results, repeat))
+            results.append(
+                run_case(
+                    case_type(stack, events=events), repeat or case_type.default_repeat, console
+                )
+            )
+    console.print(results_table(results))
+    for result in results:
+        for note in result.notes:
+            console.print(f"[dim]{result.case.name}:[/] {note}", highlight=False)
     document = {
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 2),
@@ -496,11 +612,13 @@ def run(cases: Sequence[type[Case]], *, repeat: int, use_env: bool, command: Seq
         "command_line": shlex.join(command),
         "cwd": os.getcwd(),
         "repeat": repeat,
+        "events": events,
         "machine": machine,
         "software": software_facts(),
         "stack": {
             "external": stack.external,
             "env": {k: redact(v) for k, v in stack.env.items()},
+            "overrides": _stack_overrides(cases),
         },
         "cases": {result.case.name: result.to_json() for result in results},
     }

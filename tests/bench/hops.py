@@ -146,6 +146,7 @@ def run_faust(args: argparse.Namespace) -> None:
         processing_guarantee=args.guarantee,
         web_enabled=False,
         store="memory://",
+        datadir=str(args.schema.parent / f"{args.group}faust"),  # not in the working directory
         topic_partitions=6,
         topic_disable_leader=True,
         consumer_auto_offset_reset="earliest",
@@ -164,7 +165,7 @@ def run_faust(args: argparse.Namespace) -> None:
         async for event in stream.events():
             await sink.send(key=event.key, value=hop(event.value))
 
-    sys.argv = [sys.argv[0], "worker", "--loglevel", "warning", "--without-web"]
+    sys.argv = [sys.argv[0], "worker", "--loglevel", "warn", "--without-web"]
     app.main()
 
 

@@ -68,6 +68,7 @@ def written_sources(
             # End of partition is learnt from fetch responses, not ListOffsets,
             # which some brokers answer wrongly for "latest".
             "enable.partition.eof": True,
+            "queued.max.messages.kbytes": 4096,
         }
     )
     try:
