@@ -156,11 +156,7 @@ def test_foreground_run_stops_everything_on_ctrl_c(tmp_path: Path) -> None:
         pids: list[int] = []
         while time.monotonic() < deadline and proc.poll() is None:
             if (tmp_path / "data" / "stack.json").exists():
-                rows = (
-                    stack.status().get("components", [])
-                    if stack.run("status", "--json", check=False).stdout
-                    else []
-                )
+                rows = stack.status()["components"]
                 if rows and all(r["healthy"] for r in rows):
                     pids = [r["pid"] for r in rows if r["pid"]]
                     break

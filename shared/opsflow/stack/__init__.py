@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from opsflow.db import redact
 from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.settings import StackSettings
 from opsflow.stack import supervisor
@@ -63,15 +64,9 @@ def check_external(plan: StackPlan) -> None:
             variable, expected = _EXTERNAL[kind]
             raise ConfigurationError(
                 variable,
-                f"cannot reach {_redact(value)}: {detail}",
+                f"cannot reach {redact(value)}: {detail}",
                 f"Point {variable} at {expected}, or unset it to start the embedded one.",
             )
-
-
-def _redact(value: str) -> str:
-    from opsflow.db import redact
-
-    return redact(value)
 
 
 def status(plan: StackPlan) -> list[ComponentStatus]:
@@ -95,7 +90,7 @@ def status(plan: StackPlan) -> list[ComponentStatus]:
         )
     for kind, value in plan.external.items():
         healthy, detail = CHECKS[kind](value)
-        rows.append(ComponentStatus(kind, _redact(value), "EXTERNAL", 0, 0.0, 0, healthy, detail))
+        rows.append(ComponentStatus(kind, redact(value), "EXTERNAL", 0, 0.0, 0, healthy, detail))
     provision = procs.get(supervisor.PROVISION)
     if provision is not None:
         done = provision.state == "EXITED" and provision.exit_status == 0

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,13 +208,3 @@ def kill_leftovers(plan: StackPlan) -> list[str]:
             stopped.append(pidfile.stem)
         pidfile.unlink(missing_ok=True)
     return stopped
-
-
-def wait_until(predicate: Any, *, timeout: float, interval: float = 0.2) -> bool:
-    """Poll ``predicate()`` until it is true or the timeout passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
