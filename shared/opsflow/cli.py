@@ -129,6 +129,94 @@ def run_service(
     run(load_service(target))
 
 
+keys_app = typer.Typer(
+    no_args_is_help=True,
+    help="API keys of producers for the ingest service (in DATABASE_URL's database).",
+)
+app.add_typer(keys_app, name="keys")
+
+
+def _keys_database_url() -> str:
+    """DATABASE_URL, where the keys are kept."""
+    from opsflow.settings import DatabaseSettings
+
+    url = DatabaseSettings().database_url
+    if not url:
+        raise ConfigurationError(
+            "DATABASE_URL",
+            "is not set, so there is no database to keep keys in",
+            "Set it, or point the shell at the running stack with `eval $(opsflow env)`",
+        )
+    return url
+
+
+@keys_app.command("create")
+def keys_create(
+    producer: Annotated[
+        str, typer.Option("--producer", help="Producer name written into its events.")
+    ],
+) -> None:
+    """Create a key for PRODUCER and print it; it is shown this once and cannot be recovered."""
+    from opsflow import apikeys, db
+
+    with db.connect(_keys_database_url()) as conn:
+        created = apikeys.create_key(conn, producer)
+    errors.print(
+        f"Created key {created.key.key_id} for producer {created.key.producer}. "
+        "It is shown only now: store it where the producer reads it.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    print(created.secret)
+
+
+@keys_app.command("list")
+def keys_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show every key (never the key itself): id, producer, created, revoked."""
+    from opsflow import apikeys, db
+
+    with db.connect(_keys_database_url()) as conn:
+        keys = apikeys.list_keys(conn)
+    if as_json:
+        rows = [
+            {
+                "key_id": key.key_id,
+                "producer": key.producer,
+                "created_at": key.created_at.isoformat(),
+                "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+            }
+            for key in keys
+        ]
+        print(json.dumps(rows))
+        return
+    table = Table(title="API keys")
+    for column in ("key id", "producer", "created", "revoked"):
+        table.add_column(column)
+    for key in keys:
+        revoked = f"[red]{key.revoked_at:%Y-%m-%d %H:%M:%S}[/]" if key.revoked_at else "-"
+        table.add_row(key.key_id, key.producer, f"{key.created_at:%Y-%m-%d %H:%M:%S}", revoked)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key id shown by `opsflow keys list`.")],
+) -> None:
+    """Revoke a key: requests with it are refused from now on."""
+    from opsflow import apikeys, db
+
+    with db.connect(_keys_database_url()) as conn:
+        key = apikeys.revoke_key(conn, key_id)
+    assert key.revoked_at is not None
+    console.print(
+        f"Revoked key {key.key_id} of producer {key.producer} "
+        f"(revoked at {key.revoked_at:%Y-%m-%d %H:%M:%S %Z}).",
+        highlight=False,
+    )
+
+
 def main() -> None:
     """Entry point: run the app, turning opsflow's errors into one clear line."""
     try:

@@ -16,14 +16,16 @@ from typing import Annotated, Any, Self
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 
-def _utc_millis(value: datetime) -> datetime:
+def utc_millis(value: datetime) -> datetime:
     """Normalise to what ``timestamp-millis`` can carry, so a model equals itself after a trip
     over the wire (Avro keeps milliseconds only, and fastavro reads back in UTC)."""
+    if value.tzinfo is UTC and not value.microsecond % 1000:
+        return value  # already what it would become (the common case: times read off the wire)
     value = value.astimezone(UTC)
     return value.replace(microsecond=value.microsecond // 1000 * 1000)
 
 
-TimestampMillis = Annotated[AwareDatetime, AfterValidator(_utc_millis)]
+TimestampMillis = Annotated[AwareDatetime, AfterValidator(utc_millis)]
 """Avro ``long``/``timestamp-millis``: timezone-aware (a naive time is ambiguous, so it is
 refused), converted to UTC and truncated to milliseconds."""
 

@@ -9,13 +9,14 @@ transaction commits, and an open transaction of a dead producer is never timed
 out. Measured on it: a producer killed mid-transaction, restarted under the
 same ``transactional.id``, commits the dead process's records with its own.
 
-So, when a worker takes a partition (or aborts a transaction on it), it:
+So, when a worker takes partitions (or aborts a transaction on one), it:
 
 1. resolves the previous owner's transaction by committing one under the
    same per-partition ``transactional.id`` (on Apache Kafka the re-init has
    already aborted it, and this commit only re-commits the same offsets);
-2. reads the tails of its output topics and collects the ``opsflow-source``
-   header of every output written for this partition's uncommitted inputs;
+2. reads the tails of its output topics, once for all the partitions it took,
+   and collects the ``opsflow-source`` header of every output written for
+   their uncommitted inputs;
 3. skips producing those outputs again when it re-processes the inputs.
 
 Every output names its source (``<topic>/<partition>/<offset>#<n>``), and a
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
@@ -44,22 +45,11 @@ def source_of(topic: str, partition: int, offset: int, index: int | str) -> str:
     return f"{topic}/{partition}/{offset}#{index}"
 
 
-def written_sources(
-    config: dict[str, Any],
-    topics: Iterable[str],
-    *,
-    source_partition: tuple[str, int],
-    from_offset: int,
-    since_ms: int,
-    timeout_s: float = 60.0,
-) -> set[str]:
-    """Sources of outputs already on ``topics`` that came from ``source_partition``
-    at or after ``from_offset``, looking at records written since ``since_ms``.
+Partition = tuple[str, int]
 
-    Raises:
-        RetryableError: the tails could not be read in time.
-    """
-    consumer = Consumer(
+
+def _scanner(config: dict[str, Any]) -> Consumer:
+    return Consumer(
         {
             **config,
             "group.id": f"opsflow-recovery-{uuid.uuid4().hex}",
@@ -71,6 +61,79 @@ def written_sources(
             "queued.max.messages.kbytes": 4096,
         }
     )
+
+
+def _read_to_end(
+    consumer: Consumer, starts: list[TopicPartition], timeout_s: float
+) -> Iterator[Message]:
+    """Every record from ``starts`` to the end of each partition, as it is now."""
+    consumer.assign(starts)
+    remaining = {(tp.topic, tp.partition) for tp in starts}
+    deadline = time.monotonic() + timeout_s
+    while remaining:
+        if time.monotonic() > deadline:
+            raise RetryableError(f"reading partitions to their end timed out ({sorted(remaining)})")
+        for msg in consumer.consume(1000, 0.5):
+            error = msg.error()
+            if error is None:
+                yield msg
+            elif error.code() == KafkaError._PARTITION_EOF:
+                remaining.discard((msg.topic() or "", msg.partition() or 0))
+
+
+def first_uncommitted(
+    config: dict[str, Any], committed: Mapping[Partition, int], *, timeout_s: float = 60.0
+) -> dict[Partition, int]:
+    """The timestamp of the record at each partition's committed offset, for the partitions
+    that have one (a partition read to its end has nothing uncommitted).
+
+    Raises:
+        RetryableError: the partitions could not be read in time.
+    """
+    consumer = _scanner(config)
+    found: dict[Partition, int] = {}
+    try:
+        consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in committed.items()])
+        remaining = set(committed)
+        deadline = time.monotonic() + timeout_s
+        while remaining:
+            if time.monotonic() > deadline:
+                raise RetryableError(f"reading uncommitted inputs timed out ({sorted(remaining)})")
+            for msg in consumer.consume(len(remaining), 0.5):
+                where = (msg.topic() or "", msg.partition() or 0)
+                if where not in remaining:
+                    continue
+                error = msg.error()
+                if error is None:
+                    found[where] = msg.timestamp()[1]
+                elif error.code() != KafkaError._PARTITION_EOF:
+                    continue
+                remaining.discard(where)
+                consumer.pause([TopicPartition(*where)])
+        return found
+    finally:
+        consumer.close()
+
+
+def written_sources(
+    config: dict[str, Any],
+    topics: Iterable[str],
+    *,
+    uncommitted: Mapping[Partition, int],
+    since_ms: int,
+    timeout_s: float = 60.0,
+) -> dict[Partition, set[str]]:
+    """For each source partition, the sources of outputs already on ``topics`` that came
+    from its inputs at or after ``uncommitted[partition]`` (its first uncommitted
+    offset), looking at records written since ``since_ms``.
+
+    One pass over the output tails serves every partition a worker takes over.
+
+    Raises:
+        RetryableError: the tails could not be read in time.
+    """
+    found: dict[Partition, set[str]] = {where: set() for where in uncommitted}
+    consumer = _scanner(config)
     try:
         metadata = consumer.list_topics(timeout=timeout_s)
         wanted = [
@@ -81,27 +144,14 @@ def written_sources(
         starts = [
             tp for tp in consumer.offsets_for_times(wanted, timeout=timeout_s) if tp.offset >= 0
         ]
-        if not starts:
-            return set()
-        consumer.assign(starts)
-        remaining = {(tp.topic, tp.partition) for tp in starts}
-        prefix = f"{source_partition[0]}/{source_partition[1]}/"
-        found: set[str] = set()
-        deadline = time.monotonic() + timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise RetryableError(f"reading output tails timed out ({sorted(remaining)})")
-            for msg in consumer.consume(1000, 0.5):
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        remaining.discard((msg.topic(), msg.partition()))
-                    continue
-                for key, value in header_pairs(msg):
-                    if key == SOURCE_HEADER:
-                        source = value.decode()
-                        if source.startswith(prefix) and _offset(source) >= from_offset:
-                            found.add(source)
+        for msg in _read_to_end(consumer, starts, timeout_s):
+            for key, value in header_pairs(msg):
+                if key == SOURCE_HEADER:
+                    source = value.decode()
+                    topic, partition, offset = _parse(source)
+                    first = uncommitted.get((topic, partition))
+                    if first is not None and offset >= first:
+                        found[(topic, partition)].add(source)
         return found
     finally:
         consumer.close()
@@ -113,5 +163,7 @@ def header_pairs(msg: Message) -> list[tuple[str, bytes]]:
     return [(key, value) for key, value in raw if isinstance(value, bytes)]
 
 
-def _offset(source: str) -> int:
-    return int(source.split("/")[2].split("#")[0])
+def _parse(source: str) -> tuple[str, int, int]:
+    """``<topic>/<partition>/<offset>#<n>`` -> (topic, partition, offset)."""
+    topic, partition, rest = source.split("/")
+    return topic, int(partition), int(rest.split("#")[0])
