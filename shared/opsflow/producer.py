@@ -27,6 +27,7 @@ broker acknowledged every record, or raise.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -308,9 +309,9 @@ class Producer:
         settings.update(config or {})
         self.config: Mapping[str, str | int | float | bool] = MappingProxyType(settings)
         self._max_record_bytes = int(settings.get("message.max.bytes", _DEFAULT_MAX_RECORD_BYTES))
-        # librdkafka's own log lines (connection refused, ...) go to Python
-        # logging instead of stderr; they are served by the poller below.
-        self._kafka = KafkaProducer({**settings, "logger": logging.getLogger("opsflow.kafka")})
+        self._fatal: KafkaError | None = None
+        self._replacing = threading.Lock()
+        self._kafka = self._new_client()
         self._closed = threading.Event()
         # Delivery callbacks run in whichever thread polls; one thread polling
         # all the time lets every caller simply wait for its own records.
@@ -324,9 +325,54 @@ class Producer:
 
     # --- lifecycle -------------------------------------------------------------------
 
+    def _new_client(self) -> KafkaProducer:
+        return KafkaProducer(
+            {
+                **self.config,
+                # librdkafka's own log lines (connection refused, ...) go to Python
+                # logging instead of stderr; both callbacks are served by the poller.
+                "logger": logging.getLogger("opsflow.kafka"),
+                "error_cb": self._on_error,
+            }
+        )
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.fatal():
+            log.error("Kafka producer failed for good; replacing it", extra={"error": err.str()})
+            self._fatal = err
+        else:
+            log.warning("Kafka client error", extra={"error": err.str()})
+
     def _poll(self) -> None:
         while not self._closed.is_set():
-            self._kafka.poll(0.1)
+            try:
+                self._client().poll(0.1)
+            except KafkaException as err:  # raised by poll for a fatal error
+                self._on_error(err.args[0])
+
+    def _client(self) -> KafkaProducer:
+        """The librdkafka producer, new after a fatal error.
+
+        An idempotent producer stops for good on a fatal error (e.g. the
+        broker lost track of its sequence numbers: seen on the embedded
+        broker's durable store with 6 concurrent producers), failing every
+        later send. The sends that were in flight fail with a ``DeliveryError``
+        (a retry with the same idempotency key writes the same event ids); the
+        ones after get a fresh producer.
+        """
+        if self._fatal is None:
+            return self._kafka
+        with self._replacing:
+            if self._fatal is not None:
+                old, self._kafka = self._kafka, self._new_client()
+                self._fatal = None
+                # Fail what the old producer still holds now, rather than at its
+                # delivery timeout, so its callers get their answer.
+                with contextlib.suppress(KafkaException, RuntimeError):
+                    old.purge()
+                with contextlib.suppress(KafkaException, RuntimeError):
+                    old.flush(1.0)
+        return self._kafka
 
     def check_connection(self, *, timeout: float = 5.0) -> None:
         """Ask the cluster for its metadata, so an unreachable broker is reported by name.
@@ -335,7 +381,7 @@ class Producer:
             ConfigurationError: no broker answered within ``timeout`` seconds.
         """
         try:
-            self._kafka.list_topics(timeout=timeout)
+            self._client().list_topics(timeout=timeout)
         except KafkaException as err:
             raise ConfigurationError(
                 "KAFKA_BOOTSTRAP_SERVERS",
@@ -352,7 +398,7 @@ class Producer:
         Raises:
             RetryableError: records were still undelivered after ``timeout`` seconds.
         """
-        left = self._kafka.flush(self._delivery_timeout if timeout is None else timeout)
+        left = self._client().flush(self._delivery_timeout if timeout is None else timeout)
         if left:
             raise RetryableError(
                 f"{left} record(s) still not acknowledged by Kafka at {self.bootstrap_servers}"
@@ -361,7 +407,7 @@ class Producer:
     def close(self, timeout: float | None = None) -> None:
         """Flush what is in flight (within ``timeout``), then stop the poller thread."""
         try:
-            self._kafka.flush(self._delivery_timeout if timeout is None else timeout)
+            self._client().flush(self._delivery_timeout if timeout is None else timeout)
         finally:
             self._closed.set()
             if self._poller is not threading.current_thread():
@@ -449,8 +495,9 @@ class Producer:
         records = self._encode(events, keys, producer)
         pending = _Pending(len(records))
         deadline = time.monotonic() + self._delivery_timeout + 5.0
+        client = self._client()
         for index, record in enumerate(records):
-            self._produce(record, pending, index, deadline)
+            self._produce(client, record, pending, index, deadline)
         # librdkafka reports every record within message.timeout.ms; the margin
         # only guards against a callback that never comes.
         pending.done.wait(max(deadline - time.monotonic(), 0.0))
@@ -488,13 +535,22 @@ class Producer:
             records.append(_Record(event, self._topics[event.event_type], record_key, value))
         return records
 
-    def _produce(self, record: _Record, pending: _Pending, index: int, deadline: float) -> None:
+    def _produce(
+        self,
+        client: KafkaProducer,
+        record: _Record,
+        pending: _Pending,
+        index: int,
+        deadline: float,
+    ) -> None:
         def delivered(err: KafkaError | None, msg: Message) -> None:
+            if err is not None and err.fatal():
+                self._fatal = err
             pending.delivered(index, err, msg)
 
         while True:
             try:
-                self._kafka.produce(record.topic, record.value, record.key, on_delivery=delivered)
+                client.produce(record.topic, record.value, record.key, on_delivery=delivered)
                 return
             except BufferError:
                 # librdkafka's queue is full: wait for deliveries to make room.
@@ -503,6 +559,8 @@ class Producer:
                     return
                 time.sleep(0.01)
             except KafkaException as err:
+                if err.args[0].code() == KafkaError._FATAL:
+                    self._fatal = err.args[0]
                 pending.delivered(index, err.args[0], None)
                 return
 

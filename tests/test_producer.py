@@ -1,0 +1,244 @@
+"""The producer SDK (``opsflow.producer``) on the real stack: it waits for the broker,
+builds every envelope by the same rules, and fails clearly.
+
+Each test writes to topics of its own (a fresh prefix) on the session's broker
+and registry, with the SDK's idempotent producer (the test stack's broker keeps
+its log in memory; see the README for the durable store).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow.contracts import OrderReceived, Topic
+from opsflow.contracts.wire import WireCodec
+from opsflow.errors import ConfigurationError
+from opsflow.producer import (
+    EVENT_BODIES,
+    EventBody,
+    EventRejected,
+    Producer,
+    body_model,
+    event_id_for,
+)
+from opsflow.topics import ensure_topics
+from tests.samples import sample
+from tests.stackctl import Stack
+
+PARTITIONS = 3
+NOW = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+
+
+def fresh_topics(bootstrap: str, kind: str) -> str:
+    """A new topic prefix with every topic of record created under it."""
+    prefix = f"{kind}{uuid.uuid4().hex[:8]}."
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap}),
+        [f"{prefix}{topic}" for topic in Topic],
+        partitions=PARTITIONS,
+    )
+    return prefix
+
+
+def records_on(bootstrap: str, topic: str, *, keys: Iterable[str] | None = None) -> list[Message]:
+    """Every record on ``topic`` (optionally only those with one of ``keys``), read from
+    the start of each partition to its end."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            # The end of a partition is seen when a fetch comes back empty: ask
+            # the broker not to hold empty fetches for long.
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    wanted = {key.encode() for key in keys} if keys is not None else None
+    found: list[Message] = []
+    at_end: set[int] = set()
+    try:
+        for _ in range(120):
+            for message in consumer.consume(1000, 0.5):
+                error = message.error()
+                if error is not None:
+                    assert error.code() == KafkaError._PARTITION_EOF, error
+                    at_end.add(message.partition() or 0)
+                elif wanted is None or message.key() in wanted:
+                    found.append(message)
+            if len(at_end) == PARTITIONS:
+                return found
+    finally:
+        consumer.close()
+    raise AssertionError(f"did not reach the end of {topic}")
+
+
+def order_body(order_id: str | None = None, **changes: object) -> EventBody:
+    """A realistic order body (the sample order minus its envelope) with a fresh id."""
+    data = sample("order.received").model_dump(exclude={"envelope"})
+    data.update(order_id=order_id or f"ord-{uuid.uuid4().hex[:12]}", **changes)
+    return body_model(OrderReceived)(**data)
+
+
+@dataclass
+class Sdk:
+    bootstrap: str
+    registry_url: str
+    prefix: str
+    codec: WireCodec
+
+    def producer(self, name: str = "shop-sdk", **options: object) -> Producer:
+        return Producer(
+            name,
+            bootstrap_servers=self.bootstrap,
+            registry_url=self.registry_url,
+            topic_prefix=self.prefix,
+            **options,  # type: ignore[arg-type]
+        )
+
+    @property
+    def orders(self) -> str:
+        return f"{self.prefix}orders"
+
+
+@pytest.fixture
+def sdk(stack: Stack, bootstrap_servers: str, registry_url: str) -> Iterator[Sdk]:
+    yield Sdk(
+        bootstrap_servers,
+        registry_url,
+        fresh_topics(bootstrap_servers, "sdk"),
+        WireCodec(SchemaRegistryClient({"url": registry_url})),
+    )
+
+
+def test_send_returns_after_the_broker_acknowledged_with_the_envelope_built_by_the_rules(
+    sdk: Sdk,
+) -> None:
+    body = order_body()
+    with sdk.producer(clock=lambda: NOW) as producer:
+        report = producer.send(body, idempotency_key="checkout-41")
+
+    assert report.topic == sdk.orders
+    assert report.event_id == event_id_for("shop-sdk", "checkout-41")
+    assert report.idempotency_key == "checkout-41"
+    (record,) = records_on(sdk.bootstrap, sdk.orders, keys=[body.order_id])
+    assert (record.partition(), record.offset()) == (report.partition, report.offset)
+    event = sdk.codec.decode(record.value())
+    assert isinstance(event, OrderReceived)
+    assert event.model_dump(exclude={"envelope"}) == body.model_dump()
+    envelope = event.envelope
+    assert envelope.producer == "shop-sdk"
+    assert envelope.correlation_id == body.order_id
+    assert envelope.idempotency_key == "checkout-41"
+    assert envelope.event_id == report.event_id
+    assert envelope.occurred_at == NOW
+    assert envelope.causation_id is None
+    assert envelope.contract_version == OrderReceived.contract_version
+
+
+def test_a_retry_with_the_same_key_writes_a_record_with_the_same_event_id(sdk: Sdk) -> None:
+    body = order_body()
+    with sdk.producer() as producer:
+        first = producer.send(body, idempotency_key="retry-me")
+        again = producer.send(body, idempotency_key="retry-me")
+        other = producer.send(body)
+
+    assert again.event_id == first.event_id and again.offset != first.offset
+    assert other.event_id != first.event_id and len(other.idempotency_key) == 32
+    records = records_on(sdk.bootstrap, sdk.orders, keys=[body.order_id])
+    ids = [sdk.codec.decode(r.value()).envelope.event_id for r in records]
+    assert sorted(map(str, ids)) == sorted(map(str, [first.event_id] * 2 + [other.event_id]))
+
+
+def test_send_many_keys_each_event_by_its_index_and_returns_every_report(sdk: Sdk) -> None:
+    bodies = [order_body() for _ in range(200)]
+    review = EVENT_BODIES["review.claimed"](
+        **sample("review.claimed").model_dump(exclude={"envelope"})
+    )
+    with sdk.producer() as producer:
+        reports = producer.send_many([*bodies, review], idempotency_key="batch-7")
+
+    assert [r.idempotency_key for r in reports] == [f"batch-7#{i}" for i in range(201)]
+    assert len({r.event_id for r in reports}) == 201
+    assert reports[-1].topic == f"{sdk.prefix}review" and reports[-1].event_type == "review.claimed"
+    records = records_on(sdk.bootstrap, sdk.orders, keys=[b.order_id for b in bodies])
+    assert len(records) == 200
+    written = {(r.partition(), r.offset()) for r in records}
+    assert written == {(r.partition, r.offset) for r in reports[:200]}
+
+
+def test_the_producer_is_idempotent_unless_told_otherwise(
+    sdk: Sdk, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with sdk.producer() as producer:
+        assert producer.config["enable.idempotence"] is True
+        assert producer.config["acks"] == "all"
+        producer.send(order_body())  # the test stack's broker takes idempotent producers
+    with sdk.producer(idempotence=False) as producer:
+        assert producer.config["enable.idempotence"] is False
+        producer.send(order_body())
+    monkeypatch.setenv("KAFKA_ENABLE_IDEMPOTENCE", "false")
+    with sdk.producer() as producer:
+        assert producer.config["enable.idempotence"] == "false"
+
+
+def test_an_event_with_its_own_envelope_is_sent_as_it_is(sdk: Sdk) -> None:
+    event = sample("pod.captured")
+    with sdk.producer() as producer:
+        report = producer.send(event)
+
+    assert report.event_id == event.envelope.event_id
+    (record,) = [
+        r
+        for r in records_on(sdk.bootstrap, f"{sdk.prefix}pod")
+        if (r.partition(), r.offset()) == (report.partition, report.offset)
+    ]
+    assert sdk.codec.decode(record.value()) == event
+
+
+def test_an_event_that_cannot_be_encoded_fails_the_call_before_anything_is_written(
+    sdk: Sdk,
+) -> None:
+    good = order_body()
+    bad = order_body(customer_name="Grace \ud800 Hopper")  # a lone surrogate: not UTF-8
+    with sdk.producer() as producer, pytest.raises(EventRejected) as refused:
+        producer.send_many([good, bad])
+
+    assert (refused.value.index, refused.value.field) == (1, "customer_name")
+    assert records_on(sdk.bootstrap, sdk.orders, keys=[good.order_id]) == []
+
+
+def test_an_unreachable_broker_is_one_error_naming_the_address_and_the_variable(
+    registry_url: str,
+) -> None:
+    with pytest.raises(ConfigurationError) as failed:
+        Producer(
+            "shop-sdk",
+            bootstrap_servers="127.0.0.1:1",
+            registry_url=registry_url,
+            connect_timeout=1.0,
+        )
+
+    assert failed.value.variable == "KAFKA_BOOTSTRAP_SERVERS"
+    assert "127.0.0.1:1" in str(failed.value)
+
+
+def test_missing_settings_name_the_variable_to_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    with pytest.raises(ConfigurationError) as failed:
+        Producer("shop-sdk", registry_url="http://127.0.0.1:1")
+    assert failed.value.variable == "KAFKA_BOOTSTRAP_SERVERS"
+
+    monkeypatch.delenv("SCHEMA_REGISTRY_URL", raising=False)
+    with pytest.raises(ConfigurationError) as failed:
+        Producer("shop-sdk", bootstrap_servers="127.0.0.1:1")
+    assert failed.value.variable == "SCHEMA_REGISTRY_URL"
