@@ -48,11 +48,16 @@ class Lineage:
     occurred_at: datetime
     _emitted: Counter[str] = field(default_factory=Counter)
 
+    def next_key(self, event_type: str) -> str:
+        """The idempotency key the next ``event_type`` output will get: lets a handler
+        record a side effect under the key before the event exists (log before effect)."""
+        index = self._emitted[event_type]
+        return derive_idempotency_key(self.cause.idempotency_key, self.producer, event_type, index)
+
     def envelope_for(self, event_type: str, contract_version: int) -> Envelope:
         """The next output envelope of ``event_type`` for this cause."""
-        index = self._emitted[event_type]
+        key = self.next_key(event_type)
         self._emitted[event_type] += 1
-        key = derive_idempotency_key(self.cause.idempotency_key, self.producer, event_type, index)
         # Every value is built here from checked ones, so validating them again
         # would only cost time (a third of deriving an envelope, measured).
         return Envelope.model_construct(

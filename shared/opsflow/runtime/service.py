@@ -8,6 +8,9 @@
 
 A handler takes one event (its type hint says which: one event class or a
 union) and returns the events to emit: one, several (any iterable), or None.
+A handler that waits on a partner (an HTTP call) is written ``async def``:
+the runtime then runs up to ``concurrency`` inputs of a batch at once (one
+order's inputs still one after another) and produces their outputs in order.
 Decoding, encoding, envelopes, keys, transactions, retries and dead letters
 are the runtime's (``opsflow.runtime.worker``).
 """
@@ -18,7 +21,7 @@ import inspect
 import random
 import types
 import typing
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Union
@@ -27,7 +30,7 @@ from opsflow.contracts import EVENT_TOPICS, Event, Topic
 from opsflow.errors import PermanentError
 
 HandlerResult = Event | Iterable[Event] | None
-Handler = Callable[[Any], HandlerResult]
+Handler = Callable[[Any], HandlerResult] | Callable[[Any], Awaitable[HandlerResult]]
 
 
 class Delivery(StrEnum):
@@ -110,6 +113,7 @@ class Service:
             other topic is a bug, and dead-letters the input).
         batch: transaction batching.
         retry: backoff for transient failures.
+        concurrency: how many inputs' async handlers may wait at once.
     """
 
     name: str
@@ -117,6 +121,7 @@ class Service:
     produces: Sequence[Topic]
     batch: BatchPolicy = field(default_factory=BatchPolicy)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    concurrency: int = 64
     handlers: dict[str, Handler] = field(default_factory=dict)
 
     def handler(self, fn: Handler) -> Handler:
@@ -132,13 +137,28 @@ class Service:
             self.handlers[cls.event_type] = fn
         return fn
 
+    @property
+    def is_async(self) -> bool:
+        """Whether any handler is ``async def`` (the runtime then handles inputs concurrently)."""
+        return any(inspect.iscoroutinefunction(fn) for fn in self.handlers.values())
+
     def handle(self, event: Event) -> list[Event]:
-        """Run the handler for ``event`` (none: the event is not for this service)."""
+        """Run the (plain) handler for ``event``; none: the event is not for this service."""
+        fn = self.handlers.get(event.event_type)
+        return [] if fn is None else self._outputs(fn(event))
+
+    async def handle_async(self, event: Event) -> list[Event]:
+        """Run the handler for ``event``, awaiting it if it is ``async def``."""
         fn = self.handlers.get(event.event_type)
         if fn is None:
             return []
         result = fn(event)
-        outputs = [] if result is None else [result] if isinstance(result, Event) else list(result)
+        return self._outputs(await result if inspect.isawaitable(result) else result)
+
+    def _outputs(self, result: object) -> list[Event]:
+        outputs: list[Event] = (
+            [] if result is None else [result] if isinstance(result, Event) else list(result)  # type: ignore[call-overload]
+        )
         for out in outputs:
             if EVENT_TOPICS[out.event_type] not in self.produces:
                 raise PermanentError(

@@ -21,10 +21,12 @@ and processing goes on. One bad record never blocks its partition.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -208,6 +210,8 @@ class Worker:
         self.tracer = observability.tracer(service.name)
         self.recording = observability.exporting()
         self._committer = ThreadPoolExecutor(thread_name_prefix="commit")
+        # Async handlers (ones that wait on a partner) run on this loop, concurrently.
+        self._loop = asyncio.new_event_loop() if service.is_async else None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -224,13 +228,14 @@ class Worker:
         try:
             while not self._stopping:
                 self.health.last_turn = time.monotonic()
-                for msg in self.consumer.consume(self.service.batch.max_events, 0.05):
-                    self._process(msg)
+                self._process(self.consumer.consume(self.service.batch.max_events, 0.05))
                 self._commit_due()
                 self._resume_due()
         finally:
             self._commit(list(self.partitions.values()))
             self._committer.shutdown()
+            if self._loop is not None:
+                self._loop.close()
             self.consumer.close()
             for part in self.partitions.values():
                 part.producer.flush(10)
@@ -326,19 +331,47 @@ class Worker:
 
     # --- processing ----------------------------------------------------------------------
 
-    def _process(self, message: Message) -> None:
+    def _process(self, messages: Sequence[Message]) -> None:
+        """Handle a consumed batch: one input at a time, or concurrently for async handlers.
+
+        Outputs are produced in input order either way, after every handler of
+        the batch has returned, so a partition's outputs keep its order.
+        """
+        admitted = [found for found in map(self._admit, messages) if found is not None]
+        if self._loop is None:
+            for msg, part in admitted:
+                if not self._owned(part, msg):
+                    continue  # a retry earlier in this batch rewound its partition
+                with self._span(msg) as span:
+                    self._finish(part, msg, span, self._handle(msg, span))
+            return
+        outcomes = self._loop.run_until_complete(self._handle_concurrently(admitted))
+        for (msg, part), (span, outcome) in zip(admitted, outcomes, strict=True):
+            # A retry earlier in this batch rewinds its partition: drop what follows it
+            # (re-run later; side effects are keyed by idempotency keys, so harmless).
+            if self._owned(part, msg):
+                self._finish(part, msg, span, outcome)
+
+    def _admit(self, message: Message) -> tuple[_Input, _Partition] | None:
         if message.error() is not None:
             log.warning("consumer error", extra={"error": str(message.error())})
-            return
+            return None
         msg = _Input.of(message)
         part = self.partitions.get((msg.topic, msg.partition))
-        offset = msg.offset
-        if part is None or part.paused_until is not None or offset < part.position:
-            return  # not ours any more, waiting to retry, or already handled
+        if part is None or not self._owned(part, msg):
+            return None  # not ours any more, waiting to retry, or already handled
         if part.skip is None:  # redoing a batch: this is its first uncommitted input
             self._recover([part], since_ms=msg.timestamp_ms)
-        skip = part.skip
-        assert skip is not None
+        return msg, part
+
+    def _owned(self, part: _Partition, msg: _Input) -> bool:
+        return (
+            self.partitions.get((part.topic, part.partition)) is part
+            and part.paused_until is None
+            and msg.offset >= part.position
+        )
+
+    def _span(self, msg: _Input) -> AbstractContextManager[Span]:
         attributes = (
             {
                 "messaging.system": "kafka",
@@ -351,53 +384,117 @@ class Worker:
             if self.recording
             else None
         )
-        metrics = self.metrics.topic(msg.topic)
-        with observability.process_span(self.tracer, msg.headers, msg.topic, attributes) as span:
+        return observability.process_span(self.tracer, msg.headers, msg.topic, attributes)
+
+    def _handle(self, msg: _Input, span: Span) -> list[_Output] | Exception:
+        """Decode, handle and encode one input; nothing is produced until all of it worked."""
+        if self._not_handled(msg):
+            return []
+        started = time.perf_counter()
+        try:
+            event = self._decode(msg, span)
+            with self._lineage(msg, event):
+                results = self.service.handle(event)
+            return [self._output(out, index) for index, out in enumerate(results)]
+        except Exception as err:
+            span.record_exception(err)
+            return err
+        finally:
+            self.metrics.topic(msg.topic).handler_seconds.observe(time.perf_counter() - started)
+
+    async def _handle_async(self, msg: _Input) -> tuple[Span, list[_Output] | Exception]:
+        with self._span(msg) as span:
+            if self._not_handled(msg):
+                return span, []
             started = time.perf_counter()
             try:
-                outputs = self._transform(msg, span)
-            except RetryableError as err:
-                part.attempts += 1
-                metrics.failed.inc()
-                if not self.service.retry.exhausted(part.attempts):
-                    self._retry_later(part, msg, err, span)
-                    return
-                outputs = [self._dead_letter(msg, err, span, attempts=part.attempts)]
+                event = self._decode(msg, span)
+                with self._lineage(msg, event):
+                    results = await self.service.handle_async(event)
+                return span, [self._output(out, index) for index, out in enumerate(results)]
             except Exception as err:
-                metrics.failed.inc()
-                outputs = [self._dead_letter(msg, err, span, attempts=part.attempts + 1)]
-            metrics.handler_seconds.observe(time.perf_counter() - started)
-            if not part.open:
-                if self.delivery is Delivery.TRANSACTIONS:
-                    part.producer.begin_transaction()
-                part.open, part.txn_started = True, time.monotonic()
-            trace_context = observability.trace_headers(span)
-            for out in outputs:
-                source = recovery.source_of(part.topic, part.partition, offset, out.index)
-                if source in skip:
-                    continue
-                headers = [*out.headers, *trace_context, (recovery.SOURCE_HEADER, source.encode())]
-                self._produce(part, out.topic, out.key, out.value, headers)
-        metrics.processed.inc()
-        metrics.end_to_end_seconds.observe(max(time.time() - msg.timestamp_ms / 1000, 0.0))
-        part.next_offset = part.position = offset + 1
-        part.pending += 1
-        part.attempts = 0
+                span.record_exception(err)
+                return span, err
+            finally:
+                metrics = self.metrics.topic(msg.topic)
+                metrics.handler_seconds.observe(time.perf_counter() - started)
 
-    def _transform(self, msg: _Input, span: Span) -> list[_Output]:
-        """Decode, handle and encode one input; nothing is produced until all of it worked."""
+    async def _handle_concurrently(
+        self, admitted: Sequence[tuple[_Input, _Partition]]
+    ) -> list[tuple[Span, list[_Output] | Exception]]:
+        """Run the batch's async handlers, at most ``service.concurrency`` at once.
+
+        Inputs with the same key (the same order) run one after another, in
+        log order, so one order's side effects never race each other.
+        """
+        slots = asyncio.Semaphore(self.service.concurrency)
+        outcomes: list[tuple[Span, list[_Output] | Exception] | None] = [None] * len(admitted)
+        by_key: dict[bytes | None, list[int]] = {}
+        for index, (msg, _part) in enumerate(admitted):
+            by_key.setdefault(msg.key, []).append(index)
+
+        async def run_in_order(indexes: list[int]) -> None:
+            for index in indexes:
+                async with slots:
+                    outcomes[index] = await self._handle_async(admitted[index][0])
+
+        await asyncio.gather(*(run_in_order(indexes) for indexes in by_key.values()))
+        return [outcome for outcome in outcomes if outcome is not None]
+
+    def _not_handled(self, msg: _Input) -> bool:
+        """Whether the record's event-type header names a type no handler takes: such
+        records (a service reading back its own topic, say) are passed over undecoded."""
+        for key, value in msg.headers:
+            if key == EVENT_TYPE_HEADER:
+                return value.decode() not in self.service.handlers
+        return False
+
+    def _decode(self, msg: _Input, span: Span) -> Event:
         event = self.codec.decode(msg.value)
         msg.envelope = envelope = event.envelope
         if span.is_recording():
             span.set_attribute("messaging.message.id", str(envelope.event_id))
             span.set_attribute("opsflow.correlation_id", envelope.correlation_id)
-        with caused_by(
-            event.envelope,
-            producer=self.service.name,
-            occurred_at=_log_time(msg.timestamp_ms),
-        ):
-            results = self.service.handle(event)
-        return [self._output(out, index) for index, out in enumerate(results)]
+        return event
+
+    def _lineage(self, msg: _Input, event: Event) -> AbstractContextManager[object]:
+        return caused_by(
+            event.envelope, producer=self.service.name, occurred_at=_log_time(msg.timestamp_ms)
+        )
+
+    def _finish(
+        self, part: _Partition, msg: _Input, span: Span, outcome: list[_Output] | Exception
+    ) -> None:
+        """Produce an input's outputs (or its dead letter) into its partition's open batch."""
+        metrics = self.metrics.topic(msg.topic)
+        if isinstance(outcome, Exception):
+            metrics.failed.inc()
+            if isinstance(outcome, RetryableError):
+                part.attempts += 1
+                if not self.service.retry.exhausted(part.attempts):
+                    self._retry_later(part, msg, outcome, span)
+                    return
+                outcome = [self._dead_letter(msg, outcome, span, attempts=part.attempts)]
+            else:
+                outcome = [self._dead_letter(msg, outcome, span, attempts=part.attempts + 1)]
+        if not part.open:
+            if self.delivery is Delivery.TRANSACTIONS:
+                part.producer.begin_transaction()
+            part.open, part.txn_started = True, time.monotonic()
+        skip = part.skip
+        assert skip is not None
+        trace_context = observability.trace_headers(span)
+        for out in outcome:
+            source = recovery.source_of(part.topic, part.partition, msg.offset, out.index)
+            if source in skip:
+                continue
+            headers = [*out.headers, *trace_context, (recovery.SOURCE_HEADER, source.encode())]
+            self._produce(part, out.topic, out.key, out.value, headers)
+        metrics.processed.inc()
+        metrics.end_to_end_seconds.observe(max(time.time() - msg.timestamp_ms / 1000, 0.0))
+        part.next_offset = part.position = msg.offset + 1
+        part.pending += 1
+        part.attempts = 0
 
     def _output(self, event: Event, index: int) -> _Output:
         topic = self.topic_of[event.event_type]
@@ -425,7 +522,6 @@ class Worker:
             ("opsflow-failed-at", now.encode()),
         ]
         self.metrics.topic(msg.topic).dead_lettered.inc()
-        span.record_exception(err)
         log.error(
             "dead-lettered",
             extra={
