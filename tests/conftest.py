@@ -30,6 +30,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     # limits"); the shared test cluster is throwaway, so it uses the memory
     # store. Durability has its own tests in test_stack.py.
     env.setdefault("OPSFLOW_BROKER_STORAGE", "memory")
+    # Tests start the services they test themselves, in topics of their own.
+    env.setdefault("OPSFLOW_SERVICES", "false")
     session = Stack(data_dir, env)
     session.run("up", "--detach")
     yield session

@@ -27,6 +27,8 @@ STACK_VARIABLES = (
     "OPSFLOW_REGISTRY_PORT",
     "OPSFLOW_SUPERVISOR_PORT",
     "OPSFLOW_BROKER_STORAGE",
+    "OPSFLOW_SERVICES",
+    "CARRIER_URL",
 )
 
 
@@ -73,5 +75,8 @@ def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     """The environment for a stack in ``data_dir``: the caller's, minus stack choices."""
     env = {k: v for k, v in os.environ.items() if k not in STACK_VARIABLES}
     env["OPSFLOW_DATA_DIR"] = str(data_dir)
+    # Infrastructure only, unless a test asks for the services (they would only
+    # add load to tests of the stack itself or of one service in isolation).
+    env["OPSFLOW_SERVICES"] = "false"
     env.update(overrides)
     return env

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from confluent_kafka.admin import AdminClient
@@ -90,6 +92,10 @@ def main() -> None:
         provision()
     except OpsflowError as err:
         sys.exit(f"provisioning failed: {err}")
+    # Under `opsflow up`, tell the services waiting to start that they may.
+    data_dir = os.environ.get("OPSFLOW_DATA_DIR")
+    if data_dir:
+        (Path(data_dir) / "run" / "provisioned").touch()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,9 @@ class StackSettings(BaseSettings):
     registry_port: int | None = None
     postgres_port: int | None = None
     supervisor_port: int | None = None
+    # Run opsflow's services too (ingest, policy-check, dispatch, pod-capture and
+    # the carrier stand-in); false for an infrastructure-only stack (tests, benchmarks).
+    services: bool = True
 
 
 class TopicSettings(BaseSettings):

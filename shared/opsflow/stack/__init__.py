@@ -16,7 +16,7 @@ from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.settings import StackSettings
 from opsflow.stack import supervisor
 from opsflow.stack.components import StackPlan, plan_stack
-from opsflow.stack.health import CHECKS
+from opsflow.stack.health import CHECKS, check
 
 # Which variable selects each external counterpart, and what to tell a user
 # whose value does not work.
@@ -24,6 +24,7 @@ _EXTERNAL = {
     "kafka": ("KAFKA_BOOTSTRAP_SERVERS", "a reachable Kafka cluster (host:port,...)"),
     "postgres": ("DATABASE_URL", "a running PostgreSQL (postgresql://user@host:port/db)"),
     "registry": ("SCHEMA_REGISTRY_URL", "a running Confluent-compatible schema registry"),
+    "carrier": ("CARRIER_URL", "a carrier booking API answering /healthz"),
 }
 READY_TIMEOUT_S = 180.0
 
@@ -75,7 +76,7 @@ def status(plan: StackPlan) -> list[ComponentStatus]:
     rows = []
     for comp in plan.components:
         proc = procs.get(comp.name)
-        healthy, detail = CHECKS[comp.name](comp.address)
+        healthy, detail = check(comp.name)(comp.address)
         rows.append(
             ComponentStatus(
                 comp.name,
@@ -126,6 +127,8 @@ def _ready(plan: StackPlan) -> bool:
         and provision.state == "EXITED"
         and provision.exit_status == 0
         and all(procs[c.name].state == "RUNNING" for c in plan.components)
+        # Services are ready when they serve (runtime ones once their loop turns).
+        and all(check(c.name)(c.address)[0] for c in plan.components if c.is_service)
     )
 
 

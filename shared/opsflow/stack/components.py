@@ -10,7 +10,12 @@ component      production counterpart        variable
 bucket+broker  Apache Kafka, Redpanda, ...   KAFKA_BOOTSTRAP_SERVERS
 postgres       any PostgreSQL 14+            DATABASE_URL
 registry       Confluent Schema Registry     SCHEMA_REGISTRY_URL
+carrier        a real carrier's booking API  CARRIER_URL
 =============  ============================  =========================
+
+On top of them run opsflow's own services (unless ``OPSFLOW_SERVICES=false``):
+ingest, policy-check, dispatch, pod-capture (its webhook and its consumer),
+each started once provisioning is done.
 
 The plan is pure data (names, ports, commands): ``supervisor`` turns it into
 a process manager's configuration and ``launch`` runs each command.
@@ -19,6 +24,7 @@ a process manager's configuration and ``launch`` runs each command.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 from dataclasses import asdict, dataclass, field
@@ -40,6 +46,8 @@ class Component:
         address: how clients reach it (``host:port`` or a URL).
         priority: start order (lower first); stop order is the reverse.
         waits_for: ports that must accept connections before it starts.
+        module: for opsflow's services, what ``python -m`` runs (after provisioning).
+        env: for services, their own settings (ports, partner URLs).
     """
 
     name: str
@@ -47,11 +55,18 @@ class Component:
     address: str
     priority: int
     waits_for: tuple[int, ...] = ()
+    module: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
 
     @property
     def command(self) -> list[str]:
         """The command the process manager runs; ``launch`` prepares and execs the process."""
         return [sys.executable, "-m", "opsflow.stack.launch", self.name]
+
+    @property
+    def is_service(self) -> bool:
+        """One of opsflow's services (healthy when its ``/healthz`` says so)."""
+        return bool(self.module)
 
 
 @dataclass(frozen=True)
@@ -87,7 +102,8 @@ class StackPlan:
         data = json.loads(path.read_text())
         data["data_dir"] = Path(data["data_dir"])
         data["components"] = tuple(
-            Component(**{**c, "waits_for": tuple(c["waits_for"])}) for c in data["components"]
+            Component(**{**c, "waits_for": tuple(c["waits_for"]), "module": tuple(c["module"])})
+            for c in data["components"]
         )
         return cls(**data)
 
@@ -183,9 +199,11 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
         components.append(Component("broker", broker_port, address, 20, waits))
         env["KAFKA_BOOTSTRAP_SERVERS"] = address
         if settings.broker_storage == "durable":
-            # Its S3 store fails concurrent transactional producers (README,
-            # "Known limits"); services use log-scan delivery on it.
+            # Its S3 store fails concurrent transactional and idempotent
+            # producers (README, "Known limits"): services use log-scan
+            # delivery on it, and producers plain writes.
             env["OPSFLOW_DELIVERY"] = "log-scan"
+            env["KAFKA_ENABLE_IDEMPOTENCE"] = "false"
 
     if database.database_url:
         external["postgres"] = env["DATABASE_URL"] = database.database_url
@@ -205,6 +223,9 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
         components.append(Component("registry", reg_port, url, 30, db_waits))
         env["SCHEMA_REGISTRY_URL"] = url
 
+    if settings.services:
+        components += _services(ports, env, external, data_dir)
+
     supervisor_port = ports.choose(
         "supervisor", settings.supervisor_port, "OPSFLOW_SUPERVISOR_PORT"
     )
@@ -216,3 +237,72 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
         supervisor_port=supervisor_port,
         external=external,
     )
+
+
+def _services(
+    ports: _PortChooser, env: dict[str, str], external: dict[str, str], data_dir: Path
+) -> list[Component]:
+    """opsflow's own services, and the carrier stand-in unless ``CARRIER_URL`` is set."""
+
+    def url(port: int) -> str:
+        return f"http://{LOOPBACK}:{port}"
+
+    def runtime(name: str, module: str, **extra: str) -> Component:
+        # Runtime services answer /healthz on their metrics port.
+        port = ports.choose(name, None, "")
+        return Component(
+            name,
+            port,
+            url(port),
+            110,
+            module=("opsflow.runtime", module),
+            env={"OPSFLOW_METRICS_PORT": str(port), **extra},
+        )
+
+    ingest_port = ports.choose("ingest", None, "")
+    webhook_port = ports.choose("pod-webhook", None, "")
+    env["INGEST_URL"] = url(ingest_port)
+    env["POD_CAPTURE_URL"] = url(webhook_port)
+    found = [
+        Component(
+            "ingest",
+            ingest_port,
+            url(ingest_port),
+            100,
+            module=("services.ingest",),
+            env={"INGEST_PORT": str(ingest_port)},
+        ),
+        Component(
+            "pod-webhook",
+            webhook_port,
+            url(webhook_port),
+            100,
+            module=("services.pod_capture",),
+            env={"POD_PORT": str(webhook_port)},
+        ),
+        runtime("policy-check", "services.policy_check"),
+        runtime("pod-capture", "services.pod_capture"),
+    ]
+    carrier_url = os.environ.get("CARRIER_URL")
+    if carrier_url:
+        external["carrier"] = env["CARRIER_URL"] = carrier_url
+    else:
+        carrier_port = ports.choose("carrier", None, "")
+        env["CARRIER_URL"] = url(carrier_port)
+        (data_dir / "carrier").mkdir(parents=True, exist_ok=True)
+        found.append(
+            Component(
+                "carrier",
+                carrier_port,
+                url(carrier_port),
+                100,
+                module=("services.carrier_sim",),
+                env={
+                    "CARRIER_PORT": str(carrier_port),
+                    "CARRIER_DB": str(data_dir / "carrier" / "bookings.db"),
+                    "CARRIER_POD_WEBHOOK_URL": f"{url(webhook_port)}/pods",
+                },
+            )
+        )
+    found.append(runtime("dispatch", "services.dispatch"))
+    return found

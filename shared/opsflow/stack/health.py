@@ -62,10 +62,27 @@ def bucket_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
     return True, "serving"
 
 
+def service_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
+    """An opsflow service (or the carrier) answers ``/healthz``."""
+    try:
+        response = httpx.get(f"{url.rstrip('/')}/healthz", timeout=timeout)
+    except httpx.HTTPError as err:
+        return False, str(err) or type(err).__name__
+    if response.status_code != 200:
+        return False, f"/healthz answered {response.status_code}"
+    return True, "serving"
+
+
 CHECKS: dict[str, Callable[[str], tuple[bool, str]]] = {
     "broker": kafka_healthy,
     "kafka": kafka_healthy,
     "postgres": postgres_healthy,
     "registry": registry_healthy,
     "bucket": bucket_healthy,
+    "carrier": service_healthy,
 }
+
+
+def check(name: str) -> Callable[[str], tuple[bool, str]]:
+    """The health check of a component by name; services answer ``/healthz``."""
+    return CHECKS.get(name, service_healthy)

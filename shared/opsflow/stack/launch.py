@@ -161,6 +161,39 @@ def _registry(plan: StackPlan, comp: Component) -> list[str]:
 _PREPARE = {"bucket": _bucket, "broker": _broker, "postgres": _postgres, "registry": _registry}
 
 
+# Written by provisioning when it is done; services start only after it.
+PROVISIONED = "provisioned"
+# The carrier stand-in's API key for the proof-of-delivery webhook.
+_CARRIER_KEY = "carrier-pod.key"
+
+
+def _service(plan: StackPlan, comp: Component) -> list[str]:
+    """An opsflow service: once provisioning is done, with its own settings."""
+    marker = plan.data_dir / "run" / PROVISIONED
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        if time.monotonic() > deadline:
+            sys.exit("provisioning did not finish within 300s; see provision.log")
+        time.sleep(0.2)
+    os.environ.update(comp.env)
+    if comp.name == "carrier":
+        os.environ["CARRIER_POD_API_KEY"] = _carrier_key(plan)
+    return [sys.executable, "-m", *comp.module]
+
+
+def _carrier_key(plan: StackPlan) -> str:
+    """The carrier's webhook key: created once, kept (readable by the stack's user only)."""
+    path = plan.data_dir / "run" / _CARRIER_KEY
+    if not path.exists():
+        from opsflow import apikeys, db
+
+        with db.connect(plan.env["DATABASE_URL"]) as conn:
+            created = apikeys.create_key(conn, "carrier")
+        path.touch(mode=0o600)
+        path.write_text(created.secret)
+    return path.read_text().strip()
+
+
 def count_start(run_dir: Path, name: str) -> int:
     """Add one to the component's start count; restarts = starts - 1."""
     path = run_dir / f"{name}.starts"
@@ -181,7 +214,7 @@ def main() -> None:
     count_start(run_dir, name)
     # exec keeps the pid, so it can be recorded before dropping privileges.
     (run_dir / f"{name}.pid").write_text(str(os.getpid()))
-    command = _PREPARE[name](plan, comp)
+    command = _service(plan, comp) if comp.is_service else _PREPARE[name](plan, comp)
     sys.stdout.flush()
     os.execv(command[0], command)
 

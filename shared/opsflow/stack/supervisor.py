@@ -152,8 +152,8 @@ def start(plan: StackPlan, *, foreground: bool) -> subprocess.Popen[bytes]:
     """
     for sub in ("logs", "run"):
         (plan.data_dir / sub).mkdir(parents=True, exist_ok=True)
-    for stale in (plan.data_dir / "run").glob("*.starts"):
-        stale.unlink()
+    for stale in [*(plan.data_dir / "run").glob("*.starts"), plan.data_dir / "run" / "provisioned"]:
+        stale.unlink(missing_ok=True)
     conf = plan.data_dir / "supervisord.conf"
     conf.write_text(render_config(plan))
     env = {
