@@ -28,8 +28,8 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from opsflow.contracts import OrderReceived, catalogue
 from opsflow.contracts.wire import WireCodec
+from opsflow.demo.orders import varied_orders
 from tests.bench.harness import BenchError, Case, Metric, Ratio, StackInfo, interleaved_rates
-from tests.bench.orders import orders
 
 EVENTS = 20_000
 
@@ -122,7 +122,7 @@ class CodecCase(Case):
         self.serializer = AvroSerializer(stock_registry, schema, conf=conf)
         self.deserializer = AvroDeserializer(stock_registry, schema, conf=conf)
 
-        self.events = orders(self.count)
+        self.events = varied_orders(self.count)
         self.dicts = [event.to_avro() for event in self.events]
         self.values = [self.codec.encode(event) for event in self.events]
         for n, (event, datum, value) in enumerate(

@@ -12,7 +12,7 @@ The same hop, ``order.received`` in and one event out per input, is run by:
 Protocol, the same for each system, on topics of its own (6 partitions):
 
 1. The input topic is loaded with the same ``--events`` records (WireCodec
-   bytes of ``tests/bench/orders.py``'s orders) *before* the system starts, so
+   bytes of ``opsflow.demo.orders.varied_order``) *before* the system starts, so
    it runs flat out on a backlog.
 2. The system is started as a process; throughput is counted on the output
    topic (read_committed, as a downstream service sees it) from the first
@@ -60,10 +60,10 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow.contracts.wire import WireCodec
+from opsflow.demo.orders import varied_order
 from opsflow.runtime.service import BatchPolicy
 from opsflow.topics import ensure_topics
 from tests.bench.harness import REPO_DIR, BenchError, Case, Metric, Ratio, StackInfo
-from tests.bench.orders import order
 from tests.stackctl import STACK_VARIABLES
 
 EVENTS = 200_000
@@ -105,7 +105,7 @@ def make_inputs(registry_url: str, events: int, probes: int, seed: int = 2025031
     rng = random.Random(seed)
     records = []
     for n in range(events + probes):
-        event = order(n, rng)
+        event = varied_order(n, rng)
         records.append((event.order_id.encode(), codec.encode(event)))
     schema_id = int.from_bytes(records[0][1][1:5], "big")
     schema = SchemaRegistryClient({"url": registry_url}).get_schema(schema_id).schema_str

@@ -301,6 +301,8 @@ def _services(
                     "CARRIER_PORT": str(carrier_port),
                     "CARRIER_DB": str(data_dir / "carrier" / "bookings.db"),
                     "CARRIER_POD_WEBHOOK_URL": f"{url(webhook_port)}/pods",
+                    # The demo's refused-destination orders go there.
+                    "CARRIER_REFUSED_COUNTRIES": os.environ.get("CARRIER_REFUSED_COUNTRIES", "IS"),
                 },
             )
         )

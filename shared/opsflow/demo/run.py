@@ -1,0 +1,362 @@
+"""One demo run: make the orders, send them through the ingest API, follow them through
+the topics, and sum up where they ended and how long each step took.
+
+Where everything is comes from the environment (``KAFKA_BOOTSTRAP_SERVERS``,
+``SCHEMA_REGISTRY_URL``, ``DATABASE_URL``, ``INGEST_URL``,
+``OPSFLOW_TOPIC_PREFIX``, ``OPSFLOW_API_KEY``), and whatever is unset from the
+stack running on this data directory (what ``opsflow env`` prints).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opsflow.demo.orders import DemoOrder, demo_orders, new_run_id, order_id_prefix
+from opsflow.demo.sender import IngestClient, Sender
+from opsflow.demo.states import OrderState, Until
+from opsflow.demo.tracker import TIMING_SOURCE, StepTiming, Tracker, step_timings
+from opsflow.errors import ConfigurationError
+from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
+
+DEMO_PRODUCER = "demo"
+"""The producer name of a key the demo makes for itself."""
+
+# The tracker starts this long before the run, so records stamped by a producer
+# whose clock is behind this machine's are not missed; it only re-reads (and
+# skips by key) what other producers wrote in that minute.
+CLOCK_MARGIN_MS = 60_000
+
+# What usually holds orders in a state when a run times out.
+_STUCK_HINTS = {
+    OrderState.SENT: "accepted by the ingest API but not seen on the orders topic: does "
+    "OPSFLOW_TOPIC_PREFIX match the ingest service's?",
+    OrderState.RECEIVED: "not policy-checked: is policy-check running?",
+    OrderState.APPROVED: "approved but not dispatched: is dispatch running?",
+    OrderState.DISPATCH_REQUESTED: "waiting for the carrier: are dispatch and the carrier "
+    "stand-in running?",
+    OrderState.DISPATCH_RETRYING: "dispatch is retrying: is the carrier stand-in up?",
+    OrderState.DISPATCHED: "booked but no proof of delivery: are the carrier stand-in "
+    "and pod-capture running?",
+}
+
+
+class DemoSettings(BaseSettings):
+    """The demo's own variables: ``INGEST_URL`` and ``OPSFLOW_API_KEY``."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    ingest_url: str | None = None
+    opsflow_api_key: SecretStr | None = None
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the demo sends orders and reads them back."""
+
+    kafka: dict[str, Any]
+    registry_url: str
+    database_url: str | None
+    ingest_url: str
+    topic_prefix: str
+
+
+def endpoints(ingest_url: str | None = None) -> Endpoints:
+    """The variables, and what the running stack says for the unset ones.
+
+    Raises:
+        ConfigurationError: naming the first variable that is unset with no stack to fill it.
+    """
+    from opsflow import stack  # the stack machinery is only needed when a variable is unset
+
+    kafka = KafkaSettings()
+    found: dict[str, str | None] = {
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "SCHEMA_REGISTRY_URL": RegistrySettings().schema_registry_url,
+        "DATABASE_URL": DatabaseSettings().database_url,
+        "INGEST_URL": ingest_url or DemoSettings().ingest_url,
+    }
+    if not all(found.values()):
+        plan = stack.running_plan()
+        for variable, value in found.items():
+            if not value and plan is not None:
+                found[variable] = plan.env.get(variable)
+        for variable in ("KAFKA_BOOTSTRAP_SERVERS", "SCHEMA_REGISTRY_URL", "INGEST_URL"):
+            if found[variable]:
+                continue
+            if plan is None:
+                raise ConfigurationError(
+                    variable,
+                    f"is not set and no stack is running from {stack.data_dir()}",
+                    "Start the stack with `opsflow up --detach`, or point the shell at a "
+                    "running one with `eval $(opsflow env)`",
+                )
+            raise ConfigurationError(
+                variable,
+                "is not set and the running stack does not provide it",
+                "Set it (for the ingest service: --ingest-url http://HOST:PORT), "
+                "or restart the stack with a version of opsflow that runs every service",
+            )
+    return Endpoints(
+        kafka={**kafka.client_config(), "bootstrap.servers": found["KAFKA_BOOTSTRAP_SERVERS"]},
+        registry_url=str(found["SCHEMA_REGISTRY_URL"]),
+        database_url=found["DATABASE_URL"],
+        ingest_url=str(found["INGEST_URL"]),
+        topic_prefix=TopicSettings().prefix,
+    )
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    """What to run (the options of ``opsflow demo``)."""
+
+    orders: int
+    seed: int = 1
+    rate: float | None = None
+    """Orders per second; None sends them as fast as the ingest service takes them."""
+    until: Until = Until.DELIVERED
+    timeout_s: float = 120.0
+    """How long to keep following after the last order was sent."""
+    auto_review: bool = False
+    ingest_url: str | None = None
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Where a run's orders ended and how long each step took."""
+
+    run_id: str
+    seed: int
+    orders: int
+    sent: int
+    until: Until
+    stopped: str
+    """``reached``: every order got as far as ``until``; ``timeout``: the time ran out."""
+    elapsed_s: float
+    states: dict[OrderState, int]
+    policy_outcomes: dict[str, int]
+    scenarios: dict[str, int]
+    steps: list[StepTiming]
+    review_service_answered: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def order_id_prefix(self) -> str:
+        return order_id_prefix(self.run_id)
+
+    def as_json(self) -> dict[str, Any]:
+        """The summary for machines (``opsflow demo --json``); every state is listed."""
+        return {
+            "run_id": self.run_id,
+            "order_id_prefix": self.order_id_prefix,
+            "seed": self.seed,
+            "orders": self.orders,
+            "sent": self.sent,
+            "until": self.until.value,
+            "stopped": self.stopped,
+            "elapsed_s": round(self.elapsed_s, 3),
+            "states": {state.value: self.states.get(state, 0) for state in OrderState},
+            "policy_outcomes": self.policy_outcomes,
+            "scenarios": self.scenarios,
+            "timing_source": TIMING_SOURCE,
+            "steps": [
+                {"step": s.step, "orders": s.orders, "p50_ms": s.p50_ms, "p95_ms": s.p95_ms}
+                for s in self.steps
+            ],
+            "review_service_answered": self.review_service_answered,
+            "notes": self.notes,
+        }
+
+
+Progress = Callable[[int, int], None]
+"""Called while following with (orders sent, orders that got as far as ``until``)."""
+
+
+def run_demo(options: DemoOptions, *, on_progress: Progress | None = None) -> Summary:
+    """Send ``options.orders`` demo orders and follow them until they got as far as
+    ``options.until``, or ``options.timeout_s`` after the last one was sent.
+
+    Raises:
+        ConfigurationError: the stack, the ingest service or the key is not usable.
+        OpsflowError: sending or reading failed on the way.
+    """
+    where = endpoints(options.ingest_url)
+    run_id = new_run_id()
+    started = datetime.now(UTC)
+    clock = time.monotonic()
+    orders = demo_orders(options.orders, seed=options.seed, run_id=run_id, now=started)
+    notes: list[str] = []
+    given = options.api_key or _secret(DemoSettings().opsflow_api_key)
+    with _api_key(given, where.database_url, notes) as key:
+        client = IngestClient(where.ingest_url, key)
+        try:
+            client.check()
+            tracker = Tracker(
+                (o.order_id for o in orders),
+                kafka=where.kafka,
+                registry_url=where.registry_url,
+                prefix=where.topic_prefix,
+            )
+            try:
+                tracker.start(int(started.timestamp() * 1000) - CLOCK_MARGIN_MS)
+                sender = Sender(client, orders, run_id=run_id, rate=options.rate)
+                stopped = _follow(tracker, sender, options, on_progress or _ignore)
+            finally:
+                tracker.close()
+        finally:
+            client.close()
+    notes[:0] = _notes(tracker, options, stopped)
+    return Summary(
+        run_id=run_id,
+        seed=options.seed,
+        orders=len(orders),
+        sent=sender.sent,
+        until=options.until,
+        stopped=stopped,
+        elapsed_s=time.monotonic() - clock,
+        states={state: n for state, n in tracker.counts.items() if n},
+        policy_outcomes=_policy_outcomes(tracker),
+        scenarios=_scenarios(orders),
+        steps=step_timings(tracker.tracks.values()),
+        review_service_answered=tracker.review_seen,
+        notes=notes,
+    )
+
+
+def _ignore(sent: int, reached: int) -> None:
+    return None
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+@contextmanager
+def _api_key(given: str | None, database_url: str | None, notes: list[str]) -> Iterator[str]:
+    """The key to send with: the one given, or one made for this run in DATABASE_URL's
+    database and revoked when the run ends (so demo runs leave no live keys behind)."""
+    if given:
+        yield given
+        return
+    from opsflow import apikeys, db
+
+    hint = "Pass a key with --api-key or OPSFLOW_API_KEY (`opsflow keys create --producer demo`)"
+    if not database_url:
+        raise ConfigurationError(
+            "OPSFLOW_API_KEY", "is not set, and without DATABASE_URL no key can be made", hint
+        )
+    try:
+        with db.connect(database_url) as conn:
+            created = apikeys.create_key(conn, DEMO_PRODUCER)
+    except ConfigurationError as err:
+        raise ConfigurationError(
+            "OPSFLOW_API_KEY", f"is not set, and no key can be made ({err.problem})", hint
+        ) from err
+    try:
+        yield created.secret
+    finally:
+        try:
+            with db.connect(database_url) as conn:
+                apikeys.revoke_key(conn, created.key.key_id)
+            notes.append(
+                f"Made API key {created.key.key_id} (producer {DEMO_PRODUCER!r}) for this run "
+                "and revoked it afterwards."
+            )
+        except ConfigurationError as err:
+            notes.append(
+                f"Made API key {created.key.key_id} for this run but could not revoke it "
+                f"({err.problem}): `opsflow keys revoke {created.key.key_id}`."
+            )
+
+
+def _follow(tracker: Tracker, sender: Sender, options: DemoOptions, on_progress: Progress) -> str:
+    """Send in the background and read until every order got as far as asked, or the
+    timeout (counted from the last order sent) ran out."""
+    total = len(sender.orders)
+    deadline: float | None = None
+    sender.start()
+    try:
+        while True:
+            tracker.poll(0.2)
+            reached = tracker.reached(options.until)
+            on_progress(sender.sent, reached)
+            sending = sender.is_alive()
+            if sender.error is not None:
+                raise sender.error
+            if sending:
+                continue
+            if reached == total:
+                return "reached"
+            if deadline is None:
+                deadline = time.monotonic() + options.timeout_s
+            elif time.monotonic() >= deadline:
+                return "timeout"
+    finally:
+        sender.stop()
+        # Daemon thread: at worst it is left in one HTTP call when the process ends.
+        sender.join(timeout=5)
+
+
+def _notes(tracker: Tracker, options: DemoOptions, stopped: str) -> list[str]:
+    notes = []
+    waiting = tracker.counts[OrderState.NEEDS_REVIEW]
+    in_review = tracker.counts[OrderState.IN_REVIEW]
+    if waiting and not tracker.review_seen:
+        note = (
+            f"{waiting} orders wait for review, and no review service answered "
+            "(nothing for them on the review topic)."
+        )
+        if options.auto_review:
+            note += (
+                " --auto-review makes no decisions itself: review decisions need the "
+                "review service, so none were sent."
+            )
+        notes.append(note)
+    elif (waiting or in_review) and options.auto_review:
+        notes.append(
+            f"--auto-review: {waiting + in_review} orders wait for a review decision; the "
+            "demo does not send decisions yet, so they wait for a reviewer."
+        )
+    if stopped == "timeout":
+        behind = {
+            state: n
+            for state, n in tracker.counts.items()
+            if n and not options.until.reached(state)
+        }
+        notes.append(
+            f"Stopped after --timeout {options.timeout_s:g} s with {sum(behind.values())} "
+            f"orders short of {options.until.value!r}."
+        )
+        notes += [
+            f"{n} orders {_STUCK_HINTS[state]}"
+            for state, n in behind.items()
+            if state in _STUCK_HINTS
+        ]
+    if tracker.undecodable:
+        notes.append(
+            f"{tracker.undecodable} records keyed by the run's orders could not be decoded."
+        )
+    return notes
+
+
+def _policy_outcomes(tracker: Tracker) -> dict[str, int]:
+    outcomes: dict[str, int] = {}
+    for track in tracker.tracks.values():
+        if track.policy is not None:
+            outcomes[track.policy.value] = outcomes.get(track.policy.value, 0) + 1
+    return dict(sorted(outcomes.items()))
+
+
+def _scenarios(orders: list[DemoOrder]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for order in orders:
+        counts[order.scenario.name] = counts.get(order.scenario.name, 0) + 1
+    return counts

@@ -1,0 +1,426 @@
+"""``opsflow demo``: seeded orders for every path of the workflow, sent through the real
+ingest API and followed through the real topics.
+
+The generator tests need no stack: they check the orders against the policy
+rules and the carrier stand-in's refusal logic themselves. The run tests start
+``python -m services.ingest`` and ``opsflow run services.policy_check`` as
+processes on topics of their own (``OPSFLOW_TOPIC_PREFIX``) and a database
+schema of their own, run ``opsflow demo`` as a user would, and compare its
+JSON summary with what policy-check actually wrote. Dispatch is not part of
+these runs, so approved orders stay "approved" (awaiting dispatch).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow.contracts import (
+    DispatchFailureClass,
+    Envelope,
+    Event,
+    OrderReceived,
+    PolicyChecked,
+    PolicyOutcome,
+    ReviewDecision,
+    Topic,
+)
+from opsflow.contracts.wire import WireCodec
+from opsflow.db import migrate
+from opsflow.demo.orders import (
+    REFUSED_COUNTRIES,
+    SCENARIOS,
+    Category,
+    DemoOrder,
+    demo_orders,
+)
+from opsflow.demo.states import OrderState, Until
+from opsflow.demo.tracker import OrderTrack, percentile, step_timings
+from opsflow.topics import ensure_topics
+from services.carrier_sim.faults import FaultInjector, FaultPlan
+from services.policy_check.rules import RULES_DIR, load_rules
+from tests.samples import ORDER, envelope, sample
+from tests.stackctl import OPSFLOW, Stack, stack_env
+
+ROOT = Path(__file__).resolve().parents[1]
+NOW = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)
+PARTITIONS = 3
+
+
+def as_event(order: DemoOrder) -> OrderReceived:
+    """The event the ingest service makes of a demo order (the envelope does not matter
+    to the rules)."""
+    envelope = Envelope.new(
+        correlation_id=order.order_id,
+        idempotency_key=order.order_id,
+        producer="demo",
+        contract_version=OrderReceived.contract_version,
+    )
+    return OrderReceived(envelope=envelope, **dict(order.body))
+
+
+def test_the_same_seed_and_run_give_the_same_orders_and_another_run_only_other_ids() -> None:
+    first = demo_orders(200, seed=7, run_id="r1", now=NOW)
+    again = demo_orders(200, seed=7, run_id="r1", now=NOW)
+    other_run = demo_orders(200, seed=7, run_id="r2", now=NOW)
+    other_seed = demo_orders(200, seed=8, run_id="r1", now=NOW)
+
+    assert [o.as_json() for o in first] == [o.as_json() for o in again]
+    assert len({o.order_id for o in first}) == 200
+    assert not {o.order_id for o in first} & {o.order_id for o in other_run}
+    strip = [{**o.as_json(), "order_id": ""} for o in first]
+    assert strip == [{**o.as_json(), "order_id": ""} for o in other_run]
+    assert [o.as_json() for o in first] != [o.as_json() for o in other_seed]
+
+
+def test_fifty_orders_exercise_every_scenario_and_policy_judges_each_as_intended() -> None:
+    rules = load_rules(RULES_DIR / "v1.yaml")
+    orders = demo_orders(50, seed=1, run_id="mix", now=NOW)
+
+    assert {o.scenario for o in orders} == set(SCENARIOS)
+    assert Counter(o.scenario.category for o in orders) == {
+        Category.AUTO_APPROVE: 30,
+        Category.REVIEW: 10,
+        Category.REJECT: 7,
+        Category.CARRIER_REFUSAL: 3,
+    }
+    for order in orders:
+        verdict = rules.evaluate(as_event(order))
+        assert verdict.outcome is order.scenario.category.policy_outcome, order.scenario
+        # Each scenario is decided by the one rule it is made for, and only by it.
+        rule = order.scenario.rule
+        assert verdict.reason_codes == ([rule] if rule else []), order.scenario
+    assert {o.body.currency for o in orders} >= {"EUR", "GBP", "NOK"}
+    assert {o.body.customer_risk_tier for o in orders} == {"LOW", "MEDIUM", "HIGH"}
+
+
+def test_only_the_carrier_refusal_orders_go_where_the_carrier_refuses_to_deliver() -> None:
+    carrier = FaultInjector(FaultPlan(refused_countries=list(REFUSED_COUNTRIES)))
+    orders = demo_orders(400, seed=3, run_id="carrier", now=NOW)
+
+    refused = {
+        order.order_id
+        for order in orders
+        if carrier.refusal(country=order.body.destination.country, city="") is not None
+    }
+    assert refused == {
+        order.order_id for order in orders if order.scenario.category is Category.CARRIER_REFUSAL
+    }
+    assert len(refused) == 20
+
+
+# --- following an order -------------------------------------------------------------
+
+
+def fact(event_type: str, n: int, **changes: Any) -> Event:
+    """The sample event of a type as the ``n``-th event of the order (its own event id)."""
+    event = sample(event_type)
+    return event.model_copy(update={"envelope": envelope(type(event), n), **changes})
+
+
+def test_an_order_is_at_its_furthest_step_whatever_order_the_topics_are_read_in() -> None:
+    track = OrderTrack(ORDER)
+    # Topics are read side by side: the proof of delivery may come in first.
+    approved = fact("policy.checked", 2, outcome=PolicyOutcome.AUTO_APPROVED)
+    read = [
+        (fact("pod.captured", 5), 4_000),
+        (fact("dispatch.requested", 3), 1_300),
+        (fact("order.received", 1), 1_000),
+        (fact("dispatch.executed", 4), 2_000),
+        (approved, 1_100),
+    ]
+    for event, written_ms in read:
+        assert track.apply(event, written_ms)
+
+    assert track.state is OrderState.DELIVERED
+    timings = {t.step: (t.orders, t.p50_ms, t.p95_ms) for t in step_timings([track])}
+    assert timings == {
+        "received -> policy.checked": (1, 100, 100),
+        "policy.checked -> dispatch.requested": (1, 200, 200),
+        "dispatch.requested -> dispatch.executed": (1, 700, 700),
+        "dispatch.executed -> pod.captured": (1, 2_000, 2_000),
+        "end to end (received -> pod.captured)": (1, 3_000, 3_000),
+    }
+
+
+def test_reviews_retries_and_final_failures_move_an_order_as_the_workflow_does() -> None:
+    track = OrderTrack(ORDER)
+    transient = {"failure_class": DispatchFailureClass.TRANSIENT, "retries_exhausted": False}
+    steps: list[tuple[Event, OrderState]] = [
+        (fact("order.received", 1), OrderState.RECEIVED),
+        (fact("policy.checked", 2), OrderState.NEEDS_REVIEW),
+        (fact("review.requested", 3), OrderState.IN_REVIEW),
+        (fact("review.claimed", 4), OrderState.IN_REVIEW),
+        (fact("review.decided", 5), OrderState.APPROVED),
+        (first_request := fact("dispatch.requested", 6), OrderState.DISPATCH_REQUESTED),
+        (fact("dispatch.failed", 7, **transient), OrderState.DISPATCH_RETRYING),
+        (fact("dispatch.requested", 8, attempt=2), OrderState.DISPATCH_REQUESTED),
+        (fact("dispatch.failed", 9, retries_exhausted=True), OrderState.DISPATCH_FAILED),
+    ]
+    for event, state in steps:
+        track.apply(event, 0)
+        assert track.state is state, event.event_type
+    # A repeat of an event already taken in (same event id) changes nothing.
+    assert not track.apply(first_request, 0)
+    assert track.state is OrderState.DISPATCH_FAILED
+
+    refused = OrderTrack(ORDER)
+    refused.apply(fact("policy.checked", 1), 0)
+    refused.apply(fact("review.decided", 2, decision=ReviewDecision.REJECTED), 0)
+    assert refused.state is OrderState.REJECTED
+    permanent = OrderTrack(ORDER)
+    permanent.apply(fact("dispatch.failed", 1, failure_class=DispatchFailureClass.PERMANENT), 0)
+    assert permanent.state is OrderState.DISPATCH_FAILED
+    bad_proof = OrderTrack(ORDER)
+    bad_proof.apply(fact("dispatch.executed", 1), 0)
+    bad_proof.apply(fact("pod.rejected", 2), 0)
+    assert bad_proof.state is OrderState.POD_REJECTED
+
+
+def test_until_says_which_states_are_far_enough() -> None:
+    decided = {OrderState.APPROVED, OrderState.NEEDS_REVIEW, OrderState.REJECTED}
+    assert decided <= {s for s in OrderState if Until.APPROVED.reached(s)}
+    assert not Until.APPROVED.reached(OrderState.RECEIVED)
+    assert Until.DISPATCHED.reached(OrderState.DISPATCHED)
+    assert not Until.DELIVERED.reached(OrderState.DISPATCHED)
+    assert not Until.DELIVERED.reached(OrderState.APPROVED)
+    assert {s for s in OrderState if Until.DELIVERED.reached(s)} == {
+        OrderState.NEEDS_REVIEW,
+        OrderState.IN_REVIEW,
+        OrderState.REJECTED,
+        OrderState.DISPATCH_FAILED,
+        OrderState.DELIVERED,
+        OrderState.POD_REJECTED,
+    }
+    assert (percentile(list(range(1, 21)), 50), percentile(list(range(1, 21)), 95)) == (10, 19)
+
+
+# --- runs on the real stack ----------------------------------------------------------
+
+
+@dataclass
+class Pipeline:
+    """An ingest service and policy-check on topics and a database schema of their own."""
+
+    env: dict[str, str]
+    prefix: str
+    bootstrap: str
+    registry_url: str
+
+    def demo(self, *args: str, timeout: float = 90, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*OPSFLOW, "demo", *args],
+            cwd=ROOT,
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def pipeline(
+    stack: Stack,
+    bootstrap_servers: str,
+    registry_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Pipeline]:
+    base = stack.address("DATABASE_URL")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    database_url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    migrate(database_url)
+    prefix = f"demo{uuid.uuid4().hex[:8]}."
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap_servers}),
+        [f"{prefix}{topic}" for topic in Topic] + [f"{prefix}orders.dlq"],
+        partitions=PARTITIONS,
+    )
+    port = _free_port()
+    env = {
+        **stack.env,
+        **stack.status()["env"],
+        "DATABASE_URL": database_url,
+        "OPSFLOW_TOPIC_PREFIX": prefix,
+        "INGEST_URL": f"http://127.0.0.1:{port}",
+    }
+    logs = tmp_path_factory.mktemp("demo")
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "services.ingest"],
+        cwd=ROOT,
+        env={**env, "INGEST_HOST": "127.0.0.1", "INGEST_PORT": str(port)},
+        stdout=(logs / "ingest.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    policy = subprocess.Popen(
+        [*OPSFLOW, "run", "services.policy_check"],
+        cwd=ROOT,
+        env={**env, "POLICY_RULES_VERSION": "v1"},
+        stdout=(logs / "policy-check.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            log = (logs / "ingest.log").read_text()
+            assert ingest.poll() is None, f"ingest exited {ingest.returncode}:\n{log}"
+            assert time.monotonic() < deadline, f"ingest never got ready:\n{log}"
+            try:
+                if httpx.get(f"{env['INGEST_URL']}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield Pipeline(env, prefix, bootstrap_servers, registry_url)
+    finally:
+        _stop(policy)
+        _stop(ingest)
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def policy_checks(pipeline: Pipeline, order_id_prefix: str) -> dict[str, PolicyOutcome]:
+    """What policy-check wrote for a run's orders, read ``read_committed`` from the start
+    of the policy-check topic to its end: order id -> outcome."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": pipeline.bootstrap,
+            "group.id": f"check-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 50,
+        }
+    )
+    topic = f"{pipeline.prefix}policy-check"
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    codec = WireCodec(SchemaRegistryClient({"url": pipeline.registry_url}))
+    outcomes: dict[str, PolicyOutcome] = {}
+    at_end: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while len(at_end) < PARTITIONS:
+            assert time.monotonic() < deadline, f"did not reach the end of {topic}"
+            for message in consumer.consume(1000, 0.5):
+                error = message.error()
+                if error is not None:
+                    assert error.code() == KafkaError._PARTITION_EOF, error
+                    at_end.add(message.partition() or 0)
+                    continue
+                event = codec.decode(message.value())
+                assert isinstance(event, PolicyChecked)
+                if event.order_id.startswith(order_id_prefix):
+                    assert event.order_id not in outcomes, f"{event.order_id} checked twice"
+                    outcomes[event.order_id] = event.outcome
+    finally:
+        consumer.close()
+    return outcomes
+
+
+def test_a_demo_run_until_approved_reports_what_policy_check_decided_for_all_50(
+    pipeline: Pipeline,
+) -> None:
+    result = pipeline.demo("--orders", "50", "--seed", "5", "--until", "approved", "--json")
+
+    assert result.returncode == 0, result.stderr
+    summary: dict[str, Any] = json.loads(result.stdout)
+    assert summary["sent"] == summary["orders"] == 50
+    assert summary["stopped"] == "reached"
+    assert sum(summary["states"].values()) == 50
+
+    decided = Counter(policy_checks(pipeline, summary["order_id_prefix"]).values())
+    assert sum(decided.values()) == 50
+    assert summary["states"]["approved"] == decided[PolicyOutcome.AUTO_APPROVED] > 0
+    assert summary["states"]["needs_review"] == decided[PolicyOutcome.NEEDS_REVIEW] > 0
+    assert summary["states"]["rejected"] == decided[PolicyOutcome.REJECTED] > 0
+    assert summary["policy_outcomes"] == {outcome.value: n for outcome, n in decided.items()}
+    intended = Counter(
+        o.scenario.category.policy_outcome for o in demo_orders(50, seed=5, run_id="x", now=NOW)
+    )
+    assert decided == intended
+
+    first_step = summary["steps"][0]
+    assert first_step["step"] == "received -> policy.checked" and first_step["orders"] == 50
+    assert 0 <= first_step["p50_ms"] <= first_step["p95_ms"]
+    assert "record timestamps" in summary["timing_source"]
+    assert any("no review service answered" in note for note in summary["notes"])
+
+
+def test_without_dispatch_the_demo_times_out_with_approved_orders_awaiting_dispatch(
+    pipeline: Pipeline,
+) -> None:
+    result = pipeline.demo("--orders", "20", "--timeout", "3", "--auto-review", "--json")
+
+    assert result.returncode == 3, result.stderr
+    summary: dict[str, Any] = json.loads(result.stdout)
+    assert summary["stopped"] == "timeout"
+    states = summary["states"]
+    assert states["approved"] == summary["policy_outcomes"]["AUTO_APPROVED"] > 0
+    assert states["approved"] + states["needs_review"] + states["rejected"] == 20
+    notes = " ".join(summary["notes"])
+    assert "is dispatch running?" in notes
+    assert "review decisions need the review service" in notes
+
+
+def test_a_refused_key_or_an_unreachable_ingest_is_one_line_saying_what_to_do(
+    pipeline: Pipeline,
+) -> None:
+    bad_key = pipeline.demo("--orders", "5", "--api-key", "ofk_nothing_real")
+    nobody = pipeline.demo("--orders", "5", "--ingest-url", f"http://127.0.0.1:{_free_port()}")
+
+    for result, variable in ((bad_key, "OPSFLOW_API_KEY"), (nobody, "INGEST_URL")):
+        assert result.returncode == 2, result.stderr
+        assert result.stdout == ""
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 2 and lines[0].startswith(f"error: {variable}: "), result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_without_a_running_stack_the_demo_says_to_start_one(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*OPSFLOW, "demo", "--orders", "5"],
+        cwd=ROOT,
+        env=stack_env(tmp_path / "no-stack"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "no stack is running" in result.stderr and "opsflow up --detach" in result.stderr

@@ -1,0 +1,202 @@
+"""The whole machine path on a real `opsflow up` stack, with dispatch killed mid-run.
+
+1,000 demo orders go in through the ingest API's batch endpoint; policy-check,
+dispatch, the carrier stand-in and pod-capture run as the stack runs them
+(supervised processes). dispatch is killed with kill -9 while it is booking
+and its supervisor restarts it. Every order must end in exactly one terminal
+state (delivered, rejected, dispatch failed) or wait for review, and the
+carrier must hold no duplicate booking.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections import Counter
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+from confluent_kafka import Consumer
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow.contracts import (
+    DispatchExecuted,
+    DispatchFailed,
+    DispatchFailureClass,
+    DispatchRequested,
+    Event,
+    PodCaptured,
+    PolicyChecked,
+    PolicyOutcome,
+)
+from opsflow.contracts.wire import WireCodec
+from opsflow.demo.orders import Category, demo_orders, new_run_id
+from tests.stackctl import Stack, stack_env
+
+ORDERS = 1_000
+TOPICS = ("policy-check", "dispatch", "pod", "pod-rejects")
+
+
+def terminal_state(events: list[Event]) -> str | None:
+    """Where an order stands, from its events; None while it is still moving."""
+    checks = [e for e in events if isinstance(e, PolicyChecked)]
+    if checks and checks[0].outcome is PolicyOutcome.REJECTED:
+        return "rejected"
+    if checks and checks[0].outcome is PolicyOutcome.NEEDS_REVIEW:
+        return "waiting for review"
+    if any(isinstance(e, PodCaptured) for e in events):
+        return "delivered"
+    if any(isinstance(e, DispatchFailed) for e in events):
+        return "dispatch failed"
+    return None
+
+
+def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: Path) -> None:
+    data_dir = tmp_path / "stack"
+    stack = Stack(
+        data_dir,
+        stack_env(
+            data_dir,
+            OPSFLOW_SERVICES="true",
+            OPSFLOW_BROKER_STORAGE="memory",
+            CARRIER_REFUSED_COUNTRIES="IS",
+            CARRIER_ERROR_RATE="0.05",
+            CARRIER_GHOST_RATE="0.05",
+            CARRIER_SEED="11",
+            CARRIER_POD_DELAY_S="1",
+            DISPATCH_BACKOFF_S="0.05",
+            DISPATCH_TIMEOUT_S="2",
+        ),
+    )
+    stack.run("up", "--detach")
+    try:
+        env = stack.status()["env"]
+        created = stack.run(
+            "keys", "create", "--producer", "e2e-shop", DATABASE_URL=env["DATABASE_URL"]
+        )
+        key = created.stdout.strip().splitlines()[-1]
+        orders = demo_orders(ORDERS, seed=5, run_id=new_run_id(), now=datetime.now(UTC))
+        category = {o.order_id: o.scenario.category for o in orders}
+
+        with httpx.Client(base_url=env["INGEST_URL"], timeout=60) as ingest:
+            for start in range(0, ORDERS, 250):
+                response = ingest.post(
+                    "/events:batch",
+                    headers={"Authorization": f"Bearer {key}", "Idempotency-Key": uuid.uuid4().hex},
+                    json={
+                        "events": [
+                            {"event_type": "order.received", "event": o.as_json()}
+                            for o in orders[start : start + 250]
+                        ]
+                    },
+                )
+                assert response.status_code == 202, response.text
+
+        # Kill dispatch while it is booking; its supervisor starts it again.
+        carrier = env["CARRIER_URL"]
+        deadline = time.monotonic() + 120
+        while httpx.get(f"{carrier}/bookings", timeout=10).json()["count"] < 100:
+            assert time.monotonic() < deadline, "dispatch booked nothing"
+            time.sleep(0.05)
+        killed = stack.components()["dispatch"]["pid"]
+        os.kill(killed, signal.SIGKILL)
+        booked_at_kill = httpx.get(f"{carrier}/bookings", timeout=10).json()["count"]
+
+        events = follow(env, set(category), timeout=300)
+        assert stack.components()["dispatch"]["pid"] != killed, "dispatch was restarted"
+        assert booked_at_kill < sum(
+            c in (Category.AUTO_APPROVE, Category.CARRIER_REFUSAL) for c in category.values()
+        ), "killed too late to prove anything"
+
+        states = {order_id: terminal_state(evs) for order_id, evs in events.items()}
+        assert None not in states.values()
+        for order_id, evs in events.items():
+            kinds = Counter(e.event_type for e in evs)
+            assert kinds["policy.checked"] == 1, (order_id, kinds)
+            assert kinds["dispatch.requested"] <= 1, (order_id, kinds)
+            assert kinds["dispatch.executed"] + kinds["dispatch.failed"] <= 1, (order_id, kinds)
+            assert kinds["pod.captured"] <= 1, (order_id, kinds)
+        expected = {
+            Category.AUTO_APPROVE: "delivered",
+            Category.CARRIER_REFUSAL: "dispatch failed",
+            Category.REVIEW: "waiting for review",
+            Category.REJECT: "rejected",
+        }
+        wrong = {
+            order_id: (category[order_id], state)
+            for order_id, state in states.items()
+            if state != expected[category[order_id]]
+            # 5 attempts against 10% faults: a rare order may exhaust its retries.
+            and not (
+                state == "dispatch failed"
+                and any(
+                    isinstance(e, DispatchFailed) and e.retries_exhausted for e in events[order_id]
+                )
+            )
+        }
+        assert not wrong, wrong
+        for evs in events.values():
+            for failed in (e for e in evs if isinstance(e, DispatchFailed)):
+                assert (
+                    failed.failure_class is DispatchFailureClass.PERMANENT
+                    or failed.retries_exhausted
+                )
+
+        bookings = httpx.get(f"{carrier}/bookings", timeout=10).json()
+        assert bookings["duplicates"] == []
+        booked = Counter(b["order_id"] for b in bookings["bookings"])
+        for order_id, evs in events.items():
+            executed = [e for e in evs if isinstance(e, DispatchExecuted)]
+            if executed:
+                assert booked[order_id] == 1
+                request = next(e for e in evs if isinstance(e, DispatchRequested))
+                booking = next(b for b in bookings["bookings"] if b["order_id"] == order_id)
+                assert booking["idempotency_key"] == request.envelope.idempotency_key
+            assert booked[order_id] <= 1
+    finally:
+        stack.run("down")
+
+
+def follow(env: dict[str, str], order_ids: set[str], *, timeout: float) -> dict[str, list[Event]]:
+    """Every event of the orders on the workflow's topics, read until each order is in a
+    terminal state (or waits for review) and nothing new came for 3 s."""
+    codec = WireCodec(SchemaRegistryClient({"url": env["SCHEMA_REGISTRY_URL"]}))
+    consumer = Consumer(
+        {
+            "bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"],
+            "group.id": f"e2e-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "session.timeout.ms": 6000,
+        }
+    )
+    consumer.subscribe(list(TOPICS))
+    events: dict[str, list[Event]] = {order_id: [] for order_id in order_ids}
+    deadline, last_new = time.monotonic() + timeout, time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            batch = [m for m in consumer.consume(1000, 0.5) if m.error() is None]
+            for msg in batch:
+                event = codec.decode(msg.value())
+                if event.order_id in events:
+                    events[event.order_id].append(event)
+            if batch:
+                last_new = time.monotonic()
+            elif time.monotonic() - last_new >= 3 and all(
+                terminal_state(evs) is not None for evs in events.values()
+            ):
+                return events
+    finally:
+        consumer.close()
+    waiting = Counter(terminal_state(evs) for evs in events.values())
+    stuck = {
+        order_id: [e.event_type for e in evs]
+        for order_id, evs in list(events.items())
+        if terminal_state(evs) is None
+    }
+    raise AssertionError(
+        f"orders did not settle within {timeout:.0f}s: {waiting}; e.g. {list(stuck.items())[:5]}"
+    )
