@@ -1,50 +1,39 @@
 """The ingest service's HTTP face: routes, API key check, body limit, OpenAPI, problems.
 
-The request body is read by the route itself rather than by FastAPI, for two
-reasons: its size is checked while it streams in (``Content-Length`` first,
-then chunk by chunk, so chunked bodies are bounded too) before a byte is
-parsed, and pydantic then parses and validates it in one strict pass
-(``handler``). The OpenAPI document still names each body's schema: routes
-declare them through ``openapi_extra`` and ``openapi`` adds the models.
+The request body is read by the route itself rather than by FastAPI
+(``opsflow.web.body``: bounded while it streams in, then parsed in one strict
+pass by ``handler``). The OpenAPI document still names each body's schema:
+routes declare them through ``openapi_extra`` and ``install_openapi`` adds the
+models. Authentication, problem details and health checks are ``opsflow.web``'s.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-import psycopg
 from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from psycopg_pool import ConnectionPool, PoolTimeout
-from pydantic import BaseModel
-from pydantic.json_schema import models_json_schema
+from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 
-from opsflow.apikeys import ApiKey, verify_key
+from opsflow.apikeys import ApiKey
 from opsflow.contracts import MODELS
-from opsflow.errors import ConfigurationError, OpsflowError, RetryableError
 from opsflow.producer import EVENT_BODIES, Producer
+from opsflow.web import (
+    ApiKeyAuth,
+    ProblemError,
+    add_health_routes,
+    install_openapi,
+    install_problem_handlers,
+    problem_responses,
+    read_body,
+    request_body,
+)
 from services.ingest.config import IngestSettings
 from services.ingest.handler import Accepted, BatchAccepted, Ingest
 from services.ingest.idempotency import Answer, IdempotencyStore, KeyInUse
-from services.ingest.problems import (
-    IDEMPOTENCY_KEY_IN_USE,
-    INVALID_BODY,
-    Problem,
-    ProblemError,
-    field_errors,
-    problem_responses,
-)
-
-log = logging.getLogger("services.ingest")
-
-REALM = 'Bearer realm="opsflow ingest"'
+from services.ingest.problems import IDEMPOTENCY_KEY_IN_USE
 
 DESCRIPTION = """\
 Publish events into opsflow. Send the event **without its envelope**: the
@@ -69,14 +58,8 @@ _RESPONSE_TEXT = {
     503: "The broker, registry or database is unavailable; nothing or (for a batch, see "
     "`results`) part was written. Retry with the same Idempotency-Key.",
 }
+_TOO_LARGE_HINT = "send fewer events per request"
 _PROBLEMS = problem_responses(400, 401, 409, 413, 415, 422, 503, descriptions=_RESPONSE_TEXT)
-_PROBLEMS[401]["headers"] = {
-    "WWW-Authenticate": {
-        "description": "The Bearer challenge (RFC 6750).",
-        "required": True,
-        "schema": {"type": "string"},
-    }
-}
 
 IdempotencyKey = Annotated[
     str | None,
@@ -91,73 +74,7 @@ IdempotencyKey = Annotated[
 ]
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key from `opsflow keys create`.")
-
-
-def authenticate(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> ApiKey:
-    """The caller's active API key, or a 401 problem with a Bearer challenge."""
-    if credentials is None:
-        raise ProblemError(
-            401,
-            "send an API key as `Authorization: Bearer <key>` "
-            "(create one with `opsflow keys create --producer NAME`)",
-            headers={"WWW-Authenticate": REALM},
-        )
-    pool: ConnectionPool[Any] = request.app.state.pool
-    with pool.connection() as conn:
-        key = verify_key(conn, credentials.credentials)
-    if key is None:
-        raise ProblemError(
-            401,
-            "the API key is unknown or revoked",
-            headers={"WWW-Authenticate": f'{REALM}, error="invalid_token"'},
-        )
-    return key
-
-
-Caller = Annotated[ApiKey, Depends(authenticate)]
-
-
-class Health(BaseModel):
-    """Liveness or readiness."""
-
-    status: str
-
-
-def _request_body(schema_name: str) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{schema_name}"}}
-            },
-        }
-    }
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed ``limit`` bytes
-    and with 415 unless it is declared as JSON."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise ProblemError(
-            415,
-            f"send the event as JSON with Content-Type: application/json (got {media_type!r})",
-        )
-    too_large = ProblemError(413, f"the body exceeds {limit} bytes; send fewer events per request")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
+Caller = Annotated[ApiKey, Depends(ApiKeyAuth("opsflow ingest"))]
 
 
 def _answer(answer: Answer) -> Response:
@@ -179,7 +96,7 @@ def create_app(
         async def publish(
             request: Request, key: Caller, idempotency_key: IdempotencyKey = None
         ) -> Response:
-            body = await read_body(request, settings.max_body_bytes)
+            body = await read_body(request, settings.max_body_bytes, hint=_TOO_LARGE_HINT)
             answer = await run_in_threadpool(
                 ingest.publish,
                 producer=key.producer,
@@ -201,7 +118,7 @@ def create_app(
             description=MODELS[event_type].__doc__ or "",
             operation_id=f"publish_{event_type.replace('.', '_')}",
             tags=["events"],
-            openapi_extra=_request_body(body_model.__name__),
+            openapi_extra=request_body(body_model.__name__),
         )(event_route(event_type))
 
     app.post(
@@ -212,7 +129,7 @@ def create_app(
         summary="Publish an order (same as /events/order.received)",
         operation_id="publish_order",
         tags=["orders"],
-        openapi_extra=_request_body(EVENT_BODIES["order.received"].__name__),
+        openapi_extra=request_body(EVENT_BODIES["order.received"].__name__),
     )(event_route("order.received"))
 
     @app.post(
@@ -226,12 +143,12 @@ def create_app(
         "the idempotency key K#i.",
         operation_id="publish_batch",
         tags=["events"],
-        openapi_extra=_request_body("EventBatch"),
+        openapi_extra=request_body("EventBatch"),
     )
     async def publish_batch(
         request: Request, key: Caller, idempotency_key: IdempotencyKey = None
     ) -> Response:
-        body = await read_body(request, settings.max_body_bytes)
+        body = await read_body(request, settings.max_body_bytes, hint=_TOO_LARGE_HINT)
         answer = await run_in_threadpool(
             ingest.publish_batch,
             producer=key.producer,
@@ -247,63 +164,8 @@ def create_app(
             f"no event type {event_type!r}; known types: {', '.join(EVENT_BODIES)}",
         )
 
-    @app.get("/healthz", response_model=Health, tags=["operations"])
-    async def healthz() -> dict[str, str]:
-        """The process is up and serving."""
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        response_model=Health,
-        tags=["operations"],
-        responses=problem_responses(503, descriptions={503: "A dependency does not answer."}),
-    )
-    async def readyz() -> dict[str, str]:
-        """The database and the Kafka cluster answer, so events can be accepted."""
-        await run_in_threadpool(_check_ready, pool, producer)
-        return {"status": "ready"}
-
-    _install_error_handlers(app)
-    _install_openapi(app, ingest)
-    return app
-
-
-def _check_ready(pool: ConnectionPool[Any], producer: Producer) -> None:
-    try:
-        with pool.connection(timeout=2) as conn:
-            conn.execute("SELECT 1")
-    except (psycopg.Error, PoolTimeout) as err:
-        raise ProblemError(503, f"the database does not answer: {err}") from err
-    try:
-        producer.check_connection(timeout=2)
-    except ConfigurationError as err:
-        raise ProblemError(503, f"{err.problem}") from err
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ProblemError)
-    async def problem(request: Request, exc: ProblemError) -> Response:
-        return exc.response(request.url.path)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
-        detail = exc.detail if isinstance(exc.detail, str) else None
-        error = ProblemError(
-            exc.status_code, detail or f"{request.method} {request.url.path}", headers=exc.headers
-        )
-        return error.response(request.url.path)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
-        errors = field_errors(exc.errors())
-        error = ProblemError(
-            422,
-            "; ".join(f"{e.field}: {e.message}" for e in errors),
-            type=INVALID_BODY,
-            title="Request does not match its contract",
-            errors=errors,
-        )
-        return error.response(request.url.path)
+    add_health_routes(app, pool=pool, producer=producer)
+    install_problem_handlers(app)
 
     @app.exception_handler(KeyInUse)
     async def key_in_use(request: Request, exc: KeyInUse) -> Response:
@@ -316,49 +178,5 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
         return error.response(request.url.path)
 
-    @app.exception_handler(RetryableError)
-    async def unavailable(request: Request, exc: RetryableError) -> Response:
-        error = ProblemError(503, f"{exc}; nothing was written", headers={"Retry-After": "1"})
-        return error.response(request.url.path)
-
-    @app.exception_handler(psycopg.Error)
-    @app.exception_handler(PoolTimeout)
-    async def database_unavailable(request: Request, exc: Exception) -> Response:
-        log.warning("database error", extra={"error": str(exc)})
-        error = ProblemError(
-            503, "the database is unavailable; nothing was written", headers={"Retry-After": "1"}
-        )
-        return error.response(request.url.path)
-
-    @app.exception_handler(OpsflowError)
-    async def misconfigured(request: Request, exc: OpsflowError) -> Response:
-        log.error("request failed", extra={"error": str(exc)})
-        return ProblemError(500, f"the service cannot do this: {exc}").response(request.url.path)
-
-    @app.exception_handler(RecursionError)
-    async def too_deep(request: Request, exc: RecursionError) -> Response:
-        return ProblemError(400, "the body is nested too deeply").response(request.url.path)
-
-
-def _install_openapi(app: FastAPI, ingest: Ingest) -> None:
-    """Add the request body and problem schemas the routes refer to by name."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title,
-                version=app.version,
-                description=app.description,
-                routes=app.routes,
-            )
-            models: list[tuple[type[BaseModel], Any]] = [
-                (body, "validation") for body in EVENT_BODIES.values()
-            ]
-            models += [(ingest.batch_model, "validation"), (Problem, "serialization")]
-            _, definitions = models_json_schema(models, ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(definitions["$defs"])
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+    install_openapi(app, bodies=[*EVENT_BODIES.values(), ingest.batch_model])
+    return app
