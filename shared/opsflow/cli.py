@@ -291,6 +291,101 @@ def keys_revoke(
     )
 
 
+users_app = typer.Typer(
+    no_args_is_help=True,
+    help="People who act in opsflow (reviewers, supervisors, operators), in DATABASE_URL's "
+    "database.",
+)
+app.add_typer(users_app, name="users")
+
+
+@users_app.command("create")
+def users_create(
+    name: Annotated[str, typer.Argument(help="A unique handle, e.g. alice.")],
+    role: Annotated[
+        str, typer.Option("--role", help="reviewer, supervisor or operator.", show_default=False)
+    ],
+    display_name: Annotated[
+        str | None,
+        typer.Option("--display-name", help="How events and screens name them (default: NAME)."),
+    ] = None,
+) -> None:
+    """Create a user with ROLE and print their bearer token; it is shown this once."""
+    from opsflow import db, users
+
+    try:
+        chosen = users.Role(role.lower())
+    except ValueError:
+        raise ConfigurationError(
+            "--role", f"{role!r} is not a role", "Use reviewer, supervisor or operator"
+        ) from None
+    with db.connect(_keys_database_url()) as conn:
+        created = users.create_user(conn, name, chosen, display_name=display_name)
+    errors.print(
+        f"Created {created.user.role} {created.user.name} ({created.user.user_id}). "
+        "The token is shown only now: hand it to them over a safe channel.",
+        highlight=False,
+        soft_wrap=True,
+    )
+    print(created.token)
+
+
+@users_app.command("list")
+def users_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show every user (never a token): id, name, display name, role, created, revoked."""
+    from opsflow import db, users
+
+    with db.connect(_keys_database_url()) as conn:
+        found = users.list_users(conn)
+    if as_json:
+        rows = [
+            {
+                "user_id": user.user_id,
+                "name": user.name,
+                "display_name": user.display_name,
+                "role": user.role.value,
+                "created_at": user.created_at.isoformat(),
+                "revoked_at": user.revoked_at.isoformat() if user.revoked_at else None,
+            }
+            for user in found
+        ]
+        print(json.dumps(rows))
+        return
+    table = Table(title="Users")
+    for column in ("user id", "name", "display name", "role", "created", "revoked"):
+        table.add_column(column)
+    for user in found:
+        revoked = f"[red]{user.revoked_at:%Y-%m-%d %H:%M:%S}[/]" if user.revoked_at else "-"
+        table.add_row(
+            user.user_id,
+            user.name,
+            user.display_name,
+            user.role.value,
+            f"{user.created_at:%Y-%m-%d %H:%M:%S}",
+            revoked,
+        )
+    console.print(table)
+
+
+@users_app.command("revoke")
+def users_revoke(
+    name: Annotated[str, typer.Argument(help="The user's name or user id (`opsflow users list`).")],
+) -> None:
+    """Revoke a user's token: their requests are refused from now on."""
+    from opsflow import db, users
+
+    with db.connect(_keys_database_url()) as conn:
+        user = users.revoke_user(conn, name)
+    assert user.revoked_at is not None
+    console.print(
+        f"Revoked {user.role} {user.name} ({user.user_id}) "
+        f"at {user.revoked_at:%Y-%m-%d %H:%M:%S %Z}.",
+        highlight=False,
+    )
+
+
 def main() -> None:
     """Entry point: run the app, turning opsflow's errors into one clear line."""
     try:

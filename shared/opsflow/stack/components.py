@@ -14,8 +14,8 @@ carrier        a real carrier's booking API  CARRIER_URL
 =============  ============================  =========================
 
 On top of them run opsflow's own services (unless ``OPSFLOW_SERVICES=false``):
-ingest, policy-check, dispatch, pod-capture (its webhook and its consumer),
-each started once provisioning is done.
+ingest, policy-check, review, dispatch, pod-capture (its webhook and its
+consumer), each started once provisioning is done.
 
 The plan is pure data (names, ports, commands): ``supervisor`` turns it into
 a process manager's configuration and ``launch`` runs each command.
@@ -263,6 +263,8 @@ def _services(
     webhook_port = ports.choose("pod-webhook", None, "")
     env["INGEST_URL"] = url(ingest_port)
     env["POD_CAPTURE_URL"] = url(webhook_port)
+    review_port = ports.choose("review", None, "")
+    env["REVIEW_URL"] = url(review_port)
     found = [
         Component(
             "ingest",
@@ -279,6 +281,14 @@ def _services(
             100,
             module=("services.pod_capture",),
             env={"POD_PORT": str(webhook_port)},
+        ),
+        Component(
+            "review",
+            review_port,
+            url(review_port),
+            100,
+            module=("services.review",),
+            env={"REVIEW_PORT": str(review_port)},
         ),
         runtime("policy-check", "services.policy_check"),
         runtime("pod-capture", "services.pod_capture"),

@@ -1,0 +1,428 @@
+"""The review service's HTTP API: the queue, and claim, release, approve, reject.
+
+Every action is written to the review topic with the authenticated person as
+its actor and acknowledged by the broker before the answer; the answer is the
+task as it is after the action (see ``desk``). People authenticate with
+``Authorization: Bearer <token>`` (``opsflow users create NAME --role ...``):
+reviewers act on reviewer-tier tasks, supervisors on any task, operators may
+only look. Errors are RFC 9457 problems (``opsflow.web``). The routes answer
+from the in-memory table, so an HTML page can sit on the same ``desk`` calls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+
+from confluent_kafka.schema_registry import SchemaRegistryClient
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import ConnectionPool
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from opsflow.contracts import Actor, ActorRole, Reason, ReviewDecision, ReviewTier
+from opsflow.producer import Producer
+from opsflow.settings import KafkaSettings, RegistrySettings
+from opsflow.users import Role, User, verify_token
+from opsflow.web import (
+    ProblemError,
+    check_ready,
+    install_openapi,
+    install_problem_handlers,
+    parse_json,
+    problem_responses,
+    read_body,
+    read_limited,
+    request_body,
+)
+from services.review.clock import Clock
+from services.review.config import ReviewSettings
+from services.review.desk import ReviewDesk
+from services.review.feed import Feed
+from services.review.sla import load_sla
+from services.review.tasks import NotAllowed, QueueFilter, Task, TaskConflict, TaskNotFound
+
+DESCRIPTION = """\
+The review queue: orders the policy check sent to a person. List the queue,
+claim a task, release it, approve or reject it with a reason. Each action is an
+event on the `review` topic carrying you as its actor, acknowledged by the
+broker before the answer. A task is decided exactly once: a second decision, a
+decision on a task someone else holds, or any action on a decided task is a 409
+saying who holds or decided it. Tasks past their SLA move to supervisors.
+
+Authenticate with `Authorization: Bearer <token>` (`opsflow users create NAME
+--role reviewer|supervisor|operator`). Errors are RFC 9457 problem details.
+"""
+
+_BODY_LIMIT = 16 * 1024
+_REALM = 'Bearer realm="opsflow review"'
+_ROLES = {Role.REVIEWER: ActorRole.REVIEWER, Role.SUPERVISOR: ActorRole.SUPERVISOR}
+_RESPONSE_TEXT = {
+    400: "The body is not valid JSON.",
+    401: "No token, or an unknown or revoked one.",
+    403: "Your role may not do this (operators only look; escalated tasks are for supervisors).",
+    404: "No task has this id.",
+    409: "The task is decided, or held by someone else: the detail says by whom.",
+    413: "The body is too large.",
+    415: "The body is not declared as JSON.",
+    422: "The body or a parameter does not match the contract.",
+    503: "The service is still reading the review topic, or the broker is unavailable; "
+    "nothing was written. Retry shortly.",
+}
+_READ_PROBLEMS = problem_responses(401, 422, 503, descriptions=_RESPONSE_TEXT)
+_ACT_PROBLEMS = problem_responses(
+    400, 401, 403, 404, 409, 413, 415, 422, 503, descriptions=_RESPONSE_TEXT
+)
+
+# --- bodies and views --------------------------------------------------------------------
+
+
+class DecisionBody(BaseModel):
+    """Why the order is approved or rejected; recorded in ``review.decided``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class ReleaseBody(BaseModel):
+    """Why the task goes back to the queue (optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = Field(default=None, max_length=2000)
+
+
+class ClockBody(BaseModel):
+    """The time the service should take as now (test clock only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    now: AwareDatetime
+
+
+class ActorView(BaseModel):
+    """A person as events record them."""
+
+    user_id: str
+    display_name: str
+    role: ActorRole
+
+
+class TaskView(BaseModel):
+    """A review task as the review topic says it is."""
+
+    task_id: str
+    order_id: str
+    status: Literal["open", "approved", "rejected"]
+    tier: ReviewTier
+    due_at: datetime
+    reason_codes: list[str]
+    reasons: list[Reason]
+    requested_at: datetime
+    claimed_by: ActorView | None
+    claimed_at: datetime | None
+    decided_by: ActorView | None
+    decided_at: datetime | None
+    decision_reason: str | None
+    escalated_at: datetime | None
+    sla_breached_at: datetime | None
+    version: int = Field(description="How many events this task has had.")
+
+    @classmethod
+    def of(cls, task: Task) -> TaskView:
+        """The view of ``task`` (called under the table's lock)."""
+        return cls(
+            task_id=task.task_id,
+            order_id=task.order_id,
+            status="open" if task.decision is None else task.decision.value.lower(),  # type: ignore[arg-type]
+            tier=task.tier,
+            due_at=task.due_at,
+            reason_codes=list(task.reason_codes),
+            reasons=list(task.reasons),
+            requested_at=task.requested_at,
+            claimed_by=_actor_view(task.claimed_by),
+            claimed_at=task.claimed_at,
+            decided_by=_actor_view(task.decided_by),
+            decided_at=task.decided_at,
+            decision_reason=task.decision_reason,
+            escalated_at=task.escalated_at,
+            sla_breached_at=task.breached_at,
+            version=task.version,
+        )
+
+
+def _actor_view(actor: Actor | None) -> ActorView | None:
+    if actor is None:
+        return None
+    return ActorView(user_id=actor.user_id, display_name=actor.display_name, role=actor.role)
+
+
+class QueueView(BaseModel):
+    """The selected tasks, soonest due first."""
+
+    now: datetime = Field(description="The service's clock when the list was made.")
+    count: int
+    tasks: list[TaskView]
+
+
+class ClockView(BaseModel):
+    """The service's clock."""
+
+    now: datetime
+
+
+class Health(BaseModel):
+    """Liveness or readiness."""
+
+    status: str
+    tasks: int | None = None
+
+
+# --- authentication ----------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="A token from `opsflow users create`.")
+
+
+def authenticated(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> User:
+    """The active user presenting the bearer token.
+
+    Raises:
+        ProblemError: 401 with a Bearer challenge: no token, or an unknown or revoked one.
+    """
+    if credentials is None:
+        raise ProblemError(
+            401,
+            "send your token as `Authorization: Bearer <token>` "
+            "(an administrator creates one with `opsflow users create NAME --role ROLE`)",
+            headers={"WWW-Authenticate": _REALM},
+        )
+    pool: ConnectionPool[Any] = request.app.state.pool
+    with pool.connection() as conn:
+        user = verify_token(conn, credentials.credentials)
+    if user is None:
+        raise ProblemError(
+            401,
+            "the token is unknown or revoked",
+            headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+        )
+    return user
+
+
+def acting(user: Annotated[User, Depends(authenticated)]) -> Actor:
+    """The authenticated user as the actor of a review event.
+
+    Raises:
+        ProblemError: 403 for an operator, who may look but not act.
+    """
+    role = _ROLES.get(user.role)
+    if role is None:
+        raise ProblemError(
+            403, f"{user.display_name} is an {user.role}; only reviewers and supervisors act"
+        )
+    return Actor(user_id=user.user_id, display_name=user.display_name, role=role)
+
+
+Viewer = Annotated[User, Depends(authenticated)]
+Acting = Annotated[Actor, Depends(acting)]
+
+
+# --- the app -----------------------------------------------------------------------------
+
+
+def create_app(
+    settings: ReviewSettings, *, pool: ConnectionPool[Any], producer: Producer
+) -> FastAPI:
+    """The review service over an open pool and producer (owned by the caller).
+
+    The opener, reader and timer threads (``feed``) start and stop with the app.
+    """
+    clock = Clock(settings.clock_offset_s)
+    sla = load_sla(settings.sla_file)
+    desk = ReviewDesk(producer, clock, supervisor_sla=sla.supervisor)
+    feed = Feed(
+        desk,
+        kafka=KafkaSettings().client_config(),
+        registry=SchemaRegistryClient({"url": RegistrySettings().schema_registry_url}),
+    )
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        feed.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(feed.stop)
+
+    app = FastAPI(title="opsflow review", version="1", description=DESCRIPTION, lifespan=lifespan)
+    app.state.pool = pool
+    app.state.desk = desk
+
+    def ready() -> None:
+        if not feed.ready.is_set():
+            raise ProblemError(
+                503,
+                "the service is still reading the review topic; retry shortly",
+                headers={"Retry-After": "1"},
+            )
+
+    Ready = Depends(ready)
+
+    @app.get(
+        "/tasks",
+        response_model=QueueView,
+        responses=_READ_PROBLEMS,
+        dependencies=[Ready],
+        tags=["tasks"],
+        summary="List review tasks, soonest due first",
+    )
+    async def list_tasks(
+        user: Viewer,
+        status: Literal["open", "decided", "all"] = "open",
+        tier: ReviewTier | None = None,
+        reason: Annotated[
+            str | None, Query(description="Only tasks with this reason code.")
+        ] = None,
+        claimed: Annotated[
+            bool | None, Query(description="Only claimed (true) or unclaimed (false) tasks.")
+        ] = None,
+        due_soon: Annotated[
+            bool,
+            Query(description=f"Only tasks due within {settings.due_soon_s:g} s (or overdue)."),
+        ] = False,
+        due_within_s: Annotated[
+            float | None, Query(ge=0, description="Only tasks due within this many seconds.")
+        ] = None,
+    ) -> QueueView:
+        now = clock.now()
+        window = due_within_s if due_within_s is not None else settings.due_soon_s
+        where = QueueFilter(
+            status=status,
+            tier=tier,
+            reason=reason,
+            claimed=claimed,
+            due_before=now + timedelta(seconds=window)
+            if due_soon or due_within_s is not None
+            else None,
+        )
+        tasks = desk.queue(where, TaskView.of)
+        return QueueView(now=now, count=len(tasks), tasks=tasks)
+
+    @app.get(
+        "/tasks/{task_id}",
+        response_model=TaskView,
+        responses=problem_responses(401, 404, 503, descriptions=_RESPONSE_TEXT),
+        dependencies=[Ready],
+        tags=["tasks"],
+        summary="One review task",
+    )
+    async def get_task(task_id: str, user: Viewer) -> TaskView:
+        return desk.read(lambda table: TaskView.of(table.get(task_id)))
+
+    @app.post(
+        "/tasks/{task_id}/claim",
+        response_model=TaskView,
+        responses=_ACT_PROBLEMS,
+        dependencies=[Ready],
+        tags=["tasks"],
+        summary="Claim a task (no-op if you hold it already)",
+    )
+    async def claim(task_id: str, actor: Acting) -> TaskView:
+        return await run_in_threadpool(desk.claim, task_id, actor, TaskView.of)
+
+    @app.post(
+        "/tasks/{task_id}/release",
+        response_model=TaskView,
+        responses=_ACT_PROBLEMS,
+        dependencies=[Ready],
+        tags=["tasks"],
+        summary="Put a claimed task back in the queue (its holder, or a supervisor)",
+        openapi_extra={
+            "requestBody": {
+                "required": False,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ReleaseBody"}}
+                },
+            }
+        },
+    )
+    async def release(task_id: str, actor: Acting, request: Request) -> TaskView:
+        raw = await read_limited(request, _BODY_LIMIT)
+        body = parse_json(ReleaseBody, raw) if raw.strip() else ReleaseBody()
+        return await run_in_threadpool(desk.release, task_id, actor, body.reason, TaskView.of)
+
+    def decision_route(decision: ReviewDecision) -> Any:
+        async def decide(task_id: str, actor: Acting, request: Request) -> TaskView:
+            body = parse_json(DecisionBody, await read_body(request, _BODY_LIMIT))
+            return await run_in_threadpool(
+                desk.decide, task_id, actor, decision, body.reason, TaskView.of
+            )
+
+        return decide
+
+    for path, decision in (
+        ("approve", ReviewDecision.APPROVED),
+        ("reject", ReviewDecision.REJECTED),
+    ):
+        app.post(
+            f"/tasks/{{task_id}}/{path}",
+            response_model=TaskView,
+            responses=_ACT_PROBLEMS,
+            dependencies=[Ready],
+            tags=["tasks"],
+            summary=f"{path.capitalize()} the order under review, with a reason",
+            operation_id=f"{path}_task",
+            openapi_extra=request_body("DecisionBody"),
+        )(decision_route(decision))
+
+    @app.get("/healthz", response_model=Health, tags=["operations"])
+    async def healthz() -> Health:
+        """The process is up and serving."""
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        tags=["operations"],
+        responses=problem_responses(503, descriptions=_RESPONSE_TEXT),
+    )
+    async def readyz() -> Health:
+        """The review topic is replayed, due timers have fired, and the database and the
+        broker answer."""
+        ready()
+        await run_in_threadpool(check_ready, pool, producer)
+        return Health(status="ready", tasks=desk.read(lambda table: len(table.tasks)))
+
+    if settings.test_clock:
+
+        @app.get("/testing/clock", response_model=ClockView, tags=["testing"])
+        async def read_clock() -> ClockView:
+            """The service's clock (REVIEW_TEST_CLOCK=1 only)."""
+            return ClockView(now=clock.now())
+
+        @app.put("/testing/clock", response_model=ClockView, tags=["testing"])
+        async def set_clock(request: Request) -> ClockView:
+            """Set the service's clock; it keeps ticking from there (REVIEW_TEST_CLOCK=1 only)."""
+            body = parse_json(ClockBody, await read_body(request, _BODY_LIMIT))
+            clock.set(body.now)
+            return ClockView(now=clock.now())
+
+    install_problem_handlers(app)
+    for error, status in ((TaskNotFound, 404), (TaskConflict, 409), (NotAllowed, 403)):
+        app.add_exception_handler(error, _problem(status))
+    install_openapi(app, bodies=[DecisionBody, ReleaseBody, ClockBody])
+    return app
+
+
+def _problem(status: int) -> Any:
+    async def answer(request: Request, exc: Exception) -> Response:
+        return ProblemError(status, str(exc)).response(request.url.path)
+
+    return answer

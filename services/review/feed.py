@@ -1,0 +1,191 @@
+"""The review service's threads next to its HTTP API: opening tasks, reading the log, timers.
+
+Three daemon threads, started and stopped with the API (``Feed.start``/``stop``):
+
+1. **opener**: the opsflow runtime ``Worker`` running ``services.review.service``
+   (``policy.checked`` -> ``review.requested``, exactly once, consumer group
+   ``<prefix>review``).
+2. **reader**: a plain consumer assigned every partition of the review topic,
+   ``read_committed``, from the beginning, under a throwaway group id (it
+   commits nothing: the log is read whole on every start). It replays the
+   topic up to its end into the desk's table, then keeps following it. It
+   starts once the opener has taken its partitions: on a broker that never
+   times out a dead producer's transaction (the embedded one), the opener's
+   take-over commit is what unblocks ``read_committed`` readers after a crash,
+   and reading "to the end" before that would stop short of events already
+   written, such as escalations, which would then fire again.
+3. **timers**: once the replay is done, fires every due timer, earliest
+   deadline first, then looks again every ``TIMER_INTERVAL_S``. Due times are
+   in the log and so is every timer's event, so after a restart the rebuilt
+   table knows which fired; the overdue ones fire once each, in deadline order.
+
+``ready`` is set after the replay and the first round of timers: until then
+the API answers 503, so nobody acts on a table still being rebuilt.
+If a thread dies, the process stops (SIGTERM to itself) so its supervisor
+restarts it, rather than serving with a table that no longer follows the log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow.contracts import Topic
+from opsflow.contracts.wire import WireCodec
+from opsflow.errors import ConfigurationError, OpsflowError
+from opsflow.runtime import Delivery, Worker
+from opsflow.settings import RuntimeSettings
+from opsflow.topics import topic_name
+from services.review.desk import ReviewDesk
+from services.review.service import service
+
+log = logging.getLogger("services.review")
+
+TIMER_INTERVAL_S = 0.2
+# The opener joins its group in about half a session timeout (6 s); a broker
+# that is down for longer makes the service wait, not fail.
+_JOIN_LOG_EVERY_S = 30.0
+
+
+class Feed:
+    """The opener, reader and timer threads of one review service process.
+
+    Args:
+        desk: the table they keep current and the timers they fire.
+        kafka: librdkafka settings (bootstrap servers, security).
+        registry: the schema registry client.
+    """
+
+    def __init__(
+        self, desk: ReviewDesk, *, kafka: dict[str, Any], registry: SchemaRegistryClient
+    ) -> None:
+        self.desk = desk
+        self.kafka = kafka
+        self.codec = WireCodec(registry)
+        self.topic = topic_name(Topic.REVIEW)
+        self.worker = Worker(
+            service,
+            kafka=kafka,
+            registry=registry,
+            delivery=Delivery(RuntimeSettings().delivery),
+        )
+        self.ready = threading.Event()
+        self.replayed = threading.Event()
+        self._stopping = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._guard(self.worker.run), name="review-opener"),
+            threading.Thread(target=self._guard(self._read), name="review-reader"),
+            threading.Thread(target=self._guard(self._time), name="review-timers"),
+        ]
+
+    def start(self) -> None:
+        """Start the three threads."""
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the threads (the opener commits what it has) and wait for them."""
+        self._stopping.set()
+        self.worker.stop()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _guard(self, body: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                body()
+            except Exception:
+                log.exception("review thread failed; stopping the process")
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        return run
+
+    # --- reader ------------------------------------------------------------------------
+
+    def _read(self) -> None:
+        waited = time.monotonic()
+        while not self.worker.health.joined:
+            if self._stopping.wait(0.05):
+                return
+            if time.monotonic() - waited > _JOIN_LOG_EVERY_S:
+                log.warning("still waiting for the opener to join its group")
+                waited = time.monotonic()
+        consumer = Consumer(
+            {
+                **self.kafka,
+                "group.id": f"{self.worker.group}-reader-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "isolation.level": "read_committed",
+                # The end of each partition is learnt from fetch responses (EOF
+                # events), not from ListOffsets, which the embedded broker answers
+                # wrongly for "latest".
+                "enable.partition.eof": True,
+                "queued.max.messages.kbytes": 4096,
+            }
+        )
+        try:
+            partitions = consumer.list_topics(self.topic, timeout=30).topics[self.topic].partitions
+            if not partitions:
+                raise ConfigurationError(
+                    "OPSFLOW_TOPIC_PREFIX",
+                    f"the topic {self.topic} does not exist",
+                    "Create the topics of record (`python -m opsflow.provision`, or `opsflow up`)",
+                )
+            consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
+            remaining = set(partitions)
+            started = time.monotonic()
+            while not self._stopping.is_set():
+                for msg in consumer.consume(1000, 0.1):
+                    error = msg.error()
+                    if error is None:
+                        self._apply(msg.value(), f"{msg.partition()}/{msg.offset()}")
+                    elif error.code() == KafkaError._PARTITION_EOF:
+                        remaining.discard(msg.partition() or 0)
+                    else:
+                        log.warning("review topic read error", extra={"error": str(error)})
+                if not remaining and not self.replayed.is_set():
+                    self.replayed.set()
+                    log.info(
+                        "review topic replayed",
+                        extra={
+                            "tasks": len(self.desk.read(lambda t: t.tasks)),
+                            "seconds": round(time.monotonic() - started, 3),
+                        },
+                    )
+        finally:
+            consumer.close()
+
+    def _apply(self, value: bytes | None, where: str) -> None:
+        try:
+            event = self.codec.decode(value)
+        except Exception as err:
+            # The runtime's dead letters are for inputs; the log cannot be
+            # rewritten, so an unreadable record is logged and passed over.
+            log.error("unreadable review record skipped", extra={"at": where, "error": str(err)})
+            return
+        self.desk.apply(event)
+
+    # --- timers ------------------------------------------------------------------------
+
+    def _time(self) -> None:
+        while not self.replayed.wait(0.05):
+            if self._stopping.is_set():
+                return
+        while not self._stopping.is_set():
+            try:
+                self.desk.fire_due()
+            except OpsflowError as err:
+                log.warning("timers wait for the broker", extra={"error": str(err)})
+            self.ready.set()
+            self._stopping.wait(TIMER_INTERVAL_S)

@@ -1,0 +1,377 @@
+"""The review task table: every task's state, as the ``review`` topic says it is.
+
+``TaskTable.apply`` folds review events into tasks; it is the only way state
+changes, whether the event was just read from the topic or just acknowledged
+by the broker after the API wrote it, so the table the API answers from is the
+table a replay rebuilds. ``apply`` is idempotent (events are recognised by
+their id), because the API applies its own events at once and then reads them
+back from the topic.
+
+The other methods decide: given a task, an actor and the time, they return the
+event to write, or raise why not (``TaskConflict``, ``NotAllowed``,
+``TaskNotFound``). They read no clock and make no random ids (the time is an
+argument, event ids are derived from the task and its version), and they
+change nothing: the caller writes the event, then applies it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from opsflow.contracts import (
+    Actor,
+    ActorRole,
+    Envelope,
+    Event,
+    Reason,
+    ReviewClaimed,
+    ReviewDecided,
+    ReviewDecision,
+    ReviewEscalated,
+    ReviewReleased,
+    ReviewRequested,
+    ReviewSlaBreached,
+    ReviewTier,
+)
+from opsflow.errors import PermanentError
+from opsflow.producer import event_id_for
+
+log = logging.getLogger("services.review")
+
+PRODUCER = "review"
+
+E = TypeVar("E", bound=Event)
+
+
+class TaskNotFound(PermanentError):
+    """No task has this id."""
+
+
+class TaskConflict(PermanentError):
+    """The task's state forbids the action (decided, or held by someone else)."""
+
+
+class NotAllowed(PermanentError):
+    """The actor's role may not act on this task."""
+
+
+@dataclass
+class Task:
+    """One review task: what it is about, who holds it, what became of it."""
+
+    task_id: str
+    order_id: str
+    tier: ReviewTier
+    due_at: datetime
+    reason_codes: list[str]
+    reasons: list[Reason]
+    requested_at: datetime
+    last_event_id: str
+    version: int = 1
+    claimed_by: Actor | None = None
+    claimed_at: datetime | None = None
+    decision: ReviewDecision | None = None
+    decided_by: Actor | None = None
+    decided_at: datetime | None = None
+    decision_reason: str | None = None
+    escalated_at: datetime | None = None
+    breached_at: datetime | None = None
+
+    @property
+    def open(self) -> bool:
+        """Undecided."""
+        return self.decision is None
+
+    @property
+    def timer(self) -> datetime | None:
+        """When this task's next timer fires: escalation in the reviewer tier, the breach
+        in the supervisor tier; none once decided or breached."""
+        if not self.open or self.breached_at is not None:
+            return None
+        return self.due_at
+
+
+def _who(actor: Actor) -> str:
+    return f"{actor.display_name} ({actor.user_id}, {actor.role.value.lower()})"
+
+
+def _when(at: datetime | None) -> str:
+    return at.isoformat(timespec="seconds") if at else "an unknown time"
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    """Which tasks a queue listing shows.
+
+    Attributes:
+        status: ``open`` (undecided), ``decided`` or ``all``.
+        tier: only this tier.
+        reason: only tasks with this reason code.
+        claimed: only claimed (True) or unclaimed (False) open tasks.
+        due_before: only tasks due before this time.
+    """
+
+    status: str = "open"
+    tier: ReviewTier | None = None
+    reason: str | None = None
+    claimed: bool | None = None
+    due_before: datetime | None = None
+
+    def matches(self, task: Task) -> bool:
+        """Whether ``task`` belongs in the listing."""
+        if self.status == "open" and not task.open:
+            return False
+        if self.status == "decided" and task.open:
+            return False
+        if self.tier is not None and task.tier is not self.tier:
+            return False
+        if self.reason is not None and self.reason not in task.reason_codes:
+            return False
+        if self.claimed is not None and (task.claimed_by is not None) is not self.claimed:
+            return False
+        return self.due_before is None or task.due_at < self.due_before
+
+
+@dataclass
+class TaskTable:
+    """Tasks by id, folded from review events (see the module docstring)."""
+
+    tasks: dict[str, Task] = field(default_factory=dict)
+    _seen: set[str] = field(default_factory=set)
+
+    # --- folding events ----------------------------------------------------------------
+
+    def apply(self, event: Event) -> bool:
+        """Fold one review event in; False when it changed nothing (a repeat, an event of a
+        task never requested, a second decision)."""
+        event_id = str(event.envelope.event_id)
+        if event_id in self._seen:
+            return False
+        self._seen.add(event_id)
+        if isinstance(event, ReviewRequested):
+            if event.task_id in self.tasks:
+                return False  # the same task requested twice (a redo): the first stands
+            self.tasks[event.task_id] = Task(
+                task_id=event.task_id,
+                order_id=event.order_id,
+                tier=event.tier,
+                due_at=event.due_at,
+                reason_codes=list(event.reason_codes),
+                reasons=list(event.reasons),
+                requested_at=event.envelope.occurred_at,
+                last_event_id=event_id,
+            )
+            return True
+        task_id = getattr(event, "task_id", None)
+        task = self.tasks.get(task_id) if isinstance(task_id, str) else None
+        if task is None:
+            log.warning(
+                "review event for an unknown task ignored",
+                extra={"event_id": event_id, "task_id": task_id, "event_type": event.event_type},
+            )
+            return False
+        if not task.open:
+            log.warning(
+                "review event for a decided task ignored",
+                extra={"event_id": event_id, "task_id": task_id, "event_type": event.event_type},
+            )
+            return False
+        at = event.envelope.occurred_at
+        if isinstance(event, ReviewClaimed):
+            task.claimed_by, task.claimed_at = event.actor, at
+        elif isinstance(event, ReviewReleased):
+            task.claimed_by, task.claimed_at = None, None
+        elif isinstance(event, ReviewDecided):
+            task.decision, task.decided_by = event.decision, event.actor
+            task.decided_at, task.decision_reason = at, event.reason
+        elif isinstance(event, ReviewEscalated):
+            # The task goes to the supervisors' queue: a reviewer's claim ends with it.
+            task.tier, task.due_at, task.escalated_at = event.tier, event.due_at, at
+            task.claimed_by, task.claimed_at = None, None
+        elif isinstance(event, ReviewSlaBreached):
+            task.breached_at = at
+        else:
+            return False
+        task.version += 1
+        task.last_event_id = event_id
+        return True
+
+    # --- reading -----------------------------------------------------------------------
+
+    def get(self, task_id: str) -> Task:
+        """The task with this id.
+
+        Raises:
+            TaskNotFound: none has it.
+        """
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise TaskNotFound(f"no review task has the id {task_id!r}")
+        return task
+
+    def queue(self, where: QueueFilter) -> list[Task]:
+        """The tasks ``where`` selects, soonest due first."""
+        found = [task for task in self.tasks.values() if where.matches(task)]
+        return sorted(found, key=lambda task: (task.due_at, task.task_id))
+
+    def next_due(self, now: datetime) -> Task | None:
+        """The task whose timer is the earliest of those due at ``now``, if any."""
+        due = [t for t in self.tasks.values() if t.timer is not None and t.timer <= now]
+        return min(due, key=lambda t: (t.timer, t.task_id), default=None)
+
+    # --- deciding ----------------------------------------------------------------------
+
+    def claim(self, task_id: str, actor: Actor, *, now: datetime) -> ReviewClaimed | None:
+        """The claim of ``task_id`` by ``actor``; None when they hold it already.
+
+        Raises:
+            TaskNotFound, TaskConflict (decided, or held by another), NotAllowed (tier).
+        """
+        task = self._actionable(task_id, actor)
+        if task.claimed_by is not None:
+            if task.claimed_by.user_id == actor.user_id:
+                return None
+            raise self._held(task)
+        return self._event(
+            ReviewClaimed, task, now, f"claimed:{actor.user_id}", actor=actor, tier=task.tier
+        )
+
+    def release(
+        self, task_id: str, actor: Actor, *, now: datetime, reason: str | None = None
+    ) -> ReviewReleased:
+        """The release of ``task_id``: by whoever holds it, or by a supervisor.
+
+        Raises:
+            TaskNotFound, TaskConflict (decided, not claimed, or held by another
+            and the actor is no supervisor), NotAllowed (tier).
+        """
+        task = self._actionable(task_id, actor)
+        if task.claimed_by is None:
+            raise TaskConflict(
+                f"task {task_id} is not claimed by anyone; there is nothing to release"
+            )
+        if task.claimed_by.user_id != actor.user_id and actor.role is not ActorRole.SUPERVISOR:
+            raise TaskConflict(
+                f"task {task_id} is claimed by {_who(task.claimed_by)} since "
+                f"{_when(task.claimed_at)}; only they or a supervisor may release it"
+            )
+        return self._event(
+            ReviewReleased,
+            task,
+            now,
+            f"released:{actor.user_id}",
+            actor=actor,
+            tier=task.tier,
+            reason=reason,
+        )
+
+    def decide(
+        self, task_id: str, actor: Actor, decision: ReviewDecision, reason: str, *, now: datetime
+    ) -> ReviewDecided:
+        """The decision on ``task_id``. A task nobody holds may be decided straight away;
+        one held by someone else may not.
+
+        Raises:
+            TaskNotFound, TaskConflict (decided, or held by another), NotAllowed (tier).
+        """
+        task = self._actionable(task_id, actor)
+        if task.claimed_by is not None and task.claimed_by.user_id != actor.user_id:
+            raise self._held(task)
+        return self._event(
+            ReviewDecided,
+            task,
+            now,
+            f"decided:{actor.user_id}",
+            actor=actor,
+            tier=task.tier,
+            decision=decision,
+            reason=reason,
+        )
+
+    def timer_event(
+        self, task: Task, *, now: datetime, supervisor_sla: timedelta
+    ) -> ReviewEscalated | ReviewSlaBreached:
+        """What the task's due timer writes: the escalation to supervisors, or the breach.
+
+        The supervisors' deadline counts from the missed one, not from when the
+        timer fired, so it is the same however late the service ran the timer
+        (after a restart, say). A timer's event id depends only on the task and
+        the tier, so a timer can never fire twice under different ids.
+        """
+        if task.tier is ReviewTier.REVIEWER:
+            return self._event(
+                ReviewEscalated,
+                task,
+                now,
+                "escalated:REVIEWER",
+                keyed_by_version=False,
+                previous_tier=ReviewTier.REVIEWER,
+                tier=ReviewTier.SUPERVISOR,
+                breached_due_at=task.due_at,
+                due_at=task.due_at + supervisor_sla,
+            )
+        return self._event(
+            ReviewSlaBreached,
+            task,
+            now,
+            "sla_breached:SUPERVISOR",
+            keyed_by_version=False,
+            tier=task.tier,
+            due_at=task.due_at,
+        )
+
+    def _actionable(self, task_id: str, actor: Actor) -> Task:
+        task = self.get(task_id)
+        if not task.open:
+            verb = "approved" if task.decision is ReviewDecision.APPROVED else "rejected"
+            by = _who(task.decided_by) if task.decided_by else "someone"
+            raise TaskConflict(
+                f"task {task_id} was already {verb} by {by} at {_when(task.decided_at)}"
+            )
+        if task.tier is ReviewTier.SUPERVISOR and actor.role is not ActorRole.SUPERVISOR:
+            raise NotAllowed(
+                f"task {task_id} was escalated to supervisors at {_when(task.escalated_at)}; "
+                "only a supervisor may act on it now"
+            )
+        return task
+
+    def _held(self, task: Task) -> TaskConflict:
+        assert task.claimed_by is not None
+        return TaskConflict(
+            f"task {task.task_id} is claimed by {_who(task.claimed_by)} since "
+            f"{_when(task.claimed_at)}; ask them or a supervisor to release it"
+        )
+
+    @staticmethod
+    def _event(
+        model: type[E],
+        task: Task,
+        now: datetime,
+        fact: str,
+        *,
+        keyed_by_version: bool = True,
+        **fields: object,
+    ) -> E:
+        """An event about ``task`` with a derived envelope.
+
+        The idempotency key names the task, the fact and (for people's actions)
+        the task's version: actions on one task are serialized, so a version
+        sees one action, and a retried write after an unclear broker answer
+        carries the same id and is recognised as a repeat.
+        """
+        key = f"review:{task.task_id}:" + (f"{task.version}:{fact}" if keyed_by_version else fact)
+        envelope = Envelope(
+            event_id=event_id_for(PRODUCER, key),
+            idempotency_key=key,
+            occurred_at=now,
+            correlation_id=task.order_id,
+            causation_id=task.last_event_id,
+            producer=PRODUCER,
+            contract_version=model.contract_version,
+        )
+        return model.model_validate(
+            {"envelope": envelope, "order_id": task.order_id, "task_id": task.task_id, **fields}
+        )
