@@ -14,28 +14,14 @@ from __future__ import annotations
 
 import sys
 
-from opsflow import logs
-from opsflow.errors import ConfigurationError
-from opsflow.web.server import load_settings, serve
+from opsflow.web import server
 from services.pod_capture.app import create_app
 from services.pod_capture.config import PodSettings
-
-SERVICE = "pod-capture"
 
 
 def main() -> int:
     """Check the settings, the database and the broker, then serve until stopped."""
-    logs.configure(SERVICE)
-    try:
-        settings = load_settings(PodSettings)
-    except ConfigurationError as err:
-        print(f"{SERVICE}: {err}", file=sys.stderr)
-        return 2
-    return serve(
-        SERVICE,
-        settings,
-        lambda pool, producer: create_app(settings, pool=pool, producer=producer),
-    )
+    return server.main("pod-capture", PodSettings, create_app)
 
 
 if __name__ == "__main__":

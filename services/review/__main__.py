@@ -15,29 +15,16 @@ from __future__ import annotations
 
 import sys
 
-from opsflow import logs
-from opsflow.errors import ConfigurationError
-from opsflow.web.server import load_settings, serve
+from opsflow.web import server
 from services.review.app import create_app
 from services.review.config import ReviewSettings
 from services.review.sla import load_sla
 
-SERVICE = "review"
-
 
 def main() -> int:
-    """Check the settings and the SLA file, then serve until stopped."""
-    logs.configure(SERVICE)
-    try:
-        settings = load_settings(ReviewSettings)
-        load_sla(settings.sla_file)
-    except ConfigurationError as err:
-        print(f"{SERVICE}: {err}", file=sys.stderr)
-        return 2
-    return serve(
-        SERVICE,
-        settings,
-        lambda pool, producer: create_app(settings, pool=pool, producer=producer),
+    """Check the settings, the database and the broker, then serve until stopped."""
+    return server.main(
+        "review", ReviewSettings, create_app, check=lambda settings: load_sla(settings.sla_file)
     )
 
 

@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from psycopg_pool import ConnectionPool
 from pydantic_settings import BaseSettings
 
+from opsflow import logs
 from opsflow.db import migrate, redact
 from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.producer import Producer
@@ -98,3 +99,37 @@ def serve(
         producer.close(timeout=10)
         pool.close()
     return 0
+
+
+def main(
+    name: str,
+    settings_type: type[Settings],
+    create_app: Callable[..., FastAPI],
+    *,
+    check: Callable[[Settings], object] | None = None,
+) -> int:
+    """A service's ``python -m`` entry point: settings (and ``check``), then ``serve``.
+
+    Args:
+        name: the service's name (logs, producer, pool).
+        settings_type: its settings class, read from the environment.
+        create_app: ``create_app(settings, pool=..., producer=...)``.
+        check: more start-up checks on the settings (e.g. a rules file), raising
+            ``ConfigurationError``.
+
+    Returns:
+        The exit status: 0 after a clean stop, 2 when something is unusable.
+    """
+    logs.configure(name)
+    try:
+        settings = load_settings(settings_type)
+        if check is not None:
+            check(settings)
+    except ConfigurationError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 2
+    return serve(
+        name,
+        settings,  # type: ignore[arg-type]
+        lambda pool, producer: create_app(settings, pool=pool, producer=producer),
+    )
