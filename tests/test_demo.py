@@ -6,8 +6,10 @@ rules and the carrier stand-in's refusal logic themselves. The run tests start
 ``python -m services.ingest`` and ``opsflow run services.policy_check`` as
 processes on topics of their own (``OPSFLOW_TOPIC_PREFIX``) and a database
 schema of their own, run ``opsflow demo`` as a user would, and compare its
-JSON summary with what policy-check actually wrote. Dispatch is not part of
-these runs, so approved orders stay "approved" (awaiting dispatch).
+JSON summary with what policy-check actually wrote. The ``--auto-review`` run
+adds ``python -m services.review`` and compares the summary with the review
+topic. Dispatch is not part of these runs, so approved orders stay "approved"
+(awaiting dispatch).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from opsflow import users
 from opsflow.contracts import (
     DispatchFailureClass,
     Envelope,
@@ -39,7 +42,9 @@ from opsflow.contracts import (
     OrderReceived,
     PolicyChecked,
     PolicyOutcome,
+    ReviewDecided,
     ReviewDecision,
+    ReviewRequested,
     Topic,
 )
 from opsflow.contracts.wire import WireCodec
@@ -51,6 +56,7 @@ from opsflow.demo.orders import (
     DemoOrder,
     demo_orders,
 )
+from opsflow.demo.reviewer import Verdict, reason_for, review_plan
 from opsflow.demo.states import OrderState, Until
 from opsflow.demo.tracker import OrderTrack, percentile, step_timings
 from opsflow.topics import ensure_topics
@@ -126,6 +132,22 @@ def test_only_the_carrier_refusal_orders_go_where_the_carrier_refuses_to_deliver
     assert len(refused) == 20
 
 
+def test_the_auto_reviewer_plans_the_same_verdicts_for_a_seed_leaving_a_tenth_open() -> None:
+    orders = demo_orders(500, seed=4, run_id="r1", now=NOW)
+    plan = review_plan(orders, seed=4)
+
+    review = {o.order_id for o in orders if o.scenario.category is Category.REVIEW}
+    assert set(plan) == review
+    assert Counter(plan.values()) == {Verdict.APPROVE: 63, Verdict.REJECT: 27, Verdict.LEAVE: 10}
+    # The plan follows the orders' numbers, not the run id; another seed plans otherwise.
+    other_run = review_plan(demo_orders(500, seed=4, run_id="r2", now=NOW), seed=4)
+    assert [v for _, v in sorted(other_run.items())] == [v for _, v in sorted(plan.items())]
+    assert review_plan(orders, seed=5) != plan
+    small = Counter(review_plan(demo_orders(20, seed=4, run_id="r1", now=NOW), seed=4).values())
+    assert small == {Verdict.APPROVE: 2, Verdict.REJECT: 1, Verdict.LEAVE: 1}
+    assert reason_for(Verdict.REJECT, ["ADDRESS_INCOMPLETE"]).startswith("Address cannot")
+
+
 # --- following an order -------------------------------------------------------------
 
 
@@ -184,7 +206,7 @@ def test_reviews_retries_and_final_failures_move_an_order_as_the_workflow_does()
     refused = OrderTrack(ORDER)
     refused.apply(fact("policy.checked", 1), 0)
     refused.apply(fact("review.decided", 2, decision=ReviewDecision.REJECTED), 0)
-    assert refused.state is OrderState.REJECTED
+    assert refused.state is OrderState.REVIEW_REJECTED
     permanent = OrderTrack(ORDER)
     permanent.apply(fact("dispatch.failed", 1, failure_class=DispatchFailureClass.PERMANENT), 0)
     assert permanent.state is OrderState.DISPATCH_FAILED
@@ -205,6 +227,7 @@ def test_until_says_which_states_are_far_enough() -> None:
         OrderState.NEEDS_REVIEW,
         OrderState.IN_REVIEW,
         OrderState.REJECTED,
+        OrderState.REVIEW_REJECTED,
         OrderState.DISPATCH_FAILED,
         OrderState.DELIVERED,
         OrderState.POD_REJECTED,
@@ -314,9 +337,9 @@ def pipeline(
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-def policy_checks(pipeline: Pipeline, order_id_prefix: str) -> dict[str, PolicyOutcome]:
-    """What policy-check wrote for a run's orders, read ``read_committed`` from the start
-    of the policy-check topic to its end: order id -> outcome."""
+def read_topic(pipeline: Pipeline, topic: str, order_id_prefix: str) -> list[Event]:
+    """The events of a run's orders on one of the pipeline's topics, read
+    ``read_committed`` from its start to its end."""
     consumer = Consumer(
         {
             "bootstrap.servers": pipeline.bootstrap,
@@ -327,15 +350,15 @@ def policy_checks(pipeline: Pipeline, order_id_prefix: str) -> dict[str, PolicyO
             "fetch.wait.max.ms": 50,
         }
     )
-    topic = f"{pipeline.prefix}policy-check"
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    name = f"{pipeline.prefix}{topic}"
+    consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
     codec = WireCodec(SchemaRegistryClient({"url": pipeline.registry_url}))
-    outcomes: dict[str, PolicyOutcome] = {}
+    found: list[Event] = []
     at_end: set[int] = set()
     try:
         deadline = time.monotonic() + 30
         while len(at_end) < PARTITIONS:
-            assert time.monotonic() < deadline, f"did not reach the end of {topic}"
+            assert time.monotonic() < deadline, f"did not reach the end of {name}"
             for message in consumer.consume(1000, 0.5):
                 error = message.error()
                 if error is not None:
@@ -343,12 +366,20 @@ def policy_checks(pipeline: Pipeline, order_id_prefix: str) -> dict[str, PolicyO
                     at_end.add(message.partition() or 0)
                     continue
                 event = codec.decode(message.value())
-                assert isinstance(event, PolicyChecked)
                 if event.order_id.startswith(order_id_prefix):
-                    assert event.order_id not in outcomes, f"{event.order_id} checked twice"
-                    outcomes[event.order_id] = event.outcome
+                    found.append(event)
     finally:
         consumer.close()
+    return found
+
+
+def policy_checks(pipeline: Pipeline, order_id_prefix: str) -> dict[str, PolicyOutcome]:
+    """What policy-check wrote for a run's orders: order id -> outcome."""
+    outcomes: dict[str, PolicyOutcome] = {}
+    for event in read_topic(pipeline, "policy-check", order_id_prefix):
+        assert isinstance(event, PolicyChecked)
+        assert event.order_id not in outcomes, f"{event.order_id} checked twice"
+        outcomes[event.order_id] = event.outcome
     return outcomes
 
 
@@ -384,7 +415,7 @@ def test_a_demo_run_until_approved_reports_what_policy_check_decided_for_all_50(
 def test_without_dispatch_the_demo_times_out_with_approved_orders_awaiting_dispatch(
     pipeline: Pipeline,
 ) -> None:
-    result = pipeline.demo("--orders", "20", "--timeout", "3", "--auto-review", "--json")
+    result = pipeline.demo("--orders", "20", "--timeout", "3", "--json")
 
     assert result.returncode == 3, result.stderr
     summary: dict[str, Any] = json.loads(result.stdout)
@@ -394,7 +425,8 @@ def test_without_dispatch_the_demo_times_out_with_approved_orders_awaiting_dispa
     assert states["approved"] + states["needs_review"] + states["rejected"] == 20
     notes = " ".join(summary["notes"])
     assert "is dispatch running?" in notes
-    assert "review decisions need the review service" in notes
+    assert "no review service answered" in notes
+    assert summary["auto_review"] is None and summary["review_decisions"] == {}
 
 
 def test_a_refused_key_or_an_unreachable_ingest_is_one_line_saying_what_to_do(
@@ -402,13 +434,104 @@ def test_a_refused_key_or_an_unreachable_ingest_is_one_line_saying_what_to_do(
 ) -> None:
     bad_key = pipeline.demo("--orders", "5", "--api-key", "ofk_nothing_real")
     nobody = pipeline.demo("--orders", "5", "--ingest-url", f"http://127.0.0.1:{_free_port()}")
+    no_reviews = pipeline.demo(
+        "--orders", "5", "--auto-review", "--review-url", f"http://127.0.0.1:{_free_port()}"
+    )
 
-    for result, variable in ((bad_key, "OPSFLOW_API_KEY"), (nobody, "INGEST_URL")):
+    for result, variable in (
+        (bad_key, "OPSFLOW_API_KEY"),
+        (nobody, "INGEST_URL"),
+        (no_reviews, "REVIEW_URL"),
+    ):
         assert result.returncode == 2, result.stderr
         assert result.stdout == ""
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 2 and lines[0].startswith(f"error: {variable}: "), result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def review_url(pipeline: Pipeline, tmp_path: Path) -> Iterator[str]:
+    """The review service on the pipeline's topics and schema, for one test (so the
+    other runs see no review service)."""
+    ensure_topics(
+        AdminClient({"bootstrap.servers": pipeline.bootstrap}),
+        [f"{pipeline.prefix}policy-check.dlq"],
+        partitions=PARTITIONS,
+    )
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "review.log"
+    review = subprocess.Popen(
+        [sys.executable, "-m", "services.review"],
+        cwd=ROOT,
+        env={**pipeline.env, "REVIEW_HOST": "127.0.0.1", "REVIEW_PORT": str(port)},
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert review.poll() is None, f"review exited {review.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"review never got ready:\n{log.read_text()}"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield url
+    finally:
+        _stop(review)
+
+
+def test_auto_review_decides_its_planned_share_through_the_review_api_and_leaves_a_tenth_open(
+    pipeline: Pipeline, review_url: str
+) -> None:
+    result = pipeline.demo(
+        "--orders", "100", "--seed", "9", "--until", "approved", "--auto-review", "--json",
+        REVIEW_URL=review_url,
+    )  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+    summary: dict[str, Any] = json.loads(result.stdout)
+    assert summary["stopped"] == "reached"
+    plan = Counter(
+        v.value for v in review_plan(demo_orders(100, seed=9, run_id="x", now=NOW), seed=9).values()
+    )
+    auto = summary["auto_review"]
+    assert auto["planned"] == dict(plan) == {"approve": 13, "reject": 5, "leave": 2}
+
+    # Every decision the summary counts is a review.decided on the topic, and no more.
+    review = read_topic(pipeline, "review", summary["order_id_prefix"])
+    decisions = [e for e in review if isinstance(e, ReviewDecided)]
+    on_topic = Counter(e.decision.value for e in decisions)
+    assert summary["review_decisions"] == dict(on_topic)
+    assert on_topic == {"APPROVED": auto["approved"], "REJECTED": auto["rejected"]}
+    assert (auto["approved"], auto["rejected"], auto["skipped"]) == (13, 5, 0)
+    assert len({e.order_id for e in decisions}) == len(decisions)
+    assert {e.actor.display_name for e in decisions} == {"opsflow demo (auto-review)"}
+    assert all(e.reason.endswith("(opsflow demo --auto-review)") for e in decisions)
+
+    # The orders left alone keep their tasks open: requested, never decided.
+    requested = {e.order_id for e in review if isinstance(e, ReviewRequested)}
+    assert len(requested) == summary["policy_outcomes"]["NEEDS_REVIEW"] == 20
+    left = requested - {e.order_id for e in decisions}
+    assert len(left) == auto["left_open"] == plan["leave"]
+    states = summary["states"]
+    # (A task may open just after the run stopped: its order is then "needs_review".)
+    assert states["in_review"] + states["needs_review"] == len(left)
+    assert states["review_rejected"] == on_topic["REJECTED"]
+    assert states["approved"] == summary["policy_outcomes"]["AUTO_APPROVED"] + on_topic["APPROVED"]
+    assert states["rejected"] == summary["policy_outcomes"]["REJECTED"]
+
+    notes = " ".join(summary["notes"])
+    assert "no review service answered" not in notes
+    assert f"left {len(left)} orders undecided on purpose" in notes
+    with psycopg.connect(pipeline.env["DATABASE_URL"]) as conn:
+        made = [u for u in users.list_users(conn) if u.name.endswith(summary["run_id"])]
+    assert [(u.role, u.active) for u in made] == [(users.Role.REVIEWER, False)]
+    assert f"Made reviewer {made[0].name} ({made[0].user_id})" in notes
 
 
 def test_without_a_running_stack_the_demo_says_to_start_one(tmp_path: Path) -> None:

@@ -1,15 +1,20 @@
-"""The whole machine path on a real `opsflow up` stack, with dispatch killed mid-run.
+"""The whole workflow on a real `opsflow up` stack, with dispatch killed mid-run.
 
 1,000 demo orders go in through the ingest API's batch endpoint; policy-check,
-dispatch, the carrier stand-in and pod-capture run as the stack runs them
-(supervised processes). dispatch is killed with kill -9 while it is booking
-and its supervisor restarts it. Every order must end in exactly one terminal
-state (delivered, rejected, dispatch failed) or wait for review, and the
-carrier must hold no duplicate booking.
+review, dispatch, the carrier stand-in and pod-capture run as the stack runs
+them (supervised processes). dispatch is killed with kill -9 while it is
+booking and its supervisor restarts it. Meanwhile a reviewer (a user made with
+`opsflow users create`) decides every review task through the review API,
+approving about 70% and rejecting the rest, chosen by a hash of the order id.
+Every order must end in exactly one terminal state: delivered (review-approved
+ones included), rejected (by policy or by the reviewer) or dispatch failed;
+none is left waiting. The carrier must hold no duplicate booking. Decisions come
+long before any review SLA (an hour or more), so no task escalates.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -31,22 +36,34 @@ from opsflow.contracts import (
     PodCaptured,
     PolicyChecked,
     PolicyOutcome,
+    ReviewDecided,
+    ReviewDecision,
 )
 from opsflow.contracts.wire import WireCodec
-from opsflow.demo.orders import Category, demo_orders, new_run_id
+from opsflow.demo.orders import Category, DemoOrder, demo_orders, new_run_id
 from tests.stackctl import Stack, stack_env
 
 ORDERS = 1_000
-TOPICS = ("policy-check", "dispatch", "pod", "pod-rejects")
+TOPICS = ("policy-check", "review", "dispatch", "pod", "pod-rejects")
+APPROVE_SHARE = 0.7
+
+
+def reviewer_approves(order_id: str) -> bool:
+    """The test reviewer's decision: fixed per order id, about 70% approvals."""
+    return hashlib.sha256(order_id.encode()).digest()[0] < APPROVE_SHARE * 256
 
 
 def terminal_state(events: list[Event]) -> str | None:
-    """Where an order stands, from its events; None while it is still moving."""
+    """Where an order ended, from its events; None while it is still moving (waiting for
+    review included: every review is decided in this test)."""
     checks = [e for e in events if isinstance(e, PolicyChecked)]
+    decisions = [e for e in events if isinstance(e, ReviewDecided)]
     if checks and checks[0].outcome is PolicyOutcome.REJECTED:
         return "rejected"
-    if checks and checks[0].outcome is PolicyOutcome.NEEDS_REVIEW:
-        return "waiting for review"
+    if decisions and decisions[0].decision is ReviewDecision.REJECTED:
+        return "rejected"
+    if checks and checks[0].outcome is PolicyOutcome.NEEDS_REVIEW and not decisions:
+        return None
     if any(isinstance(e, PodCaptured) for e in events):
         return "delivered"
     if any(isinstance(e, DispatchFailed) for e in events):
@@ -78,6 +95,10 @@ def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: 
             "keys", "create", "--producer", "e2e-shop", DATABASE_URL=env["DATABASE_URL"]
         )
         key = created.stdout.strip().splitlines()[-1]
+        reviewer = stack.run(
+            "users", "create", "e2e-reviewer", "--role", "reviewer",
+            DATABASE_URL=env["DATABASE_URL"],
+        ).stdout.strip().splitlines()[-1]  # fmt: skip
         orders = demo_orders(ORDERS, seed=5, run_id=new_run_id(), now=datetime.now(UTC))
         category = {o.order_id: o.scenario.category for o in orders}
 
@@ -105,7 +126,11 @@ def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: 
         os.kill(killed, signal.SIGKILL)
         booked_at_kill = httpx.get(f"{carrier}/bookings", timeout=10).json()["count"]
 
-        events = follow(env, set(category), timeout=300)
+        # Approvals reach dispatch while it is down or restarting.
+        reviews = [o for o in orders if o.scenario.category is Category.REVIEW]
+        decide_reviews(env["REVIEW_URL"], reviewer, reviews, timeout=120)
+
+        events = follow(env, set(category), timeout=240)
         assert stack.components()["dispatch"]["pid"] != killed, "dispatch was restarted"
         assert booked_at_kill < sum(
             c in (Category.AUTO_APPROVE, Category.CARRIER_REFUSAL) for c in category.values()
@@ -119,16 +144,19 @@ def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: 
             assert kinds["dispatch.requested"] <= 1, (order_id, kinds)
             assert kinds["dispatch.executed"] + kinds["dispatch.failed"] <= 1, (order_id, kinds)
             assert kinds["pod.captured"] <= 1, (order_id, kinds)
+            review = category[order_id] is Category.REVIEW
+            assert kinds["review.requested"] == int(review), (order_id, kinds)
+            assert kinds["review.decided"] == int(review), (order_id, kinds)
         expected = {
-            Category.AUTO_APPROVE: "delivered",
-            Category.CARRIER_REFUSAL: "dispatch failed",
-            Category.REVIEW: "waiting for review",
-            Category.REJECT: "rejected",
+            order.order_id: expected_state(order, reviewer_approves(order.order_id))
+            for order in orders
         }
+        decided = Counter(reviewer_approves(o.order_id) for o in reviews)
+        assert decided[True] > decided[False] > 0, decided
         wrong = {
             order_id: (category[order_id], state)
             for order_id, state in states.items()
-            if state != expected[category[order_id]]
+            if state != expected[order_id]
             # 5 attempts against 10% faults: a rare order may exhaust its retries.
             and not (
                 state == "dispatch failed"
@@ -160,9 +188,53 @@ def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: 
         stack.run("down")
 
 
+def expected_state(order: DemoOrder, approved_by_reviewer: bool) -> str:
+    """Where a demo order should end, given the reviewer's decision if it is reviewed."""
+    category = order.scenario.category
+    if category is Category.REVIEW and not approved_by_reviewer:
+        return "rejected"
+    if category is Category.CARRIER_REFUSAL or order.scenario.name == "incomplete-address":
+        # The carrier refuses an address without a postal code, even an approved one.
+        return "dispatch failed"
+    if category is Category.REJECT:
+        return "rejected"
+    return "delivered"
+
+
+def decide_reviews(url: str, token: str, orders: list[DemoOrder], *, timeout: float) -> None:
+    """Decide the review task of every one of ``orders`` through the review API, as a
+    reviewer does: list the open tasks, claim one, approve or reject it with a reason."""
+    pending = {o.order_id for o in orders}
+    deadline = time.monotonic() + timeout
+    with httpx.Client(
+        base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ) as review:
+        while pending:
+            assert time.monotonic() < deadline, f"{len(pending)} review tasks never opened"
+            listed = review.get("/tasks", params={"status": "open"})
+            if listed.status_code == 503:  # still reading the review topic
+                time.sleep(0.5)
+                continue
+            assert listed.status_code == 200, listed.text
+            for task in listed.json()["tasks"]:
+                if task["order_id"] not in pending:
+                    continue
+                claimed = review.post(f"/tasks/{task['task_id']}/claim")
+                assert claimed.status_code == 200, claimed.text
+                approve = reviewer_approves(task["order_id"])
+                decided = review.post(
+                    f"/tasks/{task['task_id']}/{'approve' if approve else 'reject'}",
+                    json={"reason": "documents checked" if approve else "not verifiable"},
+                )
+                assert decided.status_code == 200, decided.text
+                assert decided.json()["status"] == ("approved" if approve else "rejected")
+                pending.discard(task["order_id"])
+            time.sleep(0.2)
+
+
 def follow(env: dict[str, str], order_ids: set[str], *, timeout: float) -> dict[str, list[Event]]:
     """Every event of the orders on the workflow's topics, read until each order is in a
-    terminal state (or waits for review) and nothing new came for 3 s."""
+    terminal state and nothing new came for 3 s."""
     codec = WireCodec(SchemaRegistryClient({"url": env["SCHEMA_REGISTRY_URL"]}))
     consumer = Consumer(
         {

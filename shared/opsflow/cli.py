@@ -142,7 +142,9 @@ def demo(
     auto_review: Annotated[
         bool,
         typer.Option(
-            "--auto-review", help="Have orders that need review decided (needs the review service)."
+            "--auto-review",
+            help="Decide the run's review tasks through the review service as a reviewer "
+            "would: seeded, about 70/30 approve/reject, a tenth left open to escalate.",
         ),
     ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same orders.")] = 1,
@@ -151,7 +153,8 @@ def demo(
         typer.Option(
             "--until",
             help="Stop once every order is policy-checked (approved), booked (dispatched), "
-            "or at the end of the workflow (delivered, rejected, failed, or waiting for review).",
+            "or at the end of the workflow (delivered, rejected, failed, or waiting for review). "
+            "With --auto-review, orders it decides wait for its decision.",
         ),
     ] = Until.DELIVERED,
     timeout: Annotated[
@@ -170,6 +173,21 @@ def demo(
             "--api-key",
             help="An ingest API key (default: OPSFLOW_API_KEY, or one made for the run "
             "in DATABASE_URL and revoked after).",
+        ),
+    ] = None,
+    review_url: Annotated[
+        str | None,
+        typer.Option(
+            "--review-url",
+            help="The review service, for --auto-review (default: REVIEW_URL, or the stack's).",
+        ),
+    ] = None,
+    reviewer_token: Annotated[
+        str | None,
+        typer.Option(
+            "--reviewer-token",
+            help="A reviewer's token for --auto-review (default: OPSFLOW_REVIEWER_TOKEN, or "
+            "a reviewer made for the run in DATABASE_URL and revoked after).",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
@@ -191,6 +209,8 @@ def demo(
         auto_review=auto_review,
         ingest_url=ingest_url,
         api_key=api_key,
+        review_url=review_url,
+        reviewer_token=reviewer_token,
     )
     # Bars only for a person watching: not for --json, nor in a log file.
     drawn = not as_json and errors.is_terminal

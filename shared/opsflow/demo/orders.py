@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from opsflow.contracts import (
     Address,
@@ -94,6 +94,7 @@ _NOTES = (
 _CHANNELS = ("web", "mobile-app", "edi", "phone", "marketplace")
 _PRODUCERS = ("order-intake", "edi-gateway", "marketplace-sync")
 T0 = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
+K = TypeVar("K")
 
 
 def _digits(pattern: str, rng: random.Random) -> str:
@@ -335,7 +336,8 @@ def demo_orders(count: int, *, seed: int, run_id: str, now: datetime) -> list[De
         now: when the orders are placed; ``placed_at`` is up to 4 hours before.
     """
     rng = random.Random(seed)
-    categories = [category for category, n in _allocate(count).items() for _ in range(n)]
+    mix = allocate(count, CATEGORY_SHARES)
+    categories = [category for category, n in mix.items() for _ in range(n)]
     rng.shuffle(categories)
     # Within a category the scenarios take turns (from a seeded start), so a
     # category with k orders shows min(k, its scenarios) different ones.
@@ -349,19 +351,23 @@ def demo_orders(count: int, *, seed: int, run_id: str, now: datetime) -> list[De
     return made
 
 
-def _allocate(count: int) -> dict[Category, int]:
-    """Orders per category: the shares rounded by largest remainder, each at least one
-    when there are enough orders."""
-    exact = {category: count * share for category, share in CATEGORY_SHARES.items()}
-    counts = {category: math.floor(value) for category, value in exact.items()}
-    by_remainder = sorted(exact, key=lambda c: exact[c] - counts[c], reverse=True)
-    for category in by_remainder[: count - sum(counts.values())]:
-        counts[category] += 1
+def allocate(count: int, shares: Mapping[K, float]) -> dict[K, int]:
+    """``count`` split by ``shares`` (which sum to 1): the shares rounded by largest
+    remainder, each at least one when there are enough to go round.
+
+    The demo's scenario mix and its reviewer's decisions are both split this way, so a
+    small run still shows every kind.
+    """
+    exact = {kind: count * share for kind, share in shares.items()}
+    counts = {kind: math.floor(value) for kind, value in exact.items()}
+    by_remainder = sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)
+    for kind in by_remainder[: count - sum(counts.values())]:
+        counts[kind] += 1
     if count >= len(counts):
-        for category in counts:
-            if counts[category] == 0:
-                counts[max(counts, key=lambda c: counts[c])] -= 1
-                counts[category] = 1
+        for kind in counts:
+            if counts[kind] == 0:
+                counts[max(counts, key=lambda k: counts[k])] -= 1
+                counts[kind] = 1
     return counts
 
 

@@ -82,6 +82,15 @@ def print_summary(console: Console, summary: Summary) -> None:
 
     outcomes = ", ".join(f"{name} {n}" for name, n in summary.policy_outcomes.items())
     console.print(f"policy-check: {outcomes or 'no decisions seen'}", highlight=False)
+    if summary.review_decisions or summary.auto_review:
+        decided = ", ".join(f"{name} {n}" for name, n in summary.review_decisions.items())
+        line = f"review: {decided or 'no decisions seen'}"
+        if (auto := summary.auto_review) is not None:
+            line += (
+                f" (--auto-review as {auto.reviewer}: approved {auto.approved}, rejected "
+                f"{auto.rejected}, left open {auto.left_open}, skipped {auto.skipped})"
+            )
+        console.print(line, highlight=False)
 
     steps = Table(title="How long each step took", caption=f"from {TIMING_SOURCE}")
     steps.add_column("step")

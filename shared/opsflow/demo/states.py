@@ -17,6 +17,7 @@ class OrderState(StrEnum):
     NEEDS_REVIEW = "needs_review"
     IN_REVIEW = "in_review"
     REJECTED = "rejected"
+    REVIEW_REJECTED = "review_rejected"
     DISPATCH_REQUESTED = "dispatch_requested"
     DISPATCH_RETRYING = "dispatch_retrying"
     DISPATCHED = "dispatched"
@@ -33,10 +34,11 @@ class OrderState(StrEnum):
 _LABELS = {
     OrderState.SENT: "sent, not yet on the orders topic",
     OrderState.RECEIVED: "received, awaiting policy check",
-    OrderState.APPROVED: "approved, awaiting dispatch",
+    OrderState.APPROVED: "approved (by policy or reviewer), awaiting dispatch",
     OrderState.NEEDS_REVIEW: "needs review, no review task yet",
-    OrderState.IN_REVIEW: "in review, awaiting a decision",
-    OrderState.REJECTED: "rejected",
+    OrderState.IN_REVIEW: "waiting for review (task open)",
+    OrderState.REJECTED: "rejected by policy check",
+    OrderState.REVIEW_REJECTED: "rejected by reviewer",
     OrderState.DISPATCH_REQUESTED: "dispatch requested, awaiting the carrier",
     OrderState.DISPATCH_RETRYING: "dispatch failed, will be retried",
     OrderState.DISPATCHED: "dispatched, awaiting proof of delivery",
@@ -48,6 +50,7 @@ _LABELS = {
 TERMINAL: frozenset[OrderState] = frozenset(
     {
         OrderState.REJECTED,
+        OrderState.REVIEW_REJECTED,
         OrderState.DISPATCH_FAILED,
         OrderState.DELIVERED,
         # The workflow has nothing more to do with such an order unless the
@@ -64,7 +67,12 @@ WAITING_FOR_REVIEW: frozenset[OrderState] = frozenset(
 
 
 class Until(StrEnum):
-    """How far the demo follows the orders before it stops and reports."""
+    """How far the demo follows the orders before it stops and reports.
+
+    With ``--auto-review``, an order the demo's reviewer is to decide does not count
+    as far enough while it waits for review, whatever the stop (see
+    ``opsflow.demo.reviewer``).
+    """
 
     APPROVED = "approved"
     """Every order decided by the policy check (approved, rejected or waiting for review)."""

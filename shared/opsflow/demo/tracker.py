@@ -111,7 +111,7 @@ class OrderTrack:
         if self.review_decision is ReviewDecision.APPROVED:
             return OrderState.APPROVED
         if self.review_decision is ReviewDecision.REJECTED:
-            return OrderState.REJECTED
+            return OrderState.REVIEW_REJECTED
         if self.review_open:
             return OrderState.IN_REVIEW
         if self.policy is not None:
@@ -331,6 +331,20 @@ class Tracker:
             self._states[track.order_id] = new
             self.counts[old] -= 1
             self.counts[new] += 1
+
+    def state_of(self, order_id: str) -> OrderState:
+        """Where one of the followed orders stands now."""
+        return self._states[order_id]
+
+    def review_decisions(self) -> dict[str, int]:
+        """How many of the followed orders a reviewer decided, by decision (from the
+        review topic, whoever decided them)."""
+        decided = Counter(
+            track.review_decision.value
+            for track in self.tracks.values()
+            if track.review_decision is not None
+        )
+        return dict(sorted(decided.items()))
 
     def reached(self, until: Until) -> int:
         """How many followed orders have gone as far as ``until`` asks."""
