@@ -5,10 +5,13 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+# The inbox's browser test drives Debian's chromium through playwright; playwright's
+# own browser download is never used.
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup run test bench lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(CHROMIUM)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "opsflow needs Python 3.11 or newer (set PYTHON=...)")'
@@ -16,6 +19,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
+
+# Nothing to do once it is there. Without apt-get (or root) setup goes on and says so:
+# the browser test then fails naming what is missing.
+$(CHROMIUM):
+	@if command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y --no-install-recommends chromium \
+		|| { apt-get update && apt-get install -y --no-install-recommends chromium; } \
+		|| echo "could not install chromium: tests/test_review_inbox.py will fail" >&2; \
+	else \
+		echo "no apt-get: install chromium as $(CHROMIUM) for tests/test_review_inbox.py" >&2; \
+	fi
 
 run: setup
 	$(BIN)/opsflow up

@@ -414,6 +414,10 @@ def create_app(
             clock.set(body.now)
             return ClockView(now=clock.now())
 
+    # The reviewer inbox pages, over this desk (imported here: inbox builds on this module).
+    from services.review.inbox import inbox_router
+
+    app.include_router(inbox_router(desk, ready=ready))
     install_problem_handlers(app)
     for error, status in ((TaskNotFound, 404), (TaskConflict, 409), (NotAllowed, 403)):
         app.add_exception_handler(error, _problem(status))
