@@ -12,13 +12,11 @@ groups and database schemas.
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 
-from tests.stackctl import Stack
+from tests.stackctl import Stack, create_schema, drop_schema
 
 
 @pytest.fixture(scope="session")
@@ -52,10 +50,6 @@ def bootstrap_servers(stack: Stack) -> str:
 def database_url(stack: Stack) -> Iterator[str]:
     """A URL whose connections work in a fresh, empty schema of the stack's database."""
     base = stack.address("DATABASE_URL")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in base else "?"
-    yield f"{base}{sep}options=-csearch_path%3D{schema}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    schema, url = create_schema(base)
+    yield url
+    drop_schema(base, schema)

@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 OPSFLOW = [sys.executable, "-m", "opsflow"]
 # Variables that would make a test's stack use something other than what the
@@ -80,3 +84,25 @@ def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:
     env["OPSFLOW_SERVICES"] = "false"
     env.update(overrides)
     return env
+
+
+def create_schema(base: str) -> tuple[str, str]:
+    """A fresh, empty schema in ``base``'s database: its name, and a URL whose
+    connections work in it (so a test's tables never meet another's)."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    return schema, f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
+def drop_schema(base: str, schema: str) -> None:
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (for a service a test starts)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

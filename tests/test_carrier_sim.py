@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -26,15 +25,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.stackctl import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 POD_KEY = "pod-secret"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _wait_until(condition: Callable[[], bool], *, timeout: float = 10.0, what: str) -> None:
@@ -49,7 +43,7 @@ class CarrierProcess:
     """``python -m services.carrier_sim`` on a free loopback port, logging to a file."""
 
     def __init__(self, log_path: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.env = {
@@ -455,7 +449,7 @@ def test_restarted_carrier_keeps_bookings_and_sends_pending_proofs(
     # First run: the webhook is a closed port, so the proof of delivery stays pending.
     first = start_carrier(
         CARRIER_DB=db,
-        CARRIER_POD_WEBHOOK_URL=f"http://127.0.0.1:{_free_port()}/pods",
+        CARRIER_POD_WEBHOOK_URL=f"http://127.0.0.1:{free_port()}/pods",
         CARRIER_POD_DELAY_S="0",
     )
     with httpx.Client(base_url=first.url) as client:

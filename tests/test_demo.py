@@ -15,7 +15,6 @@ topic. Dispatch is not part of these runs, so approved orders stay "approved"
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -63,7 +62,7 @@ from opsflow.topics import ensure_topics
 from services.carrier_sim.faults import FaultInjector, FaultPlan
 from services.policy_check.rules import RULES_DIR, load_rules
 from tests.samples import ORDER, envelope, sample
-from tests.stackctl import OPSFLOW, Stack, stack_env
+from tests.stackctl import OPSFLOW, Stack, create_schema, drop_schema, free_port, stack_env
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)
@@ -259,13 +258,6 @@ class Pipeline:
         )
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     try:
@@ -283,10 +275,7 @@ def pipeline(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Pipeline]:
     base = stack.address("DATABASE_URL")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    database_url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    schema, database_url = create_schema(base)
     migrate(database_url)
     prefix = f"demo{uuid.uuid4().hex[:8]}."
     ensure_topics(
@@ -294,7 +283,7 @@ def pipeline(
         [f"{prefix}{topic}" for topic in Topic] + [f"{prefix}orders.dlq"],
         partitions=PARTITIONS,
     )
-    port = _free_port()
+    port = free_port()
     env = {
         **stack.env,
         **stack.status()["env"],
@@ -333,8 +322,7 @@ def pipeline(
     finally:
         _stop(policy)
         _stop(ingest)
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        drop_schema(base, schema)
 
 
 def read_topic(pipeline: Pipeline, topic: str, order_id_prefix: str) -> list[Event]:
@@ -433,9 +421,9 @@ def test_a_refused_key_or_an_unreachable_ingest_is_one_line_saying_what_to_do(
     pipeline: Pipeline,
 ) -> None:
     bad_key = pipeline.demo("--orders", "5", "--api-key", "ofk_nothing_real")
-    nobody = pipeline.demo("--orders", "5", "--ingest-url", f"http://127.0.0.1:{_free_port()}")
+    nobody = pipeline.demo("--orders", "5", "--ingest-url", f"http://127.0.0.1:{free_port()}")
     no_reviews = pipeline.demo(
-        "--orders", "5", "--auto-review", "--review-url", f"http://127.0.0.1:{_free_port()}"
+        "--orders", "5", "--auto-review", "--review-url", f"http://127.0.0.1:{free_port()}"
     )
 
     for result, variable in (
@@ -459,7 +447,7 @@ def review_url(pipeline: Pipeline, tmp_path: Path) -> Iterator[str]:
         [f"{pipeline.prefix}policy-check.dlq"],
         partitions=PARTITIONS,
     )
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "review.log"
     review = subprocess.Popen(

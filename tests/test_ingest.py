@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
@@ -32,7 +31,7 @@ from opsflow.contracts import OrderReceived
 from opsflow.db import migrate
 from opsflow.producer import event_id_for
 from tests.samples import sample
-from tests.stackctl import Stack
+from tests.stackctl import Stack, create_schema, drop_schema, free_port
 from tests.test_producer import fresh_topics, records_on
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,13 +69,6 @@ class Ingest:
         return len(records_on(self.bootstrap, self.orders, keys=order_ids))
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="module")
 def ingest(
     stack: Stack,
@@ -87,13 +79,10 @@ def ingest(
     # The module shares one service, so it has its own schema (the `database_url`
     # fixture makes one per test) in the stack's database.
     base = stack.address("DATABASE_URL")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    database_url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    schema, database_url = create_schema(base)
     migrate(database_url)
     prefix = fresh_topics(bootstrap_servers, "in")
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
     env = {
         **stack.env,
@@ -129,8 +118,7 @@ def ingest(
     finally:
         proc.terminate()
         proc.wait(30)
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        drop_schema(base, schema)
 
 
 def order(**changes: Any) -> dict[str, Any]:

@@ -12,7 +12,6 @@ and booking references, so each counts only its own records.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from opsflow.contracts import DispatchExecuted, Event, PodCaptured, PodRejected,
 from opsflow.contracts.wire import WireCodec
 from opsflow.db import migrate
 from opsflow.producer import Producer, body_model, event_id_for
-from tests.stackctl import Stack
+from tests.stackctl import Stack, create_schema, drop_schema, free_port
 from tests.test_producer import fresh_topics, records_on
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,13 +40,6 @@ CARRIER = "simcarrier"
 CALLER = "simcarrier-pods"  # the producer of the webhook's API key
 MATCH_WAIT_S = 3.0
 MAX_BODY = 4096
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def _start(
@@ -151,10 +143,7 @@ def pods(
     # Both processes share one schema of the stack's database (the `database_url`
     # fixture makes one per test), and topics of their own.
     base = stack.address("DATABASE_URL")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    database_url = f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    schema, database_url = create_schema(base)
     migrate(database_url)
     prefix = fresh_topics(bootstrap_servers, "pod")
     logs = tmp_path_factory.mktemp("pod-capture")
@@ -164,7 +153,7 @@ def pods(
         "DATABASE_URL": database_url,
         "OPSFLOW_TOPIC_PREFIX": prefix,
     }
-    port, metrics_port = _free_port(), _free_port()
+    port, metrics_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
     started: list[subprocess.Popen[bytes]] = []
     dispatcher = Producer(
@@ -208,8 +197,7 @@ def pods(
         for proc in started:
             _stop(proc)
         dispatcher.close()
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        drop_schema(base, schema)
 
 
 def test_a_pod_of_a_dispatched_order_is_captured_once_under_the_callers_producer(
@@ -427,7 +415,7 @@ def test_openapi_describes_the_pod_body_and_its_problems(pods: Pods) -> None:
 
 
 def test_the_carrier_stand_in_delivers_a_pod_that_is_captured(pods: Pods, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     carrier_url = f"http://127.0.0.1:{port}"
     carrier = _start(
         ["-m", "services.carrier_sim"],

@@ -10,7 +10,6 @@ read ``read_committed`` the way downstream services read it.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -48,7 +46,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.producer import Producer
 from opsflow.topics import dead_letter_topic, ensure_topics
 from services.review.service import task_id_for
-from tests.stackctl import Stack
+from tests.stackctl import Stack, create_schema, drop_schema, free_port
 from tests.test_carrier_sim import CarrierProcess
 from tests.test_dispatch import make_orders
 
@@ -56,28 +54,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TOPICS = ("orders", "policy-check", "review", "dispatch")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @contextmanager
 def fresh_schema(stack: Stack) -> Iterator[str]:
     """A database URL whose connections work in a new, migrated schema."""
     base = stack.address("DATABASE_URL")
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if "?" in base else "?"
-    url = f"{base}{sep}options=-csearch_path%3D{schema}"
+    schema, url = create_schema(base)
     db.migrate(url)
     try:
         yield url
     finally:
-        with psycopg.connect(base, autocommit=True) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+        drop_schema(base, schema)
 
 
 @dataclass
@@ -102,7 +88,7 @@ class World:
     codec: WireCodec
     logs: Path
     people: dict[str, Person]
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property

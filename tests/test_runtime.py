@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from opsflow.contracts.lineage import derive_idempotency_key
 from opsflow.contracts.wire import WireCodec
 from opsflow.topics import ensure_topics
 from tests.samples import sample
-from tests.stackctl import Stack, stack_env
+from tests.stackctl import Stack, free_port, stack_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,16 +326,10 @@ def test_a_trace_id_on_the_input_appears_on_every_output(
         assert span_id != "00f067aa0ba902b7", "the output's parent is the processing span"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_metrics_health_and_json_logs_describe_what_the_service_did(
     stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
-    port = _free_port()
+    port = free_port()
     inputs = orders(40, notes={3: "reject"})
     publish(topics, inputs)
     service = start(services, stack, topics, tmp_path, OPSFLOW_METRICS_PORT=str(port))
