@@ -198,7 +198,11 @@ def count_start(run_dir: Path, name: str) -> int:
     """Add one to the component's start count; restarts = starts - 1."""
     path = run_dir / f"{name}.starts"
     starts = int(path.read_text()) + 1 if path.exists() else 1
-    path.write_text(str(starts))
+    # Written aside and renamed: `opsflow status` may read it at any moment,
+    # and must never see it truncated.
+    partial = path.with_suffix(".starts.tmp")
+    partial.write_text(str(starts))
+    partial.replace(path)
     return starts
 
 
