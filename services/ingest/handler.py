@@ -9,6 +9,7 @@ is written.
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Annotated, Any, Literal, Union
 
@@ -23,16 +24,15 @@ from opsflow.producer import (
     EventRejected,
     Producer,
 )
+from opsflow.web.body import parse_json
 from services.ingest.idempotency import Answer, IdempotencyStore, KeyReused, fingerprint
 from services.ingest.problems import (
     IDEMPOTENCY_KEY_REUSED,
     INVALID_BODY,
-    MALFORMED_JSON,
     NOT_WRITTEN,
     EventOutcome,
     FieldError,
     ProblemError,
-    field_errors,
 )
 
 BATCH_ROUTE = "events:batch"
@@ -120,7 +120,7 @@ class Ingest:
             ProblemError: the body is not the event's JSON, the key was used with
                 another request, or the broker did not acknowledge the event.
         """
-        event = _parse(EVENT_BODIES[event_type], body)
+        event = parse_json(EVENT_BODIES[event_type], body)
 
         def write(key: str) -> Answer:
             try:
@@ -139,7 +139,13 @@ class Ingest:
         Raises:
             ProblemError: as for ``publish``; a refused batch writes nothing.
         """
-        batch = _parse(self.batch_model, body, max_events=self.max_batch_events)
+        # The batch model is made at start-up (its length limit is a setting),
+        # so its fields are not known to the type checker.
+        batch: Any = parse_json(
+            self.batch_model,
+            body,
+            readable=functools.partial(_batch_errors, max_events=self.max_batch_events),
+        )
         events: list[EventBody] = [item.event for item in batch.events]
 
         def write(key: str) -> Answer:
@@ -185,35 +191,6 @@ class Ingest:
                 title="Idempotency-Key reused with another request",
                 errors=[FieldError(field="Idempotency-Key", message=str(err))],
             ) from err
-
-
-def _parse(model: type[BaseModel], body: bytes, *, max_events: int | None = None) -> Any:
-    """The body as ``model``, or a problem naming every wrong field."""
-    try:
-        return model.model_validate_json(body, strict=True)
-    except pydantic.ValidationError as err:
-        errors = err.errors(include_url=False, include_input=False)
-        if errors[0]["type"] == "json_invalid":
-            reason = errors[0].get("ctx", {}).get("error", errors[0]["msg"])
-            raise ProblemError(
-                400,
-                f"the body is not valid JSON ({reason})",
-                type=MALFORMED_JSON,
-                title="Malformed JSON",
-            ) from None
-        if max_events is not None:
-            errors = _batch_errors(errors, max_events)
-        found = field_errors(errors)
-        more = len(errors) - len(found)
-        raise ProblemError(
-            422,
-            f"{len(errors)} field(s) do not match the contract"
-            + (f" (the first {len(found)} are listed)" if more else "")
-            + "; nothing was written",
-            type=INVALID_BODY,
-            title="Request body does not match its contract",
-            errors=found,
-        ) from None
 
 
 def _batch_errors(errors: list[Any], max_events: int) -> list[Any]:

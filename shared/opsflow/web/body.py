@@ -9,7 +9,8 @@ accepted is exactly what the OpenAPI schema describes (no ``"12"`` for 12).
 
 from __future__ import annotations
 
-from typing import TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pydantic
 from fastapi import Request
@@ -68,8 +69,17 @@ async def read_body(request: Request, limit: int, *, hint: str = "send less") ->
     return await read_limited(request, limit, hint=hint)
 
 
-def parse_json(model: type[Model], body: bytes) -> Model:
+def parse_json(
+    model: type[Model],
+    body: bytes,
+    *,
+    readable: Callable[[list[Any]], list[Any]] | None = None,
+) -> Model:
     """The body as ``model``, validated strictly, or a problem naming every wrong field.
+
+    Args:
+        readable: rewrites pydantic's errors before they are reported (e.g. a
+            batch too long reported as that alone).
 
     Raises:
         ProblemError: 400 (``/problems/malformed-json``) when the body is not JSON,
@@ -88,6 +98,8 @@ def parse_json(model: type[Model], body: bytes) -> Model:
                 type=MALFORMED_JSON,
                 title="Malformed JSON",
             ) from None
+        if readable is not None:
+            errors = readable(errors)
         found = field_errors(errors)
         more = len(errors) - len(found)
         raise ProblemError(
