@@ -17,15 +17,14 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
 
-from opsflow.errors import BadInputError, ConfigurationError
+from opsflow.db import requires_table
+from opsflow.errors import BadInputError
 
 KEY_PREFIX = "ofk_"
 # A producer name ends up in every event's envelope and in logs: keep it a
@@ -86,7 +85,7 @@ def create_key(conn: psycopg.Connection[Any], producer: str) -> CreatedKey:
     check_producer_name(producer)
     key_id = secrets.token_hex(6)
     secret = f"{KEY_PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
-    with _migrated():
+    with requires_table("opsflow_api_keys"):
         row = conn.execute(
             "INSERT INTO opsflow_api_keys (key_id, producer, key_hash) VALUES (%s, %s, %s)"
             " RETURNING key_id, producer, created_at, revoked_at",
@@ -99,7 +98,7 @@ def create_key(conn: psycopg.Connection[Any], producer: str) -> CreatedKey:
 
 def list_keys(conn: psycopg.Connection[Any]) -> list[ApiKey]:
     """Every key, oldest first, revoked ones included."""
-    with _migrated():
+    with requires_table("opsflow_api_keys"):
         rows = conn.execute(
             "SELECT key_id, producer, created_at, revoked_at FROM opsflow_api_keys"
             " ORDER BY created_at, key_id"
@@ -114,7 +113,7 @@ def revoke_key(conn: psycopg.Connection[Any], key_id: str) -> ApiKey:
     Raises:
         BadInputError: no key has this id.
     """
-    with _migrated():
+    with requires_table("opsflow_api_keys"):
         row = conn.execute(
             "UPDATE opsflow_api_keys SET revoked_at = coalesce(revoked_at, now())"
             " WHERE key_id = %s RETURNING key_id, producer, created_at, revoked_at",
@@ -133,23 +132,10 @@ def verify_key(conn: psycopg.Connection[Any], presented: str) -> ApiKey | None:
     """
     if not presented.startswith(KEY_PREFIX):
         return None  # not one of ours: skip the lookup
-    with _migrated():
+    with requires_table("opsflow_api_keys"):
         row = conn.execute(
             "SELECT key_id, producer, created_at, revoked_at FROM opsflow_api_keys"
             " WHERE key_hash = %s AND revoked_at IS NULL",
             (hash_key(presented),),
         ).fetchone()
     return ApiKey(*row) if row else None
-
-
-@contextmanager
-def _migrated() -> Iterator[None]:
-    """Turn a missing table into a ConfigurationError that says to apply the migrations."""
-    try:
-        yield
-    except psycopg.errors.UndefinedTable as err:
-        raise ConfigurationError(
-            "DATABASE_URL",
-            "the database has no opsflow_api_keys table (migrations not applied)",
-            "Run `python -m opsflow.provision` against it, or start the stack with `opsflow up`",
-        ) from err

@@ -9,6 +9,8 @@ file exactly once: the second waits, then finds nothing left to do.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any
 
@@ -79,3 +81,16 @@ def migrate(url: str) -> list[int]:
             )
             applied.append(version)
     return applied
+
+
+@contextmanager
+def requires_table(table: str) -> Iterator[None]:
+    """Turn a missing ``table`` into a ConfigurationError that says to apply the migrations."""
+    try:
+        yield
+    except psycopg.errors.UndefinedTable as err:
+        raise ConfigurationError(
+            "DATABASE_URL",
+            f"the database has no {table} table (migrations not applied)",
+            "Run `python -m opsflow.provision` against it, or start the stack with `opsflow up`",
+        ) from err

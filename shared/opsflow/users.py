@@ -15,11 +15,8 @@ task, operators only look).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -27,7 +24,9 @@ from typing import Any
 
 import psycopg
 
-from opsflow.errors import BadInputError, ConfigurationError
+from opsflow.apikeys import hash_key as hash_token
+from opsflow.db import requires_table
+from opsflow.errors import BadInputError
 
 TOKEN_PREFIX = "ofu_"
 # A name is typed on the command line and shown in listings: a plain handle.
@@ -73,11 +72,6 @@ def _user(row: tuple[Any, ...]) -> User:
     return User(user_id, name, display_name, Role(role), created_at, revoked_at)
 
 
-def hash_token(presented: str) -> bytes:
-    """The digest stored for a token (see the module docstring for why SHA-256 suffices)."""
-    return hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
-
-
 def create_user(
     conn: psycopg.Connection[Any], name: str, role: Role, *, display_name: str | None = None
 ) -> CreatedUser:
@@ -104,7 +98,7 @@ def create_user(
     user_id = f"usr_{secrets.token_hex(6)}"
     token = f"{TOKEN_PREFIX}{user_id}_{secrets.token_urlsafe(32)}"
     try:
-        with _migrated():
+        with requires_table("opsflow_users"):
             row = conn.execute(
                 "INSERT INTO opsflow_users (user_id, name, display_name, role, token_hash)"
                 f" VALUES (%s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
@@ -120,7 +114,7 @@ def create_user(
 
 def list_users(conn: psycopg.Connection[Any]) -> list[User]:
     """Every user, oldest first, revoked ones included."""
-    with _migrated():
+    with requires_table("opsflow_users"):
         rows = conn.execute(
             f"SELECT {_COLUMNS} FROM opsflow_users ORDER BY created_at, user_id"
         ).fetchall()
@@ -135,7 +129,7 @@ def revoke_user(conn: psycopg.Connection[Any], name: str) -> User:
     Raises:
         BadInputError: no user has this name or id.
     """
-    with _migrated():
+    with requires_table("opsflow_users"):
         row = conn.execute(
             "UPDATE opsflow_users SET revoked_at = coalesce(revoked_at, now())"
             f" WHERE name = %s OR user_id = %s RETURNING {_COLUMNS}",
@@ -154,22 +148,9 @@ def verify_token(conn: psycopg.Connection[Any], presented: str) -> User | None:
     """
     if not presented.startswith(TOKEN_PREFIX):
         return None  # not one of ours: skip the lookup
-    with _migrated():
+    with requires_table("opsflow_users"):
         row = conn.execute(
             f"SELECT {_COLUMNS} FROM opsflow_users WHERE token_hash = %s AND revoked_at IS NULL",
             (hash_token(presented),),
         ).fetchone()
     return _user(row) if row else None
-
-
-@contextmanager
-def _migrated() -> Iterator[None]:
-    """Turn a missing table into a ConfigurationError that says to apply the migrations."""
-    try:
-        yield
-    except psycopg.errors.UndefinedTable as err:
-        raise ConfigurationError(
-            "DATABASE_URL",
-            "the database has no opsflow_users table (migrations not applied)",
-            "Run `python -m opsflow.provision` against it, or start the stack with `opsflow up`",
-        ) from err
