@@ -12,13 +12,16 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 
+ROOT = Path(__file__).resolve().parents[1]
 OPSFLOW = [sys.executable, "-m", "opsflow"]
 # Variables that would make a test's stack use something other than what the
 # test asked for.
@@ -106,3 +109,37 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def start_service(
+    args: list[str], env: dict[str, str], log: Path, ready_url: str, *, timeout: float = 60
+) -> subprocess.Popen[bytes]:
+    """``python ARGS`` as a real process (output appended to ``log``), once ``ready_url``
+    answers 200; stopped again if it exits or never gets ready."""
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            assert proc.poll() is None, f"{args} exited {proc.returncode}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"{args} never got ready:\n{log.read_text()}"
+            try:
+                if httpx.get(ready_url, timeout=2).status_code == 200:
+                    return proc
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    except AssertionError:
+        stop_process(proc)
+        raise
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not gone within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -26,7 +25,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
@@ -62,7 +60,16 @@ from opsflow.topics import ensure_topics
 from services.carrier_sim.faults import FaultInjector, FaultPlan
 from services.policy_check.rules import RULES_DIR, load_rules
 from tests.samples import ORDER, envelope, sample
-from tests.stackctl import OPSFLOW, Stack, create_schema, drop_schema, free_port, stack_env
+from tests.stackctl import (
+    OPSFLOW,
+    Stack,
+    create_schema,
+    drop_schema,
+    free_port,
+    stack_env,
+    start_service,
+    stop_process,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NOW = datetime(2026, 3, 2, 10, 30, tzinfo=UTC)
@@ -258,15 +265,6 @@ class Pipeline:
         )
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 @pytest.fixture(scope="module")
 def pipeline(
     stack: Stack,
@@ -292,12 +290,11 @@ def pipeline(
         "INGEST_URL": f"http://127.0.0.1:{port}",
     }
     logs = tmp_path_factory.mktemp("demo")
-    ingest = subprocess.Popen(
-        [sys.executable, "-m", "services.ingest"],
-        cwd=ROOT,
-        env={**env, "INGEST_HOST": "127.0.0.1", "INGEST_PORT": str(port)},
-        stdout=(logs / "ingest.log").open("wb"),
-        stderr=subprocess.STDOUT,
+    ingest = start_service(
+        ["-m", "services.ingest"],
+        {**env, "INGEST_HOST": "127.0.0.1", "INGEST_PORT": str(port)},
+        logs / "ingest.log",
+        f"{env['INGEST_URL']}/readyz",
     )
     policy = subprocess.Popen(
         [*OPSFLOW, "run", "services.policy_check"],
@@ -307,21 +304,10 @@ def pipeline(
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            log = (logs / "ingest.log").read_text()
-            assert ingest.poll() is None, f"ingest exited {ingest.returncode}:\n{log}"
-            assert time.monotonic() < deadline, f"ingest never got ready:\n{log}"
-            try:
-                if httpx.get(f"{env['INGEST_URL']}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         yield Pipeline(env, prefix, bootstrap_servers, registry_url)
     finally:
-        _stop(policy)
-        _stop(ingest)
+        stop_process(policy)
+        stop_process(ingest)
         drop_schema(base, schema)
 
 
@@ -450,27 +436,16 @@ def review_url(pipeline: Pipeline, tmp_path: Path) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tmp_path / "review.log"
-    review = subprocess.Popen(
-        [sys.executable, "-m", "services.review"],
-        cwd=ROOT,
-        env={**pipeline.env, "REVIEW_HOST": "127.0.0.1", "REVIEW_PORT": str(port)},
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
+    review = start_service(
+        ["-m", "services.review"],
+        {**pipeline.env, "REVIEW_HOST": "127.0.0.1", "REVIEW_PORT": str(port)},
+        log,
+        f"{url}/readyz",
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert review.poll() is None, f"review exited {review.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"review never got ready:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         yield url
     finally:
-        _stop(review)
+        stop_process(review)
 
 
 def test_auto_review_decides_its_planned_share_through_the_review_api_and_leaves_a_tenth_open(

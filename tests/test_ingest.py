@@ -13,7 +13,6 @@ import json
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from opsflow.contracts import OrderReceived
 from opsflow.db import migrate
 from opsflow.producer import event_id_for
 from tests.samples import sample
-from tests.stackctl import Stack, create_schema, drop_schema, free_port
+from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service, stop_process
 from tests.test_producer import fresh_topics, records_on
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,31 +92,14 @@ def ingest(
         "INGEST_PORT": str(port),
         "INGEST_MAX_BODY_BYTES": str(MAX_BODY),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "services.ingest"],
-        cwd=ROOT,
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
     url = f"http://127.0.0.1:{port}"
+    proc = start_service(["-m", "services.ingest"], env, log, f"{url}/readyz")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"ingest exited {proc.returncode}:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"ingest never got ready:\n{log.read_text()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         service = Ingest(url, prefix, bootstrap_servers, registry_url, database_url, stack, "")
         service.key = service.keys("create", "--producer", "shop").stdout.strip()
         yield service
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_process(proc)
         drop_schema(base, schema)
 
 

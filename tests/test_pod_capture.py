@@ -13,7 +13,6 @@ and booking references, so each counts only its own records.
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from opsflow.contracts import DispatchExecuted, Event, PodCaptured, PodRejected,
 from opsflow.contracts.wire import WireCodec
 from opsflow.db import migrate
 from opsflow.producer import Producer, body_model, event_id_for
-from tests.stackctl import Stack, create_schema, drop_schema, free_port
+from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service, stop_process
 from tests.test_producer import fresh_topics, records_on
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,34 +39,6 @@ CARRIER = "simcarrier"
 CALLER = "simcarrier-pods"  # the producer of the webhook's API key
 MATCH_WAIT_S = 3.0
 MAX_BODY = 4096
-
-
-def _start(
-    args: list[str], env: dict[str, str], log: Path, ready_url: str
-) -> subprocess.Popen[bytes]:
-    """A process of the service, once ``ready_url`` answers 200."""
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, f"{args} exited {proc.returncode}:\n{log.read_text()}"
-        assert time.monotonic() < deadline, f"{args} never got ready:\n{log.read_text()}"
-        try:
-            if httpx.get(ready_url, timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 @dataclass
@@ -170,12 +141,12 @@ def pods(
             "POD_MAX_BODY_BYTES": str(MAX_BODY),
         }
         started.append(
-            _start(
+            start_service(
                 ["-m", "services.pod_capture"], webhook_env, logs / "webhook.log", f"{url}/readyz"
             )
         )
         started.append(
-            _start(
+            start_service(
                 ["-m", "opsflow", "run", "services.pod_capture"],
                 {**env, "OPSFLOW_METRICS_PORT": str(metrics_port)},
                 logs / "runtime.log",
@@ -195,7 +166,7 @@ def pods(
         )
     finally:
         for proc in started:
-            _stop(proc)
+            stop_process(proc)
         dispatcher.close()
         drop_schema(base, schema)
 
@@ -417,7 +388,7 @@ def test_openapi_describes_the_pod_body_and_its_problems(pods: Pods) -> None:
 def test_the_carrier_stand_in_delivers_a_pod_that_is_captured(pods: Pods, tmp_path: Path) -> None:
     port = free_port()
     carrier_url = f"http://127.0.0.1:{port}"
-    carrier = _start(
+    carrier = start_service(
         ["-m", "services.carrier_sim"],
         {
             **{k: v for k, v in pods.env.items() if not k.startswith("CARRIER_")},
@@ -454,7 +425,7 @@ def test_the_carrier_stand_in_delivers_a_pod_that_is_captured(pods: Pods, tmp_pa
             assert time.monotonic() < deadline, (tmp_path / "carrier.log").read_text()[-3000:]
             time.sleep(0.3)
     finally:
-        _stop(carrier)
+        stop_process(carrier)
 
     (event,) = captured
     assert isinstance(event, PodCaptured)

@@ -46,7 +46,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.producer import Producer
 from opsflow.topics import dead_letter_topic, ensure_topics
 from services.review.service import task_id_for
-from tests.stackctl import Stack, create_schema, drop_schema, free_port
+from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service
 from tests.test_carrier_sim import CarrierProcess
 from tests.test_dispatch import make_orders
 
@@ -107,24 +107,14 @@ class World:
     def start(self, **env: str) -> subprocess.Popen[bytes]:
         """Start the review service and wait until it is ready (topic replayed)."""
         log = self.logs / f"review-{len(self.processes)}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.review"],
-            cwd=ROOT,
-            env=self.env(REVIEW_PORT=str(self.port), REVIEW_TEST_CLOCK="1", **env),
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
+        proc = start_service(
+            ["-m", "services.review"],
+            self.env(REVIEW_PORT=str(self.port), REVIEW_TEST_CLOCK="1", **env),
+            log,
+            f"{self.url}/readyz",
         )
         self.processes.append(proc)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return proc
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"review service never got ready:\n{log.read_text()[-3000:]}")
+        return proc
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         proc.send_signal(sig)
