@@ -11,6 +11,7 @@ import json
 import shlex
 import sys
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 import click
@@ -402,6 +403,54 @@ def users_revoke(
     console.print(
         f"Revoked {user.role} {user.name} ({user.user_id}) "
         f"at {user.revoked_at:%Y-%m-%d %H:%M:%S %Z}.",
+        highlight=False,
+    )
+
+
+contracts_app = typer.Typer(
+    no_args_is_help=True,
+    help="The event contracts of schemas/ restated for other tools: AsyncAPI and Markdown.",
+)
+app.add_typer(contracts_app, name="contracts")
+
+
+@contracts_app.command("asyncapi")
+def contracts_asyncapi() -> None:
+    """Print the AsyncAPI 3 document of the topics as YAML (what asyncapi.yaml holds).
+
+    Regenerate the checked-in file with `opsflow contracts asyncapi > asyncapi.yaml`.
+    """
+    from opsflow.contracts.asyncapi import asyncapi_yaml
+
+    sys.stdout.write(asyncapi_yaml())
+
+
+@contracts_app.command("docs")
+def contracts_docs(
+    update: Annotated[
+        Path | None,
+        typer.Option(
+            "--update",
+            help="Rewrite the generated part of this Markdown file (between its markers), "
+            "e.g. docs/contracts.md, instead of printing it.",
+        ),
+    ] = None,
+) -> None:
+    """Print the generated event reference of docs/contracts.md: topics, event types, fields."""
+    from opsflow.contracts.reference import event_reference, with_event_reference
+
+    if update is None:
+        sys.stdout.write(event_reference() + "\n")
+        return
+    try:
+        text = update.read_text(encoding="utf-8")
+    except OSError as err:
+        raise OpsflowError(f"cannot read {update}: {err.strerror or err}") from err
+    fresh = with_event_reference(text)
+    if fresh != text:
+        update.write_text(fresh, encoding="utf-8")
+    errors.print(
+        f"{update}: event reference {'updated' if fresh != text else 'already current'}.",
         highlight=False,
     )
 
