@@ -5,17 +5,23 @@ key as ``Idempotency-Key``, so every retry, every re-run after a crash and
 every replay asks for the same booking, and the carrier answers with the one
 it already made. That is what makes "exactly one accepted booking per order"
 hold even when dispatch dies between the carrier's answer and its own commit.
+
+The calls go out with aiohttp's client rather than httpx's: httpx's pool
+checks every pooled connection on each request, which made booking the larger
+part of dispatch's CPU on two cores (as for the carrier stand-in's callbacks,
+``services.carrier_sim.pod``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import httpx
+import aiohttp
 
 from services.dispatch.config import DispatchSettings
 
@@ -48,36 +54,36 @@ class Carrier:
 
     def __init__(self, settings: DispatchSettings) -> None:
         self.settings = settings
-        self._client = httpx.AsyncClient(
-            base_url=settings.carrier_url,
-            timeout=settings.timeout_s,
-            limits=httpx.Limits(
-                max_connections=settings.concurrency, max_keepalive_connections=settings.concurrency
-            ),
+        self._url = settings.carrier_url.rstrip("/") + "/bookings"
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.concurrency),
+            timeout=aiohttp.ClientTimeout(total=settings.timeout_s),
         )
 
     async def book(self, idempotency_key: str, shipment: dict[str, Any]) -> Booking | Refusal:
         """Book ``shipment``; transient failures are retried with capped, jittered backoff."""
         reason = "no attempt made"
+        body = json.dumps(shipment).encode()
+        headers = {"Content-Type": "application/json", "Idempotency-Key": idempotency_key}
         for attempt in range(1, self.settings.max_attempts + 1):
             try:
-                response = await self._client.post(
-                    "/bookings", json=shipment, headers={"Idempotency-Key": idempotency_key}
-                )
-            except httpx.TransportError as err:  # connection refused or reset, timeouts
+                async with self._session.post(self._url, data=body, headers=headers) as response:
+                    status, phrase = response.status, response.reason or ""
+                    answer = await response.read()  # read to the end: the connection is reused
+            except (aiohttp.ClientError, TimeoutError) as err:  # refused, reset, timed out
                 reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             else:
-                if response.status_code in (200, 201):
-                    body = response.json()
-                    due = body.get("estimated_delivery_at")
+                if status in (200, 201):
+                    booked = json.loads(answer)
+                    due = booked.get("estimated_delivery_at")
                     return Booking(
-                        reference=body["booking_reference"],
-                        tracking_url=body.get("tracking_url"),
+                        reference=booked["booking_reference"],
+                        tracking_url=booked.get("tracking_url"),
                         estimated_delivery_at=datetime.fromisoformat(due) if due else None,
                         attempts=attempt,
                     )
-                reason = f"carrier answered {response.status_code}: {_detail(response)}"
-                if response.status_code not in _TRANSIENT_STATUSES:
+                reason = f"carrier answered {status}: {_detail(answer, phrase)}"
+                if status not in _TRANSIENT_STATUSES:
                     return Refusal(reason, permanent=True, attempts=attempt)
             if attempt < self.settings.max_attempts:
                 await asyncio.sleep(self._delay(attempt))
@@ -88,11 +94,11 @@ class Carrier:
         return base * random.uniform(0.8, 1.2)  # jitter spreads a burst of retries
 
 
-def _detail(response: httpx.Response) -> str:
+def _detail(answer: bytes, phrase: str) -> str:
     try:
-        body = response.json()
+        body = json.loads(answer)
     except ValueError:
-        return response.text[:200] or response.reason_phrase
+        return answer[:200].decode(errors="replace") or phrase
     if isinstance(body, dict):
         return str(body.get("detail") or body.get("title") or body)[:500]
     return str(body)[:500]

@@ -26,7 +26,11 @@ class Orders:
             raise ConfigurationError(
                 "DATABASE_URL", "is not set", "Set it, or run dispatch under `opsflow up`."
             )
-        self._pool = AsyncConnectionPool(url, min_size=1, max_size=size, open=False)
+        # Autocommit: every write is one statement that stands on its own, so an
+        # explicit COMMIT would only add a round trip per order.
+        self._pool = AsyncConnectionPool(
+            url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+        )
         self._opened = False
 
     async def _ready(self) -> AsyncConnectionPool:

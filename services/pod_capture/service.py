@@ -57,13 +57,15 @@ class _Database:
                     )
                 migrate(url)
                 # One handler runs at a time (plain function): two connections
-                # leave one spare for a reconnect.
+                # leave one spare for a reconnect. Autocommit: the one write
+                # per event stands on its own, so a COMMIT would only add a
+                # round trip.
                 pool: ConnectionPool[Any] = ConnectionPool(
                     url,
                     open=False,
                     min_size=1,
                     max_size=2,
-                    kwargs={"connect_timeout": 5},
+                    kwargs={"connect_timeout": 5, "autocommit": True},
                     name=f"pod-capture {redact(url)}",
                 )
                 pool.open(wait=True, timeout=30)

@@ -60,7 +60,8 @@ def run_raw(args: argparse.Namespace) -> None:
 
     One read_committed consumer and one transactional producer; a transaction
     covers up to ``BATCH.max_events`` inputs or ``BATCH.max_interval_s``,
-    whichever comes first, and commits the consumer's positions with it
+    whichever comes first, or is committed as soon as the consumer has nothing
+    more buffered, and commits the consumer's positions with it
     (``send_offsets_to_transaction``), as opsflow does per partition.
     """
     hop = avro_hop(args.schema)
@@ -101,7 +102,12 @@ def run_raw(args: argparse.Namespace) -> None:
 
     try:
         while not stopping:
-            for msg in consumer.consume(BATCH.max_events, 0.05):
+            # What is buffered at once, else wait for the first record (as opsflow polls).
+            messages = consumer.consume(BATCH.max_events, 0)
+            if not messages:
+                first = consumer.poll(0.05)
+                messages = [first, *consumer.consume(BATCH.max_events - 1, 0)] if first else []
+            for msg in messages:
                 if msg.error() is not None:
                     continue
                 value = hop(msg.value() or b"")
@@ -117,7 +123,9 @@ def run_raw(args: argparse.Namespace) -> None:
                 pending += 1
             producer.poll(0)
             if in_txn and (
-                pending >= BATCH.max_events or time.monotonic() - started >= BATCH.max_interval_s
+                len(messages) < BATCH.max_events
+                or pending >= BATCH.max_events
+                or time.monotonic() - started >= BATCH.max_interval_s
             ):
                 commit()
         if in_txn:

@@ -57,7 +57,10 @@ class BatchPolicy:
     """How many inputs one transaction covers: whichever limit is reached first.
 
     Larger batches amortise the commit round trips; the interval bounds the
-    latency an event can wait for its batch to commit.
+    latency an event can wait for its batch to commit. A batch is also
+    committed as soon as the consumer has nothing more buffered, so a quiet
+    input does not wait for the interval; under load, what arrives during
+    one commit makes up the next batch.
     """
 
     max_events: int = 500

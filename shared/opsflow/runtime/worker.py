@@ -140,7 +140,8 @@ def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
         # (order-to-dispatch p50 963 -> 513 ms with 20 ms in `make bench`). Its
         # durable store needs the time to read: at 20 ms fetches came back
         # empty for ever; 50 ms and more read a backlog (measured), 100 ms
-        # leaves room under load.
+        # leaves room under load. `opsflow up` sets 20 ms (KAFKA_FETCH_WAIT_MAX_MS)
+        # on its memory store, which reads at once.
         "fetch.wait.max.ms": 100,
         **kafka,
         "group.id": group,
@@ -188,6 +189,9 @@ class Worker:
     ) -> None:
         self.service = service
         self.kafka = kafka
+        # Producers take the shared settings minus the consumer-only fetch ones
+        # (``KAFKA_FETCH_WAIT_MAX_MS`` and the like), which they would warn about.
+        self.producing = {k: v for k, v in kafka.items() if not k.startswith("fetch.")}
         self.delivery = delivery
         # Log-scan delivery writes through one plain producer: no idempotence
         # (its state is what some brokers cannot keep under concurrency) and no
@@ -195,7 +199,13 @@ class Worker:
         # retry can never duplicate a record).
         self.plain = (
             Producer(
-                {**kafka, "enable.idempotence": False, "acks": "all", "retries": 0, "linger.ms": 5}
+                {
+                    **self.producing,
+                    "enable.idempotence": False,
+                    "acks": "all",
+                    "retries": 0,
+                    "linger.ms": 5,
+                }
             )
             if delivery is Delivery.LOG_SCAN
             else None
@@ -237,8 +247,9 @@ class Worker:
         try:
             while not self._stopping:
                 self.health.last_turn = time.monotonic()
-                self._process(self.consumer.consume(self.service.batch.max_events, 0.05))
-                self._commit_due()
+                messages = self._poll()
+                self._process(messages)
+                self._commit_due(drained=len(messages) < self.service.batch.max_events)
                 self._resume_due()
         finally:
             self._commit(list(self.partitions.values()))
@@ -252,6 +263,21 @@ class Worker:
                 self.plain.flush(10)
             self.partitions.clear()
             log.info("stopped")
+
+    def _poll(self) -> list[Message]:
+        """The records the consumer has ready, up to a batch; else wait briefly for one.
+
+        Whatever is buffered is taken at once (no waiting for a full batch),
+        and an empty buffer waits only until the first record arrives.
+        """
+        most = self.service.batch.max_events
+        messages = self.consumer.consume(most, 0)
+        if messages:
+            return messages
+        first = self.consumer.poll(0.05)
+        if first is None:
+            return []
+        return [first, *self.consumer.consume(most - 1, 0)] if most > 1 else [first]
 
     # --- partition ownership -------------------------------------------------------------
 
@@ -596,8 +622,13 @@ class Worker:
 
     # --- commits -------------------------------------------------------------------------
 
-    def _commit_due(self) -> None:
+    def _commit_due(self, *, drained: bool) -> None:
         """Once one open batch is due, commit every open batch.
+
+        A batch is due when it reached the policy's count or interval, or when
+        the consumer had nothing more buffered (``drained``): waiting would
+        then only delay the outputs, while under load the records arriving
+        during one commit make up the next batch (group commit).
 
         Committing them together lets the partitions' commits run side by side,
         one broker round trip in all instead of one per partition in turn: the
@@ -607,9 +638,12 @@ class Worker:
         open_parts = [part for part in self.partitions.values() if part.open]
         for part in open_parts:
             part.producer.poll(0)
-        if any(
-            part.pending >= batch.max_events or now - part.txn_started >= batch.max_interval_s
-            for part in open_parts
+        if open_parts and (
+            drained
+            or any(
+                part.pending >= batch.max_events or now - part.txn_started >= batch.max_interval_s
+                for part in open_parts
+            )
         ):
             self._commit(open_parts)
 
@@ -758,7 +792,7 @@ class Worker:
     def _transactional_producer(self, topic: str, partition: int) -> Producer:
         producer = Producer(
             {
-                **self.kafka,
+                **self.producing,
                 "transactional.id": f"{self.group}.{topic}.{partition}",
                 "linger.ms": 5,
             }
