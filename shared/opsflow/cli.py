@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
@@ -20,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opsflow import stack
+from opsflow.contracts.topics import Topic
 from opsflow.demo.states import Until
 from opsflow.errors import ConfigurationError, OpsflowError
 
@@ -44,8 +47,7 @@ def _uptime(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if seconds else "-"
 
 
-def _print_status(plan: stack.StackPlan) -> bool:
-    rows = stack.status(plan)
+def _components_table(plan: stack.StackPlan, rows: list[stack.ComponentStatus]) -> Table:
     table = Table(title=f"opsflow stack ({plan.data_dir})")
     for column in ("component", "address", "state", "pid", "uptime", "restarts", "health"):
         table.add_column(column)
@@ -62,7 +64,12 @@ def _print_status(plan: stack.StackPlan) -> bool:
             str(row.restarts),
             health,
         )
-    console.print(table)
+    return table
+
+
+def _print_status(plan: stack.StackPlan) -> bool:
+    rows = stack.status(plan)
+    console.print(_components_table(plan, rows))
     return all(row.healthy for row in rows)
 
 
@@ -97,18 +104,105 @@ def down() -> None:
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh every --interval seconds until Ctrl-C.")
+    ] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 2.0,
 ) -> None:
-    """Show each component with its address, state, pid, uptime, restarts and health."""
+    """One screen for the on-call operator: the stack's components (state, pid, uptime,
+    restarts, health), each service's consumer lag per topic and processed/s, each
+    projection's position and lag, dead letters per topic, open and overdue reviews, and
+    SLA breaches in the last 24 hours.
+
+    Without a local stack (`opsflow up`), the environment's KAFKA_BOOTSTRAP_SERVERS,
+    SCHEMA_REGISTRY_URL and DATABASE_URL say where to look. Exits 1 when a component
+    is unhealthy.
+    """
+    from rich.console import Group
+    from rich.live import Live
+
+    from opsflow.overview import overview
+    from opsflow.settings import DatabaseSettings, KafkaSettings
+
     plan = stack.StackPlan.load(stack.data_dir())
-    if plan is None:
-        raise OpsflowError("no stack has been started from this data directory; run `opsflow up`")
+    env = dict(plan.env) if plan is not None else {}
+    kafka_settings = KafkaSettings(**({"bootstrap_servers": env["KAFKA_BOOTSTRAP_SERVERS"]}
+                                      if "KAFKA_BOOTSTRAP_SERVERS" in env else {}))  # fmt: skip
+    if plan is None and not kafka_settings.bootstrap_servers:
+        raise OpsflowError(
+            "no stack has been started from this data directory and KAFKA_BOOTSTRAP_SERVERS "
+            "is not set; run `opsflow up`, or set the variables of the cluster to look at"
+        )
+    kafka = {"socket.timeout.ms": 5000, **kafka_settings.client_config()}
+    database_url = env.get("DATABASE_URL") or DatabaseSettings().database_url
+    metrics = {
+        c.name: c.address
+        for c in (plan.components if plan is not None else ())
+        if c.module[:1] == ("opsflow.runtime",)
+    }
+
+    def screen() -> tuple[Any, bool, dict[str, Any]]:
+        rows = stack.status(plan) if plan is not None else []
+        found = overview(kafka, database_url, metrics)
+        healthy = all(row.healthy for row in rows)
+        data = {
+            "data_dir": str(plan.data_dir) if plan else None,
+            "env": plan.env if plan else {},
+            "components": [asdict(row) for row in rows],
+            **found.as_json(),
+        }
+        parts: list[Any] = [_components_table(plan, rows)] if plan is not None else []
+        parts += _overview_tables(found)
+        return Group(*parts), healthy, data
+
     if as_json:
-        rows = [asdict(row) for row in stack.status(plan)]
-        print(json.dumps({"data_dir": str(plan.data_dir), "env": plan.env, "components": rows}))
-        healthy = all(row["healthy"] for row in rows)
-    else:
-        healthy = _print_status(plan)
-    raise typer.Exit(0 if healthy else 1)
+        _, healthy, data = screen()
+        print(json.dumps(data, default=str))
+        raise typer.Exit(0 if healthy else 1)
+    if not watch:
+        shown, healthy, _ = screen()
+        console.print(shown)
+        raise typer.Exit(0 if healthy else 1)
+    with Live(console=console, auto_refresh=False) as live:
+        try:
+            while True:
+                shown, healthy, _ = screen()
+                live.update(shown, refresh=True)
+                time.sleep(interval)
+        except KeyboardInterrupt:
+            pass
+
+
+def _overview_tables(found: Any) -> list[Any]:
+    services = Table(title="Services: consumer lag and throughput")
+    for column in ("service", "lag per input topic", "processed/s"):
+        services.add_column(column)
+    for row in found.services:
+        lag = ", ".join(
+            f"{topic}: [yellow]{n}[/]" if n else f"{topic}: 0" for topic, n in row.lag.items()
+        )
+        rate = f"{row.processed_per_s:,.1f}" if row.processed_per_s is not None else "-"
+        services.add_row(row.name, lag, rate)
+    projections = Table(title="Read models")
+    for column in ("projection", "position", "lag", "lag (s)", "last error"):
+        projections.add_column(column)
+    for p in found.projections:
+        error = f"[red]{p.last_error[:60]}[/]" if p.last_error else "-"
+        projections.add_row(p.name, str(p.position), str(p.lag), f"{p.lag_s:.1f}", error)
+    work = Table(title="Dead letters and reviews")
+    for column in ("what", "count"):
+        work.add_column(column)
+    for topic, count in found.dead_letters.items():
+        work.add_row(f"dead letters on {topic}.dlq", f"[red]{count}[/]" if count else "0")
+
+    def shown(n: int | None) -> str:
+        return "-" if n is None else str(n)
+
+    work.add_row("open reviews", shown(found.open_reviews))
+    work.add_row("reviews past their SLA", shown(found.overdue_reviews))
+    work.add_row("SLA breaches, last 24 h", shown(found.sla_breaches_24h))
+    notes = [f"[yellow]unavailable:[/] {line}" for line in found.unavailable]
+    return [services, projections, work, *notes]
 
 
 @app.command()
@@ -560,6 +654,81 @@ def projections_rebuild(
         sys.exit(1)
 
 
+@app.command("trace")
+def trace_order(
+    order_id: Annotated[str, typer.Argument(help="The order's id (the key of its records).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print one order's causal history from the topics, and where it is waiting now.
+
+    Every event of the order on every topic of record, as a tree of causes and
+    effects (causation id -> event id), with its time, producer, actor, the time
+    since its cause, and its trace id. The topics are read, not the read models:
+    the log is the truth, so this works with no database and a projection behind.
+    """
+    from datetime import UTC, datetime
+
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from rich.markup import escape
+
+    from opsflow import trace
+    from opsflow.contracts.wire import WireCodec
+    from opsflow.errors import RetryableError
+    from opsflow.settings import KafkaSettings, RegistrySettings, TopicSettings
+
+    kafka_settings, registry_url = KafkaSettings(), RegistrySettings().schema_registry_url
+    for variable, value in (
+        ("KAFKA_BOOTSTRAP_SERVERS", kafka_settings.bootstrap_servers),
+        ("SCHEMA_REGISTRY_URL", registry_url),
+    ):
+        if not value:
+            raise ConfigurationError(
+                variable,
+                "is not set",
+                "Set it, or point the shell at the running stack with `eval $(opsflow env)`",
+            )
+    prefix = TopicSettings().prefix
+    found = trace.scan(dict(kafka_settings.client_config()), order_id, prefix=prefix)
+    if not found.records:
+        raise trace.unknown_order(order_id, found, prefix)
+    codec = WireCodec(SchemaRegistryClient({"url": str(registry_url)}))
+    try:
+        records, unreadable = trace.decode(found.records, codec, order_id)
+    except RetryableError as err:
+        raise ConfigurationError(
+            "SCHEMA_REGISTRY_URL",
+            f"the schema registry at {registry_url} could not be asked ({err})",
+            "Check that it is up and the variable names it, or point the shell at the "
+            "running stack with `eval $(opsflow env)`",
+        ) from err
+    result = trace.assemble(
+        order_id,
+        records,
+        datetime.now(UTC),
+        path=found.path,
+        unreadable=unreadable,
+        records_read=found.records_read,
+    )
+    if as_json:
+        print(json.dumps(trace.as_json(result)))
+        return
+    # Piped, one step stays one line (for grep) however deep the tree goes.
+    out = console if console.is_terminal else Console(width=1000)
+    out.print(trace.tree(result))
+    for bad in result.unreadable:
+        out.print(
+            f"[yellow]unreadable:[/] {bad.topic}/{bad.partition}/{bad.offset}: "
+            + escape(bad.problem),
+            highlight=False,
+        )
+    ids = result.trace_ids()
+    out.print(
+        f"[bold]now:[/] {escape(result.verdict.now)}"
+        + (f"  [dim](trace {', '.join(ids)})[/]" if ids else ""),
+        highlight=False,
+    )
+
+
 audit_app = typer.Typer(no_args_is_help=True, help="The tamper-evident audit log.")
 app.add_typer(audit_app, name="audit")
 
@@ -586,6 +755,305 @@ def audit_verify() -> None:
         highlight=False,
     )
     sys.exit(1)
+
+
+dlq_app = typer.Typer(
+    no_args_is_help=True,
+    help="Dead letters: what services and projections could not process, and redriving it "
+    "back to its topic after a fix.",
+)
+app.add_typer(dlq_app, name="dlq")
+
+_TopicFilter = Annotated[
+    str | None, typer.Option("--topic", help="Source topic (contract name, e.g. orders).")
+]
+_ErrorClassFilter = Annotated[
+    str | None, typer.Option("--error-class", help="Exception class, e.g. BadInputError.")
+]
+_ServiceFilter = Annotated[
+    str | None,
+    typer.Option("--service", help="Who failed: a service, or projection:<name>."),
+]
+_OrderFilter = Annotated[str | None, typer.Option("--order", help="Order id (the record key).")]
+
+
+def _topic(name: str | None) -> str | None:
+    """A --topic value checked against the contract's topics (with the nearest on a typo)."""
+    import difflib
+
+    names = [topic.value for topic in Topic]
+    if name is None or name in names:
+        return name
+    near = difflib.get_close_matches(name, names, n=1)
+    raise click.BadParameter(
+        f"no topic {name!r}"
+        + (f"; did you mean {near[0]!r}?" if near else "")
+        + f" (topics: {', '.join(names)})",
+        param_hint="--topic",
+    )
+
+
+def _queues() -> Any:
+    from opsflow.dlq import DeadLetterQueues
+    from opsflow.settings import TopicSettings
+
+    kafka, _, url = _cluster()
+    return DeadLetterQueues(kafka, url, prefix=TopicSettings().prefix)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    topic: _TopicFilter = None,
+    error_class: _ErrorClassFilter = None,
+    service: _ServiceFilter = None,
+    order: _OrderFilter = None,
+    include_redriven: Annotated[
+        bool, typer.Option("--include-redriven", help="List redriven dead letters too.")
+    ] = False,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=0, help="Dead letters to list (default: 20; --json: all)."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Dead letters counted by source topic, error class and consumer, then one per line.
+
+    A source record dead-lettered more than once by the same consumer is one line (its
+    other ids under "duplicates"). Redriven ones are counted, and listed with
+    --include-redriven.
+    """
+    from opsflow.dlq import Filters, cases, summary
+
+    filters = Filters(_topic(topic), error_class, service, order)
+    found = cases(
+        e
+        for e in _queues().entries([filters.topic] if filters.topic else None)
+        if filters.matches(e)
+    )
+    shown = [case for case in found if include_redriven or case.pending]
+    groups = summary(found)
+    if as_json:
+        rows = shown if limit is None else shown[:limit]
+        print(
+            json.dumps(
+                {
+                    "pending": sum(g.pending for g in groups),
+                    "redriven": sum(g.redriven for g in groups),
+                    "groups": [g.as_json() for g in groups],
+                    "dead_letters": [case.as_json() for case in rows],
+                }
+            )
+        )
+        return
+    if not found:
+        console.print("No dead letters" + (" match." if filters.any else "."))
+        return
+    table = Table(title="Dead letters")
+    for column in ("topic", "error class", "consumer", "pending", "redriven"):
+        table.add_column(column)
+    for g in groups:
+        pending = f"[red]{g.pending}[/]" if g.pending else "0"
+        table.add_row(g.topic, g.error_class, g.consumer, pending, str(g.redriven))
+    console.print(table)
+    most = 20 if limit is None else limit
+    if not shown or not most:
+        return
+    lines = Table(title="Pending dead letters" if not include_redriven else "Dead letters")
+    for column in ("id", "order", "consumer", "error", "failed at", "redriven"):
+        lines.add_column(column, overflow="fold")
+    for case in shown[:most]:
+        entry = case.latest
+        error = f"{entry.letter.error_class}: {entry.letter.error_message[:80]}"
+        dupes = f" (+{len(case.entries) - 1})" if len(case.entries) > 1 else ""
+        redriven = "-" if case.pending else f"{entry.redrive.redriven_at:%Y-%m-%d %H:%M:%S}"  # type: ignore[union-attr]
+        lines.add_row(
+            entry.id + dupes,
+            entry.key or "-",
+            entry.letter.consumer,
+            error,
+            entry.letter.failed_at or "-",
+            redriven,
+        )
+    console.print(lines)
+    if len(shown) > most:
+        console.print(
+            f"... and {len(shown) - most:,} more: narrow with --topic, --error-class, "
+            "--service or --order, or raise --limit.",
+            highlight=False,
+        )
+
+
+@dlq_app.command("show")
+def dlq_show(
+    dead_letter_id: Annotated[
+        str, typer.Argument(metavar="ID", help="A dead letter's id, e.g. orders.dlq/2/15.")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """One dead letter: its value decoded where possible (else its first bytes), its
+    headers, the error that put it there and whether it was redriven."""
+    from opsflow.contracts.wire import WireCodec
+    from opsflow.dlq import decoded, preview
+
+    _, registry, _ = _cluster()
+    queues = _queues()
+    entry = queues.entry(dead_letter_id)
+    letter = entry.letter
+    value, problem = decoded(letter.value, WireCodec(registry))  # type: ignore[arg-type]
+    data = {
+        **entry.as_json(),
+        "dead_letter": {
+            "topic": letter.topic,
+            "partition": letter.partition,
+            "offset": letter.offset,
+        },
+        "value": value,
+        "value_error": problem,
+        "value_bytes": None if value is not None else preview(letter.value),
+        "headers": [[k, v.decode("utf-8", "backslashreplace")] for k, v in letter.original_headers],
+        "dead_letter_headers": [
+            [k, v.decode("utf-8", "backslashreplace")] for k, v in letter.added_headers
+        ],
+    }
+    if as_json:
+        print(json.dumps(data))
+        return
+    console.print(f"[bold]{entry.id}[/] ({letter.topic}/{letter.partition}/{letter.offset})")
+    console.print(f"  source:   {entry.source_name}", highlight=False)
+    console.print(f"  order:    {entry.key or '-'}", highlight=False)
+    console.print(f"  consumer: {letter.consumer} (attempts: {letter.attempts or '-'})")
+    console.print(f"  failed:   {letter.failed_at or '-'}", highlight=False)
+    console.print(
+        f"  error:    [red]{letter.error_class}[/]: {letter.error_message}", highlight=False
+    )
+    if entry.redrive is not None:
+        console.print(
+            f"  redriven: {entry.redrive.redriven_at:%Y-%m-%d %H:%M:%S %Z} to "
+            f"{letter.source_topic}/{entry.redrive.partition}/{entry.redrive.offset}",
+            highlight=False,
+        )
+    if letter.redriven_from:
+        console.print(f"  an earlier redrive of: {letter.redriven_from}", highlight=False)
+    headers = Table(title="Headers (the original record's, then the dead letter's)")
+    for column in ("header", "value", "from"):
+        headers.add_column(column, overflow="fold")
+    for (name, text), origin in [
+        *((pair, "record") for pair in data["headers"]),
+        *((pair, "dead letter") for pair in data["dead_letter_headers"]),
+    ]:
+        headers.add_row(name, text, origin)
+    console.print(headers)
+    if value is not None:
+        console.print("Value (decoded):")
+        console.print_json(json.dumps(value))
+    else:
+        raw = data["value_bytes"]
+        console.print(f"Value: not decoded ({problem}); {raw['length']} bytes", highlight=False)
+        console.print(
+            f"  hex:  {raw['hex']}" + (" ..." if raw["truncated"] else ""), highlight=False
+        )
+        console.print(f"  text: {raw['text']!r}", highlight=False, markup=False)
+
+
+@dlq_app.command("redrive")
+def dlq_redrive(
+    ids: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[ID]...", help="Dead letters to redrive (as `list` shows them)."),
+    ] = None,
+    redrive_all: Annotated[
+        bool, typer.Option("--all", help="Every pending dead letter (with filters: that match).")
+    ] = False,
+    topic: _TopicFilter = None,
+    error_class: _ErrorClassFilter = None,
+    service: _ServiceFilter = None,
+    order: _OrderFilter = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would be redriven; write nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Write dead letters back to their source topic after a fix, each at most once.
+
+    The original key, value, headers and timestamp go back to the source partition,
+    with `opsflow-redriven-from` added; a redriven dead letter is recorded, so redriving
+    it again does nothing, and a record that fails again is dead-lettered anew with the
+    new error. A source record dead-lettered by several consumers is written once.
+
+    Every consumer of the topic reads the copy, not only the one that failed. That is
+    harmless by construction: services derive their outputs' ids, keys and times from
+    the input (the same input gives the same events), read models take a repeated event
+    as a no-op, and dispatch books the carrier under the same idempotency key.
+    """
+    from opsflow.dlq import Filters
+
+    filters = Filters(_topic(topic), error_class, service, order)
+    if not (ids or redrive_all or filters.any):
+        raise click.UsageError(
+            "say what to redrive: IDs, filters (--topic, --error-class, --service, --order) "
+            "or --all; add --dry-run to see it first"
+        )
+    queues = _queues()
+    if ids:
+        chosen = _by_ids(queues, ids)
+    else:
+        everything = queues.entries([filters.topic] if filters.topic else None)
+        chosen = [e for e in everything if e.redrive is None and filters.matches(e)]
+    result = queues.redrive(chosen, dry_run=dry_run)
+    if as_json:
+        print(json.dumps(result.as_json()))
+    else:
+        _print_redrive(result)
+    if result.failed:
+        sys.exit(1)
+
+
+def _by_ids(queues: Any, ids: list[str]) -> list[Any]:
+    """The dead letters named, with the other dead letters of the same case (so a duplicate
+    is marked with it); an unknown id fails with the nearest ones."""
+    from opsflow.dlq import cases
+
+    wanted = [queues.entry(one) for one in ids]  # raises, with suggestions, on an unknown id
+    found = cases(queues.entries(sorted({e.topic for e in wanted})))
+    named = {e.id for e in wanted}
+    chosen = []
+    for case in found:
+        if any(e.id in named for e in case.entries):
+            chosen += [e for e in case.entries if e.id in named or e.redrive is None]
+    return chosen
+
+
+def _print_redrive(result: Any) -> None:
+    verb = "Would redrive" if result.dry_run else "Redrove"
+    count = len(result.redriven)
+    if not count and not result.failed:
+        console.print("Nothing to redrive: no pending dead letter matches.")
+    elif count:
+        letters = sum(len(entries) for entries, _ in result.redriven)
+        by_topic = Counter(entries[0].letter.source_topic for entries, _ in result.redriven)
+        where = ", ".join(f"{n:,} to {t}" for t, n in sorted(by_topic.items()))
+        console.print(
+            f"{verb} {count:,} record(s) ({letters:,} dead letter(s)): {where}.", highlight=False
+        )
+        for entries, _to in result.redriven[:20]:
+            console.print(f"  {', '.join(e.id for e in entries)}  order {entries[0].key or '-'}")
+        if count > 20:
+            console.print(f"  ... and {count - 20:,} more (--json lists all).")
+    for entry in result.skipped[:20]:
+        mark = entry.redrive
+        when = f" at {mark.redriven_at:%Y-%m-%d %H:%M:%S %Z}" if mark else ""
+        console.print(f"Skipped {entry.id}: redriven already{when}.", highlight=False)
+    for entries, error in result.failed[:20]:
+        errors.print(
+            f"[red]not redriven:[/] {', '.join(e.id for e in entries)}: {error}",
+            highlight=False,
+        )
+    if result.failed:
+        errors.print(
+            f"{len(result.failed):,} record(s) were not written and stay pending; fix the "
+            "cause and run the same command again (what was written is not written twice).",
+            highlight=False,
+        )
 
 
 contracts_app = typer.Typer(

@@ -1,0 +1,167 @@
+"""The on-call operator's one screen: services, consumer lag, read models, dead letters, reviews.
+
+``opsflow status`` shows the stack's processes; this adds what they are doing,
+read from where the truth is: consumer lag from the broker (each service's
+committed offsets against the partitions' ends), throughput from the
+services' own ``/metrics``, read-model positions from PostgreSQL, dead-letter
+counts from the ``.dlq`` topics, open reviews and SLA breaches from the read
+models. Each part that cannot be read (no database, a table not there yet) is
+reported as unavailable rather than failing the whole screen.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from confluent_kafka import Consumer
+from confluent_kafka import TopicPartition as KafkaPartition
+
+from opsflow import db
+from opsflow.contracts import Topic
+from opsflow.projections.runner import partitions_of
+from opsflow.projections.status import ProjectionStatus, statuses
+from opsflow.runtime import load_service
+from opsflow.topics import dead_letter_topic, topic_name
+
+# The workflow's consuming services (module[:attribute] of their Service).
+SERVICES = (
+    "services.policy_check",
+    "services.review.service",
+    "services.dispatch",
+    "services.pod_capture",
+)
+_PROCESSED = re.compile(r"^opsflow_events_processed_total\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
+
+
+@dataclass
+class ServiceLag:
+    """A service (its consumer group) and how far behind it is per input topic."""
+
+    name: str
+    lag: dict[str, int]
+    processed_total: float | None = None
+    processed_per_s: float | None = None
+
+
+@dataclass
+class Overview:
+    services: list[ServiceLag] = field(default_factory=list)
+    projections: list[ProjectionStatus] = field(default_factory=list)
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    open_reviews: int | None = None
+    overdue_reviews: int | None = None
+    sla_breaches_24h: int | None = None
+    unavailable: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "services": [vars(s) for s in self.services],
+            "projections": [p.as_json() for p in self.projections],
+            "dead_letters": self.dead_letters,
+            "open_reviews": self.open_reviews,
+            "overdue_reviews": self.overdue_reviews,
+            "sla_breaches_24h": self.sla_breaches_24h,
+            "unavailable": self.unavailable,
+        }
+
+
+def _ends(consumer: Consumer, parts: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
+    return {
+        tp: consumer.get_watermark_offsets(KafkaPartition(*tp), timeout=5, cached=False)[1]
+        for tp in parts
+    }
+
+
+def _service_lag(kafka: Mapping[str, Any], target: str) -> ServiceLag:
+    service = load_service(target)
+    group = topic_name(service.name)
+    consumer = Consumer({**kafka, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = partitions_of(consumer, [topic_name(t) for t in service.consumes])
+        ends = _ends(consumer, parts)
+        committed = consumer.committed([KafkaPartition(*tp) for tp in parts], timeout=10)
+        lag: dict[str, int] = {}
+        for kp in committed:
+            start = kp.offset if kp.offset >= 0 else 0
+            lag[kp.topic] = lag.get(kp.topic, 0) + max(0, ends[(kp.topic, kp.partition)] - start)
+        return ServiceLag(service.name, lag)
+    finally:
+        consumer.close()
+
+
+def processed_total(metrics_url: str) -> float | None:
+    """The inputs a runtime service has processed since it started (None: no answer)."""
+    try:
+        text = httpx.get(f"{metrics_url}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return None
+    return sum(float(n) for n in _PROCESSED.findall(text))
+
+
+def overview(
+    kafka: Mapping[str, Any], database_url: str | None, metrics: Mapping[str, str] | None = None
+) -> Overview:
+    """Everything on the screen; ``metrics`` maps service names to their metrics URL (the
+    processed counters are read before and after the rest, which gives the rates)."""
+    found = Overview()
+    metrics = metrics or {}
+    before = {name: processed_total(url) for name, url in metrics.items()}
+    started = time.monotonic()
+    for target in SERVICES:
+        try:
+            found.services.append(_service_lag(kafka, target))
+        except Exception as err:  # one service's trouble must not hide the others
+            found.unavailable.append(f"{target}: {err}")
+    consumer = Consumer({**kafka, "group.id": "opsflow-status"})
+    try:
+        for topic in Topic:
+            dlq = dead_letter_topic(topic_name(topic))
+            try:
+                parts = partitions_of(consumer, [dlq])
+            except Exception:  # a cluster provisioned without this DLQ
+                continue
+            found.dead_letters[topic.value] = sum(
+                high - low
+                for low, high in (
+                    consumer.get_watermark_offsets(KafkaPartition(*tp), timeout=5, cached=False)
+                    for tp in parts
+                )
+            )
+    finally:
+        consumer.close()
+    if database_url:
+        _from_database(found, kafka, database_url)
+    else:
+        found.unavailable.append("read models: DATABASE_URL is not set")
+    elapsed = max(time.monotonic() - started, 1e-3)
+    for row in found.services:
+        url = metrics.get(row.name)
+        if url is None:
+            continue
+        row.processed_total = processed_total(url)
+        first = before.get(row.name)
+        if row.processed_total is not None and first is not None:
+            row.processed_per_s = (row.processed_total - first) / elapsed
+    return found
+
+
+def _from_database(found: Overview, kafka: Mapping[str, Any], database_url: str) -> None:
+    from opsflow.readmodels import PROJECTIONS
+
+    try:
+        with db.connect(database_url, autocommit=True) as conn:
+            found.projections = statuses(conn, PROJECTIONS.values(), kafka)
+            found.open_reviews, found.overdue_reviews = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE due_at < now())"
+                " FROM review_queue WHERE status <> 'decided'"
+            ).fetchone()  # type: ignore[misc]
+            found.sla_breaches_24h = conn.execute(
+                "SELECT count(*) FROM sla_breaches WHERE breached_at > now() - interval '1 day'"
+            ).fetchone()[0]  # type: ignore[index]
+    except Exception as err:  # no database, or a table not there yet
+        found.unavailable.append(f"read models: {str(err).splitlines()[0]}")
