@@ -13,6 +13,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -501,7 +502,7 @@ def users_revoke(
     )
 
 
-def _cluster() -> tuple[dict[str, object], object, str]:
+def _cluster(*, database_optional: bool = False) -> tuple[dict[str, object], object, str]:
     """The Kafka settings, a registry client and the database URL, from the environment."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -512,7 +513,7 @@ def _cluster() -> tuple[dict[str, object], object, str]:
     for variable, value in (
         ("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers),
         ("SCHEMA_REGISTRY_URL", registry),
-        ("DATABASE_URL", database_url),
+        ("DATABASE_URL", database_url or database_optional),
     ):
         if not value:
             raise ConfigurationError(
@@ -520,7 +521,11 @@ def _cluster() -> tuple[dict[str, object], object, str]:
                 "is not set",
                 "Set it, or point the shell at the running stack with `eval $(opsflow env)`",
             )
-    return dict(kafka.client_config()), SchemaRegistryClient({"url": registry}), str(database_url)
+    return (
+        dict(kafka.client_config()),
+        SchemaRegistryClient({"url": registry}),
+        database_url or "",
+    )
 
 
 def _projection(name: str) -> Any:
@@ -652,6 +657,103 @@ def projections_rebuild(
             "is now in place."
         )
         sys.exit(1)
+
+
+@app.command("replay")
+def replay_command(
+    topic: Annotated[Topic, typer.Argument(help="The topic to read again (its contract name).")],
+    into: Annotated[
+        str, typer.Option("--into", help="The service or projection to re-drive it into.")
+    ],
+    partition: Annotated[
+        list[int] | None, typer.Option("--partition", "-p", help="Only these partitions.")
+    ] = None,
+    from_offset: Annotated[int | None, typer.Option(help="First offset (per partition).")] = None,
+    to_offset: Annotated[int | None, typer.Option(help="End offset, exclusive.")] = None,
+    since: Annotated[
+        datetime | None, typer.Option("--from", help="Records written at or after (UTC).")
+    ] = None,
+    until: Annotated[
+        datetime | None, typer.Option("--to", help="Records written before (UTC).")
+    ] = None,
+    order: Annotated[list[str] | None, typer.Option("--order", help="Only these orders.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Say what would happen; write nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
+) -> None:
+    """Re-drive a range of TOPIC into a service or projection, harmlessly.
+
+    Outputs carry the same idempotency keys and event ids as the first time, so
+    downstream steps and the carrier treat them as repeats; projections apply an
+    event once. --dry-run reports the events, the orders and how many inputs
+    already have their outputs in the log (their side effects would be skipped).
+    """
+    from datetime import UTC
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from opsflow.replay import Replay, Selection, target_of
+
+    kafka, registry, url = _cluster(database_optional=True)
+    selection = Selection(
+        topic=topic,
+        partitions=tuple(partition) if partition else None,
+        from_offset=from_offset,
+        to_offset=to_offset,
+        from_time=since.replace(tzinfo=since.tzinfo or UTC) if since else None,
+        to_time=until.replace(tzinfo=until.tzinfo or UTC) if until else None,
+        orders=frozenset(order or ()),
+    )
+    job = Replay(target_of(into), selection, kafka=kafka, registry=registry, database_url=url)  # type: ignore[arg-type]
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} events/s"),
+    )
+    started = time.monotonic()
+    with Progress(*columns, console=errors, transient=as_json) as bar:
+        task = bar.add_task(f"replaying {topic.value} into {into}", total=None, rate="-")
+
+        def progress(done: int, total: int) -> None:
+            rate = done / max(time.monotonic() - started, 1e-3)
+            bar.update(task, completed=done, total=total, rate=f"{rate:,.0f}")
+
+        report = job.run(dry_run=dry_run, progress=progress)
+    elapsed = time.monotonic() - started
+    if as_json:
+        print(json.dumps({**report.as_json(), "seconds": round(elapsed, 3)}))
+        return
+    read = sum(report.events.values())
+    verb = "Would re-drive" if dry_run else "Re-drove"
+    kinds = ", ".join(f"{n} {t}" for t, n in report.events.items()) or "none"
+    console.print(
+        f"{verb} {read:,} events ({kinds})"
+        f" of {len(report.orders):,} orders into {into} in {elapsed:.1f} s"
+        f" ({read / max(elapsed, 1e-3):,.0f} events/s).",
+        highlight=False,
+    )
+    if report.handled and report.already_done:
+        console.print(
+            f"{report.already_done:,} of {report.handled:,} inputs already have their outputs in "
+            "the log: their side effects are repeats under the same idempotency keys and are "
+            "skipped downstream and at the carrier.",
+            highlight=False,
+        )
+    if not dry_run:
+        what = "events to its tables" if into in _projection_names() else "outputs"
+        console.print(
+            f"Wrote {report.outputs:,} {what} (replay id {report.replay_id}).", highlight=False
+        )
+    if report.undecodable:
+        console.print(f"[yellow]{report.undecodable} undecodable records skipped.[/]")
+
+
+def _projection_names() -> list[str]:
+    from opsflow.readmodels import PROJECTIONS
+
+    return list(PROJECTIONS)
 
 
 @app.command("trace")
@@ -983,7 +1085,8 @@ def dlq_redrive(
     Every consumer of the topic reads the copy, not only the one that failed. That is
     harmless by construction: services derive their outputs' ids, keys and times from
     the input (the same input gives the same events), read models take a repeated event
-    as a no-op, and dispatch books the carrier under the same idempotency key.
+    as a no-op, and dispatch books the carrier under the same idempotency key (a
+    booking already made is returned; one that had failed for good is tried again).
     """
     from opsflow.dlq import Filters
 
@@ -1013,9 +1116,11 @@ def _by_ids(queues: Any, ids: list[str]) -> list[Any]:
     is marked with it); an unknown id fails with the nearest ones."""
     from opsflow.dlq import cases
 
-    wanted = [queues.entry(one) for one in ids]  # raises, with suggestions, on an unknown id
-    found = cases(queues.entries(sorted({e.topic for e in wanted})))
-    named = {e.id for e in wanted}
+    found = cases(queues.entries())
+    known = {e.id for case in found for e in case.entries}
+    named = {queues.canonical(one) for one in ids}
+    for one in sorted(named - known):
+        queues.entry(one)  # not there: fails with the nearest ids
     chosen = []
     for case in found:
         if any(e.id in named for e in case.entries):

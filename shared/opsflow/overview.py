@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from opsflow.contracts import Topic
 from opsflow.projections.runner import partitions_of
 from opsflow.projections.status import ProjectionStatus, statuses
 from opsflow.runtime import load_service
-from opsflow.topics import dead_letter_topic, topic_name
+from opsflow.topics import dead_letter_topic, end_offsets, topic_name
 
 # The workflow's consuming services (module[:attribute] of their Service).
 SERVICES = (
@@ -70,20 +70,13 @@ class Overview:
         }
 
 
-def _ends(consumer: Consumer, parts: Sequence[tuple[str, int]]) -> dict[tuple[str, int], int]:
-    return {
-        tp: consumer.get_watermark_offsets(KafkaPartition(*tp), timeout=5, cached=False)[1]
-        for tp in parts
-    }
-
-
 def _service_lag(kafka: Mapping[str, Any], target: str) -> ServiceLag:
     service = load_service(target)
     group = topic_name(service.name)
     consumer = Consumer({**kafka, "group.id": group, "enable.auto.commit": False})
     try:
         parts = partitions_of(consumer, [topic_name(t) for t in service.consumes])
-        ends = _ends(consumer, parts)
+        ends = end_offsets(kafka, parts)
         committed = consumer.committed([KafkaPartition(*tp) for tp in parts], timeout=10)
         lag: dict[str, int] = {}
         for kp in committed:
@@ -125,12 +118,11 @@ def overview(
                 parts = partitions_of(consumer, [dlq])
             except Exception:  # a cluster provisioned without this DLQ
                 continue
+            ends = end_offsets(kafka, parts)
             found.dead_letters[topic.value] = sum(
-                high - low
-                for low, high in (
-                    consumer.get_watermark_offsets(KafkaPartition(*tp), timeout=5, cached=False)
-                    for tp in parts
-                )
+                ends[tp]
+                - consumer.get_watermark_offsets(KafkaPartition(*tp), timeout=5, cached=False)[0]
+                for tp in parts
             )
     finally:
         consumer.close()

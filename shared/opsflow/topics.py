@@ -7,9 +7,11 @@ id only keeps an order in order while the partition count does not change.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from opsflow.errors import RetryableError
@@ -68,3 +70,48 @@ def ensure_topics(
             if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise RetryableError(f"could not create topic {name}: {err}") from err
     return created
+
+
+def end_offsets(
+    kafka: Mapping[str, Any], partitions: Iterable[tuple[str, int]], *, timeout: float = 10.0
+) -> dict[tuple[str, int], int]:
+    """The offset after the last record of each partition, as a ``read_committed`` reader
+    sees it (the last stable offset).
+
+    Read from fetch responses, not asked with ListOffsets: the embedded broker answers
+    ListOffsets(latest) with a point inside the partition's last batch, short of the
+    end whenever that batch holds several records (measured), while every fetch
+    response carries the true high watermark.
+
+    Raises:
+        RetryableError: some partition's end was not learned within ``timeout``.
+    """
+    parts = sorted(set(partitions))
+    if not parts:
+        return {}
+    consumer = Consumer(
+        {
+            **kafka,
+            "group.id": "opsflow-end-offsets",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    try:
+        consumer.assign([TopicPartition(t, p, OFFSET_END) for t, p in parts])
+        found: dict[tuple[str, int], int] = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < len(parts):
+            if time.monotonic() > deadline:
+                missing = [f"{t}[{p}]" for t, p in parts if (t, p) not in found]
+                raise RetryableError(f"could not learn the end of {', '.join(missing)}")
+            consumer.consume(1000, 0.05)
+            for t, p in parts:
+                if (t, p) not in found:
+                    _, high = consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
+                    if high >= 0:
+                        found[(t, p)] = high
+        return found
+    finally:
+        consumer.close()

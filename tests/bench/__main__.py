@@ -14,10 +14,13 @@ from rich.console import Console
 from tests.bench.codec import CodecCase
 from tests.bench.harness import BenchError, Case, run
 from tests.bench.onehop import OneHopCase
+from tests.bench.rebuild import RebuildCase
 from tests.bench.workflow import WorkflowCase
 
 # Every case, in the order a full run takes them.
-CASES: dict[str, type[Case]] = {case.name: case for case in (CodecCase, OneHopCase, WorkflowCase)}
+CASES: dict[str, type[Case]] = {
+    case.name: case for case in (CodecCase, OneHopCase, WorkflowCase, RebuildCase)
+}
 
 
 def _positive(text: str) -> int:

@@ -99,7 +99,8 @@ class Ratio:
 
     Args:
         percent: show as a percentage (for shares of time) instead of ``1.23x``.
-        target: the least the ratio should be; shown with whether it was met.
+        target: the least the ratio should be (the most, if ``lower_is_better``);
+            shown with whether it was met.
     """
 
     key: str
@@ -108,6 +109,7 @@ class Ratio:
     denominator: str
     percent: bool = False
     target: float | None = None
+    lower_is_better: bool = False
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,7 @@ class CaseResult:
                     "numerator": r.numerator,
                     "denominator": r.denominator,
                     "target": r.target,
+                    "lower_is_better": r.lower_is_better,
                     **asdict(self.ratios[r.key]),
                 }
                 for r in self.case.ratios
@@ -527,7 +530,10 @@ def results_table(results: Sequence[CaseResult]) -> Table:
                 f"{s.spread:.0%}",
                 "% of time" if ratio.percent else "x",
                 _verdict(
-                    s.median, ratio.target, False, _fmt_ratio(ratio.target or 0.0, ratio.percent)
+                    s.median,
+                    ratio.target,
+                    ratio.lower_is_better,
+                    _fmt_ratio(ratio.target or 0.0, ratio.percent),
                 ),
             )
         table.add_section()

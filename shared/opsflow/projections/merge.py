@@ -31,6 +31,17 @@ from psycopg import sql
 
 Row = dict[str, Any]
 
+# Column types staged in their binary form, from the Python values partial rows hold
+# (timestamptz as bigint epoch milliseconds); any other type is staged as its text
+# form and cast in the merge, as a text COPY would parse it (a uuid arrives as a str).
+_BINARY = frozenset({"text", "text[]", "integer", "bigint", "smallint", "boolean", "timestamptz"})
+
+
+def _staged_type(kind: str) -> str:
+    if kind == "timestamptz":
+        return "bigint"
+    return kind if kind in _BINARY else "text"
+
 
 @dataclass(frozen=True)
 class Latest:
@@ -60,6 +71,9 @@ class MergeTable:
     least: tuple[str, ...] = ()
     latest: tuple[Latest, ...] = ()
     _names: tuple[str, ...] = field(init=False, repr=False)
+    _rules: dict[str, Any] = field(init=False, repr=False)
+    _staged_types: tuple[str, ...] = field(init=False, repr=False)
+    _as_text: tuple[int, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         names = tuple(self.columns)
@@ -73,40 +87,75 @@ class MergeTable:
                 f"{self.name}: every column needs exactly one rule "
                 f"(without a rule: {sorted(missing)}; unknown or twice: {sorted(set(extra))})"
             )
+        # Per column of a partial, what combining does with it: "first", "greatest",
+        # "least", a Latest group (its key), or nothing (keys, and the columns of a
+        # group, which go with its key).
+        rules: dict[str, Any] = dict.fromkeys(self.first, "first")
+        rules |= dict.fromkeys(self.greatest, "greatest")
+        rules |= dict.fromkeys(self.least, "least")
+        rules |= {group.key: group for group in self.latest}
         object.__setattr__(self, "_names", names)
+        object.__setattr__(self, "_rules", rules)
+        object.__setattr__(
+            self,
+            "_staged_types",
+            tuple(_staged_type(kind) for kind in self.columns.values()),
+        )
+        object.__setattr__(
+            self,
+            "_as_text",
+            tuple(i for i, kind in enumerate(self.columns.values()) if kind not in _BINARY),
+        )
 
     # --- folding in Python ---------------------------------------------------------------
 
     def fold(self, partials: Iterable[Row]) -> list[Row]:
         """One row per key, combining the partials by the column rules."""
-        rows: dict[tuple[Any, ...], Row] = {}
-        for partial in partials:
-            key = tuple(partial[k] for k in self.key)
-            row = rows.get(key)
-            if row is None:
-                rows[key] = dict(partial)
-            else:
-                self._combine(row, partial)
+        rows: dict[Any, Row] = {}
+        combine = self._combine
+        if len(self.key) == 1:
+            (key,) = self.key
+            for partial in partials:
+                row = rows.get(partial[key])
+                if row is None:
+                    rows[partial[key]] = dict(partial)
+                else:
+                    combine(row, partial)
+        else:
+            for partial in partials:
+                keys = tuple(partial[k] for k in self.key)
+                row = rows.get(keys)
+                if row is None:
+                    rows[keys] = dict(partial)
+                else:
+                    combine(row, partial)
         return list(rows.values())
 
     def _combine(self, row: Row, new: Row) -> None:
-        for col in self.first:
-            if row.get(col) is None:
-                row[col] = new.get(col)
-        for col in self.greatest:
-            value = new.get(col)
-            if value is not None and (row.get(col) is None or value > row[col]):
-                row[col] = value
-        for col in self.least:
-            value = new.get(col)
-            if value is not None and (row.get(col) is None or value < row[col]):
-                row[col] = value
-        for group in self.latest:
-            rank = new.get(group.key)
-            if rank is not None and (row.get(group.key) is None or rank > row[group.key]):
-                row[group.key] = rank
-                for col in group.columns:
-                    row[col] = new.get(col)
+        """Combine ``new`` into ``row``; only the columns ``new`` has can change anything
+        (a column it lacks counts as null)."""
+        rules = self._rules
+        for col, value in new.items():
+            rule = rules.get(col)
+            if rule is None or value is None:
+                continue
+            if rule == "first":
+                if row.get(col) is None:
+                    row[col] = value
+            elif rule == "greatest":
+                old = row.get(col)
+                if old is None or value > old:
+                    row[col] = value
+            elif rule == "least":
+                old = row.get(col)
+                if old is None or value < old:
+                    row[col] = value
+            else:  # a Latest group, by its key
+                old = row.get(col)
+                if old is None or value > old:
+                    row[col] = value
+                    for member in rule.columns:
+                        row[member] = new.get(member)
 
     # --- writing in SQL ----------------------------------------------------------------
 
@@ -119,10 +168,8 @@ class MergeTable:
             return
         stage = self._stage()
         staged_types = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(
-                sql.Identifier(col), sql.SQL("bigint" if kind == "timestamptz" else kind)
-            )
-            for col, kind in self.columns.items()
+            sql.SQL("{} {}").format(sql.Identifier(col), sql.SQL(kind))
+            for col, kind in zip(self._names, self._staged_types, strict=True)
         )
         conn.execute(
             sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {} ({}) ON COMMIT DELETE ROWS").format(
@@ -132,16 +179,28 @@ class MergeTable:
         names = self._names
         cols = sql.SQL(", ").join(map(sql.Identifier, names))
         with conn.cursor() as cur:
-            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(stage, cols)) as copy:
+            # Binary, with the types given: psycopg then converts in C without
+            # looking at each value's Python type.
+            copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(stage, cols)
+            with cur.copy(copy_sql) as copy:
+                copy.set_types(self._staged_types)
+                write_row, as_text = copy.write_row, self._as_text
                 for row in rows:
-                    copy.write_row([row.get(col) for col in names])
+                    values = [row.get(col) for col in names]
+                    for i in as_text:
+                        if values[i] is not None:
+                            values[i] = str(values[i])
+                    write_row(values)
             cur.execute(self._merge_sql(table))
 
     def _merge_sql(self, table: str) -> sql.Composed:
         def staged(col: str) -> sql.Composable:
             ident = sql.Identifier(col)
-            if self.columns[col] == "timestamptz":
+            kind = self.columns[col]
+            if kind == "timestamptz":
                 return sql.SQL("to_timestamp({} / 1000.0)").format(ident)
+            if kind not in _BINARY:
+                return sql.SQL("CAST({} AS {})").format(ident, sql.SQL(kind))
             return ident
 
         t = sql.Identifier(table)

@@ -98,15 +98,28 @@ def advance(conn: psycopg.Connection[Any], key: str, moves: Mapping[TopicPartiti
 
 
 def replace(
-    conn: psycopg.Connection[Any], key: str, positions: Mapping[TopicPartition, int]
+    conn: psycopg.Connection[Any],
+    key: str,
+    positions: Mapping[TopicPartition, int],
+    *,
+    taken_from: str,
 ) -> None:
-    """Set ``key``'s positions outright (a rebuild carrying its position over)."""
-    conn.execute("DELETE FROM projection_positions WHERE projection = %s", (key,))
+    """Set ``key``'s positions outright (a rebuild carrying its position over), keeping
+    the latest record time either ``key`` or ``taken_from`` had per partition."""
     items = sorted(positions.items())
+    conn.execute(
+        "CREATE TEMP TABLE _carried ON COMMIT DROP AS"
+        " SELECT topic, partition, max(last_event_at) AS last_event_at FROM projection_positions"
+        " WHERE projection IN (%s, %s) GROUP BY topic, partition",
+        (key, taken_from),
+    )
+    conn.execute("DELETE FROM projection_positions WHERE projection = %s", (key,))
     conn.execute(
         "INSERT INTO projection_positions"
         " (projection, topic, partition, next_offset, last_event_at)"
-        " SELECT %s, t, p, o, now() FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS u(t, p, o)",
+        " SELECT %s, u.t, u.p, u.o, c.last_event_at"
+        " FROM unnest(%s::text[], %s::int[], %s::bigint[]) AS u(t, p, o)"
+        " LEFT JOIN _carried AS c ON c.topic = u.t AND c.partition = u.p",
         (key, [t for (t, _), _ in items], [p for (_, p), _ in items], [o for _, o in items]),
     )
 

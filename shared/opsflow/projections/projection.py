@@ -54,6 +54,9 @@ class Projection:
         volatile_columns: per table, columns left out of the rebuild checksum
             because they record *this database's* history, not the log's (the
             audit log's chain position and hashes).
+        event_types: the event types ``apply`` uses (None: every type on its
+            topics); records of other types are passed over without being decoded,
+            their offsets still moving the position.
     """
 
     name: str
@@ -63,6 +66,7 @@ class Projection:
     description: str = ""
     finish: Finish | None = None
     volatile_columns: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    event_types: frozenset[str] | None = None
 
     def live_tables(self) -> Tables:
         return {table: table for table in self.tables}

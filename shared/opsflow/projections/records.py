@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,12 +88,21 @@ class RecordDecoder:
     Args:
         registry: a client of the schema registry the records' ids refer to.
         contracts: the catalogue of event types (the repository's by default).
+        event_types: the event types ``select`` decodes (None: all); the others are
+            told apart by their schema id, before their body is decoded.
     """
 
-    def __init__(self, registry: SchemaRegistryClient, contracts: Catalogue | None = None) -> None:
+    def __init__(
+        self,
+        registry: SchemaRegistryClient,
+        contracts: Catalogue | None = None,
+        *,
+        event_types: Collection[str] | None = None,
+    ) -> None:
         self._registry = registry
         self._contracts = contracts or catalogue()
         self._readers: dict[int, tuple[str, Any, Any]] = {}
+        self._wanted = None if event_types is None else frozenset(event_types)
 
     def _reader(self, schema_id: int) -> tuple[str, Any, Any]:
         cached = self._readers.get(schema_id)
@@ -129,6 +139,16 @@ class RecordDecoder:
                 no contract defines, or a body that does not match its schema.
             RetryableError: the registry could not be asked.
         """
+        record = self._decode(msg, None)
+        assert record is not None
+        return record
+
+    def select(self, msg: Message) -> EventRecord | None:
+        """Like ``decode``, but None for a record of an event type not asked for
+        (``event_types``), whose body is then not decoded at all."""
+        return self._decode(msg, self._wanted)
+
+    def _decode(self, msg: Message, wanted: frozenset[str] | None) -> EventRecord | None:
         value = msg.value()
         if value is None or len(value) < _HEADER.size:
             raise BadInputError(
@@ -137,20 +157,21 @@ class RecordDecoder:
         magic, schema_id = _HEADER.unpack_from(value)
         if magic != 0:
             raise BadInputError(f"record value starts with byte {magic}, not the magic byte 0")
-        event_type, writer, reader = self._reader(schema_id)
+        event_type, writer, reader = self._readers.get(schema_id) or self._reader(schema_id)
+        if wanted is not None and event_type not in wanted:
+            return None
         try:
             data = fastavro.schemaless_reader(io.BytesIO(value[_HEADER.size :]), writer, reader)
         except (EOFError, ValueError, TypeError, IndexError, UnicodeDecodeError) as err:
             raise BadInputError(
                 f"{event_type} body does not match schema id {schema_id}: {err}"
             ) from err
-        _, timestamp_ms = msg.timestamp()
         return EventRecord(
-            event_type=event_type,
-            data=data,  # type: ignore[arg-type]
-            topic=msg.topic(),  # type: ignore[arg-type]
-            partition=msg.partition(),  # type: ignore[arg-type]
-            offset=msg.offset(),  # type: ignore[arg-type]
-            timestamp_ms=timestamp_ms,
-            value=value,
+            event_type,
+            data,  # type: ignore[arg-type]
+            msg.topic(),  # type: ignore[arg-type]
+            msg.partition(),  # type: ignore[arg-type]
+            msg.offset(),  # type: ignore[arg-type]
+            msg.timestamp()[1],
+            value,
         )

@@ -26,11 +26,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+)
 from confluent_kafka import TopicPartition as KafkaPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -41,7 +46,7 @@ from opsflow.projections import positions
 from opsflow.projections.positions import Fenced, Move, TopicPartition
 from opsflow.projections.projection import Projection, Tables
 from opsflow.projections.records import EventRecord, RecordDecoder
-from opsflow.topics import dead_letter_topic, topic_name
+from opsflow.topics import dead_letter_topic, end_offsets, topic_name
 
 log = logging.getLogger("opsflow.projections")
 
@@ -101,6 +106,8 @@ class ProjectionRunner:
         max_events: the most records one batch takes.
         max_wait_s: how long a batch waits to fill.
         bulk: a rebuild's replay (see ``Projection``).
+        partitions: run only these partitions of the topics (default: all); runners
+            of disjoint partitions can share a position key (a parallel replay).
     """
 
     def __init__(
@@ -115,8 +122,10 @@ class ProjectionRunner:
         max_events: int = 5000,
         max_wait_s: float = 0.1,
         bulk: bool = False,
+        partitions: Collection[TopicPartition] | None = None,
     ) -> None:
         self.bulk = bulk
+        self.only = None if partitions is None else frozenset(partitions)
         self.projection = projection
         self.kafka = dict(kafka)
         self.database_url = database_url
@@ -124,7 +133,7 @@ class ProjectionRunner:
         self.key = position_key or projection.name
         self.max_events = max_events
         self.max_wait_s = max_wait_s
-        self.decoder = RecordDecoder(registry)
+        self.decoder = RecordDecoder(registry, event_types=projection.event_types)
         self.topics = [topic_name(t) for t in projection.topics]
         self.consumer = Consumer(consumer_config(kafka, f"opsflow-projection-{self.key}"))
         self._producer: Producer | None = None
@@ -140,10 +149,13 @@ class ProjectionRunner:
     def open(self) -> None:
         """Connect, read the stored position and start fetching from it."""
         self.conn = db.connect(self.database_url)
+        parts = [
+            tp
+            for tp in partitions_of(self.consumer, self.topics)
+            if self.only is None or tp in self.only
+        ]
         with self.conn.transaction():
-            self.positions = positions.ensure(
-                self.conn, self.key, partitions_of(self.consumer, self.topics)
-            )
+            self.positions = self._own(positions.ensure(self.conn, self.key, parts))
         self._assign()
 
     def close(self) -> None:
@@ -193,28 +205,23 @@ class ProjectionRunner:
         return all(self.positions.get(tp, 0) >= off for tp, off in targets.items())
 
     def high_watermarks(self) -> dict[TopicPartition, int]:
-        """The end of every partition now (the offset the next record will get)."""
-        ends = {}
-        for topic, partition in self.positions:
-            _, high = self.consumer.get_watermark_offsets(
-                KafkaPartition(topic, partition), timeout=10, cached=False
-            )
-            ends[(topic, partition)] = high
-        return ends
+        """The end of every partition now (the offset the next record will get; for this
+        ``read_committed`` reader, the last stable offset); see ``opsflow.topics.end_offsets``."""
+        return end_offsets(self.kafka, self.positions)
 
     # --- batches -------------------------------------------------------------------------
 
     def apply(self, messages: Sequence[Message], moved: Mapping[TopicPartition, int]) -> None:
         """Apply consumed records in one transaction with the positions they move to."""
-        records, moves = self._decode(messages, moved)
         try:
+            records, moves, passed = self._decode(messages, moved)
             try:
-                self._commit(records, moves)
+                self._commit(records, moves, passed)
             except Exception as err:
                 if not _about_a_record(err):
                     raise
                 self._note_error(f"{type(err).__name__}: {err}", "applying its records one by one")
-                self._one_by_one(records, moves)
+                self._one_by_one(records, moves, passed)
         except Fenced:
             log.warning(
                 "position moved by another writer: resuming from the stored one",
@@ -237,30 +244,39 @@ class ProjectionRunner:
 
     def _decode(
         self, messages: Sequence[Message], moved: Mapping[TopicPartition, int]
-    ) -> tuple[list[EventRecord], dict[TopicPartition, Move]]:
+    ) -> tuple[list[EventRecord], dict[TopicPartition, Move], int]:
+        """The records to apply, the positions they move to, and how many records of
+        event types the projection does not use were passed over."""
         records: list[EventRecord] = []
         last: dict[TopicPartition, tuple[int, int]] = {}
         bad: list[tuple[Message, Exception]] = []
+        select = self.decoder.select
+        passed = 0
         for msg in messages:
             try:
-                records.append(self.decoder.decode(msg))
+                record = select(msg)
+                if record is not None:
+                    records.append(record)
+                else:
+                    passed += 1
             except BadInputError as err:
                 bad.append((msg, err))
-            offset, (_, timestamp_ms) = msg.offset(), msg.timestamp()
-            last[(msg.topic(), msg.partition())] = (offset + 1, timestamp_ms)  # type: ignore[index, operator]
+            last[(msg.topic(), msg.partition())] = (msg.offset() + 1, msg.timestamp()[1])  # type: ignore[index, operator]
         self._dead_letter(bad)
         moves = {}
         for tp in last.keys() | moved.keys():
-            after, timestamp_ms = last.get(tp, (0, None))  # type: ignore[assignment]
+            after, timestamp_ms = last.get(tp, (0, None))
             moves[tp] = Move(self.positions[tp], max(after, moved.get(tp, 0)), timestamp_ms)
-        return records, moves
+        return records, moves, passed
 
-    def _commit(self, records: Sequence[EventRecord], moves: Mapping[TopicPartition, Move]) -> None:
+    def _commit(
+        self, records: Sequence[EventRecord], moves: Mapping[TopicPartition, Move], passed: int = 0
+    ) -> None:
         conn = self._connection()
         with conn.transaction():
             positions.advance(conn, self.key, moves)
             self.projection.apply(conn, records, self.tables, self.bulk)
-        self._moved(moves, len(records))
+        self._moved(moves, len(records) + passed)
 
     def _moved(self, moves: Mapping[TopicPartition, Move], applied: int) -> None:
         for tp, move in moves.items():
@@ -268,7 +284,7 @@ class ProjectionRunner:
         self.applied += applied
 
     def _one_by_one(
-        self, records: Sequence[EventRecord], moves: Mapping[TopicPartition, Move]
+        self, records: Sequence[EventRecord], moves: Mapping[TopicPartition, Move], passed: int = 0
     ) -> None:
         """Apply each record alone (a savepoint each) in one transaction; the ones that
         still fail are dead-lettered before it commits.
@@ -302,7 +318,7 @@ class ProjectionRunner:
                 )  # fmt: skip
             if failed:
                 self._flush_dead_letters()
-        self._moved(moves, len(records) - len(failed))
+        self._moved(moves, len(records) - len(failed) + passed)
 
     # --- dead letters --------------------------------------------------------------------
 
@@ -391,8 +407,12 @@ class ProjectionRunner:
     def _reposition(self) -> None:
         conn = self._connection()
         with conn.transaction():
-            self.positions = positions.load(conn, self.key)
+            self.positions = self._own(positions.load(conn, self.key))
         self._assign()
+
+    def _own(self, found: Mapping[TopicPartition, int]) -> dict[TopicPartition, int]:
+        """The positions of this runner's partitions among ``found``."""
+        return {tp: off for tp, off in found.items() if self.only is None or tp in self.only}
 
     def _assign(self) -> None:
         self.consumer.assign([KafkaPartition(t, p, off) for (t, p), off in self.positions.items()])

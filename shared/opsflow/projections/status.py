@@ -15,7 +15,7 @@ from confluent_kafka import TopicPartition as KafkaPartition
 from opsflow.projections import Projection, positions
 from opsflow.projections.positions import TopicPartition
 from opsflow.projections.runner import consumer_config, partitions_of
-from opsflow.topics import topic_name
+from opsflow.topics import end_offsets, topic_name
 
 
 @dataclass(frozen=True)
@@ -48,17 +48,13 @@ def statuses(
     conn: psycopg.Connection[Any], projections: Iterable[Projection], kafka: Mapping[str, Any]
 ) -> list[ProjectionStatus]:
     """The standing of each projection (read from its stored position and the topics' ends)."""
-    consumer = Consumer(consumer_config(kafka, "opsflow-projections-status"))
+    consumer = Consumer(consumer_config(kafka, "projections-status"))
     try:
         found = []
         ends: dict[TopicPartition, int] = {}
         for projection in projections:
             parts = partitions_of(consumer, [topic_name(t) for t in projection.topics])
-            for tp in parts:
-                if tp not in ends:
-                    ends[tp] = consumer.get_watermark_offsets(
-                        KafkaPartition(*tp), timeout=10, cached=False
-                    )[1]
+            ends.update(end_offsets(kafka, [tp for tp in parts if tp not in ends]))
             at = positions.load(conn, projection.name)
             behind = {tp: at.get(tp, 0) for tp in parts if at.get(tp, 0) < ends[tp]}
             last_event, error, error_at = conn.execute(

@@ -69,6 +69,10 @@ def apply(
         fresh.setdefault(str(record.event_id), record)
     if not fresh:
         return
+    # One writer at a time appends to the chain (readers are not blocked): two
+    # projector instances on different partitions would otherwise both take the
+    # same head.
+    conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
     seen = conn.execute(
         sql.SQL("SELECT event_id::text FROM {} WHERE event_id = ANY(%s::uuid[])").format(table),
         (list(fresh),),

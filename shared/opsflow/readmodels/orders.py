@@ -42,6 +42,13 @@ STATES = (
 )  # fmt: skip
 """Every value of ``orders_current.state``."""
 
+EVENT_TYPES = frozenset((
+    "order.received", "policy.checked", "review.requested", "review.escalated",
+    "review.sla_breached", "review.decided", "dispatch.requested", "dispatch.failed",
+    "dispatch.executed", "pod.captured",
+))  # fmt: skip
+"""The event types ``partial`` reads (claims and releases of reviews change no column)."""
+
 ORDERS = MergeTable(
     name="orders_current",
     key=("order_id",),
@@ -186,7 +193,10 @@ def partial(record: EventRecord) -> dict[str, Any] | None:
             }  # fmt: skip
         case "dispatch.failed":
             row |= {
-                "state": "dispatch_failed" if d["retries_exhausted"] else "dispatching",
+                # No further attempt: retries ran out, or the carrier refused for good.
+                "state": "dispatch_failed"
+                if d["retries_exhausted"] or d["failure_class"] == "PERMANENT"
+                else "dispatching",
                 "state_rank": _dispatch_rank(d["attempt"], 1),
                 "dispatch_attempts": d["attempt"],
                 "dispatch_failure_class": d["failure_class"],
@@ -279,4 +289,5 @@ projection = Projection(
     apply=apply,
     finish=finish,
     description="one row per order: its state and the time of each step; daily roll-up",
+    event_types=EVENT_TYPES,
 )

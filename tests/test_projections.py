@@ -1,0 +1,451 @@
+"""Read models on the real stack: kept exactly once, rebuilt without downtime, tamper-evident.
+
+Each test has topics of its own (a prefix) and a fresh database schema; the
+projector runs as a real process (``python -m services.projector``) and the
+operator commands through the real CLI. Order histories come from
+``tests.histories``: every workflow event type, causally consistent. What a
+read model should say is computed here from the histories, not by the
+projection code under test.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow import db
+from opsflow.contracts import EVENT_TOPICS, Event, Topic, catalogue
+from opsflow.contracts.wire import WireCodec
+from opsflow.projections.runner import ProjectionRunner
+from opsflow.projections.status import statuses
+from opsflow.readmodels import PROJECTIONS
+from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
+from tests.histories import histories, publish
+from tests.stackctl import (
+    OPSFLOW,
+    Stack,
+    create_schema,
+    drop_schema,
+    free_port,
+    start_service,
+    stop_process,
+)
+
+# --- what the histories say -----------------------------------------------------------
+
+
+def final_state(history: list[Event]) -> str:
+    """Where an order ended, read off its last event (independently of the projection)."""
+    last = history[-1]
+    data = last.model_dump()
+    match last.event_type:
+        case "pod.captured":
+            return "delivered"
+        case "dispatch.executed":
+            return "dispatched"
+        case "dispatch.failed":
+            assert data["retries_exhausted"]
+            return "dispatch_failed"
+        case "review.decided" | "policy.checked":
+            return "rejected"
+    raise AssertionError(f"a history ends with {last.event_type}")
+
+
+def expected_counts(orders: list[list[Event]]) -> dict[str, int]:
+    kinds = Counter(e.event_type for history in orders for e in history)
+    return {
+        "orders_current": len(orders),
+        "review_queue": kinds["review.requested"],
+        "sla_breaches": kinds["review.escalated"] + kinds["review.sla_breached"],
+        "dispatch_log": kinds["dispatch.requested"]
+        + kinds["dispatch.executed"]
+        + kinds["dispatch.failed"],
+        "audit_log": sum(kinds.values()),
+    }
+
+
+# --- one test's world -------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    prefix: str
+    bootstrap: str
+    registry_url: str
+    database_url: str
+    stack: Stack
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            **self.stack.env,
+            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
+            "SCHEMA_REGISTRY_URL": self.registry_url,
+            "DATABASE_URL": self.database_url,
+            "OPSFLOW_TOPIC_PREFIX": self.prefix,
+        }
+
+    @property
+    def registry(self) -> SchemaRegistryClient:
+        return SchemaRegistryClient({"url": self.registry_url})
+
+    def publish(self, orders: list[list[Event]]) -> int:
+        return publish(
+            self.bootstrap,
+            WireCodec(self.registry),
+            [e for h in orders for e in h],
+            prefix=self.prefix,
+        )
+
+    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*OPSFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout
+        )
+
+    def count(self, table: str) -> int:
+        with db.connect(self.database_url) as conn:
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
+
+    def states(self) -> dict[str, str]:
+        with db.connect(self.database_url) as conn:
+            return dict(conn.execute("SELECT order_id, state FROM orders_current").fetchall())
+
+    def wait_caught_up(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        with db.connect(self.database_url, autocommit=True) as conn:
+            while True:
+                found = statuses(conn, PROJECTIONS.values(), {"bootstrap.servers": self.bootstrap})
+                if all(s.lag == 0 for s in found):
+                    return
+                assert time.monotonic() < deadline, [s.as_json() for s in found]
+                time.sleep(0.5)
+
+
+@pytest.fixture
+def world(
+    stack: Stack,
+    bootstrap_servers: str,
+    registry_url: str,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> World:
+    prefix = f"pj{uuid.uuid4().hex[:8]}."
+    monkeypatch.setenv("OPSFLOW_TOPIC_PREFIX", prefix)
+    names = [topic_name(t, prefix=prefix) for t in Topic]
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap_servers}),
+        names + [dead_letter_topic(n) for n in names],
+        partitions=3,
+    )
+    db.migrate(database_url)
+    return World(prefix, bootstrap_servers, registry_url, database_url, stack)
+
+
+@pytest.fixture
+def projector(world: World, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    port = free_port()
+    proc = start_service(
+        ["-m", "services.projector"],
+        {**world.env, "OPSFLOW_METRICS_PORT": str(port)},
+        tmp_path / "projector.log",
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    yield proc
+    stop_process(proc)
+
+
+def assert_models_match(world: World, orders: list[list[Event]]) -> None:
+    """Every read model holds exactly what the histories say: nothing lost, nothing twice."""
+    for table, count in expected_counts(orders).items():
+        assert world.count(table) == count, table
+    assert world.states() == {h[0].order_id: final_state(h) for h in orders}
+
+
+# --- tests ------------------------------------------------------------------------------
+
+
+def test_every_read_model_rebuilt_from_the_topics_equals_the_incrementally_kept_one(
+    world: World, projector: subprocess.Popen[bytes]
+) -> None:
+    orders = list(histories(300, run=world.prefix))
+    world.publish(orders)
+    world.wait_caught_up()
+    assert_models_match(world, orders)
+
+    for name in PROJECTIONS:
+        done = world.cli("projections", "rebuild", name, "--verify")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "verified: the rebuilt model equals the incrementally kept one" in done.stdout
+    assert_models_match(world, orders)
+
+    listed = world.cli("projections", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert set(rows) == set(PROJECTIONS)
+    assert all(row["lag"] == 0 and row["last_error"] is None for row in rows.values()), rows
+    assert rows["audit_log"]["position"] == expected_counts(orders)["audit_log"]
+
+
+def test_a_rebuild_under_live_load_and_two_projectors_lose_and_duplicate_nothing(
+    world: World, projector: subprocess.Popen[bytes], tmp_path: Path
+) -> None:
+    port = free_port()
+    second = start_service(
+        ["-m", "services.projector"],
+        {**world.env, "OPSFLOW_METRICS_PORT": str(port)},
+        tmp_path / "second.log",
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    orders = list(histories(900, run=world.prefix, seed=11))
+    world.publish(orders[:300])
+    world.wait_caught_up()
+
+    def keep_publishing() -> None:
+        for start in range(300, 900, 50):
+            world.publish(orders[start : start + 50])
+            time.sleep(0.2)
+
+    seen: list[int] = []
+    reading = threading.Event()
+
+    def keep_reading() -> None:
+        # A reader during the rebuild sees the old model or the new one, never an
+        # empty or half-built table: counts only grow.
+        with db.connect(world.database_url, autocommit=True) as conn:
+            while not reading.is_set():
+                seen.append(conn.execute("SELECT count(*) FROM orders_current").fetchone()[0])  # type: ignore[index]
+                time.sleep(0.02)
+
+    publisher = threading.Thread(target=keep_publishing)
+    reader = threading.Thread(target=keep_reading)
+    publisher.start()
+    reader.start()
+    try:
+        done = world.cli("projections", "rebuild", "orders_current", "--verify")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "verified" in done.stdout
+    finally:
+        publisher.join()
+        reading.set()
+        reader.join()
+        stop_process(second)
+    assert seen and seen[0] >= 300 and seen == sorted(seen), seen[:20]
+    world.wait_caught_up()
+    assert_models_match(world, orders)
+    intact = world.cli("audit", "verify")
+    assert intact.returncode == 0 and "intact" in intact.stdout, intact.stdout + intact.stderr
+
+
+def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
+    world: World, stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Orders' events applied one per batch: once in causal order, once backwards
+    # (delivery first, receipt last), each pass in topics and a database of its
+    # own; the rows must be equal.
+    base = stack.address("DATABASE_URL")
+    other, other_url = create_schema(base)
+    backwards = f"{world.prefix}bw."
+    names = [topic_name(t, prefix=backwards) for t in Topic]
+    ensure_topics(AdminClient({"bootstrap.servers": world.bootstrap}), names, partitions=3)
+    try:
+        db.migrate(other_url)
+        orders = [h for h in histories(40, run=world.prefix, seed=5) if len(h) >= 8][:3]
+        assert orders, "the seed gives histories through review and dispatch"
+        codec = WireCodec(world.registry)
+        for url, prefix in ((world.database_url, world.prefix), (other_url, backwards)):
+            monkeypatch.setenv("OPSFLOW_TOPIC_PREFIX", prefix)
+            runners = [
+                ProjectionRunner(
+                    p,
+                    kafka={"bootstrap.servers": world.bootstrap},
+                    registry=world.registry,
+                    database_url=url,
+                    max_wait_s=0.05,
+                )
+                for p in PROJECTIONS.values()
+            ]
+            for runner in runners:
+                runner.open()
+            try:
+                for history in orders:
+                    for event in reversed(history) if prefix == backwards else history:
+                        publish_one(world, codec, event, prefix)
+                        topic = EVENT_TOPICS[event.event_type]
+                        for runner in runners:
+                            if topic in runner.projection.topics:
+                                wanted = runner.applied + 1
+                                while runner.applied < wanted:
+                                    runner.step()
+            finally:
+                for runner in runners:
+                    runner.close()
+        for table, key in (
+            ("orders_current", "order_id"), ("daily_summary", "day"),
+            ("review_queue", "task_id"), ("sla_breaches", "event_id"),
+            ("dispatch_log", "event_id"),
+        ):  # fmt: skip
+            assert rows(world.database_url, table, key) == rows(other_url, table, key), table
+        assert {r["state"] for r in rows(other_url, "orders_current", "order_id")} <= {
+            "delivered", "dispatched", "dispatch_failed", "rejected",
+        }  # fmt: skip
+    finally:
+        drop_schema(base, other)
+
+
+def publish_one(world: World, codec: WireCodec, event: Event, prefix: str) -> None:
+    producer = Producer({"bootstrap.servers": world.bootstrap})
+    producer.produce(
+        topic_name(EVENT_TOPICS[event.event_type], prefix=prefix),
+        key=event.order_id.encode(),
+        value=codec.encode(event),
+    )
+    assert producer.flush(10) == 0
+
+
+def rows(url: str, table: str, key: str) -> list[dict[str, Any]]:
+    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
+        return conn.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()
+
+
+def test_postgres_restarted_mid_projection_loses_nothing_and_the_projector_resumes_by_itself(
+    world: World, stack: Stack, projector: subprocess.Popen[bytes]
+) -> None:
+    postgres = stack.components().get("postgres")
+    if postgres is None:
+        pytest.skip("PostgreSQL is external (DATABASE_URL): this test restarts the embedded one")
+    orders = list(histories(1500, run=world.prefix, seed=3))
+    world.publish(orders)
+    deadline = time.monotonic() + 60
+    while world.count("audit_log") == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(postgres["pid"], signal.SIGINT)  # a fast shutdown; the supervisor starts it again
+    deadline = time.monotonic() + 120
+    while True:
+        now = stack.components()["postgres"]
+        if now["pid"] != postgres["pid"] and now["healthy"]:
+            break
+        assert time.monotonic() < deadline, now
+        time.sleep(0.5)
+    world.wait_caught_up()
+    assert projector.poll() is None, "the projector kept running through the restart"
+    assert_models_match(world, orders)
+    intact = world.cli("audit", "verify")
+    assert intact.returncode == 0, intact.stdout + intact.stderr
+
+
+def test_an_order_written_with_the_older_schema_version_projects_and_rebuilds(
+    world: World, projector: subprocess.Popen[bytes]
+) -> None:
+    (history,) = histories(1, run=world.prefix, seed=1)
+    received, rest = history[0], history[1:]
+    event_type = catalogue()["order.received"]
+    v1 = event_type.versions[1]
+    v1_id = world.registry.lookup_schema(
+        event_type.subject, schema=_schema(v1)
+    ).schema_id  # registered by provisioning, as every published version
+    datum = {k: v for k, v in received.to_avro().items() if k != "sales_channel"}
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, fastavro.parse_schema(v1), datum)
+    producer = Producer({"bootstrap.servers": world.bootstrap})
+    producer.produce(
+        topic_name(Topic.ORDERS, prefix=world.prefix),
+        key=received.order_id.encode(),
+        value=b"\x00" + v1_id.to_bytes(4, "big") + body.getvalue(),
+    )
+    assert producer.flush(10) == 0
+    world.publish([rest])
+    world.wait_caught_up()
+    with db.connect(world.database_url) as conn:
+        row = conn.execute(
+            "SELECT state, customer_id, sales_channel FROM orders_current WHERE order_id = %s",
+            (received.order_id,),
+        ).fetchone()
+    assert row == (final_state(history), received.customer_id, None)
+    done = world.cli("projections", "rebuild", "orders_current", "--verify")
+    assert done.returncode == 0 and "verified" in done.stdout, done.stdout + done.stderr
+
+
+def _schema(schema: dict[str, Any]) -> Any:
+    from confluent_kafka.schema_registry import Schema
+
+    return Schema(json.dumps(schema), "AVRO")
+
+
+def test_a_tampered_or_removed_audit_row_is_named_by_audit_verify(
+    world: World, projector: subprocess.Popen[bytes]
+) -> None:
+    orders = list(histories(20, run=world.prefix, seed=9))
+    world.publish(orders)
+    world.wait_caught_up()
+    intact = world.cli("audit", "verify")
+    assert intact.returncode == 0 and "intact" in intact.stdout, intact.stdout
+    total = expected_counts(orders)["audit_log"]
+    assert f"{total:,} rows chained" in intact.stdout
+
+    with db.connect(world.database_url, autocommit=True) as conn:
+        conn.execute("UPDATE audit_log SET producer = 'mallory' WHERE seq = 7")
+    changed = world.cli("audit", "verify")
+    assert changed.returncode == 1
+    assert "broken at row 7" in changed.stdout and "was changed" in changed.stdout, changed.stdout
+
+    with db.connect(world.database_url, autocommit=True) as conn:
+        conn.execute("DELETE FROM audit_log WHERE seq = 7")
+    removed = world.cli("audit", "verify")
+    assert removed.returncode == 1
+    assert "row 7 is missing" in removed.stdout, removed.stdout
+
+
+def test_an_undecodable_record_is_dead_lettered_and_the_projections_go_on(
+    world: World, projector: subprocess.Popen[bytes]
+) -> None:
+    orders = list(histories(30, run=world.prefix, seed=2))
+    producer = Producer({"bootstrap.servers": world.bootstrap})
+    orders_topic = topic_name(Topic.ORDERS, prefix=world.prefix)
+    producer.produce(orders_topic, key=b"poison", value=b"not avro at all")
+    assert producer.flush(10) == 0
+    world.publish(orders)
+    world.wait_caught_up()
+    assert_models_match(world, orders)
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": world.bootstrap,
+            "group.id": uuid.uuid4().hex,
+            "enable.auto.commit": False,
+        }
+    )
+    dlq = dead_letter_topic(orders_topic)
+    consumer.assign([TopicPartition(dlq, p, 0) for p in range(3)])
+    letters: list[dict[str, bytes]] = []
+    deadline = time.monotonic() + 30
+    # orders_current and audit_log both read the orders topic: one letter each.
+    while len(letters) < 2 and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            assert msg.value() == b"not avro at all"
+            letters.append(dict(msg.headers() or []))  # type: ignore[arg-type]
+    consumer.close()
+    assert sorted(h["opsflow-service"] for h in letters) == [
+        b"projection:audit_log", b"projection:orders_current",
+    ]  # fmt: skip
+    assert all(h["opsflow-error-class"] == b"BadInputError" for h in letters)
+    assert all(h["opsflow-source-topic"] == orders_topic.encode() for h in letters)

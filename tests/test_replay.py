@@ -1,0 +1,152 @@
+"""``opsflow replay`` on the real stack: re-driving a range books nothing twice.
+
+The world is dispatch's (tests/test_dispatch.py): topics of its own, a fresh
+schema, the carrier stand-in as a real HTTP server with faults switched on.
+Orders are approved and dispatched once by the real dispatch service; then the
+operator re-drives ranges of the log into dispatch with the real CLI, and the
+carrier's own list of bookings says whether anything was booked twice.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+from confluent_kafka import Consumer
+from confluent_kafka import TopicPartition as KafkaPartition
+from confluent_kafka.admin import AdminClient
+
+from opsflow.contracts import DispatchExecuted, DispatchRequested
+from opsflow.topics import dead_letter_topic, ensure_topics
+from tests.stackctl import OPSFLOW, free_port, start_service, stop_process
+from tests.test_dispatch import World, make_orders, settled
+from tests.test_dispatch import world as world
+
+
+def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **world.stack.env,
+        **world.stack.status()["env"],
+        "OPSFLOW_TOPIC_PREFIX": world.prefix,
+        "DATABASE_URL": world.database_url,
+        "CARRIER_URL": world.carrier.url,
+        "DISPATCH_BACKOFF_S": "0.05",
+        "DISPATCH_BACKOFF_MAX_S": "0.5",
+        "DISPATCH_TIMEOUT_S": "1",
+    }
+    return subprocess.run([*OPSFLOW, *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def ends(world: World) -> dict[tuple[str, int], int]:
+    """The end offset of every partition of the world's topics (to see that nothing was written)."""
+    consumer = Consumer(
+        {"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS"), "group.id": "ends"}
+    )
+    try:
+        found = {}
+        for topic in ("orders", "policy-check", "review", "dispatch"):
+            name = f"{world.prefix}{topic}"
+            for partition in consumer.list_topics(name, timeout=10).topics[name].partitions:
+                found[(name, partition)] = consumer.get_watermark_offsets(
+                    KafkaPartition(name, partition), timeout=10, cached=False
+                )[1]
+        return found
+    finally:
+        consumer.close()
+
+
+def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes_nothing(
+    world: World, tmp_path: Path
+) -> None:
+    orders = make_orders(40)
+    ids = {o.order_id for o in orders}
+    world.approve(orders)
+    dispatch = world.start_dispatch()
+    first = world.dispatch_events(settled(ids))
+    dispatch.kill()
+    dispatch.wait(10)
+    booked_before = world.bookings()
+    executed_ids = {str(e.envelope.event_id) for e in first if isinstance(e, DispatchExecuted)}
+    requested_ids = {str(e.envelope.event_id) for e in first if isinstance(e, DispatchRequested)}
+    assert len(executed_ids) >= 38 and len(requested_ids) == 40
+
+    # The audit log (kept by the projector) is what a dry run asks for "already done";
+    # it reads every topic of record.
+    names = [f"{world.prefix}{t}" for t in ("pod", "pod-rejects")]
+    ensure_topics(
+        AdminClient({"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS")}),
+        names + [dead_letter_topic(n) for n in names],
+        partitions=4,
+    )
+    port = free_port()
+    projector = start_service(
+        ["-m", "services.projector"],
+        {
+            **world.stack.env,
+            **world.stack.status()["env"],
+            "OPSFLOW_TOPIC_PREFIX": world.prefix,
+            "DATABASE_URL": world.database_url,
+            "OPSFLOW_METRICS_PORT": str(port),
+            "OPSFLOW_PROJECTIONS": "audit_log",
+        },
+        tmp_path / "projector.log",
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    try:
+        listed = {}
+        while listed.get("lag", 1) != 0:
+            done = cli(world, "projections", "list", "--json")
+            assert done.returncode == 0, done.stderr
+            listed = {r["name"]: r for r in json.loads(done.stdout)}["audit_log"]
+    finally:
+        stop_process(projector)
+
+    before = ends(world)
+    dry = cli(world, "replay", "policy-check", "--into", "dispatch", "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    planned = json.loads(dry.stdout)
+    assert planned["dry_run"] and planned["events"] == {"policy.checked": 40}
+    assert set(planned["orders"]) == ids
+    assert planned["handled"] == 40 and planned["already_done"] == 40
+    assert planned["outputs"] == 0
+    assert ends(world) == before, "a dry run wrote to the topics"
+    assert world.bookings()["count"] == booked_before["count"]
+
+    # The approvals again: the same dispatch.requested events (same ids) are written.
+    again = cli(world, "replay", "policy-check", "--into", "dispatch", "--json")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert json.loads(again.stdout)["outputs"] == 40
+    # The requests again, half the orders only: dispatch books them with the carrier
+    # under the same idempotency keys, and the carrier answers with what it booked.
+    some = sorted(ids)[:20]
+    rebook = cli(
+        world, "replay", "dispatch", "--into", "dispatch", "--json",
+        *[arg for order_id in some for arg in ("--order", order_id)],
+    )  # fmt: skip
+    assert rebook.returncode == 0, rebook.stdout + rebook.stderr
+    report = json.loads(rebook.stdout)
+    assert set(report["orders"]) == set(some)
+
+    booked_after = world.bookings()
+    assert booked_after["duplicates"] == []
+    assert booked_after["count"] == booked_before["count"]
+    assert Counter(b["order_id"] for b in booked_after["bookings"]) == Counter(
+        b["order_id"] for b in booked_before["bookings"]
+    )
+    events = world.dispatch_events(settled(ids))
+    assert {str(e.envelope.event_id) for e in events if isinstance(e, DispatchRequested)} == (
+        requested_ids
+    )
+    replayed_executions = {
+        str(e.envelope.event_id) for e in events if isinstance(e, DispatchExecuted)
+    }
+    assert replayed_executions == executed_ids, "a replayed booking made a new event"
+
+
+def test_replaying_into_an_unknown_target_names_the_nearest_one(world: World) -> None:
+    done = cli(world, "replay", "dispatch", "--into", "dispach")
+    assert done.returncode == 2
+    assert "did you mean 'dispatch'" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
