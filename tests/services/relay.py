@@ -2,15 +2,19 @@
 
 Orders whose notes ask for it misbehave, so tests can drive each failure path:
 ``reject`` raises bad input, ``crash`` raises a bug, ``flaky:N`` fails N times
-transiently before it works.
+transiently before it works, and ``bug:A,B`` hits bug ``A`` (a ``PermanentError``
+naming it), or ``B`` once ``A`` is fixed: ``RELAY_FIXED=A`` (comma separated) is the
+release that fixes ``A``, so a test can dead-letter a storm, "deploy the fix" and
+redrive it.
 """
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 
 from opsflow.contracts import OrderReceived, PolicyChecked, PolicyOutcome, Topic
-from opsflow.errors import BadInputError, RetryableError
+from opsflow.errors import BadInputError, PermanentError, RetryableError
 from opsflow.runtime import Service
 
 service = Service("relay", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
@@ -27,6 +31,11 @@ def relay(order: OrderReceived) -> PolicyChecked:
     if note.startswith("flaky:") and _failures[order.order_id] < int(note.split(":")[1]):
         _failures[order.order_id] += 1
         raise RetryableError(f"transient trouble #{_failures[order.order_id]}")
+    if note.startswith("bug:"):
+        fixed = set(os.environ.get("RELAY_FIXED", "").split(","))
+        for bug in note.removeprefix("bug:").split(","):
+            if bug not in fixed:
+                raise PermanentError(f"relay bug {bug} hit by order {order.order_id}")
     return PolicyChecked(
         order_id=order.order_id,
         outcome=PolicyOutcome.AUTO_APPROVED,

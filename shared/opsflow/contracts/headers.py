@@ -28,10 +28,16 @@ EVENT_HEADERS: Mapping[str, str] = MappingProxyType(
         ),
         "traceparent": "W3C trace context of the processing that wrote the record.",
         "tracestate": "W3C trace state, when the trace has any.",
+        "opsflow-redriven-from": (
+            "Only on a record `opsflow dlq redrive` wrote back after a fix: the dead letter "
+            "it came from, `<topic>.dlq/<partition>/<offset>` (with the prefix). Key, value, "
+            "timestamp and the other headers are the original record's."
+        ),
     }
 )
 """Headers of an event record. The service runtime writes all of them (``tracestate``
-only when non-empty); records written through the producer SDK (the ingest API,
+only when non-empty) but ``opsflow-redriven-from``, which only a redrive
+(``opsflow.dlq``) writes; records written through the producer SDK (the ingest API,
 webhooks, the review inbox) carry none, so readers must not require them."""
 
 DEAD_LETTER_HEADERS: Mapping[str, str] = MappingProxyType(

@@ -20,12 +20,13 @@ from opsflow.contracts import Topic
 from opsflow.projections import EventRecord, Latest, MergeTable, Projection, Tables
 
 # Causal ranks of the states: a step's events outrank every earlier step's.
-_RECEIVED, _CHECKED, _IN_REVIEW, _DECIDED, _DISPATCH, _DELIVERED = (
+_RECEIVED, _CHECKED, _IN_REVIEW, _DECIDED, _DISPATCH, _DISPATCHED, _DELIVERED = (
     1000,
     2000,
     3000,
     4000,
     5000,
+    8000,
     9000,
 )
 _TIER_RANK = {"REVIEWER": 1, "SUPERVISOR": 2}
@@ -34,7 +35,7 @@ _POLICY_STATE = {
     "NEEDS_REVIEW": "awaiting_review",
     "REJECTED": "rejected",
 }
-_MAX_ATTEMPT = 399  # keeps a dispatch rank below delivery's
+_MAX_ATTEMPT = 299  # keeps every dispatch failure below a booking's rank
 
 STATES = (
     "received", "approved", "awaiting_review", "in_review", "rejected",
@@ -205,7 +206,9 @@ def partial(record: EventRecord) -> dict[str, Any] | None:
             }  # fmt: skip
         case "dispatch.executed":
             row |= {
-                "state": "dispatched", "state_rank": _dispatch_rank(d["attempt"], 2),
+                # A booking ends the dispatch: it outranks every failure, also
+                # one that ran out of retries before an operator re-drove it.
+                "state": "dispatched", "state_rank": _DISPATCHED,
                 "dispatch_attempts": d["attempt"], "carrier": d["carrier"],
                 "booking_reference": d["booking_reference"], "dispatched_at": at,
             }  # fmt: skip
