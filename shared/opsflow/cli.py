@@ -194,7 +194,7 @@ def _overview_tables(found: Any) -> list[Any]:
     for column in ("what", "count"):
         work.add_column(column)
     for topic, count in found.dead_letters.items():
-        work.add_row(f"dead letters on {topic}.dlq", f"[red]{count}[/]" if count else "0")
+        work.add_row(f"dead letters on {topic}.dlq (pending)", f"[red]{count}[/]" if count else "0")
 
     def shown(n: int | None) -> str:
         return "-" if n is None else str(n)
@@ -1209,11 +1209,18 @@ def contracts_docs(
     )
 
 
+# Typer raises usage errors from a click of its own (typer._click), not click's classes:
+# both are caught by their common base.
+_UsageErrors: type[click.ClickException] = next(
+    cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException"
+)
+
+
 def main() -> None:
     """Entry point: run the app, turning opsflow's errors into one clear line."""
     try:
         code = app(standalone_mode=False)
-    except click.ClickException as err:
+    except (click.ClickException, _UsageErrors) as err:
         err.show()
         sys.exit(err.exit_code)
     except ConfigurationError as err:

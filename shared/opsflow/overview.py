@@ -52,7 +52,7 @@ class ServiceLag:
 class Overview:
     services: list[ServiceLag] = field(default_factory=list)
     projections: list[ProjectionStatus] = field(default_factory=list)
-    dead_letters: dict[str, int] = field(default_factory=dict)
+    dead_letters: dict[str, int] = field(default_factory=dict)  # not yet redriven
     open_reviews: int | None = None
     overdue_reviews: int | None = None
     sla_breaches_24h: int | None = None
@@ -152,6 +152,11 @@ def _from_database(found: Overview, kafka: Mapping[str, Any], database_url: str)
                 "SELECT count(*), count(*) FILTER (WHERE due_at < now())"
                 " FROM review_queue WHERE status <> 'decided'"
             ).fetchone()  # type: ignore[misc]
+            redriven = dict(
+                conn.execute("SELECT dlq_topic, count(*) FROM dlq_redrives GROUP BY 1").fetchall()
+            )
+            for topic in found.dead_letters:
+                found.dead_letters[topic] -= redriven.get(dead_letter_topic(topic_name(topic)), 0)
             found.sla_breaches_24h = conn.execute(
                 "SELECT count(*) FROM sla_breaches WHERE breached_at > now() - interval '1 day'"
             ).fetchone()[0]  # type: ignore[index]

@@ -33,12 +33,18 @@ EVENT_HEADERS: Mapping[str, str] = MappingProxyType(
             "it came from, `<topic>.dlq/<partition>/<offset>` (with the prefix). Key, value, "
             "timestamp and the other headers are the original record's."
         ),
+        "opsflow-replay": (
+            "Only on an output `opsflow replay` wrote: the replay's id. The record is the "
+            "same event (same idempotency key and event id) as the one first written for "
+            "that input."
+        ),
     }
 )
 """Headers of an event record. The service runtime writes all of them (``tracestate``
 only when non-empty) but ``opsflow-redriven-from``, which only a redrive
-(``opsflow.dlq``) writes; records written through the producer SDK (the ingest API,
-webhooks, the review inbox) carry none, so readers must not require them."""
+(``opsflow.dlq``) writes, and ``opsflow-replay``, which only a replay writes;
+records written through the producer SDK (the ingest API, webhooks, the review
+inbox) carry none, so readers must not require them."""
 
 DEAD_LETTER_HEADERS: Mapping[str, str] = MappingProxyType(
     {

@@ -45,6 +45,7 @@ from opentelemetry.trace import Span
 from opsflow.contracts import EVENT_TOPICS, Envelope, Event
 from opsflow.contracts.lineage import caused_by
 from opsflow.contracts.wire import WireCodec
+from opsflow.deadletters import dead_letter_headers
 from opsflow.errors import RetryableError
 from opsflow.runtime import observability, recovery
 from opsflow.runtime.service import Delivery, Service
@@ -544,17 +545,16 @@ class Worker:
     def _dead_letter(
         self, msg: _Input, err: BaseException, span: Span, *, attempts: int
     ) -> _Output:
-        now = datetime.now(UTC).isoformat(timespec="milliseconds")
         headers = [
             *((k, v) for k, v in msg.headers if k != recovery.SOURCE_HEADER),
-            ("opsflow-error-class", type(err).__name__.encode()),
-            ("opsflow-error-message", str(err)[:2000].encode()),
-            ("opsflow-source-topic", msg.topic.encode()),
-            ("opsflow-source-partition", str(msg.partition).encode()),
-            ("opsflow-source-offset", str(msg.offset).encode()),
-            ("opsflow-service", self.service.name.encode()),
-            ("opsflow-attempts", str(attempts).encode()),
-            ("opsflow-failed-at", now.encode()),
+            *dead_letter_headers(
+                err,
+                topic=msg.topic,
+                partition=msg.partition,
+                offset=msg.offset,
+                consumer=self.service.name,
+                attempts=attempts,
+            ),
         ]
         self.metrics.topic(msg.topic).dead_lettered.inc()
         log.error(
