@@ -145,3 +145,25 @@ def test_every_runbook_command_and_query_runs_against_a_real_stack(
                 failures.append(f"{query.strip()} -> {err}")
                 conn.rollback()
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.parametrize(
+    "command",
+    ["projections list", "replay orders --into policy-check --dry-run", "status", "audit verify"],
+)
+def test_an_operator_command_without_its_broker_names_the_address_and_the_variable(
+    command: str, tmp_path: Path
+) -> None:
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "KAFKA_BOOTSTRAP_SERVERS": "127.0.0.1:1",
+        "SCHEMA_REGISTRY_URL": "http://127.0.0.1:2",
+        "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
+        "OPSFLOW_DATA_DIR": str(tmp_path / "no-stack"),
+    }
+    done = subprocess.run(
+        [*OPSFLOW, *command.split()], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "KAFKA_BOOTSTRAP_SERVERS" in done.stderr and "127.0.0.1:1" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) <= 2

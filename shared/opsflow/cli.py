@@ -134,7 +134,8 @@ def status(
             "no stack has been started from this data directory and KAFKA_BOOTSTRAP_SERVERS "
             "is not set; run `opsflow up`, or set the variables of the cluster to look at"
         )
-    kafka = {"socket.timeout.ms": 5000, **kafka_settings.client_config()}
+    kafka = {"socket.timeout.ms": 5000, "log_level": 0, **kafka_settings.client_config()}
+    _reachable(kafka)
     database_url = env.get("DATABASE_URL") or DatabaseSettings().database_url
     metrics = {
         c.name: c.address
@@ -521,11 +522,26 @@ def _cluster(*, database_optional: bool = False) -> tuple[dict[str, object], obj
                 "is not set",
                 "Set it, or point the shell at the running stack with `eval $(opsflow env)`",
             )
-    return (
-        dict(kafka.client_config()),
-        SchemaRegistryClient({"url": registry}),
-        database_url or "",
-    )
+    config: dict[str, object] = {"log_level": 0, **kafka.client_config()}
+    _reachable(config)
+    return config, SchemaRegistryClient({"url": registry}), database_url or ""
+
+
+def _reachable(kafka: dict[str, Any]) -> None:
+    """Fail in one line, naming the address, when the Kafka cluster does not answer."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        AdminClient(dict(kafka)).list_topics(timeout=5)
+    except KafkaException as err:
+        raise ConfigurationError(
+            "KAFKA_BOOTSTRAP_SERVERS",
+            f"no Kafka broker answers at {kafka.get('bootstrap.servers')} "
+            f"({err.args[0].str() if err.args else err})",
+            "Start it, or point KAFKA_BOOTSTRAP_SERVERS at the cluster "
+            "(`eval $(opsflow env)` for the local stack)",
+        ) from err
 
 
 def _projection(name: str) -> Any:

@@ -22,12 +22,15 @@ UPDATE``; a per-event round trip would cap a rebuild at a few thousand events/s.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 from psycopg import sql
+
+from opsflow.projections.projection import Apply, Tables
+from opsflow.projections.records import EventRecord
 
 Row = dict[str, Any]
 
@@ -250,3 +253,16 @@ class MergeTable:
             key=sql.SQL(", ").join(map(sql.Identifier, self.key)),
             conflict=conflict,
         )
+
+
+def merging(table: MergeTable, partial: Callable[[EventRecord], Row | None]) -> Apply:
+    """A projection's ``apply`` that merges each record's partial row (None: the record
+    says nothing about this table) into ``table``."""
+
+    def apply(
+        conn: psycopg.Connection[Any], records: Sequence[EventRecord], tables: Tables, bulk: bool
+    ) -> None:
+        rows = table.fold(p for p in map(partial, records) if p is not None)
+        table.write(conn, tables[table.name], rows)
+
+    return apply

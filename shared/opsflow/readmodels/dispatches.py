@@ -3,13 +3,11 @@ retries show as attempts above 1), carrier bookings and failures."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import psycopg
-
 from opsflow.contracts import Topic
-from opsflow.projections import EventRecord, MergeTable, Projection, Tables
+from opsflow.projections import EventRecord, MergeTable, Projection
+from opsflow.projections.merge import merging
 
 _KINDS = {
     "dispatch.requested": "requested",
@@ -62,17 +60,10 @@ def _step(record: EventRecord) -> dict[str, Any] | None:
     }  # fmt: skip
 
 
-def apply(
-    conn: psycopg.Connection[Any], records: Sequence[EventRecord], tables: Tables, bulk: bool
-) -> None:
-    rows = DISPATCH_LOG.fold(p for p in map(_step, records) if p is not None)
-    DISPATCH_LOG.write(conn, tables["dispatch_log"], rows)
-
-
 projection = Projection(
     name="dispatch_log",
     topics=(Topic.DISPATCH,),
     tables=("dispatch_log",),
-    apply=apply,
+    apply=merging(DISPATCH_LOG, _step),
     description="every dispatch request, booking and failure, attempt by attempt",
 )

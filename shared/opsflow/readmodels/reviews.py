@@ -10,13 +10,11 @@ service, on one partition); a decision outranks them all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
-import psycopg
-
 from opsflow.contracts import Topic
-from opsflow.projections import EventRecord, Latest, MergeTable, Projection, Tables
+from opsflow.projections import EventRecord, Latest, MergeTable, Projection
+from opsflow.projections.merge import merging
 
 _TIER_RANK = {"REVIEWER": 1, "SUPERVISOR": 2}
 _DECIDED_RANK = 2**62  # above any claim or release time in milliseconds
@@ -94,18 +92,11 @@ def _task(record: EventRecord) -> dict[str, Any] | None:
     return row
 
 
-def apply_queue(
-    conn: psycopg.Connection[Any], records: Sequence[EventRecord], tables: Tables, bulk: bool
-) -> None:
-    rows = QUEUE.fold(p for p in map(_task, records) if p is not None)
-    QUEUE.write(conn, tables["review_queue"], rows)
-
-
 review_queue = Projection(
     name="review_queue",
     topics=(Topic.REVIEW,),
     tables=("review_queue",),
-    apply=apply_queue,
+    apply=merging(QUEUE, _task),
     description="review tasks with SLA due time, tier, holder and decision",
 )
 
@@ -144,17 +135,10 @@ def _breach(record: EventRecord) -> dict[str, Any] | None:
     return None
 
 
-def apply_breaches(
-    conn: psycopg.Connection[Any], records: Sequence[EventRecord], tables: Tables, bulk: bool
-) -> None:
-    rows = BREACHES.fold(p for p in map(_breach, records) if p is not None)
-    BREACHES.write(conn, tables["sla_breaches"], rows)
-
-
 sla_breaches = Projection(
     name="sla_breaches",
     topics=(Topic.REVIEW,),
     tables=("sla_breaches",),
-    apply=apply_breaches,
+    apply=merging(BREACHES, _breach),
     description="every review SLA that passed: escalations and final breaches",
 )
