@@ -32,11 +32,14 @@ from typing import Any
 import psycopg
 from confluent_kafka import (
     Consumer,
+    IsolationLevel,
     KafkaError,
+    KafkaException,
     Message,
     Producer,
 )
 from confluent_kafka import TopicPartition as KafkaPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
@@ -46,7 +49,7 @@ from opsflow.projections import positions
 from opsflow.projections.positions import Fenced, Move, TopicPartition
 from opsflow.projections.projection import Projection, Tables
 from opsflow.projections.records import EventRecord, RecordDecoder
-from opsflow.topics import dead_letter_topic, end_offsets, topic_name
+from opsflow.topics import dead_letter_topic, topic_name
 
 log = logging.getLogger("opsflow.projections")
 
@@ -137,6 +140,7 @@ class ProjectionRunner:
         self.topics = [topic_name(t) for t in projection.topics]
         self.consumer = Consumer(consumer_config(kafka, f"opsflow-projection-{self.key}"))
         self._producer: Producer | None = None
+        self._admin: AdminClient | None = None
         self.conn: psycopg.Connection[Any] | None = None
         self.positions: dict[TopicPartition, int] = {}
         self.applied = 0
@@ -205,9 +209,27 @@ class ProjectionRunner:
         return all(self.positions.get(tp, 0) >= off for tp, off in targets.items())
 
     def high_watermarks(self) -> dict[TopicPartition, int]:
-        """The end of every partition now (the offset the next record will get; for this
-        ``read_committed`` reader, the last stable offset); see ``opsflow.topics.end_offsets``."""
-        return end_offsets(self.kafka, self.positions)
+        """Where every partition ends now, asked in one ListOffsets request on a client of
+        its own: on the consumer's connection the question would wait behind its pending
+        fetch (up to ``fetch.wait.max.ms``) once per partition, which took most of a
+        rebuild's time. The embedded broker answers short of the end when a partition's
+        last batch holds several records (``opsflow.topics.end_offsets`` reads the exact
+        end, at the cost of a fetch round); a rebuild's catch-up can stop short by that
+        much, and the swap applies the rest.
+        """
+        if self._admin is None:
+            self._admin = AdminClient({**self.kafka, "log_level": 0})
+        futures = self._admin.list_offsets(
+            {KafkaPartition(t, p): OffsetSpec.latest() for t, p in self.positions},  # type: ignore[no-untyped-call]
+            isolation_level=IsolationLevel.READ_COMMITTED,
+            request_timeout=10,
+        )
+        try:
+            return {
+                (tp.topic, tp.partition): future.result().offset for tp, future in futures.items()
+            }
+        except KafkaException as err:
+            raise RetryableError(f"could not read the ends of {self.topics}: {err}") from err
 
     # --- batches -------------------------------------------------------------------------
 
