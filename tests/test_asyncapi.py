@@ -280,6 +280,8 @@ def test_documented_headers_are_the_ones_the_runtime_writes() -> None:
         *sorted((package / "runtime").glob("*.py")),
         *sorted((package / "projections").glob("*.py")),
         *package.glob("deadletters.py"),
+        *package.glob("replay.py"),
+        *package.glob("dlq.py"),
     ]
     written = {
         name

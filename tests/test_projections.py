@@ -214,12 +214,12 @@ def test_a_rebuild_under_live_load_and_two_projectors_lose_and_duplicate_nothing
         tmp_path / "second.log",
         f"http://127.0.0.1:{port}/readyz",
     )
-    orders = list(histories(900, run=world.prefix, seed=11))
-    world.publish(orders[:300])
+    orders = list(histories(600, run=world.prefix, seed=11))
+    world.publish(orders[:200])
     world.wait_caught_up()
 
     def keep_publishing() -> None:
-        for start in range(300, 900, 50):
+        for start in range(200, 600, 50):
             world.publish(orders[start : start + 50])
             time.sleep(0.2)
 
@@ -247,7 +247,7 @@ def test_a_rebuild_under_live_load_and_two_projectors_lose_and_duplicate_nothing
         reading.set()
         reader.join()
         stop_process(second)
-    assert seen and seen[0] >= 300 and seen == sorted(seen), seen[:20]
+    assert seen and seen[0] >= 200 and seen == sorted(seen), seen[:20]
     world.wait_caught_up()
     assert_models_match(world, orders)
     intact = world.cli("audit", "verify")
@@ -331,7 +331,7 @@ def test_postgres_restarted_mid_projection_loses_nothing_and_the_projector_resum
     postgres = stack.components().get("postgres")
     if postgres is None:
         pytest.skip("PostgreSQL is external (DATABASE_URL): this test restarts the embedded one")
-    orders = list(histories(1500, run=world.prefix, seed=3))
+    orders = list(histories(800, run=world.prefix, seed=3))
     world.publish(orders)
     deadline = time.monotonic() + 60
     while world.count("audit_log") == 0:

@@ -255,14 +255,26 @@ class MergeTable:
         )
 
 
-def merging(table: MergeTable, partial: Callable[[EventRecord], Row | None]) -> Apply:
+@dataclass(frozen=True)
+class Merging:
     """A projection's ``apply`` that merges each record's partial row (None: the record
-    says nothing about this table) into ``table``."""
+    says nothing about this table) into ``table``. A class, not a closure: a rebuild's
+    worker processes receive the projection pickled."""
 
-    def apply(
-        conn: psycopg.Connection[Any], records: Sequence[EventRecord], tables: Tables, bulk: bool
+    table: MergeTable
+    partial: Callable[[EventRecord], Row | None]
+
+    def __call__(
+        self,
+        conn: psycopg.Connection[Any],
+        records: Sequence[EventRecord],
+        tables: Tables,
+        bulk: bool,
     ) -> None:
-        rows = table.fold(p for p in map(partial, records) if p is not None)
-        table.write(conn, tables[table.name], rows)
+        rows = self.table.fold(p for p in map(self.partial, records) if p is not None)
+        self.table.write(conn, tables[self.table.name], rows)
 
-    return apply
+
+def merging(table: MergeTable, partial: Callable[[EventRecord], Row | None]) -> Apply:
+    """The ``apply`` of a projection whose rows are merged from partial rows (``Merging``)."""
+    return Merging(table, partial)
