@@ -201,6 +201,8 @@ class Replay:
     ) -> None:
         self.target, self.selection = target, selection
         self.kafka, self.registry, self.database_url = dict(kafka), registry, database_url
+        # One connection for the "already done" lookups of the whole replay, not one per input.
+        self._audit: Any = None
         if isinstance(target, Service) and selection.topic not in target.consumes:
             raise BadInputError(
                 f"{target.name} does not consume {selection.topic.value} "
@@ -234,6 +236,8 @@ class Replay:
                 )
         finally:
             consumer.close()
+            if self._audit is not None:
+                self._audit.close()
         return report
 
     # --- into a service ------------------------------------------------------------------
@@ -316,10 +320,11 @@ class Replay:
             for event_type in produced
         ]  # fmt: skip
         try:
-            with db.connect(self.database_url) as conn:
-                row = conn.execute(
-                    "SELECT count(*) FROM audit_log WHERE event_id = ANY(%s::uuid[])", (ids,)
-                ).fetchone()
+            if self._audit is None:
+                self._audit = db.connect(self.database_url, autocommit=True)
+            row = self._audit.execute(
+                "SELECT count(*) FROM audit_log WHERE event_id = ANY(%s::uuid[])", (ids,)
+            ).fetchone()
         except Exception:  # no audit log to ask: nothing is claimed as done
             return False
         return bool(row and row[0])
