@@ -1,14 +1,35 @@
-"""The local S3 server the embedded broker keeps its log in: localbucket, made conditional.
+"""The object store the embedded broker keeps its log in: an S3 subset shaped by how Tansu uses it.
 
-The broker (Tansu) updates shared objects (watermarks, producer state) with
-conditional writes, ``PUT`` with ``If-Match: <etag>``, and retries when
-another writer got there first. localbucket honours ``If-None-Match: *`` but
-ignores ``If-Match``, so two producers writing to one partition at once lose
-each other's updates: measured here as ``OUT_OF_ORDER_SEQUENCE_NUMBER`` for
-concurrent idempotent producers and failed ``AddPartitionsToTxn`` for
-concurrent transactional ones, while the memory store had neither. This
-handler checks ``If-Match`` against the object's current ETag and writes under
-one lock, so check and write are atomic.
+Tansu's S3 engine turns every Kafka request into object-store calls (its
+``tansu-storage/src/dynostore.rs``): a fetch that has data to return *lists the
+partition's ``records/`` folder* and then reads one object per record batch; a
+produce writes one object per batch and rewrites ``watermark.json`` (and, for
+idempotent and transactional producers, ``meta.json``) with conditional
+``PUT``s that carry ``If-Match: <etag>`` and are retried on 412.
+
+The general-purpose local S3 server this replaced walked the *whole bucket*
+on every listing (10 ms per list with 333 objects, growing with every topic's
+history: `make run`'s 200-order demo spent 64 s of its 88 s in listings, and
+the server, saturated at ~100 requests/s, made every hop wait seconds), closed
+the connection after every 404/412, and answered a ``GET`` with the body of one
+version and the ETag of the next when a write landed in between, so the
+broker's compare-and-set lost updates: concurrent idempotent and transactional
+producers failed with ``OUT_OF_ORDER_SEQUENCE_NUMBER``.
+
+This store keeps, in one process:
+- an in-memory sorted index of every key (loaded by one walk at start), so a
+  listing costs a bisection plus the keys it returns, never a directory walk;
+- each object's ETag (MD5 of its content, as S3 does for single-part objects)
+  and recent bodies in memory, so a ``GET`` returns a body and the ETag of that
+  same body, and ``If-None-Match`` answers 304 without sending it again;
+- conditional writes checked and applied with no await in between on one event
+  loop: the check and the write are atomic without a lock.
+
+Objects are files under ``DATA_ROOT/BUCKET/KEY`` (written aside, then renamed),
+the same layout as before, so an existing data directory is read as it is. A
+write is answered once the file is renamed into place: it survives kill -9 of
+the store or the broker (the page cache keeps it), not a power loss (no fsync,
+like a single Kafka broker with its default flush settings).
 
 Run as ``python -m opsflow.stack.bucket DATA_ROOT --port N``.
 """
@@ -16,30 +37,463 @@ Run as ``python -m opsflow.stack.bucket DATA_ROOT --port N``.
 from __future__ import annotations
 
 import argparse
-import threading
-from http.server import ThreadingHTTPServer
+import base64
+import hashlib
+import os
+import re
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import formatdate
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
+from xml.etree import ElementTree
+from xml.sax.saxutils import escape
 
-import localbucket
+import uvicorn
+from sortedcontainers import SortedList
+
+_NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# Files being written carry this prefix until they are renamed into place.
+_TEMP_PREFIX = ".opsflow-partial-"
+# S3 pages listings at 1,000 keys unless asked otherwise; the broker follows
+# continuation tokens either way, so a larger page saves it round trips when
+# a partition holds many batches.
+_DEFAULT_PAGE = 10_000
+# Bodies kept in memory: the newest batches are read by every consumer group
+# right after they are written, and metadata objects are read on every fetch.
+_CACHE_BYTES = 64 * 1024 * 1024
+_MAX_BODY = 64 * 1024 * 1024
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
-class ConditionalBucketHandler(localbucket.S3Handler):  # type: ignore[misc]
-    """localbucket's S3 handler with ``If-Match`` honoured on object writes."""
+class S3Error(Exception):
+    """An S3 error response: HTTP status, S3 error code, message."""
 
-    _write_lock = threading.Lock()
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
 
-    def _write_object(self, bucket: str, key: str, write: Any) -> str:
-        with self._write_lock:
-            if_match = self.headers.get("If-Match", "").strip()
-            if if_match:
-                target = self._object_path(bucket, key)
-                if not target.exists() or not localbucket.etag_matches(
-                    if_match, localbucket.object_etag(target)
-                ):
-                    raise self._precondition_failed_error()
-            etag: str = super()._write_object(bucket, key, write)
-            return etag
+
+def _no_such_key() -> S3Error:
+    return S3Error(404, "NoSuchKey", "The specified key does not exist.")
+
+
+def _precondition_failed() -> S3Error:
+    return S3Error(412, "PreconditionFailed", "At least one of the preconditions did not hold.")
+
+
+@dataclass(slots=True)
+class StoredObject:
+    """What the index knows of one object; the body itself is on disk (and maybe cached)."""
+
+    size: int
+    modified: float
+    # MD5 of the content; None for objects found on disk at start until first read.
+    etag: str | None
+    # The rendered <Contents> element of a listing, made once.
+    listed: str | None = None
+
+    def listing(self, key: str) -> str:
+        if self.listed is None:
+            stamp = datetime.fromtimestamp(self.modified, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")
+            etag = f"<ETag>&quot;{self.etag}&quot;</ETag>" if self.etag else ""
+            self.listed = (
+                f"<Contents><Key>{escape(key)}</Key><LastModified>{stamp[:-3]}Z</LastModified>"
+                f"{etag}<Size>{self.size}</Size><StorageClass>STANDARD</StorageClass></Contents>"
+            )
+        return self.listed
+
+
+def _etag_matches(header: str, etag: str | None) -> bool:
+    candidates = {value.strip().removeprefix("W/").strip('"') for value in header.split(",")}
+    return "*" in candidates or (etag is not None and etag in candidates)
+
+
+class Bucket:
+    """One bucket: a folder of files and the sorted index of its keys."""
+
+    def __init__(self, name: str, folder: Path, cache: BodyCache) -> None:
+        self.name = name
+        self.folder = folder
+        self._cache = cache
+        self._objects: dict[str, StoredObject] = {}
+        self._keys: SortedList = SortedList()
+
+    def load(self) -> None:
+        """Index what is on disk (one walk, at start); leftovers of interrupted writes go."""
+        for directory, _, files in os.walk(self.folder):
+            for name in files:
+                path = Path(directory, name)
+                if name.startswith(_TEMP_PREFIX):
+                    path.unlink(missing_ok=True)
+                    continue
+                stat = path.stat()
+                key = path.relative_to(self.folder).as_posix()
+                self._objects[key] = StoredObject(stat.st_size, stat.st_mtime, None)
+        self._keys.update(self._objects)
+
+    def _path(self, key: str) -> Path:
+        parts = key.split("/")
+        if any(part in ("", ".", "..") for part in parts) or any(
+            part.startswith(_TEMP_PREFIX) for part in parts
+        ):
+            raise S3Error(400, "InvalidArgument", f"This store does not accept the key {key!r}.")
+        return self.folder.joinpath(*parts)
+
+    def head(self, key: str) -> StoredObject:
+        found = self._objects.get(key)
+        if found is None:
+            raise _no_such_key()
+        if found.etag is None:
+            self.read(key)
+        return found
+
+    def read(self, key: str) -> tuple[StoredObject, bytes]:
+        """The object and its body, which belong to the same version."""
+        found = self._objects.get(key)
+        if found is None:
+            raise _no_such_key()
+        body = self._cache.get((self.name, key))
+        if body is None:
+            body = self._path(key).read_bytes()
+            if found.etag is None:
+                found.etag = hashlib.md5(body, usedforsecurity=False).hexdigest()
+            self._cache.put((self.name, key), body)
+        return found, body
+
+    def write(self, key: str, body: bytes, *, if_match: str, if_none_match: str) -> StoredObject:
+        """Write the object if its preconditions hold; check and write are one step."""
+        path = self._path(key)
+        current = self.head(key) if key in self._objects else None
+        if if_none_match and current is not None and _etag_matches(if_none_match, current.etag):
+            raise _precondition_failed()
+        if if_match and (current is None or not _etag_matches(if_match, current.etag)):
+            raise _precondition_failed()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(body)
+            os.replace(partial, path)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        stored = StoredObject(
+            len(body), time.time(), hashlib.md5(body, usedforsecurity=False).hexdigest()
+        )
+        if current is None:
+            self._keys.add(key)
+        self._objects[key] = stored
+        self._cache.put((self.name, key), body)
+        return stored
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if self._objects.pop(key, None) is not None:
+            self._keys.remove(key)
+            self._cache.drop((self.name, key))
+            path.unlink(missing_ok=True)
+
+    def keys_from(self, prefix: str, after: str) -> Iterator[str]:
+        """Keys that start with ``prefix`` and sort after ``after``, in S3 (UTF-8) order."""
+        start = max(prefix, after)
+        for key in self._keys.irange(minimum=start, inclusive=(True, True)):
+            if not key.startswith(prefix):
+                return
+            if key != after:
+                yield key
+
+    def listing(
+        self, *, prefix: str, delimiter: str, after: str, skip_prefix: str, limit: int
+    ) -> tuple[list[str], list[str], str | None]:
+        """One page: keys, common prefixes, and the continuation marker if there is more."""
+        contents: list[str] = []
+        prefixes: list[str] = []
+        last = ""
+        for key in self.keys_from(prefix, after):
+            if skip_prefix and key.startswith(skip_prefix):
+                continue
+            if len(contents) + len(prefixes) >= limit:
+                return contents, prefixes, last or None
+            index = key.find(delimiter, len(prefix)) if delimiter else -1
+            if index >= 0:
+                skip_prefix = key[: index + len(delimiter)]
+                prefixes.append(skip_prefix)
+                last = f"P:{skip_prefix}"
+            else:
+                contents.append(key)
+                last = f"K:{key}"
+        return contents, prefixes, None
+
+    def stored(self, key: str) -> StoredObject:
+        return self._objects[key]
+
+    def is_empty(self) -> bool:
+        return not self._objects
+
+
+class BodyCache:
+    """Recently written or read bodies, least recently used dropped first, within a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self._budget = budget
+        self._used = 0
+        self._bodies: OrderedDict[tuple[str, str], bytes] = OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> bytes | None:
+        body = self._bodies.get(key)
+        if body is not None:
+            self._bodies.move_to_end(key)
+        return body
+
+    def put(self, key: tuple[str, str], body: bytes) -> None:
+        self.drop(key)
+        if len(body) > self._budget // 4:
+            return
+        self._bodies[key] = body
+        self._used += len(body)
+        while self._used > self._budget:
+            _, evicted = self._bodies.popitem(last=False)
+            self._used -= len(evicted)
+
+    def drop(self, key: tuple[str, str]) -> None:
+        body = self._bodies.pop(key, None)
+        if body is not None:
+            self._used -= len(body)
+
+
+class ObjectStore:
+    """All buckets under one data root."""
+
+    def __init__(self, root: Path, *, cache_bytes: int = _CACHE_BYTES) -> None:
+        self.root = root
+        self._cache = BodyCache(cache_bytes)
+        self.buckets: dict[str, Bucket] = {}
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir() and _BUCKET_NAME.match(entry.name):
+                bucket = Bucket(entry.name, entry, self._cache)
+                bucket.load()
+                self.buckets[entry.name] = bucket
+
+    def bucket(self, name: str) -> Bucket:
+        found = self.buckets.get(name)
+        if found is None:
+            raise S3Error(404, "NoSuchBucket", "The specified bucket does not exist.")
+        return found
+
+    def create_bucket(self, name: str) -> bool:
+        """Make the bucket; False when it was there already."""
+        if name in self.buckets:
+            return False
+        if not _BUCKET_NAME.match(name):
+            raise S3Error(400, "InvalidBucketName", f"The bucket name {name!r} is not valid.")
+        folder = self.root / name
+        folder.mkdir(exist_ok=True)
+        self.buckets[name] = Bucket(name, folder, self._cache)
+        return True
+
+
+class Request:
+    """What the S3 handlers need of one HTTP request."""
+
+    def __init__(self, scope: Scope, body: bytes) -> None:
+        self.method: str = scope["method"]
+        path: str = scope["path"]
+        self.bucket, _, self.key = path.lstrip("/").partition("/")
+        self.query = dict(parse_qsl(scope["query_string"].decode("latin-1"), True))
+        self.headers: dict[str, str] = {
+            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
+        }
+        self.body = body
+
+    def header(self, name: str) -> str:
+        return self.headers.get(name, "").strip()
+
+
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+def _object_headers(stored: StoredObject) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"etag", f'"{stored.etag}"'.encode()),
+        (b"last-modified", formatdate(stored.modified, usegmt=True).encode()),
+        (b"content-type", b"application/octet-stream"),
+    ]
+
+
+def _xml(body: str) -> Response:
+    return (
+        200,
+        [(b"content-type", b"application/xml")],
+        f'<?xml version="1.0" encoding="UTF-8"?>\n{body}'.encode(),
+    )
+
+
+class S3App:
+    """The ASGI application: the S3 calls the broker makes, and nothing else."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > _MAX_BODY:
+                status, headers, body = self._error(S3Error(413, "EntityTooLarge", "Too large."))
+                break
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                request = Request(scope, b"".join(chunks))
+                try:
+                    status, headers, body = self.handle(request)
+                except S3Error as err:
+                    status, headers, body = self._error(err)
+                break
+        headers.append((b"content-length", str(len(body)).encode()))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
+
+    @staticmethod
+    def _error(err: S3Error) -> Response:
+        body = (
+            f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{err.code}</Code>'
+            f"<Message>{escape(err.message)}</Message></Error>"
+        )
+        return err.status, [(b"content-type", b"application/xml")], body.encode()
+
+    def handle(self, request: Request) -> Response:
+        if request.header("content-encoding") == "aws-chunked":
+            raise S3Error(501, "NotImplemented", "aws-chunked uploads are not supported.")
+        method, bucket_name, key = request.method, request.bucket, request.key
+        if not bucket_name:
+            if method == "GET":
+                return self._list_buckets()
+            raise S3Error(501, "NotImplemented", f"{method} / is not supported.")
+        if not key:
+            if method == "PUT":
+                if self.store.create_bucket(bucket_name):
+                    return 200, [], b""
+                raise S3Error(409, "BucketAlreadyOwnedByYou", "The bucket exists already.")
+            bucket = self.store.bucket(bucket_name)
+            if method == "GET":
+                return self._list_objects(bucket, request)
+            if method == "HEAD":
+                return 200, [], b""
+            if method == "POST" and "delete" in request.query:
+                return self._delete_objects(bucket, request.body)
+            raise S3Error(501, "NotImplemented", f"{method} on a bucket is not supported.")
+        bucket = self.store.bucket(bucket_name)
+        if method == "GET":
+            stored, body = bucket.read(key)
+            if_none_match = request.header("if-none-match")
+            if if_none_match and _etag_matches(if_none_match, stored.etag):
+                return 304, _object_headers(stored), b""
+            return 200, _object_headers(stored), body
+        if method == "HEAD":
+            stored = bucket.head(key)
+            return 200, _object_headers(stored), b""
+        if method == "PUT":
+            if request.header("x-amz-copy-source"):
+                raise S3Error(501, "NotImplemented", "Copying objects is not supported.")
+            stored = bucket.write(
+                key,
+                request.body,
+                if_match=request.header("if-match"),
+                if_none_match=request.header("if-none-match"),
+            )
+            return 200, [(b"etag", f'"{stored.etag}"'.encode())], b""
+        if method == "DELETE":
+            bucket.delete(key)
+            return 204, [], b""
+        raise S3Error(501, "NotImplemented", f"{method} on an object is not supported.")
+
+    def _list_buckets(self) -> Response:
+        names = "".join(
+            f"<Bucket><Name>{name}</Name><CreationDate>1970-01-01T00:00:00.000Z</CreationDate></Bucket>"
+            for name in self.store.buckets
+        )
+        return _xml(
+            f'<ListAllMyBucketsResult xmlns="{_NAMESPACE}"><Owner><ID>opsflow</ID></Owner>'
+            f"<Buckets>{names}</Buckets></ListAllMyBucketsResult>"
+        )
+
+    def _list_objects(self, bucket: Bucket, request: Request) -> Response:
+        query = request.query
+        if query.get("list-type") != "2":
+            raise S3Error(501, "NotImplemented", "Only ListObjectsV2 (list-type=2) is supported.")
+        prefix = query.get("prefix", "")
+        delimiter = query.get("delimiter", "")
+        try:
+            limit = int(query.get("max-keys", _DEFAULT_PAGE))
+        except ValueError:
+            limit = -1
+        if limit < 0:
+            raise S3Error(400, "InvalidArgument", "max-keys must be a non-negative integer.")
+        after, skip_prefix = query.get("start-after", ""), ""
+        token = query.get("continuation-token")
+        if token is not None:
+            try:
+                resume = base64.urlsafe_b64decode(token.encode()).decode()
+            except ValueError:
+                resume = ""
+            if resume[:2] not in ("K:", "P:"):
+                raise S3Error(400, "InvalidArgument", "The continuation token is not valid.")
+            after = resume[2:]
+            skip_prefix = after if resume.startswith("P:") else ""
+        contents, prefixes, marker = bucket.listing(
+            prefix=prefix, delimiter=delimiter, after=after, skip_prefix=skip_prefix, limit=limit
+        )
+        parts = [
+            f'<ListBucketResult xmlns="{_NAMESPACE}"><Name>{bucket.name}</Name>',
+            f"<Prefix>{escape(prefix)}</Prefix>",
+            f"<Delimiter>{escape(delimiter)}</Delimiter>" if delimiter else "",
+            f"<KeyCount>{len(contents) + len(prefixes)}</KeyCount><MaxKeys>{limit}</MaxKeys>",
+            f"<IsTruncated>{'true' if marker else 'false'}</IsTruncated>",
+        ]
+        if token is not None:
+            parts.append(f"<ContinuationToken>{escape(token)}</ContinuationToken>")
+        if marker:
+            next_token = base64.urlsafe_b64encode(marker.encode()).decode()
+            parts.append(f"<NextContinuationToken>{next_token}</NextContinuationToken>")
+        parts.extend(bucket.stored(key).listing(key) for key in contents)
+        parts.extend(
+            f"<CommonPrefixes><Prefix>{escape(p)}</Prefix></CommonPrefixes>" for p in prefixes
+        )
+        parts.append("</ListBucketResult>")
+        return _xml("".join(parts))
+
+    def _delete_objects(self, bucket: Bucket, body: bytes) -> Response:
+        try:
+            root = ElementTree.fromstring(body)
+        except ElementTree.ParseError as err:
+            raise S3Error(
+                400, "MalformedXML", f"The delete request is not valid XML: {err}"
+            ) from err
+        deleted = []
+        for element in root.iter():
+            if element.tag.rsplit("}", 1)[-1] == "Key" and element.text:
+                bucket.delete(element.text)
+                deleted.append(f"<Deleted><Key>{escape(element.text)}</Key></Deleted>")
+        return _xml(f'<DeleteResult xmlns="{_NAMESPACE}">{"".join(deleted)}</DeleteResult>')
 
 
 def main() -> None:
@@ -50,12 +504,20 @@ def main() -> None:
     args = parser.parse_args()
     data_root = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
-    ConditionalBucketHandler.data_root = data_root
-    server = ThreadingHTTPServer((args.host, args.port), ConditionalBucketHandler)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
+    store = ObjectStore(data_root)
+    uvicorn.run(
+        S3App(store),
+        host=args.host,
+        port=args.port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        # The broker's HTTP client keeps idle connections for 90 s: closing
+        # them sooner makes it find dead connections and retry.
+        timeout_keep_alive=300,
+    )
 
 
 if __name__ == "__main__":
