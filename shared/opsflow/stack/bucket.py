@@ -37,6 +37,7 @@ Run as ``python -m opsflow.stack.bucket DATA_ROOT --port N``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import hashlib
 import os
@@ -57,6 +58,8 @@ from xml.sax.saxutils import escape
 import uvicorn
 from sortedcontainers import SortedList
 
+from opsflow.stack import compaction
+
 _NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # Files being written carry this prefix until they are renamed into place.
@@ -69,6 +72,24 @@ _DEFAULT_PAGE = 10_000
 # right after they are written, and metadata objects are read on every fetch.
 _CACHE_BYTES = 64 * 1024 * 1024
 _MAX_BODY = 64 * 1024 * 1024
+_RECORDS = "/records/"
+
+
+@dataclass(frozen=True)
+class CompactionPolicy:
+    """Which batches compaction (``opsflow.stack.compaction``) merges, and how often it looks.
+
+    A partition's newest batches are what consumers at the tail read: they are
+    left as they are. Older small ones are merged into batches of about
+    ``merged_bytes``.
+    """
+
+    keep_newest: int = 64
+    min_age_s: float = 30.0
+    small_bytes: int = 256 * 1024
+    merged_bytes: int = 1024 * 1024
+    every_s: float = 2.0
+
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -103,6 +124,8 @@ class StoredObject:
     etag: str | None
     # The rendered <Contents> element of a listing, made once.
     listed: str | None = None
+    # For record batches: the parsed header, once compaction looked at it.
+    batch: compaction.BatchHeader | None = None
 
     def listing(self, key: str) -> str:
         if self.listed is None:
@@ -123,12 +146,15 @@ def _etag_matches(header: str, etag: str | None) -> bool:
 class Bucket:
     """One bucket: a folder of files and the sorted index of its keys."""
 
-    def __init__(self, name: str, folder: Path, cache: BodyCache) -> None:
+    def __init__(self, name: str, folder: Path, cache: BodyCache, policy: CompactionPolicy) -> None:
         self.name = name
         self.folder = folder
         self._cache = cache
+        self.policy = policy
         self._objects: dict[str, StoredObject] = {}
         self._keys: SortedList = SortedList()
+        # Partitions' records folders written since compaction last looked.
+        self.dirty: set[str] = set()
 
     def load(self) -> None:
         """Index what is on disk (one walk, at start); leftovers of interrupted writes go."""
@@ -142,6 +168,24 @@ class Bucket:
                 key = path.relative_to(self.folder).as_posix()
                 self._objects[key] = StoredObject(stat.st_size, stat.st_mtime, None)
         self._keys.update(self._objects)
+        self._drop_covered()
+        self.dirty.update(_records_folder(key) for key in self._objects if _is_batch(key))
+
+    def _drop_covered(self) -> None:
+        """Delete batches a merged batch already holds: what a compaction stopped
+        between renaming the merged batch into place and deleting the ones it replaced
+        leaves behind."""
+        covered_to, folder = -1, ""
+        for key in [key for key in self._keys if _is_batch(key)]:
+            if _records_folder(key) != folder:
+                covered_to, folder = -1, _records_folder(key)
+            base = _base_offset(key)
+            if base < covered_to:
+                self.delete(key)
+                continue
+            with self._path(key).open("rb") as file:
+                header = compaction.BatchHeader.parse(file.read(compaction.HEADER_SIZE))
+            covered_to = base + header.last_offset_delta + 1
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")
@@ -196,6 +240,8 @@ class Bucket:
             self._keys.add(key)
         self._objects[key] = stored
         self._cache.put((self.name, key), body)
+        if _is_batch(key):
+            self.dirty.add(_records_folder(key))
         return stored
 
     def delete(self, key: str) -> None:
@@ -236,11 +282,91 @@ class Bucket:
                 last = f"K:{key}"
         return contents, prefixes, None
 
+    def compact(self, folder: str, *, after: str, now: float) -> str | None:
+        """Merge the next run of old, small, contiguous batches in ``folder`` found after
+        the key ``after``; the key to go on from, or None when there is nothing more.
+
+        The merged batch replaces the run's first object (renamed into place), then
+        the others are deleted, all with no await in between: a listing sees the
+        run or the merged batch, never a mix. A fetch that listed the run before and
+        reads one of its deleted objects after gets an error and fetches again.
+        """
+        policy = self.policy
+        keys = list(self.keys_from(folder, ""))
+        run: list[str] = []
+        run_bytes, expected = 0, -1
+        for key in keys[: max(len(keys) - policy.keep_newest, 0)]:
+            if key <= after:
+                continue
+            stored = self._objects[key]
+            if stored.modified > now - policy.min_age_s:
+                break
+            base, header = _base_offset(key), self._batch_header(key)
+            fits = (
+                header.mergeable
+                and stored.size < policy.small_bytes
+                and run_bytes + stored.size <= policy.merged_bytes
+            )
+            if run and fits and base == expected:
+                run.append(key)
+                run_bytes += stored.size
+            elif len(run) > 1:
+                break
+            else:
+                run, run_bytes = ([key], stored.size) if fits else ([], 0)
+            expected = base + header.last_offset_delta + 1
+        if len(run) < 2:
+            return None
+        merged = compaction.merge([(_base_offset(key), self.read(key)[1]) for key in run])
+        header = compaction.BatchHeader.parse(merged)
+        target = self._path(run[0])
+        fd, partial = tempfile.mkstemp(dir=target.parent, prefix=_TEMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(merged)
+            # Its time is its newest record's, so time lookups (the broker answers
+            # them from object times) never skip a record of the run.
+            stamp_ns = header.max_timestamp * 1_000_000
+            os.utime(partial, ns=(stamp_ns, stamp_ns))
+            os.replace(partial, target)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+        self._objects[run[0]] = StoredObject(
+            len(merged),
+            header.max_timestamp / 1000,
+            hashlib.md5(merged, usedforsecurity=False).hexdigest(),
+            batch=header,
+        )
+        self._cache.drop((self.name, run[0]))
+        for key in run[1:]:
+            self.delete(key)
+        return run[0]
+
+    def _batch_header(self, key: str) -> compaction.BatchHeader:
+        stored = self._objects[key]
+        if stored.batch is None:
+            stored.batch = compaction.BatchHeader.parse(self.read(key)[1])
+        return stored.batch
+
     def stored(self, key: str) -> StoredObject:
         return self._objects[key]
 
     def is_empty(self) -> bool:
         return not self._objects
+
+
+def _is_batch(key: str) -> bool:
+    return _RECORDS in key and key.endswith(".batch")
+
+
+def _records_folder(key: str) -> str:
+    return key[: key.rindex("/") + 1]
+
+
+def _base_offset(key: str) -> int:
+    """A batch object's base offset: the broker names it ``<offset:020>.batch``."""
+    return int(key[key.rindex("/") + 1 : -len(".batch")])
 
 
 class BodyCache:
@@ -276,13 +402,20 @@ class BodyCache:
 class ObjectStore:
     """All buckets under one data root."""
 
-    def __init__(self, root: Path, *, cache_bytes: int = _CACHE_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        cache_bytes: int = _CACHE_BYTES,
+        compaction: CompactionPolicy | None = None,
+    ) -> None:
         self.root = root
         self._cache = BodyCache(cache_bytes)
+        self.policy = compaction or CompactionPolicy()
         self.buckets: dict[str, Bucket] = {}
         for entry in sorted(root.iterdir()):
             if entry.is_dir() and _BUCKET_NAME.match(entry.name):
-                bucket = Bucket(entry.name, entry, self._cache)
+                bucket = Bucket(entry.name, entry, self._cache, self.policy)
                 bucket.load()
                 self.buckets[entry.name] = bucket
 
@@ -292,6 +425,21 @@ class ObjectStore:
             raise S3Error(404, "NoSuchBucket", "The specified bucket does not exist.")
         return found
 
+    async def compact_forever(self) -> None:
+        """Merge old small batches of the partitions written since the last look, for ever."""
+        while True:
+            await asyncio.sleep(self.policy.every_s)
+            for bucket in list(self.buckets.values()):
+                folders, bucket.dirty = bucket.dirty, set()
+                for folder in sorted(folders):
+                    after: str | None = ""
+                    while after is not None:
+                        after = bucket.compact(folder, after=after, now=time.time())
+                        # One run at a time: requests are served in between.
+                        await asyncio.sleep(0)
+                    if len(list(bucket.keys_from(folder, ""))) > self.policy.keep_newest:
+                        bucket.dirty.add(folder)  # what was too young is looked at again
+
     def create_bucket(self, name: str) -> bool:
         """Make the bucket; False when it was there already."""
         if name in self.buckets:
@@ -300,7 +448,7 @@ class ObjectStore:
             raise S3Error(400, "InvalidBucketName", f"The bucket name {name!r} is not valid.")
         folder = self.root / name
         folder.mkdir(exist_ok=True)
-        self.buckets[name] = Bucket(name, folder, self._cache)
+        self.buckets[name] = Bucket(name, folder, self._cache, self.policy)
         return True
 
 
@@ -347,6 +495,9 @@ class S3App:
         self.store = store
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         chunks: list[bytes] = []
@@ -371,6 +522,20 @@ class S3App:
         await send(
             {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
         )
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Compaction runs beside the server for as long as it serves."""
+        compactor: asyncio.Task[None] | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                compactor = asyncio.create_task(self.store.compact_forever())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if compactor is not None:
+                    compactor.cancel()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
 
     @staticmethod
     def _error(err: S3Error) -> Response:
@@ -501,17 +666,30 @@ def main() -> None:
     parser.add_argument("data_root", type=Path)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument(
+        "--compact-after",
+        type=float,
+        default=CompactionPolicy.min_age_s,
+        help="seconds a record batch stays as written before it may be merged",
+    )
+    parser.add_argument(
+        "--keep-newest",
+        type=int,
+        default=CompactionPolicy.keep_newest,
+        help="batches at each partition's end that are never merged",
+    )
     args = parser.parse_args()
     data_root = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
-    store = ObjectStore(data_root)
+    policy = CompactionPolicy(min_age_s=args.compact_after, keep_newest=args.keep_newest)
+    store = ObjectStore(data_root, compaction=policy)
     uvicorn.run(
         S3App(store),
         host=args.host,
         port=args.port,
         loop="uvloop",
         http="httptools",
-        lifespan="off",
+        lifespan="on",
         access_log=False,
         log_level="warning",
         # The broker's HTTP client keeps idle connections for 90 s: closing
