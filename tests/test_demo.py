@@ -178,14 +178,20 @@ def test_an_order_is_at_its_furthest_step_whatever_order_the_topics_are_read_in(
         assert track.apply(event, written_ms)
 
     assert track.state is OrderState.DELIVERED
-    timings = {t.step: (t.orders, t.p50_ms, t.p95_ms) for t in step_timings([track])}
+    timings = {t.step: (t.orders, t.p50_ms, t.p99_ms) for t in step_timings([track])}
     assert timings == {
         "received -> policy.checked": (1, 100, 100),
         "policy.checked -> dispatch.requested": (1, 200, 200),
         "dispatch.requested -> dispatch.executed": (1, 700, 700),
         "dispatch.executed -> pod.captured": (1, 2_000, 2_000),
         "end to end (received -> pod.captured)": (1, 3_000, 3_000),
+        "received -> dispatch.executed, no review": (1, 1_000, 1_000),
     }
+    reviewed = OrderTrack(ORDER)
+    for event, written_ms in [*read, (fact("review.requested", 6), 1_150)]:
+        reviewed.apply(event, written_ms)
+    machine_only = {t.step: t.orders for t in step_timings([reviewed])}
+    assert machine_only["received -> dispatch.executed, no review"] == 0
 
 
 def test_reviews_retries_and_final_failures_move_an_order_as_the_workflow_does() -> None:

@@ -413,6 +413,25 @@ def test_a_task_is_decided_once_and_each_refusal_says_who_holds_or_decided_it(
     assert [d.order_id for d in decisions].count(checks[0].order_id) == 1
 
 
+def test_the_due_soon_filter_and_the_api_document_answer(shared: World) -> None:
+    """``GET /tasks?due_soon=true`` and ``/openapi.json`` once answered 500: a query
+    parameter's annotation named a variable the route's module could not see."""
+    checks = shared.request_review(1)
+    task = shared.tasks_for(checks)[checks[0].order_id]
+
+    soon = shared.call("GET", "/tasks?due_soon=true&due_within_s=86400", "ann")
+    assert soon.status_code == 200
+    assert task["task_id"] in {t["task_id"] for t in soon.json()["tasks"]}
+    none_soon = shared.call("GET", "/tasks?due_within_s=0", "ann")
+    assert none_soon.status_code == 200
+    assert task["task_id"] not in {t["task_id"] for t in none_soon.json()["tasks"]}
+    document = httpx.get(f"{shared.url}/openapi.json", timeout=10)
+    assert document.status_code == 200
+    parameters = document.json()["paths"]["/tasks"]["get"]["parameters"]
+    assert "due_soon" in {p["name"] for p in parameters}
+    assert httpx.get(f"{shared.url}/docs", timeout=10).status_code == 200
+
+
 def test_concurrent_decisions_on_one_task_let_exactly_one_through(shared: World) -> None:
     check = shared.request_review(1)[0]
     path = f"/tasks/{shared.tasks_for([check])[check.order_id]['task_id']}"

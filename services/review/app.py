@@ -293,9 +293,12 @@ def create_app(
         claimed: Annotated[
             bool | None, Query(description="Only claimed (true) or unclaimed (false) tasks.")
         ] = None,
+        # The description names the setting, not its value: annotations are read in the
+        # module's namespace when the route is declared, where ``settings`` is not
+        # (naming it there made the route and /openapi.json answer 500).
         due_soon: Annotated[
             bool,
-            Query(description=f"Only tasks due within {settings.due_soon_s:g} s (or overdue)."),
+            Query(description="Only tasks due within REVIEW_DUE_SOON_S (900 s) or overdue."),
         ] = False,
         due_within_s: Annotated[
             float | None, Query(ge=0, description="Only tasks due within this many seconds.")

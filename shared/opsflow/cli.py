@@ -34,12 +34,31 @@ errors = Console(stderr=True)
 _debug = False
 
 
+# Commands that manage the local stack themselves, or need nothing of it.
+_OWN_STACK_COMMANDS = {"up", "down", "env", "status", "contracts"}
+
+
 @app.callback()
 def _options(
+    ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
+    """Commands that talk to Kafka, PostgreSQL or the registry use the variables that are
+    set and, for the others, the stack running from the data directory (``opsflow up``)."""
     global _debug
     _debug = debug
+    if ctx.invoked_subcommand in _OWN_STACK_COMMANDS or ctx.resilient_parsing:
+        return
+    import os
+
+    found = stack.use_running_stack(os.environ)
+    if found is not None and found[1]:
+        plan, filled = found
+        errors.print(
+            f"[dim]Using the stack running from {plan.data_dir} for {', '.join(filled)} "
+            "(variables that are set win).[/]",
+            highlight=False,
+        )
 
 
 def _uptime(seconds: float) -> str:
@@ -519,8 +538,10 @@ def _cluster(*, database_optional: bool = False) -> tuple[dict[str, object], obj
         if not value:
             raise ConfigurationError(
                 variable,
-                "is not set",
-                "Set it, or point the shell at the running stack with `eval $(opsflow env)`",
+                f"is not set, and no stack is running from {stack.data_dir()}",
+                "Start one there with `opsflow up --detach`, run the command from the "
+                "directory the stack was started in (or set OPSFLOW_DATA_DIR to its data "
+                "directory), or set the variable to the cluster to use",
             )
     config: dict[str, object] = {"log_level": 0, **kafka.client_config()}
     _reachable(config)
@@ -802,8 +823,10 @@ def trace_order(
         if not value:
             raise ConfigurationError(
                 variable,
-                "is not set",
-                "Set it, or point the shell at the running stack with `eval $(opsflow env)`",
+                f"is not set, and no stack is running from {stack.data_dir()}",
+                "Start one there with `opsflow up --detach`, run the command from the "
+                "directory the stack was started in (or set OPSFLOW_DATA_DIR to its data "
+                "directory), or set the variable to the cluster to use",
             )
     prefix = TopicSettings().prefix
     found = trace.scan(dict(kafka_settings.client_config()), order_id, prefix=prefix)

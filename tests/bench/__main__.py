@@ -15,11 +15,12 @@ from tests.bench.codec import CodecCase
 from tests.bench.harness import BenchError, Case, run
 from tests.bench.onehop import OneHopCase
 from tests.bench.rebuild import RebuildCase
+from tests.bench.runstack import RunStackCase
 from tests.bench.workflow import WorkflowCase
 
 # Every case, in the order a full run takes them.
 CASES: dict[str, type[Case]] = {
-    case.name: case for case in (CodecCase, OneHopCase, WorkflowCase, RebuildCase)
+    case.name: case for case in (CodecCase, OneHopCase, WorkflowCase, RebuildCase, RunStackCase)
 }
 
 

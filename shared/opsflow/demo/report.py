@@ -97,8 +97,11 @@ def print_summary(console: Console, summary: Summary) -> None:
     steps.add_column("orders", justify="right")
     steps.add_column("p50", justify="right")
     steps.add_column("p95", justify="right")
+    steps.add_column("p99", justify="right")
     for step in summary.steps:
-        steps.add_row(step.step, str(step.orders), _ms(step.p50_ms), _ms(step.p95_ms))
+        steps.add_row(
+            step.step, str(step.orders), _ms(step.p50_ms), _ms(step.p95_ms), _ms(step.p99_ms)
+        )
     console.print(steps)
     for note in summary.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)

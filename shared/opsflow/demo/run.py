@@ -229,7 +229,13 @@ class Summary:
             "scenarios": self.scenarios,
             "timing_source": TIMING_SOURCE,
             "steps": [
-                {"step": s.step, "orders": s.orders, "p50_ms": s.p50_ms, "p95_ms": s.p95_ms}
+                {
+                    "step": s.step,
+                    "orders": s.orders,
+                    "p50_ms": s.p50_ms,
+                    "p95_ms": s.p95_ms,
+                    "p99_ms": s.p99_ms,
+                }
                 for s in self.steps
             ],
             "review_service_answered": self.review_service_answered,

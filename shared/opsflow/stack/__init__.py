@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +52,21 @@ def running_plan() -> StackPlan | None:
     """The plan of the stack running on this data directory, or None."""
     plan = StackPlan.load(data_dir())
     return plan if plan is not None and supervisor.is_running(plan) else None
+
+
+def use_running_stack(environ: MutableMapping[str, str]) -> tuple[StackPlan, list[str]] | None:
+    """Point the variables that are not set at the stack running from the data directory.
+
+    What ``eval $(opsflow env)`` would do, for one command: variables already set
+    win. Returns the plan and the names filled in, or None when no stack runs there.
+    """
+    plan = running_plan()
+    if plan is None:
+        return None
+    filled = sorted(name for name in plan.env if name not in environ)
+    for name in filled:
+        environ[name] = plan.env[name]
+    return plan, filled
 
 
 def check_external(plan: StackPlan) -> None:

@@ -1,0 +1,254 @@
+"""``runstack``: the stack ``make run`` starts, as a newcomer meets it, empty and with history.
+
+A stack of its own is started exactly as ``make run`` does (``opsflow up``:
+durable broker store, every service, the carrier stand-in with its default
+proof-of-delivery delay), then measured as a user would meet it:
+
+- **start-up**: ``opsflow up --detach`` until every component answers;
+- **status**: one ``opsflow status`` (the operator's first command);
+- **throughput**: ``opsflow demo --orders 1000 --auto-review --until dispatched``,
+  orders sent as fast as ingest takes them: orders over the seconds until every
+  one was booked, rejected or decided (the demo's own elapsed time);
+- **latency**: the same demo paced at 100 orders/s: the p99 of order.received to
+  dispatch.executed over the orders no person reviewed (record timestamps).
+
+Then 1,000,000 records of history are written to the workflow's topics (the
+events of 200,000 finished orders, in batches of at most 50 records as a busy
+producer writes them), every service's group is moved past them, the stack is
+restarted, the projector catches up, and everything is measured again: the
+cost of a hop must not grow with what the topics hold.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, ClassVar
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.schema_registry import SchemaRegistryClient
+
+from opsflow.contracts import EVENT_TOPICS, Envelope, Event, PolicyOutcome
+from opsflow.contracts.wire import WireCodec
+from opsflow.runtime.worker import EVENT_TYPE_HEADER
+from opsflow.topics import end_offsets, topic_name
+from tests.bench.harness import BenchError, Case, Metric, StackInfo
+from tests.samples import sample
+from tests.stackctl import OPSFLOW, stack_env
+
+ORDERS = 1_000
+RATE = 100.0
+HISTORY_RECORDS = 1_000_000
+# The events of one finished, auto-approved order: five records of history.
+HISTORY_PATH = (
+    "order.received",
+    "policy.checked",
+    "dispatch.requested",
+    "dispatch.executed",
+    "pod.captured",
+)
+# The consumer groups of the workflow's services, moved past the history.
+SERVICE_GROUPS = ("policy-check", "review", "dispatch", "pod-capture")
+CATCH_UP_TIMEOUT_S = 900.0
+
+
+class RunStackCase(Case):
+    """`make run`'s stack: start-up, status and the demo, empty and with 1M records of history."""
+
+    name: ClassVar[str] = "runstack"
+    summary: ClassVar[str] = (
+        "`make run`'s stack (durable store, every service): start-up, status, a "
+        f"{ORDERS:,}-order demo, empty and with {HISTORY_RECORDS:,} records of history"
+    )
+    metrics: ClassVar[tuple[Metric, ...]] = tuple(
+        metric
+        for when, label in (("", "empty"), ("history_", "with history"))
+        for metric in (
+            Metric(f"{when}startup_s", f"opsflow up, {label}", "s", True, target=30),
+            Metric(f"{when}status_s", f"opsflow status, {label}", "s", True, target=2),
+            Metric(
+                f"{when}orders_per_s",
+                f"demo of {ORDERS:,} as fast as ingest takes them, {label}",
+                "orders/s",
+                target=100,
+            ),
+            Metric(
+                f"{when}p99_ms",
+                f"order.received to dispatch.executed p99 at {RATE:.0f}/s, {label}",
+                "ms",
+                True,
+                target=1000,
+            ),
+        )
+    )
+    default_repeat: ClassVar[int] = 1
+
+    def __init__(self, stack: StackInfo, *, events: int | None = None) -> None:
+        super().__init__(stack, events=events)
+        self.history_records = events or HISTORY_RECORDS
+        self._tmp = tempfile.TemporaryDirectory(prefix="opsflow-bench-runstack-")
+        self.data_dir = Path(self._tmp.name) / "data"
+        # What `make run` starts: nothing overridden but the data directory.
+        self.env = stack_env(self.data_dir, OPSFLOW_SERVICES="true")
+        self.up = False
+        self.batch_objects = 0
+
+    def params(self) -> dict[str, Any]:
+        return {"orders": ORDERS, "rate": RATE, "history_records": self.history_records}
+
+    def notes(self) -> list[str]:
+        return [
+            f"runstack: history written as {self.batch_objects:,} batch objects, then compacted "
+            "by the store; the services' groups were moved past it, the projector read it all"
+        ]
+
+    def _opsflow(
+        self, *args: str, timeout: float = 600, **env: str
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*OPSFLOW, *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def _start(self, **env: str) -> float:
+        began = time.perf_counter()
+        started = self._opsflow("up", "--detach", **env)
+        elapsed = time.perf_counter() - began
+        self.up = True
+        if started.returncode != 0:
+            raise BenchError(f"runstack: `opsflow up` failed\n{started.stdout}{started.stderr}")
+        status = json.loads(self._opsflow("status", "--json").stdout)
+        self.addresses: dict[str, str] = status["env"]
+        return elapsed
+
+    def _stop(self) -> None:
+        self._opsflow("down")
+        self.up = False
+
+    def prepare(self) -> None:
+        pass
+
+    def measure(self, repetition: int) -> dict[str, float]:
+        figures = {"startup_s": self._start(), **self._measure_running()}
+        self._stop()
+        self._start(OPSFLOW_SERVICES="false")
+        self._write_history()
+        self._stop()
+        figures["history_startup_s"] = self._start()
+        self._wait_for_projector()
+        figures.update({f"history_{key}": value for key, value in self._measure_running().items()})
+        print(
+            "  runstack: " + ", ".join(f"{key} {value:,.2f}" for key, value in figures.items()),
+            flush=True,
+        )
+        return figures
+
+    def _measure_running(self) -> dict[str, float]:
+        began = time.perf_counter()
+        status = self._opsflow("status")
+        status_s = time.perf_counter() - began
+        if status.returncode != 0:
+            raise BenchError(f"runstack: `opsflow status` failed: {status.stderr}")
+        burst = self._demo("--until", "dispatched", seed=7)
+        paced = self._demo("--rate", str(RATE), seed=8)
+        (machine,) = [s for s in paced["steps"] if s["step"].endswith("no review")]
+        return {
+            "status_s": status_s,
+            "orders_per_s": ORDERS / burst["elapsed_s"],
+            "p99_ms": float(machine["p99_ms"]),
+        }
+
+    def _demo(self, *args: str, seed: int) -> dict[str, Any]:
+        ran = self._opsflow(
+            "demo", "--orders", str(ORDERS), "--auto-review", "--seed", str(seed), "--json", *args
+        )
+        if ran.returncode != 0:
+            raise BenchError(f"runstack: the demo did not finish:\n{ran.stdout}{ran.stderr}")
+        summary: dict[str, Any] = json.loads(ran.stdout)
+        return summary
+
+    def _write_history(self) -> None:
+        """The events of finished orders, as the workflow would have written them."""
+        kafka = {"bootstrap.servers": self.addresses["KAFKA_BOOTSTRAP_SERVERS"]}
+        codec = WireCodec(SchemaRegistryClient({"url": self.addresses["SCHEMA_REGISTRY_URL"]}))
+        producer = Producer(
+            {**kafka, "linger.ms": 20, "batch.num.messages": 50, "enable.idempotence": False}
+        )
+        templates = {event_type: sample(event_type) for event_type in HISTORY_PATH}
+        templates["policy.checked"] = templates["policy.checked"].model_copy(
+            update={"outcome": PolicyOutcome.AUTO_APPROVED, "reason_codes": [], "reasons": []}
+        )
+        topics = {}
+        for n in range(self.history_records // len(HISTORY_PATH)):
+            order_id = f"history-{n:07d}"
+            for step, event_type in enumerate(HISTORY_PATH):
+                event = _history_event(templates[event_type], order_id, n * 8 + step)
+                topic = topic_name(EVENT_TOPICS[event_type])
+                topics[topic] = True
+                while True:
+                    try:
+                        producer.produce(
+                            topic,
+                            key=order_id.encode(),
+                            value=codec.encode(event),
+                            headers=[(EVENT_TYPE_HEADER, event_type.encode())],
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.1)
+            producer.poll(0)
+        if producer.flush(300):
+            raise BenchError("runstack: the history was not all written")
+        self._skip_history(kafka, list(topics))
+
+    def _skip_history(self, kafka: dict[str, str], topics: list[str]) -> None:
+        """Commit every service group's offsets at the topics' ends: the history is done."""
+        consumer = Consumer({**kafka, "group.id": "bench-probe"})
+        metadata = consumer.list_topics(timeout=30)
+        consumer.close()
+        partitions = [(t, p) for t in topics for p in metadata.topics[t].partitions]
+        ends = end_offsets(kafka, partitions, timeout=120)
+        for group in SERVICE_GROUPS:
+            committer = Consumer({**kafka, "group.id": group, "enable.auto.commit": False})
+            committer.commit(
+                offsets=[TopicPartition(t, p, ends[(t, p)]) for t, p in partitions],
+                asynchronous=False,
+            )
+            committer.close()
+        broker_root = self.data_dir / "broker"
+        self.batch_objects = sum(1 for _ in broker_root.rglob("*.batch"))
+
+    def _wait_for_projector(self) -> None:
+        deadline = time.monotonic() + CATCH_UP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            status = self._opsflow("status", "--json")
+            if status.returncode == 0:
+                projections = json.loads(status.stdout).get("projections") or []
+                if projections and all((p.get("lag") or 0) == 0 for p in projections):
+                    return
+            time.sleep(5)
+        raise BenchError("runstack: the projector did not catch up with the history")
+
+    def close(self) -> None:
+        if self.up:
+            self._stop()
+        self._tmp.cleanup()
+
+
+def _history_event(template: Event, order_id: str, n: int) -> Event:
+    envelope: Envelope = template.envelope.model_copy(
+        update={
+            "event_id": uuid.UUID(int=n + 1),
+            "idempotency_key": f"{template.event_type}:{order_id}",
+            "correlation_id": order_id,
+        }
+    )
+    return template.model_copy(update={"envelope": envelope, "order_id": order_id})
