@@ -14,12 +14,14 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from opsflow import db
 from opsflow.contracts import Topic
@@ -70,19 +72,20 @@ class Overview:
         }
 
 
-def _service_lag(kafka: Mapping[str, Any], target: str) -> ServiceLag:
-    service = load_service(target)
-    group = topic_name(service.name)
-    consumer = Consumer({**kafka, "group.id": group, "enable.auto.commit": False})
+def _service_lag(
+    kafka: Mapping[str, Any],
+    name: str,
+    parts: list[tuple[str, int]],
+    ends: Mapping[tuple[str, int], int],
+) -> ServiceLag:
+    consumer = Consumer({**kafka, "group.id": topic_name(name), "enable.auto.commit": False})
     try:
-        parts = partitions_of(consumer, [topic_name(t) for t in service.consumes])
-        ends = end_offsets(kafka, parts)
         committed = consumer.committed([KafkaPartition(*tp) for tp in parts], timeout=10)
         lag: dict[str, int] = {}
         for kp in committed:
             start = kp.offset if kp.offset >= 0 else 0
             lag[kp.topic] = lag.get(kp.topic, 0) + max(0, ends[(kp.topic, kp.partition)] - start)
-        return ServiceLag(service.name, lag)
+        return ServiceLag(name, lag)
     finally:
         consumer.close()
 
@@ -103,51 +106,85 @@ def overview(
     processed counters are read before and after the rest, which gives the rates)."""
     found = Overview()
     metrics = metrics or {}
-    before = {name: processed_total(url) for name, url in metrics.items()}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        before = dict(zip(metrics, pool.map(processed_total, metrics.values()), strict=True))
     started = time.monotonic()
-    for target in SERVICES:
-        try:
-            found.services.append(_service_lag(kafka, target))
-        except Exception as err:  # one service's trouble must not hide the others
-            found.unavailable.append(f"{target}: {err}")
     consumer = Consumer({**kafka, "group.id": "opsflow-status"})
     try:
-        for topic in Topic:
-            dlq = dead_letter_topic(topic_name(topic))
+        # Every partition the screen needs, so their ends are learned in one pass.
+        inputs: dict[str, list[tuple[str, int]]] = {}
+        for target in SERVICES:
             try:
-                parts = partitions_of(consumer, [dlq])
+                service = load_service(target)
+                inputs[service.name] = partitions_of(
+                    consumer, [topic_name(t) for t in service.consumes]
+                )
+            except Exception as err:  # one service's trouble must not hide the others
+                found.unavailable.append(f"{target}: {err}")
+        dead_letter_parts: dict[str, list[tuple[str, int]]] = {}
+        for topic in Topic:
+            try:
+                dead_letter_parts[topic.value] = partitions_of(
+                    consumer, [dead_letter_topic(topic_name(topic))]
+                )
             except Exception:  # a cluster provisioned without this DLQ
                 continue
-            ends = end_offsets(kafka, parts)
-            found.dead_letters[topic.value] = sum(
-                ends[tp]
-                - consumer.get_watermark_offsets(KafkaPartition(*tp), timeout=5, cached=False)[0]
-                for tp in parts
-            )
+        wanted = {tp for parts in (*inputs.values(), *dead_letter_parts.values()) for tp in parts}
+        wanted |= set(partitions_of(consumer, [topic_name(t) for t in Topic]))
+        ends = end_offsets(kafka, wanted)
+        starts = _log_starts(kafka, [tp for parts in dead_letter_parts.values() for tp in parts])
     finally:
         consumer.close()
+    for name, parts in inputs.items():
+        try:
+            found.services.append(_service_lag(kafka, name, parts, ends))
+        except Exception as err:
+            found.unavailable.append(f"{name}: {err}")
+    for topic_value, parts in dead_letter_parts.items():
+        found.dead_letters[topic_value] = sum(ends[tp] - starts.get(tp, 0) for tp in parts)
     if database_url:
-        _from_database(found, kafka, database_url)
+        _from_database(found, kafka, database_url, ends)
     else:
         found.unavailable.append("read models: DATABASE_URL is not set")
     elapsed = max(time.monotonic() - started, 1e-3)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        after = dict(zip(metrics, pool.map(processed_total, metrics.values()), strict=True))
     for row in found.services:
-        url = metrics.get(row.name)
-        if url is None:
+        if row.name not in metrics:
             continue
-        row.processed_total = processed_total(url)
+        row.processed_total = after[row.name]
         first = before.get(row.name)
         if row.processed_total is not None and first is not None:
             row.processed_per_s = (row.processed_total - first) / elapsed
     return found
 
 
-def _from_database(found: Overview, kafka: Mapping[str, Any], database_url: str) -> None:
+def _log_starts(
+    kafka: Mapping[str, Any], parts: list[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """Each partition's first offset, in one request to the cluster."""
+    if not parts:
+        return {}
+    admin = AdminClient(dict(kafka))
+    earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+    asked = {KafkaPartition(t, p): earliest for t, p in parts}
+    return {
+        (tp.topic, tp.partition): max(future.result().offset, 0)
+        for tp, future in admin.list_offsets(asked, request_timeout=10).items()
+    }
+
+
+def _from_database(
+    found: Overview,
+    kafka: Mapping[str, Any],
+    database_url: str,
+    ends: Mapping[tuple[str, int], int],
+) -> None:
     from opsflow.readmodels import PROJECTIONS
 
     try:
         with db.connect(database_url, autocommit=True) as conn:
-            found.projections = statuses(conn, PROJECTIONS.values(), kafka)
+            found.projections = statuses(conn, PROJECTIONS.values(), kafka, ends=ends)
             found.open_reviews, found.overdue_reviews = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE due_at < now())"
                 " FROM review_queue WHERE status <> 'decided'"

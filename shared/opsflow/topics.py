@@ -99,6 +99,9 @@ def end_offsets(
         }
     )
     try:
+        # Leaders first: assigned before its metadata arrived, librdkafka waits for
+        # its offset-query timer (~0.5 s measured) before it asks where the end is.
+        consumer.list_topics(timeout=timeout)
         consumer.assign([TopicPartition(t, p, OFFSET_END) for t, p in parts])
         found: dict[tuple[str, int], int] = {}
         deadline = time.monotonic() + timeout

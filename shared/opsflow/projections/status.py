@@ -45,16 +45,26 @@ class ProjectionStatus:
 
 
 def statuses(
-    conn: psycopg.Connection[Any], projections: Iterable[Projection], kafka: Mapping[str, Any]
+    conn: psycopg.Connection[Any],
+    projections: Iterable[Projection],
+    kafka: Mapping[str, Any],
+    *,
+    ends: Mapping[TopicPartition, int] | None = None,
 ) -> list[ProjectionStatus]:
-    """The standing of each projection (read from its stored position and the topics' ends)."""
+    """The standing of each projection (read from its stored position and the topics' ends).
+
+    ``ends``: the partitions' ends when the caller learned them already (one pass
+    over the broker serves a whole status screen); looked up here otherwise.
+    """
     consumer = Consumer(consumer_config(kafka, "projections-status"))
     try:
         found = []
-        ends: dict[TopicPartition, int] = {}
+        projections = list(projections)
+        if ends is None:
+            topics = sorted({topic_name(t) for p in projections for t in p.topics})
+            ends = end_offsets(kafka, partitions_of(consumer, topics))
         for projection in projections:
             parts = partitions_of(consumer, [topic_name(t) for t in projection.topics])
-            ends.update(end_offsets(kafka, [tp for tp in parts if tp not in ends]))
             at = positions.load(conn, projection.name)
             behind = {tp: at.get(tp, 0) for tp in parts if at.get(tp, 0) < ends[tp]}
             last_event, error, error_at = conn.execute(

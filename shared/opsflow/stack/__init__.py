@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 from collections.abc import MutableMapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,10 +90,12 @@ def check_external(plan: StackPlan) -> None:
 def status(plan: StackPlan) -> list[ComponentStatus]:
     """Every component (embedded or external) with its address, process state and health."""
     procs = supervisor.processes(plan) if supervisor.is_running(plan) else {}
+    # Each check waits on one component: ask them all at once.
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        health = list(pool.map(lambda comp: check(comp.name)(comp.address), plan.components))
     rows = []
-    for comp in plan.components:
+    for comp, (healthy, detail) in zip(plan.components, health, strict=True):
         proc = procs.get(comp.name)
-        healthy, detail = check(comp.name)(comp.address)
         rows.append(
             ComponentStatus(
                 comp.name,

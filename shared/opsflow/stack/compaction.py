@@ -144,3 +144,27 @@ def merge(batches: Sequence[tuple[int, bytes]]) -> bytes:
     crc = int(google_crc32c.value(bytes(tail)))
     # batchLength counts what follows it: leader epoch (4), magic (1), CRC (4), the rest.
     return _PREFIX.pack(first_base, 9 + len(tail), first.leader_epoch, 2, crc) + tail
+
+
+def placeholder(header: BatchHeader) -> bytes:
+    """A batch with no records in the place of a batch that was merged away.
+
+    The broker lists a partition's batches, then reads them one by one: a fetch
+    that listed before a merge reads the merged batch (which holds every record)
+    and then the batches it replaced. Answering those with an empty batch
+    spanning the same offsets adds nothing to the fetch (Kafka clients skip empty
+    batches; the broker ends a fetch that starts with one), where a missing
+    object would fail the fetch and make the broker drop the client's connection.
+    """
+    tail = _TAIL.pack(
+        header.attributes,
+        header.last_offset_delta,
+        header.base_timestamp,
+        header.max_timestamp,
+        -1,
+        -1,
+        -1,
+        0,
+    )
+    crc = int(google_crc32c.value(tail))
+    return _PREFIX.pack(0, 9 + len(tail), header.leader_epoch, 2, crc) + tail
