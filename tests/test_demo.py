@@ -20,7 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,9 @@ from opsflow.demo.orders import (
     DemoOrder,
     demo_orders,
 )
+from opsflow.demo.report import headline
 from opsflow.demo.reviewer import Verdict, reason_for, review_plan
+from opsflow.demo.run import Summary
 from opsflow.demo.states import OrderState, Until
 from opsflow.demo.tracker import OrderTrack, percentile, step_timings
 from opsflow.topics import ensure_topics
@@ -516,3 +518,29 @@ def test_without_a_running_stack_the_demo_says_to_start_one(tmp_path: Path) -> N
 
     assert result.returncode == 2
     assert "no stack is running" in result.stderr and "opsflow up --detach" in result.stderr
+
+
+def test_the_headline_after_a_carrier_outage_says_none_was_delivered() -> None:
+    """It once said every order "got as far as 'delivered'" when none was: as a stop,
+    "delivered" is the end of the workflow, which a failed dispatch reaches too."""
+    outage = Summary(
+        run_id="run1",
+        seed=1,
+        orders=3,
+        sent=3,
+        until=Until.DELIVERED,
+        stopped="reached",
+        elapsed_s=1.0,
+        states={OrderState.DISPATCH_FAILED: 2, OrderState.REJECTED: 1},
+        policy_outcomes={},
+        scenarios={},
+        steps=[],
+        review_service_answered=True,
+    )
+    assert headline(outage) == "every order reached the end of the workflow (0 delivered)"
+    booked = replace(outage, until=Until.DISPATCHED, states={OrderState.DELIVERED: 3})
+    assert (
+        headline(booked) == "every order was booked with the carrier or stopped before (3 booked)"
+    )
+    late = replace(outage, stopped="timeout")
+    assert headline(late) == "timed out before every order reached the end of the workflow"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from confluent_kafka import Consumer
@@ -113,6 +114,15 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     assert planned["outputs"] == 0
     assert ends(world) == before, "a dry run wrote to the topics"
     assert world.bookings()["count"] == booked_before["count"]
+    # Up to a time after the newest record: everything (a broker may answer a time
+    # lookup past the end with offset 0, which once made this replay nothing).
+    later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    up_to_now = cli(world, "replay", "policy-check", "--into", "dispatch", "--dry-run", "--json",
+                    "--to", later)  # fmt: skip
+    assert json.loads(up_to_now.stdout)["events"] == {"policy.checked": 40}, up_to_now.stdout
+    after = cli(world, "replay", "policy-check", "--into", "dispatch", "--dry-run", "--json",
+                "--from", later)  # fmt: skip
+    assert not json.loads(after.stdout)["events"], after.stdout
 
     # The approvals again: the same dispatch.requested events (same ids) are written.
     again = cli(world, "replay", "policy-check", "--into", "dispatch", "--json")

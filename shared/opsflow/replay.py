@@ -28,6 +28,7 @@ would be skipped downstream as repeats.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +45,7 @@ from opsflow.contracts import EVENT_TOPICS, Event, Topic
 from opsflow.contracts.lineage import EVENT_ID_NAMESPACE, caused_by, derive_idempotency_key
 from opsflow.contracts.record import utc_millis
 from opsflow.contracts.wire import WireCodec
-from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
+from opsflow.errors import BadInputError, ConfigurationError, OpsflowError, RetryableError
 from opsflow.projections import Projection, RecordDecoder
 from opsflow.projections.runner import consumer_config, partitions_of
 from opsflow.readmodels import PROJECTIONS
@@ -155,11 +156,38 @@ def bounds(
 
 
 def _offset_at(consumer: Consumer, topic: str, partition: int, at: datetime, high: int) -> int:
-    """The first offset whose record is at or after ``at`` (the end when none is)."""
-    (found,) = consumer.offsets_for_times(
-        [KafkaPartition(topic, partition, int(utc_millis(at).timestamp() * 1000))], timeout=10
-    )
-    return high if found.offset < 0 else int(found.offset)
+    """The first offset whose record is at or after ``at`` (the end when none is).
+
+    The broker's time lookup is only where to start: brokers answer with the
+    start of a record batch, and the embedded one answers 0, not "none", for a
+    time after the newest record (an operator replaying "up to now" replayed
+    nothing). So the records from there on are read until one is that late.
+
+    Raises:
+        RetryableError: the partition could not be read in time.
+    """
+    wanted = int(utc_millis(at).timestamp() * 1000)
+    (found,) = consumer.offsets_for_times([KafkaPartition(topic, partition, wanted)], timeout=10)
+    if found.offset < 0 or found.offset >= high:
+        return high
+    consumer.assign([KafkaPartition(topic, partition, found.offset)])
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(1000, 0.5):
+                if msg.error() is not None or msg.partition() != partition:
+                    continue
+                offset = msg.offset() or 0
+                if offset >= high:
+                    return high
+                if msg.timestamp()[1] >= wanted:
+                    return offset
+            (position,) = consumer.position([KafkaPartition(topic, partition)])
+            if position.offset >= high:
+                return high
+    finally:
+        consumer.unassign()
+    raise RetryableError(f"could not read {topic}[{partition}] to find the records of {at}")
 
 
 def read(

@@ -55,13 +55,31 @@ class DemoProgress:
         self._progress.stop()
 
 
+_STOPS = {
+    Until.APPROVED: "was decided by the policy check",
+    Until.DISPATCHED: "was booked with the carrier or stopped before",
+    Until.DELIVERED: "reached the end of the workflow",
+}
+
+
+def headline(summary: Summary) -> str:
+    """How the run ended, in words that match where the orders are: "delivered" as a
+    stop means the end of the workflow, which a refused or failed order reaches too."""
+    stop = _STOPS[summary.until]
+    if summary.stopped != "reached":
+        return f"timed out before every order {stop}"
+    delivered = summary.states.get(OrderState.DELIVERED, 0)
+    dispatched = summary.states.get(OrderState.DISPATCHED, 0)
+    if summary.until is Until.DELIVERED:
+        return f"every order {stop} ({delivered} delivered)"
+    if summary.until is Until.DISPATCHED:
+        return f"every order {stop} ({dispatched + delivered} booked)"
+    return f"every order {stop}"
+
+
 def print_summary(console: Console, summary: Summary) -> None:
     """Where every order ended, how long each step took, and any notes."""
-    ended = (
-        f"every order got as far as {summary.until.value!r}"
-        if summary.stopped == "reached"
-        else f"timed out before every order got as far as {summary.until.value!r}"
-    )
+    ended = headline(summary)
     console.print(
         f"Demo run {summary.run_id} (order ids {summary.order_id_prefix}*, seed {summary.seed}): "
         f"{summary.sent} of {summary.orders} orders sent; {ended} after "
