@@ -56,6 +56,10 @@ log = logging.getLogger("opsflow.runtime")
 
 EVENT_TYPE_HEADER = "opsflow-event-type"
 _TXN_TIMEOUT_S = 30.0
+# Log-scan delivery: a write gets its delivery report (written, or failed) within
+# this, which is shorter than the flush that waits for the reports, so no
+# record of a batch being redone can still be queued in the client.
+_DELIVERY_TIMEOUT_S = 25.0
 _TAKE_OVER_ATTEMPTS = 8
 
 
@@ -205,6 +209,9 @@ class Worker:
                     "enable.idempotence": False,
                     "acks": "all",
                     "retries": 0,
+                    "message.timeout.ms": int(_DELIVERY_TIMEOUT_S * 1000),
+                    # In-flight writes time out with their request, not the message timeout.
+                    "request.timeout.ms": int(_DELIVERY_TIMEOUT_S * 800),
                     "linger.ms": 5,
                 }
             )
@@ -731,6 +738,11 @@ class Worker:
         assert self.plain is not None
         started = time.perf_counter()
         unsent = self.plain.flush(_TXN_TIMEOUT_S)
+        if unsent:
+            # Not expected (reports come within the delivery timeout): drop what is
+            # still queued, so nothing of this batch is written after its redo.
+            self.plain.purge(in_queue=True, in_flight=False)
+            self.plain.poll(0)
         written = [part for part in parts if not (unsent or part.failed)]
         offsets = [
             TopicPartition(part.topic, part.partition, part.next_offset)
