@@ -28,7 +28,6 @@ would be skipped downstream as repeats.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,13 +44,13 @@ from opsflow.contracts import EVENT_TOPICS, Event, Topic
 from opsflow.contracts.lineage import EVENT_ID_NAMESPACE, caused_by, derive_idempotency_key
 from opsflow.contracts.record import utc_millis
 from opsflow.contracts.wire import WireCodec
-from opsflow.errors import BadInputError, ConfigurationError, OpsflowError, RetryableError
+from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
 from opsflow.projections import Projection, RecordDecoder
 from opsflow.projections.runner import consumer_config, partitions_of
 from opsflow.readmodels import PROJECTIONS
 from opsflow.runtime import Service, load_service
 from opsflow.runtime.recovery import SOURCE_HEADER, source_of
-from opsflow.topics import end_offsets, topic_name
+from opsflow.topics import end_offsets, offsets_at, topic_name
 
 REPLAY_HEADER = "opsflow-replay"
 EVENT_TYPE_HEADER = "opsflow-event-type"
@@ -147,47 +146,17 @@ def bounds(
         high = ends[(t, p)]
         start = max(low, selection.from_offset or 0)
         end = high if selection.to_offset is None else min(high, selection.to_offset)
-        if selection.from_time is not None:
-            start = max(start, _offset_at(consumer, t, p, selection.from_time, high))
-        if selection.to_time is not None:
-            end = min(end, _offset_at(consumer, t, p, selection.to_time, high))
-        found[(t, p)] = (start, max(start, end))
-    return found
+        found[(t, p)] = (start, end)
+    for at, bound in ((selection.from_time, max), (selection.to_time, min)):
+        if at is not None:
+            when = offsets_at(consumer, int(utc_millis(at).timestamp() * 1000), ends)
+            found = {tp: _bounded(found[tp], when[tp], bound is max) for tp in found}
+    return {tp: (start, max(start, end)) for tp, (start, end) in found.items()}
 
 
-def _offset_at(consumer: Consumer, topic: str, partition: int, at: datetime, high: int) -> int:
-    """The first offset whose record is at or after ``at`` (the end when none is).
-
-    The broker's time lookup is only where to start: brokers answer with the
-    start of a record batch, and the embedded one answers 0, not "none", for a
-    time after the newest record (an operator replaying "up to now" replayed
-    nothing). So the records from there on are read until one is that late.
-
-    Raises:
-        RetryableError: the partition could not be read in time.
-    """
-    wanted = int(utc_millis(at).timestamp() * 1000)
-    (found,) = consumer.offsets_for_times([KafkaPartition(topic, partition, wanted)], timeout=10)
-    if found.offset < 0 or found.offset >= high:
-        return high
-    consumer.assign([KafkaPartition(topic, partition, found.offset)])
-    deadline = time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            for msg in consumer.consume(1000, 0.5):
-                if msg.error() is not None or msg.partition() != partition:
-                    continue
-                offset = msg.offset() or 0
-                if offset >= high:
-                    return high
-                if msg.timestamp()[1] >= wanted:
-                    return offset
-            (position,) = consumer.position([KafkaPartition(topic, partition)])
-            if position.offset >= high:
-                return high
-    finally:
-        consumer.unassign()
-    raise RetryableError(f"could not read {topic}[{partition}] to find the records of {at}")
+def _bounded(span: tuple[int, int], offset: int, is_start: bool) -> tuple[int, int]:
+    start, end = span
+    return (max(start, offset), end) if is_start else (start, min(end, offset))
 
 
 def read(

@@ -8,7 +8,7 @@ id only keeps an order in order while the partition count does not change.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
@@ -118,3 +118,84 @@ def end_offsets(
         return found
     finally:
         consumer.close()
+
+
+def offsets_at(
+    consumer: Consumer,
+    when_ms: int,
+    ends: Mapping[tuple[str, int], int],
+    *,
+    timeout: float = 30.0,
+) -> dict[tuple[str, int], int]:
+    """For each partition of ``ends``, the first offset whose record was written at or
+    after ``when_ms``; the partition's end when no record is that late.
+
+    The broker's time lookup is only where to start looking: brokers answer with
+    the start of a record batch, and the embedded broker answers 0, not "none",
+    for a time after its newest record (a replay "up to now" replayed nothing,
+    and the demo re-read whole topics). So the newest record is checked first,
+    then the records from the broker's answer on are read to the first one that
+    late. ``consumer`` is left unassigned.
+
+    Raises:
+        RetryableError: the partitions could not be read within ``timeout``.
+    """
+    found: dict[tuple[str, int], int] = {}
+    looked_up = consumer.offsets_for_times(
+        [TopicPartition(t, p, when_ms) for t, p in ends], timeout=timeout
+    )
+    starts = {}
+    for tp in looked_up:
+        where, end = (tp.topic, tp.partition), ends[(tp.topic, tp.partition)]
+        if 0 <= tp.offset < end:
+            starts[where] = tp.offset
+        else:
+            found[where] = end
+    newest = _first_records(
+        consumer, {tp: ends[tp] - 1 for tp in starts}, ends, lambda _ts: True, timeout
+    )
+    for where, (_offset, stamp) in newest.items():
+        if stamp < when_ms:
+            found[where] = ends[where]
+            del starts[where]
+    late = _first_records(consumer, starts, ends, lambda ts: ts >= when_ms, timeout)
+    for where in starts:
+        found[where] = late[where][0] if where in late else ends[where]
+    return found
+
+
+def _first_records(
+    consumer: Consumer,
+    starts: Mapping[tuple[str, int], int],
+    ends: Mapping[tuple[str, int], int],
+    wanted: Callable[[int], bool],
+    timeout: float,
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per partition, (offset, timestamp) of the first record from ``starts`` whose
+    timestamp is ``wanted``; a partition read to its end without one is left out."""
+    if not starts:
+        return {}
+    consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in starts.items()])
+    found: dict[tuple[str, int], tuple[int, int]] = {}
+    open_ = set(starts)
+    deadline = time.monotonic() + timeout
+    try:
+        while open_:
+            if time.monotonic() > deadline:
+                raise RetryableError(f"could not read {sorted(open_)} in time")
+            for msg in consumer.consume(1000, 0.2):
+                where = (msg.topic() or "", msg.partition() or 0)
+                if where not in open_ or msg.error() is not None:
+                    continue
+                offset = msg.offset() or 0
+                if offset >= ends[where]:
+                    open_.discard(where)
+                elif wanted(msg.timestamp()[1]):
+                    found[where] = (offset, msg.timestamp()[1])
+                    open_.discard(where)
+            for tp in consumer.position([TopicPartition(t, p) for t, p in open_]):
+                if tp.offset >= ends[(tp.topic, tp.partition)]:
+                    open_.discard((tp.topic, tp.partition))
+    finally:
+        consumer.unassign()
+    return found

@@ -49,7 +49,7 @@ from opsflow.contracts import (
 from opsflow.contracts.wire import WireCodec
 from opsflow.demo.states import OrderState, Until
 from opsflow.errors import BadInputError, ConfigurationError, RetryableError
-from opsflow.topics import topic_name
+from opsflow.topics import end_offsets, offsets_at, topic_name
 
 TIMING_SOURCE = "Kafka record timestamps (when each event was written to its topic)"
 
@@ -216,6 +216,7 @@ class Tracker:
         """Whether any review.* event was read for these orders: a review service answers."""
         self.undecodable = 0
         self._topics = [topic_name(topic, prefix=prefix) for topic in Topic]
+        self._kafka = dict(kafka)
         self._bootstrap = str(kafka.get("bootstrap.servers", ""))
         self._registry_url = registry_url
         self._registry = SchemaRegistryClient({"url": registry_url})
@@ -272,29 +273,19 @@ class Tracker:
                 "Provision the topics of record (`python -m opsflow.provision`, which "
                 "`opsflow up` runs), or fix OPSFLOW_TOPIC_PREFIX",
             )
-        wanted = [
-            Partition(name, partition, since_ms)
+        parts = [
+            (name, partition)
             for name in self._topics
             for partition in metadata.topics[name].partitions
         ]
         try:
-            found = self._consumer.offsets_for_times(wanted, timeout=timeout_s)
-            starts = [
-                tp if tp.offset >= 0 else Partition(tp.topic, tp.partition, self._end(tp))
-                for tp in found
-            ]
+            # Where the run's records will start: the first record written since the
+            # start time, or the end (a topic's history is never read).
+            ends = end_offsets(self._kafka, parts, timeout=timeout_s)
+            starts = offsets_at(self._consumer, since_ms, ends, timeout=timeout_s)
         except KafkaException as err:
             raise RetryableError(f"could not find where the demo's records start: {err}") from err
-        self._consumer.assign(starts)
-
-    def _end(self, tp: Partition) -> int:
-        """The end of a partition with no record since the start time: records written
-        from now on come after it. Some brokers answer "latest" with the last batch's
-        base offset, which only makes the tracker re-read (and skip) that batch."""
-        _, high = self._consumer.get_watermark_offsets(
-            Partition(tp.topic, tp.partition), timeout=10, cached=False
-        )
-        return max(int(high), 0)
+        self._consumer.assign([Partition(t, p, offset) for (t, p), offset in starts.items()])
 
     def poll(self, timeout_s: float) -> int:
         """Read what has arrived (waiting up to ``timeout_s`` for the first record);

@@ -33,6 +33,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from opsflow.errors import RetryableError
+from opsflow.topics import end_offsets, offsets_at
 
 SOURCE_HEADER = "opsflow-source"
 # Record timestamps come from producers' clocks; scan this much earlier than
@@ -136,13 +137,15 @@ def written_sources(
     consumer = _scanner(config)
     try:
         metadata = consumer.list_topics(timeout=timeout_s)
-        wanted = [
-            TopicPartition(topic, partition, max(since_ms - CLOCK_SKEW_MS, 0))
-            for topic in topics
-            for partition in metadata.topics[topic].partitions
-        ]
+        parts = [(t, p) for t in topics for p in metadata.topics[t].partitions]
+        ends = end_offsets(config, parts, timeout=timeout_s)
+        # Not the broker's time lookup alone: one answers 0 for a time after its
+        # newest record, and a take-over then re-read whole output topics.
+        since = offsets_at(consumer, max(since_ms - CLOCK_SKEW_MS, 0), ends, timeout=timeout_s)
         starts = [
-            tp for tp in consumer.offsets_for_times(wanted, timeout=timeout_s) if tp.offset >= 0
+            TopicPartition(t, p, offset)
+            for (t, p), offset in since.items()
+            if offset < ends[(t, p)]
         ]
         for msg in _read_to_end(consumer, starts, timeout_s):
             for key, value in header_pairs(msg):
