@@ -38,7 +38,7 @@ from opsflow.runtime.worker import EVENT_TYPE_HEADER
 from opsflow.topics import end_offsets, topic_name
 from tests.bench.harness import BenchError, Case, Metric, StackInfo
 from tests.samples import sample
-from tests.stackctl import OPSFLOW, stack_env
+from tests.stackctl import Stack, stack_env
 
 ORDERS = 1_000
 RATE = 100.0
@@ -93,7 +93,7 @@ class RunStackCase(Case):
         self._tmp = tempfile.TemporaryDirectory(prefix="opsflow-bench-runstack-")
         self.data_dir = Path(self._tmp.name) / "data"
         # What `make run` starts: nothing overridden but the data directory.
-        self.env = stack_env(self.data_dir, OPSFLOW_SERVICES="true")
+        self.local = Stack(self.data_dir, stack_env(self.data_dir, OPSFLOW_SERVICES="true"))
         self.up = False
         self.batch_objects = 0
 
@@ -106,17 +106,8 @@ class RunStackCase(Case):
             "by the store; the services' groups were moved past it, the projector read it all"
         ]
 
-    def _opsflow(
-        self, *args: str, timeout: float = 600, **env: str
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*OPSFLOW, *args],
-            env={**self.env, **env},
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    def _opsflow(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return self.local.run(*args, timeout=600, check=False, **env)
 
     def _start(self, **env: str) -> float:
         began = time.perf_counter()
