@@ -58,6 +58,7 @@ def _options(
             f"[dim]Using the stack running from {plan.data_dir} for {', '.join(filled)} "
             "(variables that are set win).[/]",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -141,7 +142,7 @@ def status(
     from rich.console import Group
     from rich.live import Live
 
-    from opsflow.overview import overview
+    from opsflow.overview import Overview, overview
     from opsflow.settings import DatabaseSettings, KafkaSettings
 
     plan = stack.StackPlan.load(stack.data_dir())
@@ -154,7 +155,8 @@ def status(
             "is not set; run `opsflow up`, or set the variables of the cluster to look at"
         )
     kafka = {"socket.timeout.ms": 5000, "log_level": 0, **kafka_settings.client_config()}
-    _reachable(kafka)
+    if plan is None:
+        _reachable(kafka)  # no components to show: a broker that does not answer is the news
     database_url = env.get("DATABASE_URL") or DatabaseSettings().database_url
     metrics = {
         c.name: c.address
@@ -164,7 +166,11 @@ def status(
 
     def screen() -> tuple[Any, bool, dict[str, Any]]:
         rows = stack.status(plan) if plan is not None else []
-        found = overview(kafka, database_url, metrics)
+        broker = [row for row in rows if row.name in ("broker", "kafka")]
+        if all(row.healthy for row in broker):
+            found = overview(kafka, database_url, metrics)
+        else:  # starting, or down: the components table says which, the rest can wait
+            found = Overview(unavailable=[f"services and read models: {broker[0].detail}"])
         healthy = all(row.healthy for row in rows)
         data = {
             "data_dir": str(plan.data_dir) if plan else None,

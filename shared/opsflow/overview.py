@@ -25,6 +25,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 
 from opsflow import db
 from opsflow.contracts import Topic
+from opsflow.errors import RetryableError
 from opsflow.projections.runner import partitions_of
 from opsflow.projections.status import ProjectionStatus, statuses
 from opsflow.runtime import load_service
@@ -130,7 +131,12 @@ def overview(
             except Exception:  # a cluster provisioned without this DLQ
                 continue
         wanted = {tp for parts in (*inputs.values(), *dead_letter_parts.values()) for tp in parts}
-        wanted |= set(partitions_of(consumer, [topic_name(t) for t in Topic]))
+        provisioned = True
+        try:
+            wanted |= set(partitions_of(consumer, [topic_name(t) for t in Topic]))
+        except RetryableError as err:  # not provisioned yet
+            provisioned = False
+            found.unavailable.append(f"read models: {err}")
         ends = end_offsets(kafka, wanted)
         starts = _log_starts(kafka, [tp for parts in dead_letter_parts.values() for tp in parts])
     finally:
@@ -142,9 +148,9 @@ def overview(
             found.unavailable.append(f"{name}: {err}")
     for topic_value, parts in dead_letter_parts.items():
         found.dead_letters[topic_value] = sum(ends[tp] - starts.get(tp, 0) for tp in parts)
-    if database_url:
+    if database_url and provisioned:
         _from_database(found, kafka, database_url, ends)
-    else:
+    elif not database_url:
         found.unavailable.append("read models: DATABASE_URL is not set")
     elapsed = max(time.monotonic() - started, 1e-3)
     with ThreadPoolExecutor(max_workers=8) as pool:
