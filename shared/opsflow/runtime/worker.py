@@ -212,7 +212,7 @@ class Worker:
                     "message.timeout.ms": int(_DELIVERY_TIMEOUT_S * 1000),
                     # In-flight writes time out with their request, not the message timeout.
                     "request.timeout.ms": int(_DELIVERY_TIMEOUT_S * 800),
-                    "linger.ms": 5,
+                    "linger.ms": self.producing.get("linger.ms", 5),
                 }
             )
             if delivery is Delivery.LOG_SCAN
