@@ -23,10 +23,10 @@ from tests.stackctl import Stack, create_schema, drop_schema
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("session-stack")
     env = {**os.environ, "OPSFLOW_DATA_DIR": str(data_dir)}
-    # The embedded broker's durable (S3) store loses conditional-write races
-    # when several transactional producers work at once (see README, "Known
-    # limits"); the shared test cluster is throwaway, so it uses the memory
-    # store. Durability has its own tests in test_stack.py.
+    # The shared test cluster is throwaway and runs the services with Kafka
+    # transactions, which the durable store is not used with (see README, "Known
+    # limits"): it uses the memory store. Durability has its own tests
+    # (test_stack.py, test_bucket.py, test_tour.py).
     env.setdefault("OPSFLOW_BROKER_STORAGE", "memory")
     # Tests start the services they test themselves, in topics of their own.
     env.setdefault("OPSFLOW_SERVICES", "false")

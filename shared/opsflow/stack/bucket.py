@@ -66,6 +66,8 @@ _NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # Files being written carry this prefix until they are renamed into place.
 _TEMP_PREFIX = ".opsflow-partial-"
+# What the S3 server this store replaced left of writes it never finished.
+_OLD_TEMP_PREFIX = ".localbucket-"
 # S3 pages listings at 1,000 keys unless asked otherwise; the broker follows
 # continuation tokens either way, so a larger page saves it round trips when
 # a partition holds many batches.
@@ -200,7 +202,7 @@ class Bucket:
         for directory, _, files in os.walk(self.folder):
             for name in files:
                 path = Path(directory, name)
-                if name.startswith(_TEMP_PREFIX):
+                if name.startswith((_TEMP_PREFIX, _OLD_TEMP_PREFIX)):
                     path.unlink(missing_ok=True)
                 elif name.endswith(_SLOTS):
                     slotted.add(path.with_suffix(""))

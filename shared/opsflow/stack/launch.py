@@ -79,9 +79,9 @@ def _broker(plan: StackPlan, comp: Component) -> list[str]:
     ]
     if plan.broker_storage == "memory":
         return args
-    # The S3 store cannot detect a second writer (the local S3 server ignores
-    # If-Match), so two brokers on one bucket would corrupt it. The lock is
-    # held across exec and released only when the broker process is gone.
+    # One broker per bucket: a second one would serve the same partitions from
+    # its own cached metadata. The lock is held across exec and released only
+    # when the broker process is gone.
     lock = os.open(plan.data_dir / "broker.lock", os.O_CREAT | os.O_RDWR, 0o600)
     deadline = time.monotonic() + 30
     while True:
