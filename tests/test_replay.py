@@ -114,6 +114,11 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     assert planned["outputs"] == 0
     assert ends(world) == before, "a dry run wrote to the topics"
     assert world.bookings()["count"] == booked_before["count"]
+    # In words: the effects are sent again under the same keys, not "skipped".
+    said = cli(world, "replay", "dispatch", "--into", "dispatch", "--dry-run")
+    words = " ".join(said.stdout.split())
+    assert "sent again under the same idempotency keys" in words, said.stdout
+    assert "are acted on if this were not a dry run" in words and "skipped" not in words
     # Up to a time after the newest record: everything (a broker may answer a time
     # lookup past the end with offset 0, which once made this replay nothing).
     later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")

@@ -730,7 +730,7 @@ def replay_command(
     Outputs carry the same idempotency keys and event ids as the first time, so
     downstream steps and the carrier treat them as repeats; projections apply an
     event once. --dry-run reports the events, the orders and how many inputs
-    already have their outputs in the log (their side effects would be skipped).
+    already have their outputs in the log (their effects are sent again under the same keys).
     """
     from datetime import UTC
 
@@ -777,11 +777,17 @@ def replay_command(
         f" ({read / max(elapsed, 1e-3):,.0f} events/s).",
         highlight=False,
     )
-    if report.handled and report.already_done:
+    if report.handled:
+        # Said as it is: the effects are sent again, under the same keys. Whether a
+        # partner repeats one is up to the partner honouring its key, and an input
+        # whose effect failed the first time (a refused booking) is acted on again.
+        fresh = report.handled - report.already_done
         console.print(
-            f"{report.already_done:,} of {report.handled:,} inputs already have their outputs in "
-            "the log: their side effects are repeats under the same idempotency keys and are "
-            "skipped downstream and at the carrier.",
+            f"{report.already_done:,} of {report.handled:,} inputs already have outputs in the "
+            "log: their effects are sent again under the same idempotency keys, which a "
+            f"partner honouring them (as the carrier stand-in does) answers with what it did; "
+            f"{fresh:,} have none yet and are acted on"
+            + (" if this were not a dry run." if dry_run else "."),
             highlight=False,
         )
     if not dry_run:

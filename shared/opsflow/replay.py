@@ -21,8 +21,9 @@ some orders) and gives them to one target:
 ``dry_run`` reads the range and reports what would happen without writing:
 how many events of which types, which orders, and, for a service, how many
 inputs already have their outputs in the log (looked up in ``audit_log`` by
-the event id the first output of each type would get): their side effects
-would be skipped downstream as repeats.
+the event id the first output of each type would get): their effects are sent
+again under the same idempotency keys, which downstream steps and a partner
+honouring the keys treat as repeats.
 """
 
 from __future__ import annotations
