@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka.admin import AdminClient
 
 from tests.stackctl import OPSFLOW, Stack, stack_env
 
@@ -73,6 +74,12 @@ def test_up_status_down_from_a_clean_data_directory_and_again_on_the_existing_on
     assert components["postgres"]["address"].startswith("postgresql://")
     pids = [c["pid"] for c in components.values() if c["state"] == "RUNNING"]
     assert len(pids) == 4
+    topics = AdminClient({"bootstrap.servers": components["broker"]["address"]}).list_topics(
+        timeout=10
+    )
+    assert {len(topics.topics[t].partitions) for t in ("orders", "dispatch", "dispatch.dlq")} == {
+        1
+    }, "the durable store's topics have one partition each (README, Known limits)"
 
     table = own_stack.run("status").stdout
     for name in COMPONENTS:
@@ -251,8 +258,6 @@ def test_memory_storage_runs_a_throwaway_broker_without_the_bucket(tmp_path: Pat
 def test_provisioning_creates_every_topic_of_record_and_its_dead_letter_topic(
     bootstrap_servers: str,
 ) -> None:
-    from confluent_kafka.admin import AdminClient
-
     from opsflow.contracts import Topic
 
     topics = AdminClient({"bootstrap.servers": bootstrap_servers}).list_topics(timeout=10).topics

@@ -38,6 +38,10 @@ LOOPBACK = "127.0.0.1"
 # The runtime services' fetch wait on the memory broker: order-to-dispatch p99
 # 473 -> 245 ms at 100 orders/s against the runtime's 100 ms (`make bench`).
 MEMORY_FETCH_WAIT_MS = 20
+# Partitions of each topic `opsflow up` creates on its durable store: a
+# 1,000-order demo at 100 orders/s, order-to-dispatch p99 9.3 s with 6 and
+# 1.2 s with 1 (README, "Known limits of the embedded broker").
+DURABLE_PARTITIONS = 1
 
 
 @dataclass(frozen=True)
@@ -205,11 +209,18 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
         components.append(Component("broker", broker_port, address, 20, waits))
         env["KAFKA_BOOTSTRAP_SERVERS"] = address
         if settings.broker_storage == "durable":
-            # Its S3 store fails concurrent transactional and idempotent
-            # producers (README, "Known limits"): services use log-scan
-            # delivery on it, and producers plain writes.
+            # Tansu's transactions on it are slow and can leave a partition's
+            # last stable offset stuck (README, "Known limits"): services use
+            # log-scan delivery on it. Idempotent producers work.
             env["OPSFLOW_DELIVERY"] = "log-scan"
-            env["KAFKA_ENABLE_IDEMPOTENCE"] = "false"
+            # Tansu reads a fetch's partitions one after another, each with
+            # object-store round trips even when it has nothing new: with 6
+            # partitions a topic, a consumer of four topics fell seconds
+            # behind at 100 orders/s (README, "Known limits"). One broker and
+            # one instance of each service gain nothing from more.
+            env["OPSFLOW_TOPIC_PARTITIONS"] = os.environ.get(
+                "OPSFLOW_TOPIC_PARTITIONS", str(DURABLE_PARTITIONS)
+            )
         elif "KAFKA_FETCH_WAIT_MAX_MS" not in os.environ:
             # The broker answers a fetch only when its wait is over, so every
             # hop pays it; its memory store reads at once (the durable one

@@ -63,13 +63,22 @@ def bucket_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
 
 
 def service_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
-    """An opsflow service (or the carrier) answers ``/healthz``."""
+    """An opsflow service is ready (``/readyz``: joined its group, replayed its table).
+
+    A service that serves but is not ready yet would leave the first requests
+    waiting (a runtime service joins its consumer group seconds after it
+    serves ``/healthz``): ``opsflow up`` waits for this, not for liveness. A
+    program with no ``/readyz`` (the carrier stand-in) is ready when it answers
+    ``/healthz``.
+    """
     try:
-        response = httpx.get(f"{url.rstrip('/')}/healthz", timeout=timeout)
+        response = httpx.get(f"{url.rstrip('/')}/readyz", timeout=timeout)
+        if response.status_code == 404:
+            response = httpx.get(f"{url.rstrip('/')}/healthz", timeout=timeout)
     except httpx.HTTPError as err:
         return False, str(err) or type(err).__name__
     if response.status_code != 200:
-        return False, f"/healthz answered {response.status_code}"
+        return False, f"{response.request.url.path} answered {response.status_code}"
     return True, "serving"
 
 
@@ -84,5 +93,5 @@ CHECKS: dict[str, Callable[[str], tuple[bool, str]]] = {
 
 
 def check(name: str) -> Callable[[str], tuple[bool, str]]:
-    """The health check of a component by name; services answer ``/healthz``."""
+    """The health check of a component by name; services answer ``/readyz``."""
     return CHECKS.get(name, service_healthy)
