@@ -316,3 +316,18 @@ def test_a_second_approval_of_a_dispatched_order_books_nothing_more(world: World
     events = world.dispatch_events(settled(ids))
     assert Counter(e.event_type for e in events)["dispatch.requested"] == 5
     assert world.bookings()["count"] == 5
+
+
+def test_a_clean_stop_closes_the_carrier_client_and_the_pool_so_nothing_is_reported_at_exit(
+    world: World,
+) -> None:
+    orders = make_orders(3)
+    world.approve(orders)
+    proc = world.start_dispatch()
+    world.dispatch_events(settled({o.order_id for o in orders}))  # the carrier was called
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    output = (world.logs / "dispatch-0.log").read_text()  # its stdout and stderr
+    assert '"message": "stopped"' in output, output[-3000:]
+    leaks = ("Unclosed", "Task was destroyed", "Event loop is closed", "Traceback")
+    assert [line for line in output.splitlines() if any(w in line for w in leaks)] == []

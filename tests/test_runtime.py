@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -23,16 +24,26 @@ from pathlib import Path
 
 import httpx
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow.contracts import OrderReceived, PolicyChecked
+from opsflow import db
+from opsflow.contracts import (
+    DispatchExecuted,
+    DispatchFailed,
+    DispatchRequested,
+    Event,
+    OrderReceived,
+    PolicyChecked,
+)
 from opsflow.contracts.lineage import derive_idempotency_key
 from opsflow.contracts.wire import WireCodec
-from opsflow.topics import ensure_topics
+from opsflow.runtime import recovery
+from opsflow.topics import dead_letter_topic, end_offsets, ensure_topics
 from tests.samples import sample
-from tests.stackctl import Stack, free_port, stack_env
+from tests.stackctl import Stack, create_schema, drop_schema, free_port, stack_env
+from tests.test_carrier_sim import CarrierProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,18 +124,27 @@ def publish(
 
 
 class ServiceProcess:
-    """One instance of the relay service, as a real process."""
+    """One instance of a runtime service (the relay unless told), as a real process."""
 
-    def __init__(self, stack: Stack, topics: Topics, log: Path, **env_extra: str) -> None:
+    def __init__(
+        self,
+        stack: Stack,
+        topics: Topics,
+        log: Path,
+        *,
+        target: str = "tests.services.relay",
+        stack_env: dict[str, str] | None = None,
+        **env_extra: str,
+    ) -> None:
         self.log = log
         env = {
             **stack.env,
-            **stack.status()["env"],
+            **(stack.status()["env"] if stack_env is None else stack_env),
             "OPSFLOW_TOPIC_PREFIX": topics.prefix,
             **env_extra,
         }
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opsflow.runtime", "tests.services.relay"],
+            [sys.executable, "-m", "opsflow.runtime", target],
             cwd=ROOT,
             env=env,
             stdout=log.open("ab"),
@@ -373,24 +393,251 @@ def test_running_a_service_without_its_cluster_is_one_clear_line() -> None:
     assert "KAFKA_BOOTSTRAP_SERVERS" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_log_scan_delivery_on_the_durable_broker_is_exactly_once_after_kill_9(
-    services: list[ServiceProcess], tmp_path: Path
+# --- log-scan delivery -----------------------------------------------------------------
+
+
+def test_log_scan_a_stalled_instance_resuming_after_a_takeover_writes_no_duplicate(
+    stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
+    """An instance stopped (SIGSTOP) in the middle of a batch loses its partitions to a
+    second one; resumed while the second is still working through them, it must
+    write nothing of the batch it held: it notices it stood still, holds back, and
+    learns from the group that the partitions are gone."""
+    inputs = orders(30, notes={i: "slow:0.5" for i in range(30)})
+    publish(topics, inputs)
+    # No linger: an output handed to the client just before the stop is on the wire
+    # at once (the one window the worker cannot close; see README, "Exactly once").
+    log_scan = {"OPSFLOW_DELIVERY": "log-scan", "KAFKA_LINGER_MS": "0"}
+    stalled = start(services, stack, topics, tmp_path, **log_scan)
+    wait_for(topics.bootstrap, topics.checks, 3)
+    stalled.proc.send_signal(signal.SIGSTOP)
+    try:
+        start(services, stack, topics, tmp_path, **log_scan)
+        # The taker joins once the stopped member's session has timed out, then
+        # writes the rest; resume the stopped one while that is under way.
+        wait_for(topics.bootstrap, topics.checks, 10, timeout=60)
+    finally:
+        stalled.proc.send_signal(signal.SIGCONT)
+    assert_exactly_once(topics, inputs)
+    assert b"stood still" in stalled.log.read_bytes()
+    assert stalled.proc.poll() is None, "the resumed instance carries on"
+
+
+def _source_headers(topic: str, partition: int, offset: int) -> list[tuple[str, bytes]]:
+    return [(recovery.SOURCE_HEADER, recovery.source_of(topic, partition, offset, 0).encode())]
+
+
+def test_recovery_scan_finds_exactly_the_outputs_of_uncommitted_inputs(
+    stack: Stack, topics: Topics
+) -> None:
+    producer = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 5})
+    for offset in range(20):
+        producer.produce(topics.orders, b"in", partition=0)
+        producer.produce(topics.checks, b"out", headers=_source_headers(topics.orders, 0, offset))
+    for offset in range(10):
+        producer.produce(topics.orders, b"in", partition=1)
+        producer.produce(topics.checks, b"out", headers=_source_headers(topics.orders, 1, offset))
+    assert producer.flush(30) == 0
+    config = {"bootstrap.servers": topics.bootstrap}
+
+    found = recovery.recover(
+        config,
+        [topics.checks],
+        {(topics.orders, 0): 12, (topics.orders, 1): 10, (topics.orders, 2): 0},
+    )
+
+    assert found == {
+        (topics.orders, 0): {recovery.source_of(topics.orders, 0, o, 0) for o in range(12, 20)},
+        (topics.orders, 1): set(),  # committed to its end: nothing uncommitted
+        (topics.orders, 2): set(),  # empty
+    }
+
+
+def test_recovery_scan_stops_at_the_end_it_found_while_other_writers_keep_appending(
+    stack: Stack, topics: Topics
+) -> None:
+    producer = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 5})
+    producer.produce(topics.orders, b"in", partition=0)
+    producer.produce(topics.checks, b"out", headers=_source_headers(topics.orders, 0, 0))
+    assert producer.flush(30) == 0
+    stop = threading.Event()
+
+    def keep_writing() -> None:
+        other = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 5})
+        offset = 0
+        while not stop.is_set():
+            offset += 1
+            other.produce(topics.checks, b"x", headers=_source_headers(topics.orders, 3, offset))
+            other.poll(0.001)
+        other.flush(30)
+
+    writer = threading.Thread(target=keep_writing)
+    writer.start()
+    try:
+        time.sleep(1)
+        began = time.monotonic()
+        found = recovery.recover(
+            {"bootstrap.servers": topics.bootstrap}, [topics.checks], {(topics.orders, 0): 0}
+        )
+        took = time.monotonic() - began
+    finally:
+        stop.set()
+        writer.join(60)
+    assert found == {(topics.orders, 0): {recovery.source_of(topics.orders, 0, 0, 0)}}
+    assert took < 20, f"the scan chased the writer for {took:.1f}s"
+
+
+def _approvable_orders(count: int) -> list[OrderReceived]:
+    """Orders policy-check auto-approves (a small amount, one item)."""
+    made = []
+    for order in orders(count):
+        item = order.items[0].model_copy(update={"quantity": 1, "unit_price_minor": 10_00})
+        made.append(order.model_copy(update={"amount_minor": 10_00, "items": [item]}))
+    return made
+
+
+def _read_events(bootstrap: str, codec: WireCodec, topic: str) -> list[Event]:
+    """Every event on ``topic`` now: its partitions read from the start to the ends
+    learnt first (no consumer group to join)."""
+    config = {"bootstrap.servers": bootstrap}
+    consumer = Consumer({**config, "group.id": f"check-{uuid.uuid4().hex}"})
+    try:
+        parts = [
+            (topic, p) for p in consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        ]
+        ends = end_offsets(config, parts, timeout=30)
+        remaining = {where for where, end in ends.items() if end > 0}
+        consumer.assign([TopicPartition(t, p, 0) for t, p in remaining])
+        events: list[Event] = []
+        deadline = time.monotonic() + 60
+        while remaining:
+            assert time.monotonic() < deadline, f"could not read {sorted(remaining)}"
+            for msg in consumer.consume(1000, 0.5):
+                where = (msg.topic() or "", msg.partition() or 0)
+                if msg.error() is None and where in remaining:
+                    events.append(codec.decode(msg.value()))
+                    if (msg.offset() or 0) + 1 >= ends[where]:
+                        remaining.discard(where)
+        return events
+    finally:
+        consumer.close()
+
+
+def test_log_scan_workflow_on_the_durable_broker_is_exactly_once_through_broker_pauses_and_kill_9(
+    tmp_path: Path,
+) -> None:
+    """policy-check and dispatch (log-scan delivery, as `opsflow up` sets it on the
+    durable store) book orders at the carrier stand-in while the broker is stopped
+    and resumed (SIGSTOP/SIGCONT, longer than the clients' request timeout) and
+    both services are killed with kill -9 and restarted, again and again. Every
+    input must have exactly one output of each type (by lineage), the carrier
+    exactly one booking per order, and nothing may be lost."""
     durable = Stack(tmp_path / "data", stack_env(tmp_path / "data"))
     durable.run("up", "--detach")
+    carrier: CarrierProcess | None = None
+    running: dict[str, ServiceProcess] = {}
+    schema = ""
+    env: dict[str, str] = {}
     try:
         env = durable.status()["env"]
         assert env["OPSFLOW_DELIVERY"] == "log-scan", "the durable embedded broker asks for it"
         own = make_topics(env["KAFKA_BOOTSTRAP_SERVERS"], env["SCHEMA_REGISTRY_URL"])
-        inputs = orders(4_000)
-        publish(own, inputs)
-        first = start(services, durable, own, tmp_path)
-        wait_for(own.bootstrap, own.checks, 1_000)
-        first.kill9()
-        start(services, durable, own, tmp_path)
-        assert_exactly_once(own, inputs)
+        names = [f"{own.prefix}{t}" for t in ("review", "dispatch")]
+        ensure_topics(
+            AdminClient({"bootstrap.servers": own.bootstrap}),
+            [*names, *(dead_letter_topic(n) for n in [*names, own.checks])],
+            partitions=4,
+        )
+        schema, database_url = create_schema(env["DATABASE_URL"])
+        db.migrate(database_url)
+        carrier = CarrierProcess(
+            tmp_path / "carrier.log",
+            {
+                "CARRIER_DB": str(tmp_path / "carrier.db"),
+                # 503s and ghosts (booked, then answered 503) make dispatch book again.
+                "CARRIER_ERROR_RATE": "0.1",
+                "CARRIER_GHOST_RATE": "0.1",
+                "CARRIER_SEED": "3",
+            },
+        ).start()
+        service_env = {
+            "DATABASE_URL": database_url,
+            "CARRIER_URL": carrier.url,
+            "DISPATCH_BACKOFF_S": "0.05",
+            "DISPATCH_BACKOFF_MAX_S": "0.5",
+            "DISPATCH_TIMEOUT_S": "1",
+        }
+
+        def launch(name: str) -> None:
+            log = tmp_path / f"{name}-{time.monotonic_ns()}.log"
+            target = f"services.{name}"
+            running[name] = ServiceProcess(
+                durable, own, log, target=target, stack_env=env, **service_env
+            )
+
+        # Orders arrive in waves, one before each broker stop, so every stop and
+        # kill lands while the services have work under way.
+        waves = [_approvable_orders(50) for _ in range(4)]
+        inputs = [order for wave in waves for order in wave]
+        publish(own, waves[0])
+        for name in ("policy_check", "dispatch"):
+            launch(name)
+
+        bookings = f"{carrier.url}/bookings"
+        deadline = time.monotonic() + 90
+        while httpx.get(bookings, timeout=10).json()["count"] < 10:
+            assert time.monotonic() < deadline, "dispatch booked nothing"
+            time.sleep(0.2)
+        broker = durable.components()["broker"]["pid"]
+        for round_, wave in enumerate(waves[1:]):
+            publish(own, wave)
+            time.sleep(0.3)  # stop the broker while the services work on the wave
+            os.kill(broker, signal.SIGSTOP)
+            time.sleep(6.5)  # past the workers' 5 s request timeout: writes are sent again
+            os.kill(broker, signal.SIGCONT)
+            time.sleep(1)
+            victim = ("dispatch", "policy_check")[round_ % 2]
+            running[victim].kill9()
+            launch(victim)
+        booked_during_chaos = httpx.get(bookings, timeout=10).json()["count"]
+        assert booked_during_chaos < len(inputs), "the chaos came too late to prove anything"
+
+        dispatch_topic = f"{own.prefix}dispatch"
+        deadline = time.monotonic() + 120
+        while True:
+            events = _read_events(own.bootstrap, own.codec, dispatch_topic)
+            done = {e.order_id for e in events if isinstance(e, DispatchExecuted | DispatchFailed)}
+            if len(done) == len(inputs) or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        checks = _read_events(own.bootstrap, own.codec, own.checks)
+        ledger = httpx.get(bookings, timeout=10).json()
     finally:
-        for service in services:
+        for service in running.values():
             if service.proc.poll() is None:
                 service.kill9()
+        if carrier is not None:
+            carrier.stop()
+        if schema:
+            drop_schema(env["DATABASE_URL"], schema)
         durable.run("down", check=False)
+
+    received = {str(o.envelope.event_id) for o in inputs}
+    # One policy.checked per order, one dispatch.requested per approval, and one
+    # outcome (executed or failed) per request: counted by cause, each event's lineage.
+    by_cause = Counter((e.envelope.causation_id, e.event_type) for e in [*checks, *events])
+    duplicated = {key: n for key, n in by_cause.items() if n > 1}
+    assert not duplicated, f"{len(duplicated)} inputs have more than one output: {duplicated}"
+    assert {e.envelope.causation_id for e in checks} == received, "no order is lost"
+    requests = [e for e in events if isinstance(e, DispatchRequested)]
+    approvals = {str(e.envelope.event_id) for e in checks}
+    assert {e.envelope.causation_id for e in requests} == approvals, "every approval requested"
+    outcomes = [e for e in events if isinstance(e, DispatchExecuted | DispatchFailed)]
+    assert {e.envelope.causation_id for e in outcomes} == {
+        str(e.envelope.event_id) for e in requests
+    }, "every request has its outcome"
+    assert ledger["duplicates"] == []
+    booked = Counter(b["order_id"] for b in ledger["bookings"])
+    assert all(n == 1 for n in booked.values()), "one booking per order at the carrier"
+    executed = {e.order_id for e in outcomes if isinstance(e, DispatchExecuted)}
+    assert executed <= set(booked), "every executed dispatch has its booking"

@@ -23,7 +23,7 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow import trace
+from opsflow import db, trace
 from opsflow.contracts import (
     EVENT_TOPICS,
     Actor,
@@ -51,9 +51,17 @@ from opsflow.contracts import (
     Topic,
 )
 from opsflow.contracts.wire import WireCodec
-from opsflow.topics import ensure_topics, topic_name
+from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from tests.histories import histories, publish
-from tests.stackctl import OPSFLOW, Stack, free_port
+from tests.stackctl import (
+    OPSFLOW,
+    Stack,
+    create_schema,
+    drop_schema,
+    free_port,
+    start_service,
+    stop_process,
+)
 
 REVIEWER = Actor(user_id="ada", display_name="Ada Reviewer", role=ActorRole.REVIEWER)
 BOSS = Actor(user_id="grace", display_name="Grace Supervisor", role=ActorRole.SUPERVISOR)
@@ -394,6 +402,83 @@ def test_elapsed_times_read_at_a_glance() -> None:
     ]
 
 
+def rebooked(order_id: str, first: datetime, later: datetime) -> tuple[Chain, list[datetime]]:
+    """An order whose dispatch failed for good at ``first`` and was booked at ``later`` by a
+    replay of its request: the booking's ``occurred_at`` is the request's record time (the
+    runtime derives it from the input), its record was written at ``later``. Returns the
+    chain and each event's record time."""
+    chain = Chain(order_id)
+    received(chain, first)
+    chain.add(
+        PolicyChecked,
+        first,
+        outcome=PolicyOutcome.AUTO_APPROVED,
+        reason_codes=[],
+        reasons=[],
+        rules_version="v1",
+    )
+    address = Address(name="R", street="S", city="C", postal_code="1", country="DE")
+    request = chain.add(
+        DispatchRequested,
+        first,
+        dispatch_id="d",
+        carrier="stand-in",
+        attempt=1,
+        destination=address,
+    )
+    chain.add(
+        DispatchFailed,
+        first,
+        dispatch_id="d",
+        carrier="stand-in",
+        attempt=5,
+        failure_class=DispatchFailureClass.TRANSIENT,
+        reason="carrier answered 503",
+        retries_exhausted=True,
+    )
+    booking = DispatchExecuted.envelope_for(
+        order_id=order_id,
+        idempotency_key=f"dispatch.executed:{order_id}",
+        producer="dispatch",
+        caused_by=request.envelope,
+        occurred_at=first,
+    )
+    chain.events.append(
+        DispatchExecuted(
+            envelope=booking,
+            order_id=order_id,
+            dispatch_id="d",
+            carrier="stand-in",
+            attempt=1,
+            booking_reference="BK-LATE",
+        )
+    )
+    second = timedelta(seconds=1)
+    return chain, [first, first + second, first + 2 * second, first + 30 * second, later]
+
+
+def test_a_rebooking_after_a_replay_shows_at_its_own_record_time_not_the_original() -> None:
+    first = NOW - timedelta(days=3)
+    later = first + timedelta(days=2)
+    chain, written = rebooked("o-9", first, later)
+    records = [
+        trace.Record(EVENT_TOPICS[e.event_type].value, 0, n, e, written_at=at)
+        for n, (e, at) in enumerate(zip(chain.events, written, strict=True))
+    ]
+    result = trace.assemble("o-9", records, NOW)
+    booking = next(s for s in result.steps if s.event.event_type == "dispatch.executed")
+    assert booking.at == later  # not first, its occurred_at
+    assert booking.elapsed_since == "cause"  # under its request, timed from the request's record
+    assert booking.elapsed_ms == round((later - written[2]).total_seconds() * 1000)
+    assert trace.elapsed(booking.elapsed_ms) == "+47 h 59 min"
+    assert result.verdict.state == "dispatched"
+    assert "booked BK-LATE with stand-in at 2026-11-02 12:00:00.000Z" in result.verdict.now
+    as_json = trace.as_json(result)["events"]
+    executed = next(e for e in as_json if e["event_type"] == "dispatch.executed")
+    assert executed["written_at"] == "2026-11-02T12:00:00.000+00:00"
+    assert executed["occurred_at"] == "2026-10-31T12:00:00.000+00:00"
+
+
 # --- the command on the real stack ------------------------------------------------------
 
 
@@ -560,3 +645,180 @@ def test_a_wrong_topic_prefix_is_named(world: World) -> None:
     result = world.trace("anything", OPSFLOW_TOPIC_PREFIX="no-such-prefix.")
     assert result.returncode != 0
     assert "OPSFLOW_TOPIC_PREFIX" in result.stderr and "Traceback" not in result.stderr
+
+
+def _write(
+    bootstrap: str,
+    codec: WireCodec,
+    events: list[Event],
+    prefix: str,
+    *,
+    written: list[datetime] | None = None,
+) -> None:
+    """Write ``events`` as the runtime does (keyed by order); ``written``: record times."""
+    producer = Producer({"bootstrap.servers": bootstrap})
+    for n, event in enumerate(events):
+        producer.produce(
+            topic_name(EVENT_TOPICS[event.event_type], prefix=prefix),
+            key=event.order_id.encode(),
+            value=codec.encode(event),
+            timestamp=int(written[n].timestamp() * 1000) if written else 0,  # 0: now
+        )
+    assert producer.flush(30) == 0
+
+
+def test_a_rebooking_written_days_later_shows_at_the_time_it_was_written(
+    world: World, bootstrap_servers: str, registry_url: str
+) -> None:
+    first = datetime.now(UTC).replace(microsecond=0) - timedelta(days=3)
+    later = first + timedelta(days=2)
+    chain, written = rebooked(f"rebook-{uuid.uuid4().hex[:6]}", first, later)
+    codec = WireCodec(SchemaRegistryClient({"url": registry_url}))
+    _write(bootstrap_servers, codec, chain.events, world.prefix, written=written)
+    result = world.trace(chain.order_id)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "dispatch.executed" in line]
+    assert later.strftime("%Y-%m-%d %H:%M:%S.000Z") in line, line
+    assert "+47 h 59 min" in line  # since its request's record, not since its occurred_at
+    assert f"booked BK-LATE with stand-in at {later:%Y-%m-%d %H:%M:%S}" in result.stdout
+    data = world.trace_json(chain.order_id)
+    times = {e["event_type"]: e["written_at"] for e in data["events"]}
+    assert times["dispatch.executed"] == later.isoformat(timespec="milliseconds")
+    assert times["dispatch.requested"] == written[2].isoformat(timespec="milliseconds")
+
+
+# --- the audit log as an index ----------------------------------------------------------
+
+
+@dataclass
+class Indexed:
+    """Topics of their own with one order among many, and the audit projection kept of them
+    in a schema of its own (then stopped, so what is written after it is past the index)."""
+
+    world: World
+    database_url: str
+    history: list[Event]
+    neighbours: int
+    records: int
+
+    def trace(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return self.world.trace(*args, **{"DATABASE_URL": self.database_url, **env})
+
+    def trace_json(self, order_id: str, **env: str) -> dict[str, Any]:
+        result = self.trace(order_id, "--json", **env)
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+
+@pytest.fixture(scope="module")
+def indexed(
+    stack: Stack,
+    bootstrap_servers: str,
+    registry_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Indexed]:
+    prefix = f"trix-{uuid.uuid4().hex[:8]}."
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    names = [topic_name(t, prefix=prefix) for t in Topic]
+    ensure_topics(admin, names + [dead_letter_topic(n) for n in names], partitions=1)
+    codec = WireCodec(SchemaRegistryClient({"url": registry_url}))
+    history, _ = _escalated_history("ix")
+    neighbours = list(histories(1500, seed=12, run="nb"))
+    # The order first, then its neighbours: its records sit at the start of each partition,
+    # and a full scan reads thousands of records where the index reads a handful.
+    records = publish(bootstrap_servers, codec, history, prefix=prefix)
+    records += publish(bootstrap_servers, codec, [e for h in neighbours for e in h], prefix=prefix)
+    # The decision written again before the projector reads it: a copy in audit_copies.
+    records += publish(bootstrap_servers, codec, [_first(history, "review.decided")], prefix=prefix)
+    base = stack.address("DATABASE_URL")
+    schema, url = create_schema(base)
+    db.migrate(url)
+    env = {
+        **stack.env,
+        "KAFKA_BOOTSTRAP_SERVERS": bootstrap_servers,
+        "SCHEMA_REGISTRY_URL": registry_url,
+        "DATABASE_URL": url,
+        "OPSFLOW_TOPIC_PREFIX": prefix,
+        "OPSFLOW_PROJECTIONS": "audit_log",
+    }
+    port = free_port()
+    log = tmp_path_factory.mktemp("indexed") / "projector.log"
+    projector = start_service(
+        ["-m", "services.projector"],
+        {**env, "OPSFLOW_METRICS_PORT": str(port)},
+        log,
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    try:
+        deadline = time.monotonic() + 120
+        with db.connect(url, autocommit=True) as conn:
+            while True:
+                applied = conn.execute(
+                    "SELECT (SELECT count(*) FROM audit_log) + (SELECT count(*) FROM audit_copies)"
+                ).fetchone()
+                if applied is not None and applied[0] == records:
+                    break
+                assert time.monotonic() < deadline, (applied, records, log.read_text()[-2000:])
+                time.sleep(0.3)
+    finally:
+        stop_process(projector)
+    world = World(prefix, {k: v for k, v in env.items() if k != "DATABASE_URL"}, history, [], [])
+    yield Indexed(world, url, history, len(neighbours), records)
+    drop_schema(base, schema)
+
+
+def test_with_the_audit_log_trace_reads_only_the_orders_records_and_shows_the_same_history(
+    indexed: Indexed,
+) -> None:
+    order_id = indexed.history[0].order_id
+    fast = indexed.trace_json(order_id)
+    # The same order traced by reading every topic in full (the index unusable).
+    full = indexed.trace_json(order_id, DATABASE_URL="postgresql://nobody@127.0.0.1:1/none")
+    assert (fast["path"], full["path"]) == ("audit-index", "full-scan")
+    assert full["records_read"] == indexed.records
+    # Its records and the copy, and the few records near them it reads through rather
+    # than seek over (a small topic, e.g. pod-rejects, is read through whole).
+    assert fast["records_read"] < full["records_read"] / 10, fast["records_read"]
+    assert fast["index_behind"] == 0
+    for data in (fast, full):
+        data.pop("path"), data.pop("records_read"), data.pop("now"), data.pop("waiting")
+    assert fast == full
+    copies = {e["event_type"]: e["copies"] for e in fast["events"]}
+    assert copies["review.decided"] == 2 and set(copies.values()) == {1, 2}
+    assert [e["event_id"] for e in fast["events"]] == [
+        str(e.envelope.event_id) for e in indexed.history
+    ]
+
+
+def test_records_past_the_projections_position_are_read_from_the_log_and_the_lag_said(
+    indexed: Indexed, bootstrap_servers: str, registry_url: str
+) -> None:
+    """Written after the projector stopped: a new order, and a copy of an indexed event."""
+    codec = WireCodec(SchemaRegistryClient({"url": registry_url}))
+    late = escalated_review(f"late-{uuid.uuid4().hex[:6]}", datetime.now(UTC)).events
+    _write(bootstrap_servers, codec, late, indexed.world.prefix)
+    again = _first(indexed.history, "review.escalated")
+    _write(bootstrap_servers, codec, [again], indexed.world.prefix)
+
+    data = indexed.trace_json(late[0].order_id)
+    assert data["path"] == "audit-index"
+    assert data["index_behind"] >= len(late) + 1
+    assert [e["event_id"] for e in data["events"]] == [str(e.envelope.event_id) for e in late]
+    result = indexed.trace(late[0].order_id)
+    assert result.returncode == 0, result.stderr
+    said = result.stdout.splitlines()[-2]
+    assert said.startswith("index: the audit_log projection was ") and "records behind" in said
+    assert result.stdout.splitlines()[-1].startswith("now: waiting for review")
+
+    known = indexed.trace_json(indexed.history[0].order_id)
+    copies = {e["event_type"]: e["copies"] for e in known["events"]}
+    assert copies["review.escalated"] >= 2  # the copy past the index, found in the tail
+
+
+def test_an_unknown_order_is_named_with_the_nearest_ids_from_the_index(indexed: Indexed) -> None:
+    order_id = indexed.history[0].order_id
+    result = indexed.trace(order_id + "x")
+    assert result.returncode == 1
+    assert f"Did you mean {order_id}" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""

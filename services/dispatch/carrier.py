@@ -89,6 +89,11 @@ class Carrier:
                 await asyncio.sleep(self._delay(attempt))
         return Refusal(reason, permanent=False, attempts=self.settings.max_attempts)
 
+    async def close(self) -> None:
+        """Close the session: left open, aiohttp reports "Unclosed client session" on
+        stderr when the process exits."""
+        await self._session.close()
+
     def _delay(self, attempt: int) -> float:
         base = min(self.settings.backoff_max_s, self.settings.backoff_s * 2.0 ** (attempt - 1))
         return base * random.uniform(0.8, 1.2)  # jitter spreads a burst of retries

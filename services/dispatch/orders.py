@@ -33,6 +33,11 @@ class Orders:
         )
         self._opened = False
 
+    async def close(self) -> None:
+        if self._opened:
+            await self._pool.close()
+            self._opened = False
+
     async def _ready(self) -> AsyncConnectionPool:
         if not self._opened:
             await self._pool.open()

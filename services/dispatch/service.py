@@ -67,6 +67,18 @@ class _Partners:
         return cls.orders, cls.carrier
 
 
+@service.on_stop
+async def close_partners() -> None:
+    """Close the carrier's HTTP session and the database pool on the loop that opened
+    them: left open, both report errors on stderr at exit."""
+    if _Partners.carrier is not None:
+        await _Partners.carrier.close()
+        _Partners.carrier = None
+    if _Partners.orders is not None:
+        await _Partners.orders.close()
+        _Partners.orders = None
+
+
 # Handlers build events without an envelope: the runtime derives it from the
 # input's (a model validator mypy cannot see, hence the call-arg ignores).
 

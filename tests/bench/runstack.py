@@ -16,7 +16,10 @@ Then 1,000,000 records of history are written to the workflow's topics (the
 events of 200,000 finished orders, in batches of at most 50 records as a busy
 producer writes them), every service's group is moved past them, the stack is
 restarted, the projector catches up, and everything is measured again: the
-cost of a hop must not grow with what the topics hold.
+cost of a hop must not grow with what the topics hold. On that stack the
+operator's read-only commands are timed too, once each as a user runs them:
+``opsflow trace`` of an order in the middle of the history, ``opsflow dlq
+list`` and ``opsflow projections list`` (target: 2 s each).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -84,6 +88,13 @@ class RunStackCase(Case):
                 target=1000,
             ),
         )
+    ) + tuple(
+        Metric(f"history_{key}_s", f"opsflow {command}, with history", "s", True, target=2)
+        for key, command in (
+            ("trace", "trace ORDER_ID"),
+            ("dlq_list", "dlq list"),
+            ("projections_list", "projections list"),
+        )
     )
     default_repeat: ClassVar[int] = 1
 
@@ -135,6 +146,7 @@ class RunStackCase(Case):
         self._stop()
         figures["history_startup_s"] = self._start()
         self._wait_for_projector()
+        figures.update(self._measure_read_only())
         figures.update({f"history_{key}": value for key, value in self._measure_running().items()})
         print(
             "  runstack: " + ", ".join(f"{key} {value:,.2f}" for key, value in figures.items()),
@@ -157,6 +169,26 @@ class RunStackCase(Case):
             "p99_ms": float(machine["p99_ms"]),
         }
 
+    def _measure_read_only(self) -> dict[str, float]:
+        """The operator's read-only commands on the stack with history, once each."""
+        order_id = history_order_id(self.history_records // len(HISTORY_PATH) // 2)
+        figures = {}
+        for key, args in (
+            ("history_trace_s", ("trace", order_id)),
+            ("history_dlq_list_s", ("dlq", "list")),
+            ("history_projections_list_s", ("projections", "list")),
+        ):
+            began = time.perf_counter()
+            ran = self._opsflow(*args)
+            figures[key] = time.perf_counter() - began
+            if ran.returncode != 0:
+                raise BenchError(f"runstack: `opsflow {' '.join(args)}` failed: {ran.stderr}")
+        # The figure is the index's: a trace that fell back to reading every topic is not.
+        path = json.loads(self._opsflow("trace", order_id, "--json").stdout)["path"]
+        if path != "audit-index":
+            raise BenchError(f"runstack: trace read the topics by {path}, not the audit index")
+        return figures
+
     def _demo(self, *args: str, seed: int) -> dict[str, Any]:
         ran = self._opsflow(
             "demo", "--orders", str(ORDERS), "--auto-review", "--seed", str(seed), "--json", *args
@@ -169,51 +201,8 @@ class RunStackCase(Case):
     def _write_history(self) -> None:
         """The events of finished orders, as the workflow would have written them."""
         kafka = {"bootstrap.servers": self.addresses["KAFKA_BOOTSTRAP_SERVERS"]}
-        codec = WireCodec(SchemaRegistryClient({"url": self.addresses["SCHEMA_REGISTRY_URL"]}))
-        producer = Producer(
-            {**kafka, "linger.ms": 20, "batch.num.messages": 50, "enable.idempotence": False}
-        )
-        templates = {event_type: sample(event_type) for event_type in HISTORY_PATH}
-        templates["policy.checked"] = templates["policy.checked"].model_copy(
-            update={"outcome": PolicyOutcome.AUTO_APPROVED, "reason_codes": [], "reasons": []}
-        )
-        topics = {}
-        for n in range(self.history_records // len(HISTORY_PATH)):
-            order_id = f"history-{n:07d}"
-            for step, event_type in enumerate(HISTORY_PATH):
-                event = _history_event(templates[event_type], order_id, n * 8 + step)
-                topic = topic_name(EVENT_TOPICS[event_type])
-                topics[topic] = True
-                while True:
-                    try:
-                        producer.produce(
-                            topic,
-                            key=order_id.encode(),
-                            value=codec.encode(event),
-                            headers=[(EVENT_TYPE_HEADER, event_type.encode())],
-                        )
-                        break
-                    except BufferError:
-                        producer.poll(0.1)
-            producer.poll(0)
-        if producer.flush(300):
-            raise BenchError("runstack: the history was not all written")
-        self._skip_history(kafka, list(topics))
-
-    def _skip_history(self, kafka: dict[str, str], topics: list[str]) -> None:
-        """Commit every service group's offsets at the topics' ends: the history is done."""
-        consumer = Consumer({**kafka, "group.id": "bench-probe"})
-        metadata = consumer.list_topics(timeout=30)
-        consumer.close()
-        partitions = [(t, p) for t in topics for p in metadata.topics[t].partitions]
-        ends = end_offsets(kafka, partitions, timeout=120)
-        for group in SERVICE_GROUPS:
-            committer = Consumer({**kafka, "group.id": group, "enable.auto.commit": False})
-            committer.commit(
-                offsets=[TopicPartition(t, p, ends[(t, p)]) for t, p in partitions],
-                asynchronous=False,
-            )
-            committer.close()
+        topics = write_history(self.addresses, self.history_records)
+        skip_history(kafka, topics)
         broker_root = self.data_dir / "broker"
         self.batch_objects = sum(1 for _ in broker_root.rglob("*.batch"))
 
@@ -232,6 +221,71 @@ class RunStackCase(Case):
         if self.up:
             self._stop()
         self._tmp.cleanup()
+
+
+def write_history(addresses: Mapping[str, str], records: int) -> list[str]:
+    """Write ``records`` records of history: the events of ``records / 5`` finished,
+    auto-approved orders (``history-0000000``, ...), as the workflow would have written
+    them, in producer batches of at most 50 records. Returns the topics written to.
+
+    A function of its own so a stack can be given history outside the bench (e.g. to
+    time the operator's commands on it by hand).
+
+    Raises:
+        BenchError: the broker did not take every record.
+    """
+    kafka = {"bootstrap.servers": addresses["KAFKA_BOOTSTRAP_SERVERS"]}
+    codec = WireCodec(SchemaRegistryClient({"url": addresses["SCHEMA_REGISTRY_URL"]}))
+    producer = Producer(
+        {**kafka, "linger.ms": 20, "batch.num.messages": 50, "enable.idempotence": False}
+    )
+    templates = {event_type: sample(event_type) for event_type in HISTORY_PATH}
+    templates["policy.checked"] = templates["policy.checked"].model_copy(
+        update={"outcome": PolicyOutcome.AUTO_APPROVED, "reason_codes": [], "reasons": []}
+    )
+    topics = {}
+    for n in range(records // len(HISTORY_PATH)):
+        order_id = history_order_id(n)
+        for step, event_type in enumerate(HISTORY_PATH):
+            event = _history_event(templates[event_type], order_id, n * 8 + step)
+            topic = topic_name(EVENT_TOPICS[event_type])
+            topics[topic] = True
+            while True:
+                try:
+                    producer.produce(
+                        topic,
+                        key=order_id.encode(),
+                        value=codec.encode(event),
+                        headers=[(EVENT_TYPE_HEADER, event_type.encode())],
+                    )
+                    break
+                except BufferError:
+                    producer.poll(0.1)
+        producer.poll(0)
+    if producer.flush(300):
+        raise BenchError("runstack: the history was not all written")
+    return list(topics)
+
+
+def history_order_id(n: int) -> str:
+    """The id of the ``n``-th order of the history ``write_history`` writes."""
+    return f"history-{n:07d}"
+
+
+def skip_history(kafka: Mapping[str, str], topics: Sequence[str]) -> None:
+    """Commit every service group's offsets at the topics' ends: the history is done."""
+    consumer = Consumer({**kafka, "group.id": "bench-probe"})
+    metadata = consumer.list_topics(timeout=30)
+    consumer.close()
+    partitions = [(t, p) for t in topics for p in metadata.topics[t].partitions]
+    ends = end_offsets(kafka, partitions, timeout=120)
+    for group in SERVICE_GROUPS:
+        committer = Consumer({**kafka, "group.id": group, "enable.auto.commit": False})
+        committer.commit(
+            offsets=[TopicPartition(t, p, ends[(t, p)]) for t, p in partitions],
+            asynchronous=False,
+        )
+        committer.close()
 
 
 def _history_event(template: Event, order_id: str, n: int) -> Event:

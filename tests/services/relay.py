@@ -5,12 +5,14 @@ Orders whose notes ask for it misbehave, so tests can drive each failure path:
 transiently before it works, and ``bug:A,B`` hits bug ``A`` (a ``PermanentError``
 naming it), or ``B`` once ``A`` is fixed: ``RELAY_FIXED=A`` (comma separated) is the
 release that fixes ``A``, so a test can dead-letter a storm, "deploy the fix" and
-redrive it.
+redrive it. ``slow:S`` takes S seconds before answering (a worker busy in its
+handler, for tests that stop a process in the middle of a batch).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 from opsflow.contracts import OrderReceived, PolicyChecked, PolicyOutcome, Topic
@@ -31,6 +33,8 @@ def relay(order: OrderReceived) -> PolicyChecked:
     if note.startswith("flaky:") and _failures[order.order_id] < int(note.split(":")[1]):
         _failures[order.order_id] += 1
         raise RetryableError(f"transient trouble #{_failures[order.order_id]}")
+    if note.startswith("slow:"):
+        time.sleep(float(note.removeprefix("slow:")))
     if note.startswith("bug:"):
         fixed = set(os.environ.get("RELAY_FIXED", "").split(","))
         for bug in note.removeprefix("bug:").split(","):

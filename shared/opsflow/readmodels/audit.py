@@ -12,6 +12,13 @@ the rows in: a rebuild keeps every row's content but may chain them in
 another order, so the rebuild checksum leaves ``seq`` and the hashes out.
 Removing rows at the very end cannot be seen from the chain alone: keep the
 head hash ``verify`` prints somewhere else to check it later.
+
+``audit_copies``: where the other records of an event are, when it was
+written more than once (a replay, a redrive, an aborted transaction a broker
+let through). The audit log keeps an event's first record; with the copies,
+the two tables name every record of an order up to the projection's
+position, which is what lets ``opsflow trace`` read just those records
+instead of every topic from the beginning (``opsflow.trace``).
 """
 
 from __future__ import annotations
@@ -69,16 +76,22 @@ def apply(
         fresh.setdefault(str(record.event_id), record)
     if not fresh:
         return
+    first = {event_id: _where(record) for event_id, record in fresh.items()}
     # One writer at a time appends to the chain (readers are not blocked): two
     # projector instances on different partitions would otherwise both take the
     # same head.
     conn.execute(sql.SQL("LOCK TABLE {} IN EXCLUSIVE MODE").format(table))
     seen = conn.execute(
-        sql.SQL("SELECT event_id::text FROM {} WHERE event_id = ANY(%s::uuid[])").format(table),
+        sql.SQL(
+            'SELECT event_id::text, topic, partition, "offset" FROM {}'
+            " WHERE event_id = ANY(%s::uuid[])"
+        ).format(table),
         (list(fresh),),
     ).fetchall()
-    for (event_id,) in seen:
+    for event_id, topic, partition, offset in seen:
         del fresh[event_id]
+        first[event_id] = (topic, partition, offset)
+    _copies(conn, records, first, tables["audit_copies"])
     head = conn.execute(
         sql.SQL("SELECT seq, row_hash FROM {} ORDER BY seq DESC LIMIT 1").format(table)
     ).fetchone()
@@ -102,6 +115,35 @@ def apply(
                     (seq, *fields[:3], _timestamp(fields[3]), *fields[4:], prev, row_hash)
                 )
                 prev = row_hash
+
+
+def _where(record: EventRecord) -> tuple[str, int, int]:
+    return record.topic, record.partition, record.offset
+
+
+def _copies(
+    conn: psycopg.Connection[Any],
+    records: Sequence[EventRecord],
+    first: dict[str, tuple[str, int, int]],
+    table: str,
+) -> None:
+    """Keep where the records are that repeat an event of ``first`` (event id -> where its
+    audit row's record is). A record read again (the same position) is not a copy."""
+    copies = {
+        _where(record): record
+        for record in records
+        if _where(record) != first[str(record.event_id)]
+    }
+    if not copies:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            sql.SQL(
+                'INSERT INTO {} (topic, partition, "offset", event_id, order_id)'
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+            ).format(sql.Identifier(table)),
+            [(*where, r.event_id, r.order_id) for where, r in copies.items()],
+        )
 
 
 def _timestamp(ms: int) -> datetime:
@@ -168,8 +210,8 @@ projection = Projection(
         Topic.POD,
         Topic.POD_REJECTS,
     ),
-    tables=("audit_log",),
+    tables=("audit_log", "audit_copies"),
     apply=apply,
-    description="every event, append only, tamper-evident hash chain",
+    description="every event, append only, tamper-evident hash chain (and its copies)",
     volatile_columns={"audit_log": ("seq", "prev_hash", "row_hash")},
 )

@@ -11,12 +11,16 @@ union) and returns the events to emit: one, several (any iterable), or None.
 A handler that waits on a partner (an HTTP call) is written ``async def``:
 the runtime then runs up to ``concurrency`` inputs of a batch at once (one
 order's inputs still one after another) and produces their outputs in order.
+What the handlers open (a partner's HTTP client, a connection pool) is closed
+by a function registered with ``@service.on_stop``, run once the service has
+stopped consuming.
 Decoding, encoding, envelopes, keys, transactions, retries and dead letters
 are the runtime's (``opsflow.runtime.worker``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import random
 import types
@@ -31,6 +35,7 @@ from opsflow.errors import PermanentError
 
 HandlerResult = Event | Iterable[Event] | None
 Handler = Callable[[Any], HandlerResult] | Callable[[Any], Awaitable[HandlerResult]]
+StopHook = Callable[[], None] | Callable[[], Awaitable[None]]
 
 
 class Delivery(StrEnum):
@@ -39,13 +44,14 @@ class Delivery(StrEnum):
     ``transactions``: Kafka transactions, one transactional producer per input
     partition; the standard on Apache Kafka and Redpanda.
 
-    ``log-scan``: a plain producer; outputs are written, then offsets
-    committed, and after any failure or takeover the outputs already written
-    are found in the output topics and not written again. For brokers whose
-    transactions cannot take concurrent producers (the embedded broker's
-    durable store). Per key, outputs keep their order except around a failed
-    write, and a stalled instance that lost its partitions without noticing
-    could still write (no fencing).
+    ``log-scan``: no transactions; outputs are written by an idempotent
+    producer that never gives up on a write, then offsets committed, and after
+    any failure or takeover the outputs already written are found in the
+    output topics and not written again. A process that stood still fences
+    itself before writing again. For brokers whose transactions are too costly
+    or unreliable (the embedded broker's durable store, where ``opsflow up``
+    sets it). What it guarantees and costs: ``opsflow.runtime.worker`` and the
+    README, "Exactly once".
     """
 
     TRANSACTIONS = "transactions"
@@ -126,6 +132,7 @@ class Service:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     concurrency: int = 64
     handlers: dict[str, Handler] = field(default_factory=dict)
+    stop_hooks: list[StopHook] = field(default_factory=list)
 
     def handler(self, fn: Handler) -> Handler:
         """Register ``fn`` for the event type(s) named by its first parameter's hint."""
@@ -139,6 +146,45 @@ class Service:
                 raise TypeError(f"{cls.event_type} already has a handler in {self.name}")
             self.handlers[cls.event_type] = fn
         return fn
+
+    def on_stop(self, fn: StopHook) -> StopHook:
+        """Register ``fn`` to run when the service stops, after its last input: where it
+        closes what its handlers opened, so the process ends without leaked clients
+        (an aiohttp session left open is reported on stderr at exit). ``async def``
+        hooks are awaited. Hooks run once, last registered first, each even if one
+        before it failed."""
+        self.stop_hooks.append(fn)
+        return fn
+
+    async def stop_async(self) -> None:
+        """Run the stop hooks that have not run yet, on the running loop: the one the
+        async handlers ran on, when the caller still has it.
+
+        Raises:
+            Exception: the first hook's error, once every hook has run.
+        """
+        failure: Exception | None = None
+        while self.stop_hooks:
+            fn = self.stop_hooks.pop()
+            try:
+                result = fn()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as err:  # the other hooks still run; the first error is raised
+                failure = failure or err
+        if failure is not None:
+            raise failure
+
+    def stopped(self) -> None:
+        """Run the stop hooks that have not run yet (see ``on_stop``); the runtime calls
+        this once its worker has returned.
+
+        The worker of a service with async handlers runs the hooks on their loop
+        before closing it (so clients bound to it close their sockets); this
+        runs them for the others, on a loop of its own.
+        """
+        if self.stop_hooks:
+            asyncio.run(self.stop_async())
 
     @property
     def is_async(self) -> bool:

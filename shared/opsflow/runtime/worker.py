@@ -10,6 +10,12 @@ its unfinished transaction before processing anything (see ``recovery``).
 No transaction ever spans a partition the worker no longer owns: partitions
 are committed on revocation and dropped, without commit, when lost.
 
+Log-scan delivery (``Delivery.LOG_SCAN``, for brokers whose transactions are
+too costly or unreliable) writes outputs through one idempotent producer that
+never gives up on a write, commits the input offsets once every output of the
+batch is acknowledged, and relies on the recovery scan after a takeover or a
+redo; see ``Worker._commit_written`` and ``StallWatch`` for what makes it exact.
+
 Failures: a transient error (``RetryableError``: registry or broker trouble, or
 a handler saying "try again") commits what came before, pauses only that
 partition and retries the same input with backoff; the rest keep flowing. Any
@@ -23,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -56,10 +63,24 @@ log = logging.getLogger("opsflow.runtime")
 
 EVENT_TYPE_HEADER = "opsflow-event-type"
 _TXN_TIMEOUT_S = 30.0
-# Log-scan delivery: a write gets its delivery report (written, or failed) within
-# this, which is shorter than the flush that waits for the reports, so no
-# record of a batch being redone can still be queued in the client.
-_DELIVERY_TIMEOUT_S = 25.0
+# Log-scan delivery: how long one wait for delivery reports lasts before the
+# worker logs that it is still waiting (it then waits on: see _commit_written).
+_REPORT_WAIT_S = 5.0
+# Log-scan delivery: a request unanswered this long is sent again on a new
+# connection. Safe with the idempotent producer (the broker drops the copy by
+# its sequence number), and it gets writes moving again soon after a broker
+# that stood still resumes.
+_REQUEST_TIMEOUT_MS = 5_000
+# Consumer group timing (see _consumer_config): a member is replaced once the
+# broker heard nothing from it for the session timeout.
+_SESSION_TIMEOUT_MS = 6_000
+_HEARTBEAT_INTERVAL_MS = 1_000
+# A process that stood still this long may have been replaced meanwhile (its
+# heartbeats stopped too): well under session timeout minus one heartbeat interval.
+_STALL_S = 2.0
+# After standing still, wait this long (two heartbeats and their answers) before
+# trusting the assignment again: the consumer learns a loss from a heartbeat.
+_CONFIRM_S = 2.5
 _TAKE_OVER_ATTEMPTS = 8
 
 
@@ -122,9 +143,13 @@ class _Partition:
     failed: bool = False
     txn_started: float = 0.0
     pending: int = 0
+    # Sources of outputs already written for uncommitted inputs; None until the
+    # recovery scan has told (the partition is paused meanwhile).
     skip: set[str] | None = None
     attempts: int = 0
     paused_until: float | None = None
+    # The recovery scan may finish no earlier than this (monotonic; see _CONFIRM_S).
+    recover_after: float = 0.0
 
     @property
     def tp(self) -> TopicPartition:
@@ -135,8 +160,8 @@ def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
     return {
         # Joining a group waits half a session timeout on some brokers; 6 s
         # keeps a takeover quick while tolerating scheduling hiccups.
-        "session.timeout.ms": 6000,
-        "heartbeat.interval.ms": 1000,
+        "session.timeout.ms": _SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": _HEARTBEAT_INTERVAL_MS,
         # librdkafka pre-fetches up to 64 MiB by default; on a backlog that
         # alone took peak RSS from ~145 to ~210 MB in `make bench`.
         "queued.max.messages.kbytes": 4096,
@@ -175,6 +200,66 @@ def _log_time(timestamp_ms: int) -> datetime:
     return datetime.fromtimestamp(seconds, UTC).replace(microsecond=millis * 1000)
 
 
+class StallWatch:
+    """Notices when the whole process stood still (SIGSTOP, a paused VM, swapping).
+
+    A process that stands still stops heartbeating too, so the group may give its
+    partitions to another member meanwhile, and when it resumes it would write
+    outputs of inputs the new owner also handles: a zombie. The broker cannot
+    refuse those writes (no transactions in log-scan delivery, and the embedded
+    broker does not check the group generation on offset commits either), so the
+    worker must: before producing or committing anything it took in before a
+    stall, it asks ``stalled_since``, and if so it writes nothing of it, rewinds
+    and lets the consumer confirm its assignment before going on.
+
+    A daemon thread ticks every ``tick_s``; a tick that comes more than
+    ``threshold_s`` late means every thread of the process stood still (a busy
+    main thread does not delay it: the client releases the interpreter lock
+    while it waits, and Python switches threads every few milliseconds).
+    """
+
+    def __init__(self, *, threshold_s: float = _STALL_S, tick_s: float = 0.1) -> None:
+        self.threshold_s = threshold_s
+        self.tick_s = tick_s
+        # Monotonic times of the watch's last tick and of the end of the last stall.
+        self.last_tick = time.monotonic()
+        self.last_stall_end = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="stall-watch", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            now = time.monotonic()
+            if now - self.last_tick > self.threshold_s:
+                self.last_stall_end = now
+                log.warning(
+                    "the process stood still", extra={"stalled_s": round(now - self.last_tick, 3)}
+                )
+            self.last_tick = now
+
+    def stalled_since(self, since: float) -> bool:
+        """Whether the process stood still at some point after ``since`` (monotonic).
+
+        Also true while the watch's own tick is overdue: right after the process
+        resumes, the main thread may run before the watch thread has ticked.
+        """
+        now = time.monotonic()
+        return self.last_stall_end > since or now - self.last_tick > self.threshold_s
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+@dataclass
+class _Recovery:
+    """A recovery scan running beside the poll loop for some paused partitions."""
+
+    parts: list[_Partition]
+    result: Future[dict[tuple[str, int], set[str]]]
+    started: float
+
+
 class Worker:
     """Runs one ``Service`` until ``stop()``; see the module docstring for the guarantees.
 
@@ -198,26 +283,28 @@ class Worker:
         # (``KAFKA_FETCH_WAIT_MAX_MS`` and the like), which they would warn about.
         self.producing = {k: v for k, v in kafka.items() if not k.startswith("fetch.")}
         self.delivery = delivery
-        # Log-scan delivery writes through one plain producer: no idempotence
-        # (its state is what some brokers cannot keep under concurrency) and no
-        # retries (a failed write is redone from the last commit instead, so a
-        # retry can never duplicate a record).
+        # Log-scan delivery writes through one idempotent producer that never
+        # gives up on a write (no message timeout): a request that timed out is
+        # sent again with the same sequence numbers, and the broker drops the
+        # copy it already has. So a write is never reported failed while the
+        # broker may still apply it (a broker that stood still and resumes), and
+        # a batch is redone only after writes the broker refused outright.
         self.plain = (
             Producer(
                 {
                     **self.producing,
-                    "enable.idempotence": False,
+                    "enable.idempotence": True,
                     "acks": "all",
-                    "retries": 0,
-                    "message.timeout.ms": int(_DELIVERY_TIMEOUT_S * 1000),
-                    # In-flight writes time out with their request, not the message timeout.
-                    "request.timeout.ms": int(_DELIVERY_TIMEOUT_S * 800),
+                    "message.timeout.ms": 0,
+                    "request.timeout.ms": _REQUEST_TIMEOUT_MS,
                     "linger.ms": self.producing.get("linger.ms", 5),
                 }
             )
             if delivery is Delivery.LOG_SCAN
             else None
         )
+        # A delivery report saying the producer can no longer be used.
+        self._fatal: KafkaError | None = None
         prefix = TopicSettings().prefix
         self.group = topic_name(service.name, prefix=prefix)
         self.inputs = [topic_name(t, prefix=prefix) for t in service.consumes]
@@ -237,6 +324,13 @@ class Worker:
         # Commits and take-overs wait on the broker, not the CPU: one thread per
         # partition a service commonly owns.
         self._committer = ThreadPoolExecutor(max_workers=32, thread_name_prefix="commit")
+        # Recovery scans run beside the poll loop (never in a rebalance callback,
+        # where a long scan held the whole group's rebalance), one at a time.
+        self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recovery")
+        self._recovery: _Recovery | None = None
+        self._cancel = threading.Event()
+        self.stalls = StallWatch()
+        self._checked = time.monotonic()
         # Async handlers (ones that wait on a partner) run on this loop, concurrently.
         self._loop = asyncio.new_event_loop() if service.is_async else None
 
@@ -259,10 +353,20 @@ class Worker:
                 self._process(messages)
                 self._commit_due(drained=len(messages) < self.service.batch.max_events)
                 self._resume_due()
+                self._recover_due()
         finally:
+            self._cancel.set()
             self._commit(list(self.partitions.values()))
             self._committer.shutdown()
+            self._scanner.shutdown(cancel_futures=True)
+            self.stalls.close()
             if self._loop is not None:
+                # Stop hooks on the loop the async handlers ran on, so what they opened
+                # there (an HTTP session, a connection pool) closes its sockets too.
+                try:
+                    self._loop.run_until_complete(self.service.stop_async())
+                except Exception as err:  # the rest of the shutdown still happens
+                    log.error("a stop hook failed", extra={"error": str(err)[:500]})
                 self._loop.close()
             self.consumer.close()
             for part in self.partitions.values():
@@ -271,6 +375,8 @@ class Worker:
                 self.plain.flush(10)
             self.partitions.clear()
             log.info("stopped")
+        if self._fatal is not None:
+            raise KafkaException(self._fatal)
 
     def _poll(self) -> list[Message]:
         """The records the consumer has ready, up to a batch; else wait briefly for one.
@@ -314,20 +420,12 @@ class Worker:
             part = _Partition(tp.topic, tp.partition, producer, committed=offset, position=offset)
             self.partitions[(tp.topic, tp.partition)] = part
             taken.append(part)
-        firsts = recovery.first_uncommitted(
-            self.kafka, {(part.topic, part.partition): part.committed for part in taken}
-        )
-        if firsts:
-            self._recover(
-                [part for part in taken if (part.topic, part.partition) in firsts],
-                since_ms=min(firsts.values()),
-            )
-        for part in taken:
-            if part.skip is None:
-                part.skip = set()  # nothing uncommitted: nothing can have been written for it
+        # Paused until the recovery scan (run from the poll loop: _recover_due) has
+        # found what the previous owner already wrote for their uncommitted inputs.
         consumer.assign(
             [TopicPartition(part.topic, part.partition, part.committed) for part in taken]
         )
+        consumer.pause([part.tp for part in taken])
         self.health.joined = True
         log.info("assigned", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
 
@@ -353,24 +451,71 @@ class Worker:
                     log.warning("abort after loss failed", extra={"error": str(exc)})
         log.warning("lost", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
 
-    def _recover(self, parts: Sequence[_Partition], *, since_ms: int) -> None:
-        """Learn which outputs of the partitions' uncommitted inputs are already written."""
-        found = recovery.written_sources(
-            self.kafka,
-            self.outputs,
-            uncommitted={(part.topic, part.partition): part.committed for part in parts},
-            since_ms=since_ms,
-        )
-        for part in parts:
-            part.skip = found[(part.topic, part.partition)]
-            if part.skip:
+    def _recover_due(self) -> None:
+        """Run the recovery scan for the partitions waiting for it, beside the poll loop.
+
+        Partitions wait paused (the consumer keeps heartbeating and polling, so
+        a long scan neither stalls the group's rebalance nor exceeds the poll
+        interval), and resume once the scan has said which outputs of their
+        uncommitted inputs are already written. A scan that fails is retried with
+        backoff; it never takes the process down, so it cannot crash-loop.
+        """
+        running = self._recovery
+        if running is not None:
+            if not running.result.done():
+                return
+            self._recovery = None
+            try:
+                found = running.result.result()
+            except recovery.Cancelled:
+                return
+            for part in running.parts:
+                where = (part.topic, part.partition)
+                if self.partitions.get(where) is not part or part.skip is not None:
+                    continue  # revoked, lost or taken again meanwhile
+                if part.recover_after > running.started:
+                    continue  # stood still during the scan: scan again once confirmed
+                part.skip = found[where]
+                if part.skip:
+                    log.warning(
+                        "recovered",
+                        extra={
+                            "partition": f"{where[0]}/{where[1]}",
+                            "already_written": len(part.skip),
+                        },
+                    )
+                # From the last commit: records fetched before the pause were dropped.
+                self.consumer.seek(TopicPartition(part.topic, part.partition, part.committed))
+                if part.paused_until is None:  # else _resume_due resumes it after its backoff
+                    self.consumer.resume([part.tp])
+        now = time.monotonic()
+        waiting = [
+            part
+            for part in self.partitions.values()
+            if part.skip is None and not part.open and part.recover_after <= now
+        ]
+        if waiting:
+            committed = {(part.topic, part.partition): part.committed for part in waiting}
+            self._recovery = _Recovery(
+                waiting, self._scanner.submit(self._scan, committed), started=now
+            )
+
+    def _scan(self, committed: dict[tuple[str, int], int]) -> dict[tuple[str, int], set[str]]:
+        """``recovery.recover``, retried with the service's backoff until it works or the
+        worker stops (on the recovery thread)."""
+        attempt = 0
+        while True:
+            try:
+                return recovery.recover(self.kafka, self.outputs, committed, cancel=self._cancel)
+            except (RetryableError, KafkaException) as exc:
+                attempt += 1
+                delay = self.service.retry.delay(attempt)
                 log.warning(
-                    "recovered",
-                    extra={
-                        "partition": f"{part.topic}/{part.partition}",
-                        "already_written": len(part.skip),
-                    },
+                    "recovery scan failed, retrying",
+                    extra={"attempt": attempt, "delay_s": round(delay, 3), "error": str(exc)},
                 )
+                if self._cancel.wait(delay):
+                    raise recovery.Cancelled from exc
 
     # --- processing ----------------------------------------------------------------------
 
@@ -378,22 +523,71 @@ class Worker:
         """Handle a consumed batch: one input at a time, or concurrently for async handlers.
 
         Outputs are produced in input order either way, after every handler of
-        the batch has returned, so a partition's outputs keep its order.
+        the batch has returned, so a partition's outputs keep its order. Nothing
+        is produced once the process has stood still (``_stood_still``).
         """
         admitted = [found for found in map(self._admit, messages) if found is not None]
+        if self._stood_still():
+            return
         if self._loop is None:
             for msg, part in admitted:
                 if not self._owned(part, msg):
                     continue  # a retry earlier in this batch rewound its partition
                 with self._span(msg) as span:
-                    self._finish(part, msg, span, self._handle(msg, span))
+                    outcome = self._handle(msg, span)
+                    if self._stood_still():
+                        return
+                    self._finish(part, msg, span, outcome)
             return
         outcomes = self._loop.run_until_complete(self._handle_concurrently(admitted))
+        if self._stood_still():
+            return
         for (msg, part), (span, outcome) in zip(admitted, outcomes, strict=True):
             # A retry earlier in this batch rewinds its partition: drop what follows it
             # (re-run later; side effects are keyed by idempotency keys, so harmless).
             if self._owned(part, msg):
                 self._finish(part, msg, span, outcome)
+
+    def _stood_still(self) -> bool:
+        """Log-scan delivery: whether the process stood still since the last time this was
+        asked; if so, every owned partition is distrusted (``_distrust``).
+
+        Asked before anything is produced or committed, so every stall is seen
+        before the next write, wherever in the loop the process stood still.
+        """
+        if self.delivery is not Delivery.LOG_SCAN:
+            return False
+        now = time.monotonic()
+        stalled = self.stalls.stalled_since(self._checked)
+        self._checked = now
+        if stalled:
+            self._distrust()
+        return stalled
+
+    def _distrust(self) -> None:
+        """After the process stood still: write nothing more of what it took in before,
+        and confirm each partition is still ours before producing for it again.
+
+        Another member may own the partitions now (our heartbeats stopped too),
+        and no broker check stops a plain producer's writes, so the worker fences
+        itself: open batches are marked failed (never committed; redone), every
+        partition is rewound to its last commit and paused, and its recovery scan
+        may finish only after ``_CONFIRM_S``, by when the consumer's heartbeats have
+        told it of a lost assignment (the partitions are then dropped, unwritten).
+        If the partitions are still ours, the scan finds what was written and
+        processing goes on from the last commit.
+        """
+        confirm = time.monotonic() + _CONFIRM_S
+        for part in self.partitions.values():
+            part.recover_after = confirm
+            if part.open:
+                part.failed = True
+            else:
+                self._redo(part)
+        log.warning(
+            "stood still: outputs held back until the assignment is confirmed",
+            extra={"partitions": [f"{t}/{p}" for t, p in self.partitions]},
+        )
 
     def _admit(self, message: Message) -> tuple[_Input, _Partition] | None:
         if message.error() is not None:
@@ -402,15 +596,15 @@ class Worker:
         msg = _Input.of(message)
         part = self.partitions.get((msg.topic, msg.partition))
         if part is None or not self._owned(part, msg):
-            return None  # not ours any more, waiting to retry, or already handled
-        if part.skip is None:  # redoing a batch: this is its first uncommitted input
-            self._recover([part], since_ms=msg.timestamp_ms)
+            return None  # not ours any more, waiting to retry or recover, or already handled
         return msg, part
 
     def _owned(self, part: _Partition, msg: _Input) -> bool:
         return (
             self.partitions.get((part.topic, part.partition)) is part
             and part.paused_until is None
+            and part.skip is not None
+            and not part.failed
             and msg.offset >= part.position
         )
 
@@ -580,8 +774,9 @@ class Worker:
         self.metrics.topic(msg.topic).retries.inc()
         delay = self.service.retry.delay(part.attempts)
         self.consumer.pause([part.tp])
-        self.consumer.seek(TopicPartition(part.topic, part.partition, msg.offset))
-        part.position = msg.offset
+        if part.skip is not None:  # else the commit failed: redone from the last commit
+            self.consumer.seek(TopicPartition(part.topic, part.partition, msg.offset))
+            part.position = msg.offset
         part.paused_until = time.monotonic() + delay
         log.warning(
             "retrying",
@@ -599,7 +794,8 @@ class Worker:
         for part in self.partitions.values():
             if part.paused_until is not None and part.paused_until <= now:
                 part.paused_until = None
-                self.consumer.resume([part.tp])
+                if part.skip is not None:  # else its recovery scan resumes it
+                    self.consumer.resume([part.tp])
 
     def _produce(
         self,
@@ -612,6 +808,8 @@ class Worker:
         def delivered(err: KafkaError | None, _msg: Message) -> None:
             if err is not None:
                 part.failed = True
+                if err.fatal():
+                    self._fatal = err
 
         on_delivery = delivered if self.delivery is Delivery.LOG_SCAN else None
         while True:
@@ -726,24 +924,43 @@ class Worker:
         self._redo(part)
 
     def _redo(self, part: _Partition) -> None:
+        """Re-process the partition from its last commit, once the recovery scan has found
+        which of its outputs were written (it is paused until then)."""
+        self.consumer.pause([part.tp])
         self.consumer.seek(TopicPartition(part.topic, part.partition, part.committed))
         part.position, part.skip = part.committed, None
 
     def _commit_written(self, parts: Sequence[_Partition]) -> None:
         """Log-scan delivery: once every output of the batches is written, commit their offsets.
 
-        A failed write, or a failed offset commit, redoes the batch from the
-        last commit; the recovery scan finds what was written and skips it.
+        It waits for every delivery report, however long the broker takes. The
+        producer never gives up on a write, so a report is final: written
+        (once: the broker drops resent copies by sequence number), or refused
+        by the broker and never written. So when a batch is redone, nothing of
+        it is still queued or in flight: no write can land after the recovery
+        scan that decides what to write again. A batch is committed only if all
+        its writes succeeded and the process did not stand still meanwhile
+        (``_distrust``); otherwise it is redone from the last commit and the
+        scan skips what was written.
+
+        A worker told to stop while the broker does not answer leaves without
+        committing (the next owner's scan finds what it wrote). A fatal producer
+        error stops the worker, which then raises it: its supervisor starts a
+        fresh process, whose scan finds what this one wrote.
         """
         assert self.plain is not None
         started = time.perf_counter()
-        unsent = self.plain.flush(_TXN_TIMEOUT_S)
-        if unsent:
-            # Not expected (reports come within the delivery timeout): drop what is
-            # still queued, so nothing of this batch is written after its redo.
-            self.plain.purge(in_queue=True, in_flight=False)
-            self.plain.poll(0)
-        written = [part for part in parts if not (unsent or part.failed)]
+        while unsent := self.plain.flush(_REPORT_WAIT_S):
+            if self._fatal is not None or self._stopping:
+                break
+            log.warning("waiting for the broker to acknowledge writes", extra={"unsent": unsent})
+        if self._fatal is not None or unsent:
+            if self._fatal is not None:
+                log.error("the producer failed for good", extra={"error": str(self._fatal)})
+            self._stopping = True
+            return
+        self._stood_still()
+        written = [part for part in parts if not part.failed]
         offsets = [
             TopicPartition(part.topic, part.partition, part.next_offset)
             for part in written
@@ -763,10 +980,7 @@ class Worker:
                 continue
             log.warning(
                 "batch not committed, redoing it",
-                extra={
-                    "partition": f"{part.topic}/{part.partition}",
-                    "error": f"{unsent} output(s) not written" if unsent else "a write failed",
-                },
+                extra={"partition": f"{part.topic}/{part.partition}"},
             )
             self._redo(part)
         self.metrics.commit_seconds.observe(time.perf_counter() - started)
