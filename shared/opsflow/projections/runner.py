@@ -369,7 +369,8 @@ class ProjectionRunner:
         err: Exception,
     ) -> None:
         if self._producer is None:
-            self._producer = Producer({**self.kafka, "linger.ms": 5})
+            producing = {k: v for k, v in self.kafka.items() if not k.startswith("fetch.")}
+            self._producer = Producer({**producing, "linger.ms": 5})
         extra = dead_letter_headers(
             err,
             topic=topic,
