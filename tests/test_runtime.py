@@ -487,6 +487,36 @@ def test_recovery_scan_stops_at_the_end_it_found_while_other_writers_keep_append
     assert took < 20, f"the scan chased the writer for {took:.1f}s"
 
 
+def test_recovery_scan_ends_at_an_open_transaction_instead_of_waiting_past_it(
+    stack: Stack, topics: Topics
+) -> None:
+    # A transaction left open on an output partition (its producer died; the
+    # embedded broker never times it out) puts the end a read_committed reader
+    # can reach short of the high watermark: the scan must stop there, not retry
+    # for ever (a dispatch restarted in the 1,000-order workflow test did).
+    producer = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 5})
+    producer.produce(topics.orders, b"in", partition=0)
+    producer.produce(
+        topics.checks, b"out", partition=0, headers=_source_headers(topics.orders, 0, 0)
+    )
+    assert producer.flush(30) == 0
+    stuck = Producer(
+        {"bootstrap.servers": topics.bootstrap, "transactional.id": f"stuck-{uuid.uuid4()}"}
+    )
+    stuck.init_transactions(30)
+    stuck.begin_transaction()
+    stuck.produce(topics.checks, b"open", partition=0)
+    assert stuck.flush(30) == 0  # written, never committed
+
+    began = time.monotonic()
+    found = recovery.recover(
+        {"bootstrap.servers": topics.bootstrap}, [topics.checks], {(topics.orders, 0): 0}
+    )
+
+    assert found == {(topics.orders, 0): {recovery.source_of(topics.orders, 0, 0, 0)}}
+    assert time.monotonic() - began < 20
+
+
 def _approvable_orders(count: int) -> list[OrderReceived]:
     """Orders policy-check auto-approves (a small amount, one item)."""
     made = []

@@ -185,7 +185,14 @@ def _first_records(
                 raise RetryableError(f"could not read {sorted(open_)} in time")
             for msg in consumer.consume(1000, 0.2):
                 where = (msg.topic() or "", msg.partition() or 0)
-                if where not in open_ or msg.error() is not None:
+                if where not in open_:
+                    continue
+                error = msg.error()
+                if error is not None:
+                    # A read_committed reader's end is the last stable offset, short of
+                    # ``ends`` while a transaction is open there: nothing more to read.
+                    if error.code() == KafkaError._PARTITION_EOF:
+                        open_.discard(where)
                     continue
                 offset = msg.offset() or 0
                 if offset >= ends[where]:
