@@ -221,6 +221,9 @@ class Bucket:
             self._objects[key] = StoredObject(len(body), modified, _md5(body))
         self._keys.update(self._objects)
         self._drop_covered()
+        # Compaction looks at every partition once: batches written before a
+        # restart (or by a store that could not merge them) are merged too.
+        self.dirty.update(_records_folder(key) for key in self._objects if _is_batch(key))
 
     def _drop_covered(self) -> None:
         """Delete batches a merged batch already holds: what a compaction stopped

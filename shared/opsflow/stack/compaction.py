@@ -13,8 +13,14 @@ A merged batch is what a producer could have written at once: Kafka's record
 batch format v2 with the same records (key, value, headers, attributes), each
 at its original offset and with its original timestamp, re-based on the first
 batch, with the CRC-32C recomputed. Only plain batches are merged (magic 2, no
-compression, neither transactional nor control, no producer id): those carry
-nothing that belongs to one batch alone. Consumers cannot tell the difference,
+compression, neither transactional nor control): those carry nothing that
+belongs to one batch alone. An idempotent producer's batches are plain too: the
+broker checks a producer's sequence numbers against its own state
+(``meta.json``), never against the batches, and consumers read a producer id
+only on transactional batches; the merged batch carries none (-1). Merging
+them matters: every opsflow service on the durable stack writes through an
+idempotent producer, so without it the workflow's own batches piled up
+unmerged (one object per proof of delivery, per flush of each service). Consumers cannot tell the difference,
 except that a fetch may now return records before the requested offset in the
 same batch, which every Kafka client skips (as with any batch on Apache Kafka).
 """
@@ -64,7 +70,6 @@ class BatchHeader:
         return (
             self.magic == 2
             and not self.attributes & _UNMERGEABLE_ATTRIBUTES
-            and self.producer_id == -1
             and self.record_count == self.last_offset_delta + 1
         )
 
