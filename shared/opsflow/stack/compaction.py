@@ -20,9 +20,10 @@ broker checks a producer's sequence numbers against its own state
 only on transactional batches; the merged batch carries none (-1). Merging
 them matters: every opsflow service on the durable stack writes through an
 idempotent producer, so without it the workflow's own batches piled up
-unmerged (one object per proof of delivery, per flush of each service). Consumers cannot tell the difference,
-except that a fetch may now return records before the requested offset in the
-same batch, which every Kafka client skips (as with any batch on Apache Kafka).
+unmerged (one object per proof of delivery, per flush of each service).
+Consumers cannot tell the difference, except that a fetch may now return
+records before the requested offset in the same batch, which every Kafka
+client skips (as with any batch on Apache Kafka).
 """
 
 from __future__ import annotations
