@@ -20,6 +20,7 @@ import pytest
 from confluent_kafka import Consumer, Message, Producer
 from confluent_kafka.admin import AdminClient
 
+from opsflow.stack.components import plan_stack
 from tests.stackctl import OPSFLOW, Stack, stack_env
 
 COMPONENTS = {"bucket", "broker", "postgres", "registry", "provision"}
@@ -92,6 +93,29 @@ def test_up_status_down_from_a_clean_data_directory_and_again_on_the_existing_on
     again = own_stack.components()
     assert all(c["healthy"] for c in again.values()), again
     assert again["broker"]["address"] == components["broker"]["address"], "ports are kept"
+
+
+def test_the_durable_stack_lets_only_the_projectors_readers_wait_between_fetches(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Its readers fetch at most every half second while records wait unread (a
+    variable the user sets wins); the workflow's services fetch as soon as they can."""
+    for name in ("KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "SCHEMA_REGISTRY_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("KAFKA_QUEUED_MIN_MESSAGES", raising=False)
+    monkeypatch.setenv("OPSFLOW_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("OPSFLOW_SERVICES", "true")
+
+    plan = plan_stack()
+    projector, dispatch = plan.component("projector"), plan.component("dispatch")
+    assert projector is not None and dispatch is not None
+    assert projector.env["KAFKA_QUEUED_MIN_MESSAGES"] == "1"
+    assert projector.env["KAFKA_FETCH_QUEUE_BACKOFF_MS"] == "500"
+    assert "KAFKA_QUEUED_MIN_MESSAGES" not in dispatch.env
+
+    monkeypatch.setenv("KAFKA_QUEUED_MIN_MESSAGES", "1000")
+    projector = plan_stack().component("projector")
+    assert projector is not None and "KAFKA_QUEUED_MIN_MESSAGES" not in projector.env
 
 
 def test_a_second_up_finds_the_running_stack_instead_of_starting_another(own_stack: Stack) -> None:

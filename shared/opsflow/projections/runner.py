@@ -369,7 +369,10 @@ class ProjectionRunner:
         err: Exception,
     ) -> None:
         if self._producer is None:
-            producing = {k: v for k, v in self.kafka.items() if not k.startswith("fetch.")}
+            # Without the reader's settings, which a producer warns about.
+            producing = {
+                k: v for k, v in self.kafka.items() if not k.startswith(("fetch.", "queued."))
+            }
             self._producer = Producer({**producing, "linger.ms": 5})
         extra = dead_letter_headers(
             err,

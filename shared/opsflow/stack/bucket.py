@@ -114,14 +114,20 @@ class CompactionPolicy:
 
     A partition's newest batches are what consumers at the tail read: they are
     left as they are. Older small ones are merged into batches of about
-    ``merged_bytes``.
+    ``merged_bytes``. Merging young batches too matters under load: the broker
+    lists every batch of a partition on each fetch that finds records, and at
+    100 orders/s a partition gained about 100 batches a second. Leaving 30 s of
+    them (the first policy) grew each listing to thousands of keys during a run;
+    a paced 1,000-order demo took 13.8 s of broker CPU then, 8.1 s with batches
+    merged after one second. A fetch that listed a batch merged away meanwhile
+    reads a placeholder (``compaction.placeholder``) and fetches again.
     """
 
-    keep_newest: int = 64
-    min_age_s: float = 30.0
+    keep_newest: int = 16
+    min_age_s: float = 1.0
     small_bytes: int = 256 * 1024
     merged_bytes: int = 1024 * 1024
-    every_s: float = 2.0
+    every_s: float = 1.0
     # How long a merged-away batch is answered with a placeholder.
     placeholder_s: float = 60.0
 
