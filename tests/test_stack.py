@@ -118,6 +118,20 @@ def test_the_durable_stack_lets_only_the_projectors_readers_wait_between_fetches
     assert projector is not None and "KAFKA_QUEUED_MIN_MESSAGES" not in projector.env
 
 
+def test_what_may_lag_behind_the_workflow_yields_the_cpu_to_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("OPSFLOW_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("OPSFLOW_SERVICES", "true")
+    nice = {c.name: c.nice for c in plan_stack().components}
+    assert {name for name, n in nice.items() if n > 0} == {
+        "projector",
+        "pod-webhook",
+        "pod-capture",
+    }
+    assert nice["dispatch"] == nice["policy-check"] == nice["ingest"] == nice["broker"] == 0
+
+
 def test_a_second_up_finds_the_running_stack_instead_of_starting_another(own_stack: Stack) -> None:
     own_stack.run("up", "--detach")
     before = {n: c["pid"] for n, c in own_stack.components().items()}

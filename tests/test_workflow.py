@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import psutil
 from confluent_kafka import Consumer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -90,6 +91,8 @@ def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: 
     )
     stack.run("up", "--detach")
     try:
+        pids = {name: c["pid"] for name, c in stack.components().items() if c["pid"]}
+        assert psutil.Process(pids["projector"]).nice() > psutil.Process(pids["dispatch"]).nice()
         env = stack.status()["env"]
         created = stack.run(
             "keys", "create", "--producer", "e2e-shop", DATABASE_URL=env["DATABASE_URL"]

@@ -219,6 +219,8 @@ def main() -> None:
     # exec keeps the pid, so it can be recorded before dropping privileges.
     (run_dir / f"{name}.pid").write_text(str(os.getpid()))
     command = _service(plan, comp) if comp.is_service else _PREPARE[name](plan, comp)
+    if comp.nice:
+        os.nice(comp.nice)
     sys.stdout.flush()
     os.execv(command[0], command)
 
