@@ -46,13 +46,14 @@ class DurableBroker:
     def store_url(self) -> str:
         return f"http://127.0.0.1:{self.store_port}"
 
-    def start_store(self, compact_after: float = 0.5) -> None:
+    def start_store(self, compact_after: float = 0.5, settle_after: float = 3600) -> None:
         self.store = subprocess.Popen(
             [
                 sys.executable,
                 *("-m", "opsflow.stack.bucket", str(self.root)),
                 *("--port", str(self.store_port)),
                 *("--compact-after", str(compact_after), "--keep-newest", "4"),
+                *("--settle-after", str(settle_after)),
             ]
         )
         _wait_for(lambda: httpx.get(self.store_url, timeout=1).status_code == 200)
@@ -279,6 +280,28 @@ def test_batches_left_unmerged_before_a_restart_are_merged_after_it_without_new_
     _wait_for(lambda: len(durable.batches(topic)) <= 5, timeout=60)
     values = [value for *_, value, _t, _h in _read_all(durable, topic, 1)]
     assert values == [f"v{n}".encode() for n in range(40)]
+
+
+def test_settled_batches_too_large_to_merge_at_the_tail_merge_into_few_large_ones(
+    durable: DurableBroker,
+) -> None:
+    durable.stop_store()
+    durable.start_store(settle_after=5)
+    try:
+        topic = _topic(durable)
+        producer = Producer({"bootstrap.servers": durable.bootstrap, "linger.ms": 0})
+        values = [bytes([n]) * 300_000 for n in range(10)]  # each above the small size
+        for value in values:
+            producer.produce(topic, value=value)
+            producer.flush(10)
+        time.sleep(1.5)
+        assert len(durable.batches(topic)) == 10, "too large to merge while young"
+
+        _wait_for(lambda: len(durable.batches(topic)) <= 4 + 1, timeout=60)
+        assert [value for *_, value, _t, _h in _read_all(durable, topic, 1)] == values
+    finally:
+        durable.stop_store()
+        durable.start_store()
 
 
 def test_a_restart_drops_batches_a_merge_left_behind(durable: DurableBroker) -> None:

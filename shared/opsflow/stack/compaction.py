@@ -7,7 +7,7 @@ transaction or flush), so the listing, and with it every hop's latency, grew
 with the history: measured on one partition, produce-to-consume p50 13 ms with
 50 batch objects, 52 ms with 5,000 (the store's listing alone 0.2 ms -> 3.8 ms).
 Merging old batches keeps the count per partition near the newest few plus one
-object per megabyte of history.
+object per few megabytes of history.
 
 A merged batch is what a producer could have written at once: Kafka's record
 batch format v2 with the same records (key, value, headers, attributes), each
