@@ -135,7 +135,7 @@ class CompactionPolicy:
     small_bytes: int = 256 * 1024
     merged_bytes: int = 4 * 1024 * 1024
     every_s: float = 1.0
-    settled_s: float = 300.0
+    settled_s: float = 60.0
     # How long a merged-away batch is answered with a placeholder.
     placeholder_s: float = 60.0
 
