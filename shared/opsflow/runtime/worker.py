@@ -165,11 +165,12 @@ def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
         # librdkafka pre-fetches up to 64 MiB by default; on a backlog that
         # alone took peak RSS from ~145 to ~210 MB in `make bench`.
         "queued.max.messages.kbytes": 4096,
-        # The embedded broker answers a fetch only when this wait is over, so
-        # with librdkafka's 500 ms every hop of a quiet workflow waited for it
-        # (order-to-dispatch p50 963 -> 513 ms with 20 ms in `make bench`). Its
-        # durable store needs the time to read: at 20 ms fetches came back
-        # empty for ever; 50 ms and more read a backlog (measured), 100 ms
+        # The embedded broker looks for records at once, then again after half
+        # this wait, three quarters, ..., so with librdkafka's 500 ms
+        # every hop of a quiet workflow waited for it (order-to-dispatch
+        # p50 963 -> 513 ms with 20 ms in `make bench`). Its durable store
+        # stops listing a partition when the wait is over: at 20 ms fetches
+        # came back empty for ever; 50 ms and more read a backlog (measured), 100 ms
         # leaves room under load. `opsflow up` sets 20 ms (KAFKA_FETCH_WAIT_MAX_MS)
         # on its memory store, which reads at once.
         "fetch.wait.max.ms": 100,

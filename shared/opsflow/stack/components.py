@@ -251,9 +251,10 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
                 "OPSFLOW_TOPIC_PARTITIONS", str(DURABLE_PARTITIONS)
             )
         elif "KAFKA_FETCH_WAIT_MAX_MS" not in os.environ:
-            # The broker answers a fetch only when its wait is over, so every
-            # hop pays it; its memory store reads at once (the durable one
-            # needs 50 ms and more, see the runtime's consumer settings).
+            # A fetch with nothing to return looks again at halving intervals
+            # until its wait is over, so a record can wait up to half of it;
+            # the memory store reads at once (the durable one needs 50 ms and
+            # more, see the runtime's consumer settings).
             runtime_env["KAFKA_FETCH_WAIT_MAX_MS"] = str(MEMORY_FETCH_WAIT_MS)
 
     if database.database_url:
