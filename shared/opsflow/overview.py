@@ -141,16 +141,9 @@ def overview(
         starts = _log_starts(kafka, [tp for parts in dead_letter_parts.values() for tp in parts])
     finally:
         consumer.close()
-    # Each service's committed offsets are one consumer's round trips to the
-    # group coordinator: asked side by side.
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        lags = {
-            name: pool.submit(_service_lag, kafka, name, parts, ends)
-            for name, parts in inputs.items()
-        }
-    for name, lag in lags.items():
+    for name, parts in inputs.items():
         try:
-            found.services.append(lag.result())
+            found.services.append(_service_lag(kafka, name, parts, ends))
         except Exception as err:
             found.unavailable.append(f"{name}: {err}")
     for topic_value, parts in dead_letter_parts.items():
