@@ -103,8 +103,15 @@ def run(env: dict[str, str], command: str) -> subprocess.CompletedProcess[str]:
             shell=True, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     if "--watch" in args:
+        # Ctrl-C reaches the command even when this suite runs with SIGINT ignored
+        # (a background job of a shell), which its children would inherit.
         proc = subprocess.Popen(
-            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            args,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         time.sleep(12)
         proc.send_signal(signal.SIGINT)
