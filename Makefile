@@ -11,7 +11,11 @@ CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup run test bench lint clean
 
+# The project's own bytecode is compiled here (a no-op when current): where
+# PYTHONDONTWRITEBYTECODE is set, every `opsflow` command would otherwise compile
+# its modules afresh, ~0.3 s per command (measured on `opsflow status`).
 setup: $(STAMP) $(CHROMIUM)
+	@$(BIN)/python -m compileall -q shared services >/dev/null
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "opsflow needs Python 3.11 or newer (set PYTHON=...)")'

@@ -29,6 +29,7 @@ from opsflow.errors import RetryableError
 from opsflow.projections.runner import partitions_of
 from opsflow.projections.status import ProjectionStatus, statuses
 from opsflow.runtime import load_service
+from opsflow.stack.health import probe_client
 from opsflow.topics import dead_letter_topic, end_offsets, topic_name
 
 # The workflow's consuming services (module[:attribute] of their Service).
@@ -94,7 +95,7 @@ def _service_lag(
 def processed_total(metrics_url: str) -> float | None:
     """The inputs a runtime service has processed since it started (None: no answer)."""
     try:
-        text = httpx.get(f"{metrics_url}/metrics", timeout=2).text
+        text = probe_client().get(f"{metrics_url}/metrics", timeout=2).text
     except httpx.HTTPError:
         return None
     return sum(float(n) for n in _PROCESSED.findall(text))
