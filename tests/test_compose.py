@@ -2,7 +2,8 @@
 
 Every opsflow process in it must get each variable its settings read without
 a usable default (a None default means "start the embedded one", which a
-container cannot do), and every service under services/ must be in it.
+container cannot do), and every program the application declares must run in
+it as ``opsflow up`` runs it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Any
 
 import yaml
 from pydantic_settings import BaseSettings
+
+from opsflow.application import load_application
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,11 +51,15 @@ def test_compose_runs_apache_kafka_in_kraft_mode_postgres_and_a_schema_registry(
     assert "schema-registry" in services["schema-registry"]["image"]
 
 
-def test_every_service_package_is_in_compose_and_built_from_deploy() -> None:
-    packages = {p.name for p in (ROOT / "services").iterdir() if (p / "__init__.py").exists()}
-    modules = {module for svc in _opsflow_processes().values() for module in svc["command"]}
-    assert {f"services.{name}" for name in packages} <= modules
-    for svc in _opsflow_processes().values():
+def test_every_program_of_the_application_runs_in_compose_as_the_stack_runs_it() -> None:
+    processes = _opsflow_processes()
+    programs = load_application().programs
+    assert programs
+    for program in programs:
+        assert program.name in processes, f"{program.name} is not in docker-compose.yml"
+        assert tuple(processes[program.name]["command"]) == program.command
+    assert processes["projector"]["command"] == ["opsflow.projector"]
+    for svc in processes.values():
         dockerfile = ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]
         assert dockerfile.parent == ROOT / "deploy" and dockerfile.exists()
 
@@ -64,7 +71,8 @@ def test_every_variable_an_opsflow_process_reads_is_set_in_compose() -> None:
     needed = _variables_without_default(provision.SETTINGS)
     assert {"KAFKA_BOOTSTRAP_SERVERS", "DATABASE_URL", "SCHEMA_REGISTRY_URL"} <= needed
     for name, svc in processes.items():
-        if name == "carrier":
+        program = load_application().program(name)
+        if program is not None and program.stand_in:
             continue  # the stand-in of an external partner: no opsflow settings
         missing = needed - set(svc["environment"])
         assert not missing, f"{name} reads {sorted(missing)} but compose does not set them"

@@ -1,7 +1,7 @@
 """Read models on the real stack: kept exactly once, rebuilt without downtime, tamper-evident.
 
 Each test has topics of its own (a prefix) and a fresh database schema; the
-projector runs as a real process (``python -m services.projector``) and the
+projector runs as a real process (``python -m opsflow.projector``) and the
 operator commands through the real CLI. Order histories come from
 ``tests.histories``: every workflow event type, causally consistent. What a
 read model should say is computed here from the histories, not by the
@@ -163,7 +163,7 @@ def world(
 def projector(world: World, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     port = free_port()
     proc = start_service(
-        ["-m", "services.projector"],
+        ["-m", "opsflow.projector"],
         {**world.env, "OPSFLOW_METRICS_PORT": str(port)},
         tmp_path / "projector.log",
         f"http://127.0.0.1:{port}/readyz",
@@ -209,7 +209,7 @@ def test_a_rebuild_under_live_load_and_two_projectors_lose_and_duplicate_nothing
 ) -> None:
     port = free_port()
     second = start_service(
-        ["-m", "services.projector"],
+        ["-m", "opsflow.projector"],
         {**world.env, "OPSFLOW_METRICS_PORT": str(port)},
         tmp_path / "second.log",
         f"http://127.0.0.1:{port}/readyz",

@@ -83,7 +83,7 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     )
     port = free_port()
     projector = start_service(
-        ["-m", "services.projector"],
+        ["-m", "opsflow.projector"],
         {
             **world.stack.env,
             **world.stack.status()["env"],

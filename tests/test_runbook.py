@@ -83,7 +83,7 @@ def world(
         "DISPATCH_TIMEOUT_S": "2",
     }
     projector = start_service(
-        ["-m", "services.projector"],
+        ["-m", "opsflow.projector"],
         {**env, "OPSFLOW_METRICS_PORT": str(port)},
         tmp_path / "projector.log",
         f"http://127.0.0.1:{port}/readyz",

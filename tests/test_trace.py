@@ -745,7 +745,7 @@ def indexed(
     port = free_port()
     log = tmp_path_factory.mktemp("indexed") / "projector.log"
     projector = start_service(
-        ["-m", "services.projector"],
+        ["-m", "opsflow.projector"],
         {**env, "OPSFLOW_METRICS_PORT": str(port)},
         log,
         f"http://127.0.0.1:{port}/readyz",

@@ -24,21 +24,15 @@ from confluent_kafka import TopicPartition as KafkaPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
 
 from opsflow import db
+from opsflow.application import load_application
 from opsflow.contracts import Topic
-from opsflow.errors import RetryableError
+from opsflow.errors import ConfigurationError, RetryableError
 from opsflow.projections.runner import partitions_of
 from opsflow.projections.status import ProjectionStatus, statuses
 from opsflow.runtime import load_service
 from opsflow.stack.health import probe_client
 from opsflow.topics import dead_letter_topic, end_offsets, topic_name
 
-# The workflow's consuming services (module[:attribute] of their Service).
-SERVICES = (
-    "services.policy_check",
-    "services.review.service",
-    "services.dispatch",
-    "services.pod_capture",
-)
 _PROCESSED = re.compile(r"^opsflow_events_processed_total\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
 
 
@@ -115,7 +109,12 @@ def overview(
     try:
         # Every partition the screen needs, so their ends are learned in one pass.
         inputs: dict[str, list[tuple[str, int]]] = {}
-        for target in SERVICES:
+        try:
+            services = load_application().services
+        except ConfigurationError as err:  # the rest of the screen still helps
+            services = {}
+            found.unavailable.append(f"services: {err}")
+        for target in services.values():
             try:
                 service = load_service(target)
                 inputs[service.name] = partitions_of(

@@ -41,6 +41,7 @@ from confluent_kafka import TopicPartition as KafkaPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
+from opsflow.application import load_application
 from opsflow.contracts import EVENT_TOPICS, Event, Topic
 from opsflow.contracts.lineage import EVENT_ID_NAMESPACE, caused_by, derive_idempotency_key
 from opsflow.contracts.record import utc_millis
@@ -55,14 +56,6 @@ from opsflow.topics import end_offsets, offsets_at, topic_name
 
 REPLAY_HEADER = "opsflow-replay"
 EVENT_TYPE_HEADER = "opsflow-event-type"
-
-# The services a replay can drive (module of their Service), by service name.
-SERVICE_MODULES = {
-    "policy-check": "services.policy_check",
-    "review": "services.review.service",
-    "dispatch": "services.dispatch",
-    "pod-capture": "services.pod_capture",
-}
 
 Progress = Callable[[int, int], None]
 
@@ -113,13 +106,14 @@ class Report:
 
 def target_of(name: str) -> Service | Projection:
     """The service or projection called ``name``."""
-    if name in SERVICE_MODULES:
-        return load_service(SERVICE_MODULES[name])
+    services = load_application().services
+    if name in services:
+        return load_service(services[name])
     if name in PROJECTIONS:
         return PROJECTIONS[name]
     import difflib
 
-    known = [*SERVICE_MODULES, *PROJECTIONS]
+    known = [*services, *PROJECTIONS]
     near = difflib.get_close_matches(name, known, n=1)
     raise ConfigurationError(
         "--into",

@@ -1,4 +1,4 @@
-"""opsflow's read models: the projections ``services/projector`` keeps current.
+"""opsflow's read models: the projections ``shared/opsflow/projector`` keeps current.
 
 Their tables are a contract for the people and programs that read them
 (reviewer screens, operators, analytics); ``docs/contracts.md`` documents each

@@ -13,12 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from opsflow.application import load_application
 from opsflow.db import redact
 from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.settings import StackSettings
 from opsflow.stack import supervisor
 from opsflow.stack.components import StackPlan, plan_stack
-from opsflow.stack.health import CHECKS, check
+from opsflow.stack.health import check
 
 # Which variable selects each external counterpart, and what to tell a user
 # whose value does not work.
@@ -26,7 +27,6 @@ _EXTERNAL = {
     "kafka": ("KAFKA_BOOTSTRAP_SERVERS", "a reachable Kafka cluster (host:port,...)"),
     "postgres": ("DATABASE_URL", "a running PostgreSQL (postgresql://user@host:port/db)"),
     "registry": ("SCHEMA_REGISTRY_URL", "a running Confluent-compatible schema registry"),
-    "carrier": ("CARRIER_URL", "a carrier booking API answering /healthz"),
 }
 READY_TIMEOUT_S = 180.0
 
@@ -77,14 +77,21 @@ def check_external(plan: StackPlan) -> None:
         ConfigurationError: naming the variable and what to do.
     """
     for kind, value in plan.external.items():
-        healthy, detail = CHECKS[kind](value)
+        healthy, detail = check(kind)(value)
         if not healthy:
-            variable, expected = _EXTERNAL[kind]
+            variable, expected = _EXTERNAL.get(kind) or _partner(kind)
             raise ConfigurationError(
                 variable,
                 f"cannot reach {redact(value)}: {detail}",
                 f"Point {variable} at {expected}, or unset it to start the embedded one.",
             )
+
+
+def _partner(name: str) -> tuple[str, str]:
+    """The variable naming the partner a program stands in for, and what it must be."""
+    program = load_application().program(name)
+    variable = program.url_env if program is not None and program.url_env else name
+    return variable, f"the partner's API (answering /healthz), as the `{name}` stand-in does"
 
 
 def status(plan: StackPlan) -> list[ComponentStatus]:
@@ -109,7 +116,7 @@ def status(plan: StackPlan) -> list[ComponentStatus]:
             )
         )
     for kind, value in plan.external.items():
-        healthy, detail = CHECKS[kind](value)
+        healthy, detail = check(kind)(value)
         rows.append(ComponentStatus(kind, redact(value), "EXTERNAL", 0, 0.0, 0, healthy, detail))
     provision = procs.get(supervisor.PROVISION)
     if provision is not None:

@@ -10,13 +10,13 @@ component      production counterpart        variable
 bucket+broker  Apache Kafka, Redpanda, ...   KAFKA_BOOTSTRAP_SERVERS
 postgres       any PostgreSQL 14+            DATABASE_URL
 registry       Confluent Schema Registry     SCHEMA_REGISTRY_URL
-carrier        a real carrier's booking API  CARRIER_URL
 =============  ============================  =========================
 
-On top of them run opsflow's own services (unless ``OPSFLOW_SERVICES=false``):
-ingest, policy-check, review, dispatch, pod-capture (its webhook and its
-consumer) and the projector (the read models), each started once provisioning
-is done.
+On top of them run the application's programs (``opsflow.application``;
+unless ``OPSFLOW_SERVICES=false``) and the projector (the read models), each
+started once provisioning is done. A program standing in for an external
+partner (the order workflow's carrier) is not started when its URL variable
+is set.
 
 The plan is pure data (names, ports, commands): ``supervisor`` turns it into
 a process manager's configuration and ``launch`` runs each command.
@@ -31,6 +31,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from opsflow.application import load_application
 from opsflow.errors import ConfigurationError
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, StackSettings
 
@@ -67,6 +68,7 @@ class Component:
         env: for services, their own settings (ports, partner URLs).
         nice: how much lower its CPU priority is (``os.nice``), for what may lag
             behind the workflow when the cores are busy.
+        api_key_env: the variable in which it gets an ingest API key of its own.
     """
 
     name: str
@@ -77,6 +79,7 @@ class Component:
     module: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     nice: int = 0
+    api_key_env: str | None = None
 
     @property
     def command(self) -> list[str]:
@@ -299,59 +302,54 @@ def _services(
     runtime_env: dict[str, str],
     projector_env: dict[str, str],
 ) -> list[Component]:
-    """opsflow's own services, and the carrier stand-in unless ``CARRIER_URL`` is set."""
+    """The application's programs (``opsflow.application``), and the projector.
+
+    A partner's stand-in is not started when its URL variable is set: that
+    partner is used instead.
+    """
 
     def url(port: int) -> str:
         return f"http://{LOOPBACK}:{port}"
 
-    def runtime(name: str, module: str, nice: int = 0) -> Component:
-        # Runtime services answer /healthz on their metrics port.
-        port = ports.choose(name, None, "")
-        return Component(
-            name,
-            port,
-            url(port),
-            110,
-            module=("opsflow.runtime", module),
-            env={"OPSFLOW_METRICS_PORT": str(port), **runtime_env},
-            nice=nice,
+    programs = []
+    for program in load_application().programs:
+        if program.stand_in and program.url_env in os.environ:
+            assert program.url_env is not None
+            external[program.name] = env[program.url_env] = os.environ[program.url_env]
+            continue
+        programs.append(program)
+    # Every program's address first: another's settings may name it ("{POD_CAPTURE_URL}").
+    port_of = {program.name: ports.choose(program.name, None, "") for program in programs}
+    for program in programs:
+        if program.url_env:
+            env[program.url_env] = url(port_of[program.name])
+    found = []
+    for program in programs:
+        port = port_of[program.name]
+        own: dict[str, str] = {}
+        if program.port_env:
+            own[program.port_env] = str(port)
+        else:  # a stream service answers /healthz on its metrics port
+            own["OPSFLOW_METRICS_PORT"] = str(port)
+        if not program.module:
+            own.update(runtime_env)
+        fill = {**env, "program_dir": str(data_dir / program.name)}
+        for variable, value in program.env.items():
+            if "{program_dir}" in value:
+                (data_dir / program.name).mkdir(parents=True, exist_ok=True)
+            own[variable] = os.environ.get(variable) or value.format_map(fill)
+        found.append(
+            Component(
+                program.name,
+                port,
+                url(port),
+                100 if program.port_env else 110,
+                module=program.command,
+                env=own,
+                nice=OFF_PATH_NICE if program.off_path else 0,
+                api_key_env=program.api_key_env,
+            )
         )
-
-    ingest_port = ports.choose("ingest", None, "")
-    webhook_port = ports.choose("pod-webhook", None, "")
-    env["INGEST_URL"] = url(ingest_port)
-    env["POD_CAPTURE_URL"] = url(webhook_port)
-    review_port = ports.choose("review", None, "")
-    env["REVIEW_URL"] = url(review_port)
-    found = [
-        Component(
-            "ingest",
-            ingest_port,
-            url(ingest_port),
-            100,
-            module=("services.ingest",),
-            env={"INGEST_PORT": str(ingest_port)},
-        ),
-        Component(
-            "pod-webhook",
-            webhook_port,
-            url(webhook_port),
-            100,
-            module=("services.pod_capture",),
-            env={"POD_PORT": str(webhook_port)},
-            nice=OFF_PATH_NICE,
-        ),
-        Component(
-            "review",
-            review_port,
-            url(review_port),
-            100,
-            module=("services.review",),
-            env={"REVIEW_PORT": str(review_port)},
-        ),
-        runtime("policy-check", "services.policy_check"),
-        runtime("pod-capture", "services.pod_capture", nice=OFF_PATH_NICE),
-    ]
     projector_port = ports.choose("projector", None, "")
     found.append(
         Component(
@@ -359,33 +357,9 @@ def _services(
             projector_port,
             url(projector_port),
             110,
-            module=("services.projector",),
+            module=("opsflow.projector",),
             env={"OPSFLOW_METRICS_PORT": str(projector_port), **projector_env},
             nice=OFF_PATH_NICE,
         )
     )
-    carrier_url = os.environ.get("CARRIER_URL")
-    if carrier_url:
-        external["carrier"] = env["CARRIER_URL"] = carrier_url
-    else:
-        carrier_port = ports.choose("carrier", None, "")
-        env["CARRIER_URL"] = url(carrier_port)
-        (data_dir / "carrier").mkdir(parents=True, exist_ok=True)
-        found.append(
-            Component(
-                "carrier",
-                carrier_port,
-                url(carrier_port),
-                100,
-                module=("services.carrier_sim",),
-                env={
-                    "CARRIER_PORT": str(carrier_port),
-                    "CARRIER_DB": str(data_dir / "carrier" / "bookings.db"),
-                    "CARRIER_POD_WEBHOOK_URL": f"{url(webhook_port)}/pods",
-                    # The demo's refused-destination orders go there.
-                    "CARRIER_REFUSED_COUNTRIES": os.environ.get("CARRIER_REFUSED_COUNTRIES", "IS"),
-                },
-            )
-        )
-    found.append(runtime("dispatch", "services.dispatch"))
     return found

@@ -110,7 +110,6 @@ CHECKS: dict[str, Callable[[str], tuple[bool, str]]] = {
     "postgres": postgres_healthy,
     "registry": registry_healthy,
     "bucket": bucket_healthy,
-    "carrier": service_healthy,
 }
 
 

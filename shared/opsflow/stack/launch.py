@@ -163,8 +163,6 @@ _PREPARE = {"bucket": _bucket, "broker": _broker, "postgres": _postgres, "regist
 
 # Written by provisioning when it is done; services start only after it.
 PROVISIONED = "provisioned"
-# The carrier stand-in's API key for the proof-of-delivery webhook.
-_CARRIER_KEY = "carrier-pod.key"
 
 
 def _service(plan: StackPlan, comp: Component) -> list[str]:
@@ -176,19 +174,20 @@ def _service(plan: StackPlan, comp: Component) -> list[str]:
             sys.exit("provisioning did not finish within 300s; see provision.log")
         time.sleep(0.2)
     os.environ.update(comp.env)
-    if comp.name == "carrier":
-        os.environ["CARRIER_POD_API_KEY"] = _carrier_key(plan)
+    if comp.api_key_env:
+        os.environ[comp.api_key_env] = _api_key(plan, comp.name)
     return [sys.executable, "-m", *comp.module]
 
 
-def _carrier_key(plan: StackPlan) -> str:
-    """The carrier's webhook key: created once, kept (readable by the stack's user only)."""
-    path = plan.data_dir / "run" / _CARRIER_KEY
+def _api_key(plan: StackPlan, name: str) -> str:
+    """A program's ingest API key (producer ``name``): created once, kept readable by
+    the stack's user only (a partner stand-in calling the application's webhooks)."""
+    path = plan.data_dir / "run" / f"{name}.key"
     if not path.exists():
         from opsflow import apikeys, db
 
         with db.connect(plan.env["DATABASE_URL"]) as conn:
-            created = apikeys.create_key(conn, "carrier")
+            created = apikeys.create_key(conn, name)
         path.touch(mode=0o600)
         path.write_text(created.secret)
     return path.read_text().strip()

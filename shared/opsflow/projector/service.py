@@ -23,7 +23,7 @@ from opsflow.projections.runner import ProjectionRunner
 from opsflow.readmodels import PROJECTIONS
 from opsflow.runtime.observability import Health, Metrics
 
-log = logging.getLogger("services.projector")
+log = logging.getLogger("opsflow.projector")
 
 _RESTART_MAX_S = 30.0
 

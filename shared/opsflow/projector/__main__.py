@@ -1,4 +1,4 @@
-"""``python -m services.projector``: keep every read model current until SIGTERM."""
+"""``python -m opsflow.projector``: keep every read model current until SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import logs
 from opsflow.errors import ConfigurationError
+from opsflow.projector.service import Projector, selected
 from opsflow.runtime import observability
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, RuntimeSettings
-from services.projector.service import Projector, selected
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     server = observability.serve(
         projector.metrics, projector.health, RuntimeSettings().metrics_port
     )
-    logging.getLogger("services.projector").info(
+    logging.getLogger("opsflow.projector").info(
         "serving metrics", extra={"metrics_port": server.server_address[1]}
     )
 

@@ -1,0 +1,51 @@
+"""The order workflow, opsflow's reference application: the programs ``opsflow up`` runs.
+
+    order.received -> policy-check -> review (a person, SLA) -> dispatch (books a
+    carrier) -> proof of delivery (pod-webhook, pod-capture)
+
+Registered as the ``orders`` entry point of the ``opsflow.applications`` group
+(``pyproject.toml``), which is how every ``opsflow`` command finds it.
+"""
+
+from __future__ import annotations
+
+from opsflow.application import Application, Program
+
+application = Application(
+    name="orders",
+    programs=(
+        Program("ingest", module="services.ingest", port_env="INGEST_PORT", url_env="INGEST_URL"),
+        Program(
+            "pod-webhook",
+            module="services.pod_capture",
+            port_env="POD_PORT",
+            url_env="POD_CAPTURE_URL",
+            off_path=True,
+        ),
+        # The review desk's API runs the worker that opens its tasks.
+        Program(
+            "review",
+            module="services.review",
+            service="services.review.service",
+            port_env="REVIEW_PORT",
+            url_env="REVIEW_URL",
+        ),
+        Program("policy-check", service="services.policy_check"),
+        Program("pod-capture", service="services.pod_capture", off_path=True),
+        Program(
+            "carrier",
+            module="services.carrier_sim",
+            port_env="CARRIER_PORT",
+            url_env="CARRIER_URL",
+            stand_in=True,
+            api_key_env="CARRIER_POD_API_KEY",
+            env={
+                "CARRIER_DB": "{program_dir}/bookings.db",
+                "CARRIER_POD_WEBHOOK_URL": "{POD_CAPTURE_URL}/pods",
+                # The demo's refused-destination orders go there.
+                "CARRIER_REFUSED_COUNTRIES": "IS",
+            },
+        ),
+        Program("dispatch", service="services.dispatch"),
+    ),
+)

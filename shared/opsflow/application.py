@@ -1,0 +1,197 @@
+"""An application: the programs a workflow runs, declared once for every opsflow command.
+
+opsflow's library knows no workflow. An application (the order workflow in
+``services/`` is the reference one) declares the programs it runs, and
+``opsflow up`` starts them, ``opsflow status`` shows their consumer lag and
+``opsflow replay --into`` re-drives records into them from that declaration,
+not from lists of their own::
+
+    from opsflow.application import Application, Program
+
+    application = Application(
+        name="invoices",
+        programs=(
+            Program("approve", service="invoices.approve"),
+            Program("intake", module="invoices.intake", port_env="INTAKE_PORT",
+                    url_env="INTAKE_URL"),
+        ),
+    )
+
+It is found through ``OPSFLOW_APP`` (``module:attribute``), else through the
+one entry point of the ``opsflow.applications`` group installed with the
+application's package (``[project.entry-points."opsflow.applications"]``), so
+an application installed outside this repository is found like the reference one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+
+from opsflow.errors import ConfigurationError
+
+# The entry point group an installed application registers itself under.
+ENTRY_POINT_GROUP = "opsflow.applications"
+# The stack's own components: an application's programs may not take their names.
+RESERVED_NAMES = frozenset(
+    {"bucket", "broker", "kafka", "postgres", "registry", "projector", "provision", "supervisor"}
+)
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+_ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Program:
+    """One process of an application, as ``opsflow up`` runs it.
+
+    Attributes:
+        name: its name in ``opsflow status``, the stack's logs and ``replay --into``.
+        service: ``module[:attribute]`` of the ``Service`` it runs (a stream
+            service: it consumes topics, so ``status`` shows its lag and
+            ``replay --into`` can re-drive records into it).
+        module: what ``python -m`` runs, for a program with a ``__main__`` of
+            its own (an HTTP API; with ``service`` too when it also runs that
+            service's worker, as the review desk does). Without it the opsflow
+            runtime runs ``service``.
+        port_env: the variable its loopback port is passed in (HTTP programs).
+        url_env: the variable under which the stack tells every other process
+            (and ``opsflow env``) where it listens.
+        env: its own further settings. ``{VARIABLE}`` in a value is filled from
+            the stack's variables (another program's ``url_env``,
+            ``DATABASE_URL``...), ``{program_dir}`` with a directory of its own
+            under the data directory; a variable set in the environment wins.
+        stand_in: it stands in for an external partner (a carrier, a payment
+            provider): when ``url_env`` is set in the environment, that partner
+            is used and this program is not started.
+        api_key_env: the variable in which it gets an ingest API key of its own
+            (a partner stand-in calling the application's webhooks).
+        off_path: it may fall behind the workflow when cores are busy (a
+            webhook intake, an auditor): it runs at a lower CPU priority.
+    """
+
+    name: str
+    service: str | None = None
+    module: str | None = None
+    port_env: str | None = None
+    url_env: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+    stand_in: bool = False
+    api_key_env: str | None = None
+    off_path: bool = False
+
+    def __post_init__(self) -> None:
+        where = f"program {self.name!r}"
+        if not _NAME.match(self.name):
+            raise ConfigurationError(
+                where, "is not a valid program name", "Use lower case letters, digits and '-'."
+            )
+        if self.name in RESERVED_NAMES:
+            raise ConfigurationError(
+                where, "takes the name of one of the stack's own components", "Rename it."
+            )
+        if not self.service and not self.module:
+            raise ConfigurationError(
+                where, "runs nothing", "Give it a `service` (module:attribute) or a `module`."
+            )
+        if self.port_env and not self.module:
+            raise ConfigurationError(
+                where, "has a port but no module to listen on it", "Give it a `module`."
+            )
+        if (self.url_env or self.stand_in) and not self.port_env:
+            raise ConfigurationError(
+                where, "has a URL but no port", "Give it a `port_env` to listen on."
+            )
+        if self.stand_in and not self.url_env:
+            raise ConfigurationError(
+                where, "stands in for a partner without naming its URL variable", "Set `url_env`."
+            )
+        for variable in (self.port_env, self.url_env, self.api_key_env, *self.env):
+            if variable is not None and not _ENV_NAME.match(variable):
+                raise ConfigurationError(
+                    where, f"names the variable {variable!r}", "Use upper case, digits and '_'."
+                )
+
+    @property
+    def command(self) -> tuple[str, ...]:
+        """What ``python -m`` runs: its module, or the opsflow runtime with its service."""
+        if self.module:
+            return (self.module,)
+        assert self.service is not None
+        return ("opsflow.runtime", self.service)
+
+
+@dataclass(frozen=True)
+class Application:
+    """A workflow's programs (more declarations join: topics, contracts, read models)."""
+
+    name: str
+    programs: tuple[Program, ...]
+
+    def __post_init__(self) -> None:
+        seen: set[str] = set()
+        for program in self.programs:
+            if program.name in seen:
+                raise ConfigurationError(
+                    f"application {self.name!r}",
+                    f"declares the program {program.name!r} twice",
+                    "Give each program a name of its own.",
+                )
+            seen.add(program.name)
+
+    @property
+    def services(self) -> dict[str, str]:
+        """Each stream service's program name and ``Service`` target, in declared order."""
+        return {p.name: p.service for p in self.programs if p.service}
+
+    def program(self, name: str) -> Program | None:
+        return next((p for p in self.programs if p.name == name), None)
+
+
+def load_application(target: str | None = None) -> Application:
+    """The application ``target`` (``module:attribute``) names, else ``OPSFLOW_APP``,
+    else the one installed under the ``opsflow.applications`` entry point group.
+
+    Raises:
+        ConfigurationError: nothing found, several found, or not an Application.
+    """
+    target = target or os.environ.get("OPSFLOW_APP")
+    if target:
+        return _load(target, "OPSFLOW_APP")
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    if not found:
+        raise ConfigurationError(
+            "OPSFLOW_APP",
+            f"is not set and no package declares an `{ENTRY_POINT_GROUP}` entry point",
+            "Set OPSFLOW_APP=module:attribute to your Application, or install its package.",
+        )
+    if len(found) > 1:
+        raise ConfigurationError(
+            "OPSFLOW_APP",
+            "is not set and several applications are installed: "
+            + ", ".join(f"{ep.name} ({ep.value})" for ep in found),
+            "Set OPSFLOW_APP to the one to use.",
+        )
+    return _load(found[0].value, f"entry point {found[0].name!r}")
+
+
+def _load(target: str, source: str) -> Application:
+    module_name, _, attribute = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute or "application")
+    except (ImportError, AttributeError) as err:
+        raise ConfigurationError(
+            source,
+            f"names {target!r}, where no application is found ({err})",
+            "Name a module:attribute holding an opsflow Application.",
+        ) from err
+    if not isinstance(found, Application):
+        raise ConfigurationError(
+            source,
+            f"names {target!r}, a {type(found).__name__}, not an Application",
+            "Point it at the module's Application.",
+        )
+    return found

@@ -1,0 +1,147 @@
+"""An application declares its programs once; the stack, status and replay read that.
+
+The reference (order) application is found through its installed entry point;
+``OPSFLOW_APP`` names another, here a small one written in the test's own
+directory, as a team's package outside this repository would be.
+"""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from opsflow.application import Application, Program, load_application
+from opsflow.errors import ConfigurationError
+from opsflow.replay import target_of
+from opsflow.settings import StackSettings
+from opsflow.stack.components import OFF_PATH_NICE, plan_stack
+
+TINY = """
+from opsflow.application import Application, Program
+
+application = Application(
+    name="tiny",
+    programs=(
+        Program("greeter", module="tiny_greeter", port_env="GREETER_PORT", url_env="GREETER_URL"),
+        Program("echo", service="tiny_echo:service", off_path=True),
+        Program(
+            "partner",
+            module="tiny_partner",
+            port_env="PARTNER_PORT",
+            url_env="PARTNER_URL",
+            stand_in=True,
+            api_key_env="PARTNER_KEY",
+            env={"PARTNER_DB": "{program_dir}/db.sqlite", "PARTNER_HOOK": "{GREETER_URL}/hook"},
+        ),
+    ),
+)
+not_an_application = 42
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The tiny application importable as ``tiny_app`` and chosen through OPSFLOW_APP."""
+    (tmp_path / "tiny_app.py").write_text(textwrap.dedent(TINY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("OPSFLOW_APP", "tiny_app:application")
+    for variable in ("PARTNER_URL", "PARTNER_DB", "KAFKA_BOOTSTRAP_SERVERS"):
+        monkeypatch.delenv(variable, raising=False)
+    yield tmp_path
+    sys.modules.pop("tiny_app", None)
+
+
+def test_the_reference_application_is_found_through_its_installed_entry_point(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OPSFLOW_APP", raising=False)
+    app = load_application()
+    assert app.name == "orders"
+    assert app.services == {
+        "review": "services.review.service",
+        "policy-check": "services.policy_check",
+        "pod-capture": "services.pod_capture",
+        "dispatch": "services.dispatch",
+    }
+    carrier = app.program("carrier")
+    assert carrier is not None and carrier.stand_in and carrier.url_env == "CARRIER_URL"
+
+
+def test_the_stack_runs_the_programs_the_application_declares(tiny: Path) -> None:
+    plan = plan_stack(StackSettings(data_dir=tiny / "data"))
+    programs = {c.name: c for c in plan.components if c.module}
+    assert list(programs) == ["greeter", "echo", "partner", "projector"]
+    greeter, echo, partner = programs["greeter"], programs["echo"], programs["partner"]
+    assert greeter.module == ("tiny_greeter",)
+    assert greeter.env["GREETER_PORT"] == str(greeter.port)
+    assert plan.env["GREETER_URL"] == greeter.address
+    # A stream service is run by the runtime and answers /healthz on its metrics port.
+    assert echo.module == ("opsflow.runtime", "tiny_echo:service")
+    assert echo.env["OPSFLOW_METRICS_PORT"] == str(echo.port)
+    assert echo.nice == OFF_PATH_NICE and greeter.nice == 0
+    # Settings name other programs' addresses and a directory of its own.
+    assert partner.env["PARTNER_HOOK"] == f"{greeter.address}/hook"
+    assert partner.env["PARTNER_DB"] == str(tiny / "data" / "partner" / "db.sqlite")
+    assert (tiny / "data" / "partner").is_dir()
+    assert partner.api_key_env == "PARTNER_KEY"
+    assert programs["projector"].module == ("opsflow.projector",)
+
+
+def test_a_stand_in_is_not_started_when_its_partner_is_configured(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTNER_URL", "https://partner.example/api")
+    monkeypatch.setenv("PARTNER_DB", "/srv/partner.db")  # a variable that is set wins
+    plan = plan_stack(StackSettings(data_dir=tiny / "data"))
+    assert plan.component("partner") is None
+    assert plan.external["partner"] == plan.env["PARTNER_URL"] == "https://partner.example/api"
+
+
+def test_replay_drives_the_services_of_the_application_in_use(tiny: Path) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        target_of("ech")
+    assert "did you mean 'echo'" in str(refused.value)
+    assert "greeter" not in str(refused.value)  # an HTTP program consumes nothing
+
+
+@pytest.mark.parametrize(
+    ("target", "says"),
+    [
+        ("tiny_missing_module:application", "no application is found"),
+        ("tiny_app:not_an_application", "a int, not an Application"),
+    ],
+)
+def test_opsflow_app_naming_no_application_is_refused_with_the_reason(
+    tiny: Path, monkeypatch: pytest.MonkeyPatch, target: str, says: str
+) -> None:
+    monkeypatch.setenv("OPSFLOW_APP", target)
+    with pytest.raises(ConfigurationError) as refused:
+        load_application()
+    assert "OPSFLOW_APP" in str(refused.value) and says in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("declare", "says"),
+    [
+        (lambda: Program("idle"), "runs nothing"),
+        (lambda: Program("broker", service="x"), "stack's own components"),
+        (lambda: Program("Bad_Name", service="x"), "not a valid program name"),
+        (lambda: Program("web", service="x", port_env="WEB_PORT"), "no module"),
+        (lambda: Program("web", module="x", url_env="WEB_URL"), "no port"),
+        (lambda: Program("web", module="x", env={"lower": "1"}), "names the variable"),
+        (
+            lambda: Application("twice", (Program("a", service="x"), Program("a", service="y"))),
+            "twice",
+        ),
+    ],
+)
+def test_a_declaration_that_cannot_run_is_refused_naming_what_is_wrong(
+    declare: object, says: str
+) -> None:
+    with pytest.raises(ConfigurationError) as refused:
+        declare()  # type: ignore[operator]
+    assert says in str(refused.value)
