@@ -22,6 +22,7 @@ Bookings run concurrently (``DISPATCH_CONCURRENCY``), one order's steps in order
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 
 from opsflow.contracts import (
     DispatchExecuted,
@@ -53,30 +54,25 @@ service = Service(
 )
 
 
-class _Partners:
-    """The database pool and carrier client, made on first use: on the runtime's loop."""
-
-    orders: Orders | None = None
-    carrier: Carrier | None = None
-
-    @classmethod
-    def get(cls) -> tuple[Orders, Carrier]:
-        if cls.orders is None or cls.carrier is None:
-            cls.orders = Orders(size=min(SETTINGS.concurrency, 16))
-            cls.carrier = Carrier(SETTINGS)
-        return cls.orders, cls.carrier
+@service.dependency
+async def orders() -> AsyncIterator[Orders]:
+    """The database pool, closed on the loop that opened it when the service stops
+    (left open, it reports errors on stderr at exit)."""
+    pool = Orders(size=min(SETTINGS.concurrency, 16))
+    try:
+        yield pool
+    finally:
+        await pool.close()
 
 
-@service.on_stop
-async def close_partners() -> None:
-    """Close the carrier's HTTP session and the database pool on the loop that opened
-    them: left open, both report errors on stderr at exit."""
-    if _Partners.carrier is not None:
-        await _Partners.carrier.close()
-        _Partners.carrier = None
-    if _Partners.orders is not None:
-        await _Partners.orders.close()
-        _Partners.orders = None
+@service.dependency
+async def carrier() -> AsyncIterator[Carrier]:
+    """The carrier's HTTP client, its session closed when the service stops."""
+    client = Carrier(SETTINGS)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 # Handlers build events without an envelope: the runtime derives it from the
@@ -84,31 +80,29 @@ async def close_partners() -> None:
 
 
 @service.handler
-async def remember(order: OrderReceived) -> None:
-    orders, _ = _Partners.get()
+async def remember(order: OrderReceived, orders: Orders) -> None:
     await orders.remember(order)
 
 
 @service.handler
-async def approved_by_policy(check: PolicyChecked) -> DispatchRequested | None:
+async def approved_by_policy(check: PolicyChecked, orders: Orders) -> DispatchRequested | None:
     if check.outcome is not PolicyOutcome.AUTO_APPROVED:
         return None
-    return await _request(check.order_id)
+    return await _request(check.order_id, orders)
 
 
 @service.handler
-async def approved_by_reviewer(decision: ReviewDecided) -> DispatchRequested | None:
+async def approved_by_reviewer(decision: ReviewDecided, orders: Orders) -> DispatchRequested | None:
     if decision.decision is not ReviewDecision.APPROVED:
         return None
-    return await _request(decision.order_id)
+    return await _request(decision.order_id, orders)
 
 
-async def _request(order_id: str) -> DispatchRequested | None:
+async def _request(order_id: str, orders: Orders) -> DispatchRequested | None:
     """Claim the order's dispatch under the request's key (known before the event
     exists), then emit the request; None when the order was dispatched already."""
     lineage = current()
     assert lineage is not None, "handlers run inside the runtime's lineage"
-    orders, _ = _Partners.get()
     destination = await orders.claim(order_id, lineage.next_key(DispatchRequested.event_type))
     if destination is None:
         log.warning(
@@ -126,8 +120,7 @@ async def _request(order_id: str) -> DispatchRequested | None:
 
 
 @service.handler
-async def book(request: DispatchRequested) -> DispatchExecuted | DispatchFailed:
-    _, carrier = _Partners.get()
+async def book(request: DispatchRequested, carrier: Carrier) -> DispatchExecuted | DispatchFailed:
     outcome = await carrier.book(
         request.envelope.idempotency_key,
         {

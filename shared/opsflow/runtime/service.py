@@ -11,9 +11,24 @@ union) and returns the events to emit: one, several (any iterable), or None.
 A handler that waits on a partner (an HTTP call) is written ``async def``:
 the runtime then runs up to ``concurrency`` inputs of a batch at once (one
 order's inputs still one after another) and produces their outputs in order.
-What the handlers open (a partner's HTTP client, a connection pool) is closed
-by a function registered with ``@service.on_stop``, run once the service has
-stopped consuming.
+What handlers need beyond the event (a connection pool, a partner's HTTP
+client, settings) they ask for by type, and the service provides it::
+
+    @service.dependency
+    async def carrier() -> AsyncIterator[Carrier]:
+        client = Carrier(SETTINGS)      # made once, on first use, on the runtime's loop
+        try:
+            yield client
+        finally:
+            await client.close()        # when the service stops
+
+    @service.handler
+    async def book(request: DispatchRequested, carrier: Carrier) -> DispatchExecuted: ...
+
+A dependency is a function returning the value, or a generator (plain or
+``async``) yielding it once and closing it after; ``async`` ones serve
+``async def`` handlers. ``@service.on_stop`` registers anything else to run
+once the service has stopped consuming.
 Decoding, encoding, envelopes, keys, transactions, retries and dead letters
 are the runtime's (``opsflow.runtime.worker``).
 """
@@ -21,6 +36,7 @@ are the runtime's (``opsflow.runtime.worker``).
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import inspect
 import random
 import types
@@ -31,11 +47,18 @@ from enum import StrEnum
 from typing import Any, Union
 
 from opsflow.contracts import EVENT_TOPICS, Event, Topic
-from opsflow.errors import PermanentError
+from opsflow.errors import ConfigurationError, PermanentError
 
 HandlerResult = Event | Iterable[Event] | None
-Handler = Callable[[Any], HandlerResult] | Callable[[Any], Awaitable[HandlerResult]]
+Handler = Callable[..., HandlerResult] | Callable[..., Awaitable[HandlerResult]]
 StopHook = Callable[[], None] | Callable[[], Awaitable[None]]
+Dependency = Callable[[], Any]
+_YIELDING = (
+    collections.abc.Iterator,
+    collections.abc.Generator,
+    collections.abc.AsyncIterator,
+    collections.abc.AsyncGenerator,
+)
 
 
 class Delivery(StrEnum):
@@ -97,6 +120,28 @@ class RetryPolicy:
         return self.max_attempts is not None and attempt >= self.max_attempts
 
 
+def _resume(made: collections.abc.Generator[Any, Any, Any]) -> StopHook:
+    """The stop hook of a generator dependency: runs what follows its ``yield``."""
+
+    def finish() -> None:
+        for _ in made:
+            raise RuntimeError("a generator dependency yielded more than once")
+
+    return finish
+
+
+def _resume_async(made: collections.abc.AsyncGenerator[Any, Any]) -> StopHook:
+    async def finish() -> None:
+        async for _ in made:
+            raise RuntimeError("a generator dependency yielded more than once")
+
+    return finish
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+
+
 def _event_classes(handler: Handler) -> list[type[Event]]:
     hints = typing.get_type_hints(handler)
     params = list(inspect.signature(handler).parameters)
@@ -108,6 +153,33 @@ def _event_classes(handler: Handler) -> list[type[Event]]:
     if not all(isinstance(c, type) and issubclass(c, Event) for c in classes):
         raise TypeError(f"handler {handler.__qualname__} must take opsflow events, not {hint}")
     return list(classes)
+
+
+def _needs(handler: Handler) -> dict[str, type]:
+    """The handler's parameters after the event, by name, with the type each asks for."""
+    hints = typing.get_type_hints(handler)
+    needs = {}
+    for name in list(inspect.signature(handler).parameters)[1:]:
+        if name not in hints:
+            raise TypeError(
+                f"handler {handler.__qualname__} needs a type hint on {name!r}: the type of "
+                "the dependency it asks for"
+            )
+        needs[name] = hints[name]
+    return needs
+
+
+def _provided(fn: Dependency) -> type:
+    """What a dependency provides: its return hint, or what it yields."""
+    hint = typing.get_type_hints(fn).get("return")
+    if typing.get_origin(hint) in _YIELDING:
+        hint = typing.get_args(hint)[0]
+    if not isinstance(hint, type):
+        raise TypeError(
+            f"dependency {fn.__qualname__} needs a return hint naming the class it provides "
+            "(or Iterator[...] / AsyncIterator[...] of it)"
+        )
+    return hint
 
 
 @dataclass
@@ -123,6 +195,10 @@ class Service:
         batch: transaction batching.
         retry: backoff for transient failures.
         concurrency: how many inputs' async handlers may wait at once.
+
+    Dependencies (``@service.dependency``) are made on first use and closed
+    when the service stops, so a service run again (a restarted worker in
+    the same process) makes them afresh, on its own loop.
     """
 
     name: str
@@ -133,6 +209,11 @@ class Service:
     concurrency: int = 64
     handlers: dict[str, Handler] = field(default_factory=dict)
     stop_hooks: list[StopHook] = field(default_factory=list)
+    dependencies: dict[type, Dependency] = field(default_factory=dict)
+    # Per event type: the handler's parameters after the event, and the type each asks for.
+    needs: dict[str, dict[str, type]] = field(default_factory=dict)
+    _made: dict[type, Any] = field(default_factory=dict, repr=False)
+    _making: dict[type, asyncio.Lock] = field(default_factory=dict, repr=False)
 
     def handler(self, fn: Handler) -> Handler:
         """Register ``fn`` for the event type(s) named by its first parameter's hint."""
@@ -145,7 +226,39 @@ class Service:
             if cls.event_type in self.handlers:
                 raise TypeError(f"{cls.event_type} already has a handler in {self.name}")
             self.handlers[cls.event_type] = fn
+            self.needs[cls.event_type] = _needs(fn)
         return fn
+
+    def dependency(self, fn: Dependency) -> Dependency:
+        """Register ``fn`` as what provides its return type (or what it yields) to the
+        handlers that ask for that type by a parameter."""
+        provided = _provided(fn)
+        if provided in self.dependencies:
+            raise TypeError(f"{provided.__qualname__} already has a dependency in {self.name}")
+        self.dependencies[provided] = fn
+        return fn
+
+    def check_dependencies(self) -> None:
+        """Refuse to start with a handler asking for what no dependency provides, or a
+        plain handler asking for an ``async`` one (it has no loop to make it on).
+
+        Raises:
+            ConfigurationError: naming the handler and the parameter.
+        """
+        for event_type, fn in self.handlers.items():
+            for name, wanted in self.needs[event_type].items():
+                maker = self.dependencies.get(wanted)
+                if maker is None:
+                    problem = f"asks for {wanted.__qualname__}, which no dependency provides"
+                elif _is_async(maker) and not inspect.iscoroutinefunction(fn):
+                    problem = f"is plain but {maker.__qualname__} is async"
+                else:
+                    continue
+                raise ConfigurationError(
+                    f"{self.name}: {fn.__qualname__}({name})",
+                    problem,
+                    "Register a @service.dependency returning (or yielding) that type.",
+                )
 
     def on_stop(self, fn: StopHook) -> StopHook:
         """Register ``fn`` to run when the service stops, after its last input: where it
@@ -164,6 +277,8 @@ class Service:
             Exception: the first hook's error, once every hook has run.
         """
         failure: Exception | None = None
+        self._made.clear()  # made afresh (on the new loop) if the service runs again
+        self._making.clear()
         while self.stop_hooks:
             fn = self.stop_hooks.pop()
             try:
@@ -194,15 +309,50 @@ class Service:
     def handle(self, event: Event) -> list[Event]:
         """Run the (plain) handler for ``event``; none: the event is not for this service."""
         fn = self.handlers.get(event.event_type)
-        return [] if fn is None else self._outputs(fn(event))
+        if fn is None:
+            return []
+        needs = self.needs[event.event_type]
+        given = {name: self._provide(wanted) for name, wanted in needs.items()}
+        return self._outputs(fn(event, **given))
 
     async def handle_async(self, event: Event) -> list[Event]:
         """Run the handler for ``event``, awaiting it if it is ``async def``."""
         fn = self.handlers.get(event.event_type)
         if fn is None:
             return []
-        result = fn(event)
+        given = {
+            name: await self._provide_async(wanted)
+            for name, wanted in self.needs[event.event_type].items()
+        }
+        result = fn(event, **given)
         return self._outputs(await result if inspect.isawaitable(result) else result)
+
+    def _provide(self, wanted: type) -> Any:
+        if wanted not in self._made:
+            made = self.dependencies[wanted]()
+            if inspect.isgenerator(made):
+                self.stop_hooks.append(_resume(made))
+                made = next(made)
+            self._made[wanted] = made
+        return self._made[wanted]
+
+    async def _provide_async(self, wanted: type) -> Any:
+        if wanted in self._made:
+            return self._made[wanted]
+        # Handlers waiting at once on the first use make it once.
+        async with self._making.setdefault(wanted, asyncio.Lock()):
+            if wanted not in self._made:
+                made = self.dependencies[wanted]()
+                if inspect.isasyncgen(made):
+                    self.stop_hooks.append(_resume_async(made))
+                    made = await anext(made)
+                elif inspect.isgenerator(made):
+                    self.stop_hooks.append(_resume(made))
+                    made = next(made)
+                elif inspect.isawaitable(made):
+                    made = await made
+                self._made[wanted] = made
+        return self._made[wanted]
 
     def _outputs(self, result: object) -> list[Event]:
         outputs: list[Event] = (

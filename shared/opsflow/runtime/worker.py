@@ -278,6 +278,7 @@ class Worker:
         registry: SchemaRegistryClient,
         delivery: Delivery = Delivery.TRANSACTIONS,
     ) -> None:
+        service.check_dependencies()
         self.service = service
         self.kafka = kafka
         # Producers take the shared settings minus the consumer-only fetch ones
