@@ -10,6 +10,7 @@ Registered as the ``orders`` entry point of the ``opsflow.applications`` group
 from __future__ import annotations
 
 from opsflow.application import Application, Program
+from services.progress import summary, verdict
 
 application = Application(
     name="orders",
@@ -48,4 +49,6 @@ application = Application(
         ),
         Program("dispatch", service="services.dispatch"),
     ),
+    standing=verdict,
+    summary=summary,
 )

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from opsflow import trace
 from opsflow.application import Application, Program, load_application
 from opsflow.errors import ConfigurationError
 from opsflow.replay import target_of
 from opsflow.settings import StackSettings
 from opsflow.stack.components import OFF_PATH_NICE, plan_stack
+from tests.samples import sample
 
 TINY = """
 from opsflow.application import Application, Program
@@ -145,3 +147,21 @@ def test_a_declaration_that_cannot_run_is_refused_naming_what_is_wrong(
     with pytest.raises(ConfigurationError) as refused:
         declare()  # type: ignore[operator]
     assert says in str(refused.value)
+
+
+def test_trace_says_where_an_instance_stands_by_the_applications_rules_else_its_last_event() -> (
+    None
+):
+    order = sample("order.received")
+    records = [trace.Record("orders", 0, 0, order)]
+    now = order.envelope.occurred_at
+    reference = trace.assemble(order.order_id, records, now)  # the installed application's
+    assert reference.verdict.state == "received"
+    assert "waiting for the policy check" in reference.verdict.now
+    assert reference.summaries[str(order.envelope.event_id)].startswith(order.customer_name)
+
+    bare = Application("bare", (Program("echo", service="tiny_echo:service"),))
+    plain = trace.assemble(order.order_id, records, now, application=bare)
+    assert plain.verdict.state == "order.received" and not plain.verdict.terminal
+    assert plain.verdict.now.startswith("last: order.received at ")
+    assert plain.summaries == {str(order.envelope.event_id): ""}

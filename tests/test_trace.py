@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db, trace
+from opsflow.application import Verdict
 from opsflow.contracts import (
     EVENT_TOPICS,
     Actor,
@@ -52,6 +53,7 @@ from opsflow.contracts import (
 )
 from opsflow.contracts.wire import WireCodec
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
+from services import progress
 from tests.histories import histories, publish
 from tests.stackctl import (
     OPSFLOW,
@@ -170,8 +172,8 @@ def records_of(events: list[Event]) -> list[trace.Record]:
     ]
 
 
-def verdict_of(chain: Chain, now: datetime) -> trace.Verdict:
-    return trace.verdict(chain.events, now)
+def verdict_of(chain: Chain, now: datetime) -> Verdict:
+    return progress.verdict(chain.events, now)
 
 
 NOW = datetime(2026, 11, 3, 12, 0, tzinfo=UTC)

@@ -28,10 +28,12 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from importlib.metadata import entry_points
 
+from opsflow.contracts import Event
 from opsflow.errors import ConfigurationError
 
 # The entry point group an installed application registers itself under.
@@ -125,11 +127,37 @@ class Program:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """Where one instance of the workflow stands: ``state`` (a short word, e.g. the
+    read model's), a sentence for people, and whether it is done (``terminal``) or
+    waiting for someone or something."""
+
+    state: str
+    now: str
+    terminal: bool
+
+
+# An instance's events in time order, the time now, and when each event's record was
+# written (event id -> time, where known) -> where it stands.
+Standing = Callable[[Sequence[Event], datetime, Mapping[str, datetime]], Verdict]
+
+
+@dataclass(frozen=True)
 class Application:
-    """A workflow's programs (more declarations join: topics, contracts, read models)."""
+    """A workflow's programs (more declarations join: topics, contracts, read models).
+
+    Attributes:
+        name: what it is called.
+        programs: what ``opsflow up`` runs (see ``Program``).
+        standing: where an instance stands, from its events: the "now:" line of
+            ``opsflow trace`` (without it, the last event says).
+        summary: the facts worth a line in ``opsflow trace`` of one event.
+    """
 
     name: str
     programs: tuple[Program, ...]
+    standing: Standing | None = None
+    summary: Callable[[Event], str] | None = None
 
     def __post_init__(self) -> None:
         seen: set[str] = set()

@@ -35,35 +35,16 @@ from __future__ import annotations
 import difflib
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 from rich.markup import escape
 from rich.tree import Tree
 
-from opsflow.contracts import (
-    Actor,
-    DispatchExecuted,
-    DispatchFailed,
-    DispatchFailureClass,
-    DispatchRequested,
-    Event,
-    OrderReceived,
-    PodCaptured,
-    PodRejected,
-    PolicyChecked,
-    PolicyOutcome,
-    ReviewClaimed,
-    ReviewDecided,
-    ReviewDecision,
-    ReviewEscalated,
-    ReviewReleased,
-    ReviewRequested,
-    ReviewSlaBreached,
-    Topic,
-)
+from opsflow.application import Application, Verdict, load_application
+from opsflow.contracts import Actor, Event, Topic
 from opsflow.errors import BadInputError, ConfigurationError, OpsflowError, RetryableError
 
 TRACEPARENT = "traceparent"
@@ -76,7 +57,6 @@ INDEX_PROJECTION = "audit_log"
 _SEEK_GAP = 500
 _TOPIC_RANK = {topic.value: rank for rank, topic in enumerate(Topic)}
 _ON_THE_STACK = "or point the shell at the running stack with `eval $(opsflow env)`"
-E = TypeVar("E", bound=Event)
 
 
 # --- what was read ----------------------------------------------------------------------
@@ -273,17 +253,7 @@ def walk(roots: Sequence[Step], depth: int = 0) -> Iterator[tuple[int, Step]]:
 # --- where it is now --------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Verdict:
-    """Where the order is: ``state`` (the values of ``orders_current.state``), a sentence for
-    people, and whether it is done (``terminal``) or waiting for someone or something."""
-
-    state: str
-    now: str
-    terminal: bool
-
-
-def _minutes(delta: timedelta) -> str:
+def minutes(delta: timedelta) -> str:
     minutes = round(abs(delta.total_seconds()) / 60)
     if minutes < 120:
         return f"{minutes} min"
@@ -291,194 +261,12 @@ def _minutes(delta: timedelta) -> str:
     return f"{hours} h {minutes:02d} min" if hours < 48 else f"{hours // 24} d {hours % 24} h"
 
 
-def _stamp(at: datetime) -> str:
+def stamp(at: datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S") + f".{at.microsecond // 1000:03d}Z"
 
 
-def _who(actor: Actor) -> str:
+def who(actor: Actor) -> str:
     return f"{actor.display_name} ({actor.role.value.lower()})"
-
-
-def _due(due_at: datetime, now: datetime) -> str:
-    left = due_at - now
-    if left.total_seconds() >= 0:
-        return f"SLA due in {_minutes(left)}"
-    return f"SLA overdue by {_minutes(left)}"
-
-
-def _latest(events: Sequence[Event], kind: type[E]) -> E | None:
-    found = [e for e in events if isinstance(e, kind)]
-    return found[-1] if found else None
-
-
-def verdict(
-    events: Sequence[Event], now: datetime, *, written_at: Mapping[str, datetime] | None = None
-) -> Verdict:
-    """Where the order is waiting now, from its events alone (``events`` in time order).
-
-    The furthest step reached decides, not the last event by time: a late
-    ``review.claimed`` does not undo a dispatch. The semantics are the services':
-    dispatch writes ``dispatch.failed`` for good on a permanent refusal
-    (``failure_class`` PERMANENT) or when its retries are exhausted, and a
-    failure that is neither means another attempt follows.
-
-    Args:
-        written_at: event id -> when its record was written; the times said are
-            these where known (see ``Step.at``), else the events' ``occurred_at``.
-    """
-    times = written_at or {}
-
-    def at(event: Event) -> datetime:
-        return times.get(str(event.envelope.event_id), event.envelope.occurred_at)
-
-    pod = _latest(events, PodCaptured)
-    if pod is not None:
-        return Verdict(
-            "delivered",
-            f"delivered at {_stamp(pod.delivered_at)}, received by {pod.received_by} "
-            f"(booking {pod.booking_reference})",
-            True,
-        )
-    refused = _latest(events, PodRejected)
-    refusal = (
-        f"; a proof of delivery was refused at {_stamp(at(refused))} "
-        f"({refused.reason_code.value}: {refused.reason})"
-        if refused
-        else ""
-    )
-    dispatch = [
-        e for e in events if isinstance(e, DispatchRequested | DispatchExecuted | DispatchFailed)
-    ]
-    if dispatch:
-        last = max(dispatch, key=lambda e: _dispatch_rank(e, at(e)))
-        executed = _latest(events, DispatchExecuted)
-        if executed is not None:
-            return Verdict(
-                "dispatched",
-                f"waiting for proof of delivery: booked {executed.booking_reference} with "
-                f"{executed.carrier} at {_stamp(at(executed))} "
-                f"({_minutes(now - at(executed))} ago)"
-                + (
-                    f", delivery expected {_stamp(executed.estimated_delivery_at)}"
-                    if executed.estimated_delivery_at
-                    else ""
-                )
-                + refusal,
-                False,
-            )
-        if isinstance(last, DispatchFailed):
-            if last.failure_class is DispatchFailureClass.PERMANENT or last.retries_exhausted:
-                why = (
-                    "the carrier refused it"
-                    if last.failure_class is DispatchFailureClass.PERMANENT
-                    else f"retries exhausted after attempt {last.attempt}"
-                )
-                return Verdict(
-                    "dispatch_failed",
-                    f"dispatch failed for good ({why}): {last.reason}; on the operator's "
-                    "exception path: settle it with the carrier, then re-drive its "
-                    "dispatch.requested",
-                    True,
-                )
-            then = (
-                f", next attempt at {_stamp(last.next_attempt_at)}" if last.next_attempt_at else ""
-            )
-            return Verdict(
-                "dispatching",
-                f"retrying the carrier booking: attempt {last.attempt} failed "
-                f"({last.failure_class.value}: {last.reason}){then}",
-                False,
-            )
-        assert isinstance(last, DispatchRequested)
-        return Verdict(
-            "dispatching",
-            f"waiting for the carrier booking: attempt {last.attempt} with {last.carrier} "
-            f"requested {_minutes(now - at(last))} ago",
-            False,
-        )
-    decided = _latest(events, ReviewDecided)
-    if decided is not None:
-        if decided.decision is ReviewDecision.REJECTED:
-            return Verdict(
-                "rejected",
-                f"rejected by {_who(decided.actor)} at {_stamp(at(decided))}: {decided.reason}",
-                True,
-            )
-        return _waiting_for_dispatch(f"approved by {_who(decided.actor)}", at(decided), now)
-    requested = _latest(events, ReviewRequested)
-    if requested is not None:
-        return _in_review(requested, events, now, at)
-    check = _latest(events, PolicyChecked)
-    if check is not None:
-        codes = ", ".join(check.reason_codes) or "no reason code"
-        if check.outcome is PolicyOutcome.REJECTED:
-            return Verdict("rejected", f"rejected by policy {check.rules_version}: {codes}", True)
-        if check.outcome is PolicyOutcome.AUTO_APPROVED:
-            return _waiting_for_dispatch(
-                f"approved by policy {check.rules_version}", at(check), now
-            )
-        return Verdict(
-            "awaiting_review",
-            f"waiting for the review task to be opened (policy asked for review: {codes}, "
-            f"{_minutes(now - at(check))} ago)",
-            False,
-        )
-    received = _latest(events, OrderReceived)
-    if received is not None:
-        return Verdict(
-            "received",
-            f"waiting for the policy check (received {_minutes(now - at(received))} ago)",
-            False,
-        )
-    if refused is not None:
-        return Verdict("unknown", "no order.received on the topics" + refusal, False)
-    return Verdict("unknown", "no order.received on the topics", False)
-
-
-def _dispatch_rank(
-    event: DispatchRequested | DispatchExecuted | DispatchFailed, at: datetime
-) -> tuple[int, int, datetime]:
-    """The latest attempt decides; within one attempt, its outcome outranks its request."""
-    outcome = 0 if isinstance(event, DispatchRequested) else 1
-    return (event.attempt, outcome, at)
-
-
-def _waiting_for_dispatch(approval: str, at: datetime, now: datetime) -> Verdict:
-    return Verdict(
-        "approved",
-        f"waiting for dispatch ({approval} at {_stamp(at)}, {_minutes(now - at)} ago)",
-        False,
-    )
-
-
-def _in_review(
-    requested: ReviewRequested,
-    events: Sequence[Event],
-    now: datetime,
-    at: Callable[[Event], datetime],
-) -> Verdict:
-    """An open review task: its tier and deadline as the latest escalation left them, and
-    who holds it (claims and releases in time order, an escalation ending a claim)."""
-    tier, due_at = requested.tier, requested.due_at
-    holder: Actor | None = None
-    breached: ReviewSlaBreached | None = None
-    for event in events:
-        if isinstance(event, ReviewEscalated):
-            tier, due_at, holder = event.tier, event.due_at, None
-        elif isinstance(event, ReviewClaimed):
-            holder = event.actor
-        elif isinstance(event, ReviewReleased):
-            holder = None
-        elif isinstance(event, ReviewSlaBreached):
-            breached = event
-    held = f"claimed by {_who(holder)}" if holder else "not claimed"
-    late = f"; the last tier's SLA was breached at {_stamp(at(breached))}" if breached else ""
-    return Verdict(
-        "in_review",
-        f"waiting for review, {_due(due_at, now)} (due {_stamp(due_at)}), tier "
-        f"{tier.value.lower()}, {held}{late}",
-        False,
-    )
 
 
 # --- facts worth a line -----------------------------------------------------------------
@@ -488,64 +276,6 @@ def actor_of(event: Event) -> Actor | None:
     """The person who acted, for the event types that name one."""
     actor = getattr(event, "actor", None)
     return actor if isinstance(actor, Actor) else None
-
-
-def summary(event: Event) -> str:
-    """The payload facts an operator looks for first, in one short phrase."""
-    match event:
-        case OrderReceived():
-            amount = f"{event.amount_minor / 100:,.2f} {event.currency}"
-            return (
-                f"{event.customer_name} ({event.customer_risk_tier.value} risk), {amount} to "
-                f"{event.destination.country}, {len(event.items)} item(s)"
-            )
-        case PolicyChecked():
-            codes = ", ".join(event.reason_codes)
-            return (
-                f"{event.outcome.value}"
-                + (f": {codes}" if codes else "")
-                + (f" (rules {event.rules_version})")
-            )
-        case ReviewRequested():
-            codes = ", ".join(event.reason_codes)
-            return f"tier {event.tier.value.lower()}, due {_stamp(event.due_at)}" + (
-                f": {codes}" if codes else ""
-            )
-        case ReviewClaimed():
-            return f"tier {event.tier.value.lower()}"
-        case ReviewReleased():
-            return f"tier {event.tier.value.lower()}" + (
-                f": {event.reason}" if event.reason else ""
-            )
-        case ReviewDecided():
-            return f"{event.decision.value}: {event.reason} (tier {event.tier.value.lower()})"
-        case ReviewEscalated():
-            return (
-                f"{event.previous_tier.value.lower()} -> {event.tier.value.lower()}, missed "
-                f"{_stamp(event.breached_due_at)}, due {_stamp(event.due_at)}"
-            )
-        case ReviewSlaBreached():
-            return f"tier {event.tier.value.lower()} missed {_stamp(event.due_at)}"
-        case DispatchRequested():
-            return f"{event.dispatch_id} attempt {event.attempt} with {event.carrier}"
-        case DispatchExecuted():
-            return (
-                f"booked {event.booking_reference} with {event.carrier} (attempt {event.attempt})"
-            )
-        case DispatchFailed():
-            final = (
-                ", final"
-                if (
-                    event.failure_class is DispatchFailureClass.PERMANENT or event.retries_exhausted
-                )
-                else ""
-            )
-            return f"{event.failure_class.value}: {event.reason} (attempt {event.attempt}{final})"
-        case PodCaptured():
-            return f"{event.booking_reference} received by {event.received_by}"
-        case PodRejected():
-            return f"{event.reason_code.value}: {event.reason}"
-    return ""
 
 
 def elapsed(ms: int | None) -> str:
@@ -578,6 +308,8 @@ class Trace:
     unreadable: list[Unreadable] = field(default_factory=list)
     records_read: int = 0
     index_behind: int = 0
+    # Event id -> the facts worth a line (the application's summary of the event).
+    summaries: dict[str, str] = field(default_factory=dict)
 
     @property
     def steps(self) -> list[Step]:
@@ -597,20 +329,37 @@ def assemble(
     unreadable: Sequence[Unreadable] = (),
     records_read: int = 0,
     index_behind: int = 0,
+    application: Application | None = None,
 ) -> Trace:
-    """The trace of decoded records: the tree and the verdict on it."""
+    """The trace of decoded records: the tree, where it stands and each event's facts,
+    by the rules of ``application`` (default: the one in use, ``opsflow.application``)."""
+    app = application or load_application()
     roots = build(records)
     in_time = sorted((step for _, step in walk(roots)), key=Step.sort_key)
     written = {step.event_id: step.written_at for step in in_time if step.written_at}
+    events = [step.event for step in in_time]
+    describe = app.summary or (lambda event: "")
     return Trace(
         order_id,
         roots,
-        verdict([step.event for step in in_time], now, written_at=written),
+        (app.standing or last_event)(events, now, written),
         path=path,
         unreadable=list(unreadable),
         records_read=records_read,
         index_behind=index_behind,
+        summaries={step.event_id: describe(step.event) for step in in_time},
     )
+
+
+def last_event(
+    events: Sequence[Event], now: datetime, written_at: Mapping[str, datetime]
+) -> Verdict:
+    """Where an instance stands for an application that does not say: at its last event."""
+    if not events:
+        return Verdict("unknown", "no events", False)
+    last = events[-1]
+    at = written_at.get(str(last.envelope.event_id), last.envelope.occurred_at)
+    return Verdict(last.event_type, f"last: {last.event_type} at {stamp(at)}", False)
 
 
 def as_json(trace: Trace) -> dict[str, Any]:
@@ -646,7 +395,7 @@ def as_json(trace: Trace) -> dict[str, Any]:
                 "copies": step.copies,
                 "depth": depth,
                 "note": step.note,
-                "summary": summary(step.event),
+                "summary": trace.summaries.get(step.event_id, ""),
             }
         )
     return {
@@ -673,22 +422,22 @@ def tree(trace: Trace) -> Tree:
 
     def grow(branch: Tree, steps: Sequence[Step]) -> None:
         for step in steps:
-            grow(branch.add(_line(step)), step.children)
+            grow(branch.add(_line(step, trace.summaries.get(step.event_id, ""))), step.children)
 
     grow(root, trace.roots)
     return root
 
 
-def _line(step: Step) -> str:
+def _line(step: Step, summary: str) -> str:
     event = step.event
     actor = actor_of(event)
     parts = [
-        f"[dim]{_stamp(step.at)}[/]",
+        f"[dim]{stamp(step.at)}[/]",
         f"[bold]{event.event_type}[/]",
         f"[cyan]{escape(elapsed(step.elapsed_ms))}[/]" if step.elapsed_ms is not None else "",
         f"by {escape(event.envelope.producer)}",
-        f"[magenta]{escape(_who(actor))}[/]" if actor else "",
-        escape(summary(event)),
+        f"[magenta]{escape(who(actor))}[/]" if actor else "",
+        escape(summary),
         f"[dim]trace {step.trace_id[:8]}[/]" if step.trace_id else "",
         f"[yellow]written {step.copies}x[/]" if step.copies > 1 else "",
         f"[yellow]({escape(step.note)})[/]" if step.note else "",
