@@ -51,4 +51,5 @@ application = Application(
     ),
     standing=verdict,
     summary=summary,
+    commands=("services.demo.command:demo",),
 )

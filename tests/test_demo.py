@@ -46,20 +46,20 @@ from opsflow.contracts import (
 )
 from opsflow.contracts.wire import WireCodec
 from opsflow.db import migrate
-from opsflow.demo.orders import (
+from opsflow.topics import ensure_topics
+from services.carrier_sim.faults import FaultInjector, FaultPlan
+from services.demo.orders import (
     REFUSED_COUNTRIES,
     SCENARIOS,
     Category,
     DemoOrder,
     demo_orders,
 )
-from opsflow.demo.report import headline
-from opsflow.demo.reviewer import Verdict, reason_for, review_plan
-from opsflow.demo.run import Summary
-from opsflow.demo.states import OrderState, Until
-from opsflow.demo.tracker import OrderTrack, percentile, step_timings
-from opsflow.topics import ensure_topics
-from services.carrier_sim.faults import FaultInjector, FaultPlan
+from services.demo.report import headline
+from services.demo.reviewer import Verdict, reason_for, review_plan
+from services.demo.run import Summary
+from services.demo.states import OrderState, Until
+from services.demo.tracker import OrderTrack, percentile, step_timings
 from services.policy_check.rules import RULES_DIR, load_rules
 from tests.samples import ORDER, envelope, sample
 from tests.stackctl import (

@@ -41,7 +41,7 @@ from opsflow.contracts import (
     ReviewDecision,
 )
 from opsflow.contracts.wire import WireCodec
-from opsflow.demo.orders import Category, DemoOrder, demo_orders, new_run_id
+from services.demo.orders import Category, DemoOrder, demo_orders, new_run_id
 from tests.stackctl import Stack, stack_env
 
 ORDERS = 1_000

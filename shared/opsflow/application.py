@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
+from typing import Any
 
 from opsflow.contracts import Event
 from opsflow.errors import ConfigurationError
@@ -152,12 +153,16 @@ class Application:
         standing: where an instance stands, from its events: the "now:" line of
             ``opsflow trace`` (without it, the last event says).
         summary: the facts worth a line in ``opsflow trace`` of one event.
+        commands: ``module:function`` of commands of its own that ``opsflow``
+            offers next to its own (a typer command function each; its name,
+            ``_`` as ``-``, is the command's), imported only by the CLI.
     """
 
     name: str
     programs: tuple[Program, ...]
     standing: Standing | None = None
     summary: Callable[[Event], str] | None = None
+    commands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         seen: set[str] = set()
@@ -177,6 +182,24 @@ class Application:
 
     def program(self, name: str) -> Program | None:
         return next((p for p in self.programs if p.name == name), None)
+
+
+def load_command(target: str) -> Callable[..., Any]:
+    """The command function ``module:function`` names (see ``Application.commands``).
+
+    Raises:
+        ConfigurationError: nothing callable there.
+    """
+    module_name, _, attribute = target.partition(":")
+    try:
+        found = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigurationError(
+            target, f"names no command ({err})", "Name a module:function of the application."
+        ) from err
+    if not callable(found):
+        raise ConfigurationError(target, "is not a function", "Name a typer command function.")
+    return found  # type: ignore[no-any-return]
 
 
 def load_application(target: str | None = None) -> Application:

@@ -24,7 +24,6 @@ from rich.table import Table
 
 from opsflow import stack
 from opsflow.contracts.topics import Topic
-from opsflow.demo.states import Until
 from opsflow.errors import ConfigurationError, OpsflowError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -250,99 +249,6 @@ def run_service(
     from opsflow.runtime import load_service, run
 
     run(load_service(target))
-
-
-@app.command("demo")
-def demo(
-    orders: Annotated[
-        int, typer.Option("--orders", "-n", min=1, max=1_000_000, help="How many orders to send.")
-    ] = 100,
-    rate: Annotated[
-        float | None,
-        typer.Option("--rate", min=0.1, help="Orders per second (default: as fast as possible)."),
-    ] = None,
-    auto_review: Annotated[
-        bool,
-        typer.Option(
-            "--auto-review",
-            help="Decide the run's review tasks through the review service as a reviewer "
-            "would: seeded, about 70/30 approve/reject, a tenth left open to escalate.",
-        ),
-    ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Same seed, same orders.")] = 1,
-    until: Annotated[
-        Until,
-        typer.Option(
-            "--until",
-            help="Stop once every order is policy-checked (approved), booked (dispatched), "
-            "or at the end of the workflow (delivered, rejected, failed, or waiting for review). "
-            "With --auto-review, orders it decides wait for its decision.",
-        ),
-    ] = Until.DELIVERED,
-    timeout: Annotated[
-        float,
-        typer.Option("--timeout", min=0, help="Seconds to keep following after the last send."),
-    ] = 120.0,
-    ingest_url: Annotated[
-        str | None,
-        typer.Option(
-            "--ingest-url", help="The ingest service (default: INGEST_URL, or the stack's)."
-        ),
-    ] = None,
-    api_key: Annotated[
-        str | None,
-        typer.Option(
-            "--api-key",
-            help="An ingest API key (default: OPSFLOW_API_KEY, or one made for the run "
-            "in DATABASE_URL and revoked after).",
-        ),
-    ] = None,
-    review_url: Annotated[
-        str | None,
-        typer.Option(
-            "--review-url",
-            help="The review service, for --auto-review (default: REVIEW_URL, or the stack's).",
-        ),
-    ] = None,
-    reviewer_token: Annotated[
-        str | None,
-        typer.Option(
-            "--reviewer-token",
-            help="A reviewer's token for --auto-review (default: OPSFLOW_REVIEWER_TOKEN, or "
-            "a reviewer made for the run in DATABASE_URL and revoked after).",
-        ),
-    ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable summary.")] = False,
-) -> None:
-    """Send realistic orders through the ingest API and follow each through the workflow.
-
-    Prints where every order ended and how long each step took. Exits 0 when every
-    order got as far as --until, 3 when --timeout ran out first.
-    """
-    from opsflow.demo.report import DemoProgress, print_summary
-    from opsflow.demo.run import DemoOptions, run_demo
-
-    options = DemoOptions(
-        orders=orders,
-        seed=seed,
-        rate=rate,
-        until=until,
-        timeout_s=timeout,
-        auto_review=auto_review,
-        ingest_url=ingest_url,
-        api_key=api_key,
-        review_url=review_url,
-        reviewer_token=reviewer_token,
-    )
-    # Bars only for a person watching: not for --json, nor in a log file.
-    drawn = not as_json and errors.is_terminal
-    with DemoProgress(errors, total=orders, until=options.until, enabled=drawn) as progress:
-        summary = run_demo(options, on_progress=progress.update)
-    if as_json:
-        print(json.dumps(summary.as_json()))
-    else:
-        print_summary(console, summary)
-    raise typer.Exit(0 if summary.stopped == "reached" else 3)
 
 
 keys_app = typer.Typer(
@@ -1296,9 +1202,24 @@ _UsageErrors: type[click.ClickException] = next(
 )
 
 
+def add_application_commands() -> None:
+    """Offer the application's own commands (``Application.commands``, e.g. the order
+    workflow's ``demo``) next to opsflow's; without an application, opsflow's alone."""
+    from opsflow.application import load_application, load_command
+
+    try:
+        commands = load_application().commands
+    except ConfigurationError:
+        return  # `opsflow status`, `trace`... still work; the error is theirs to tell
+    for target in commands:
+        command = load_command(target)
+        app.command(command.__name__.replace("_", "-"))(command)
+
+
 def main() -> None:
     """Entry point: run the app, turning opsflow's errors into one clear line."""
     try:
+        add_application_commands()
         code = app(standalone_mode=False)
     except (click.ClickException, _UsageErrors) as err:
         err.show()

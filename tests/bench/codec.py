@@ -28,7 +28,7 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 
 from opsflow.contracts import OrderReceived, catalogue
 from opsflow.contracts.wire import WireCodec
-from opsflow.demo.orders import varied_orders
+from services.demo.orders import varied_orders
 from tests.bench.harness import BenchError, Case, Metric, Ratio, StackInfo, interleaved_rates
 
 EVENTS = 20_000

@@ -12,7 +12,7 @@ The same hop, ``order.received`` in and one event out per input, is run by:
 Protocol, the same for each system, on topics of its own (6 partitions):
 
 1. The input topic is loaded with the same ``--events`` records (WireCodec
-   bytes of ``opsflow.demo.orders.varied_order``) *before* the system starts, so
+   bytes of ``services.demo.orders.varied_order``) *before* the system starts, so
    it runs flat out on a backlog.
 2. The system is started as a process; throughput is counted on the output
    topic (read_committed, as a downstream service sees it) from the first
@@ -60,9 +60,9 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow.contracts.wire import WireCodec
-from opsflow.demo.orders import varied_order
 from opsflow.runtime.service import BatchPolicy
 from opsflow.topics import ensure_topics
+from services.demo.orders import varied_order
 from tests.bench.harness import REPO_DIR, BenchError, Case, Metric, Ratio, StackInfo
 from tests.stackctl import STACK_VARIABLES
 

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import httpx
 from confluent_kafka import Consumer
 
-from opsflow.demo.orders import Category, DemoOrder, demo_orders, new_run_id
+from services.demo.orders import Category, DemoOrder, demo_orders, new_run_id
 from tests.bench.harness import BenchError, Case, Metric, StackInfo
 from tests.stackctl import OPSFLOW, stack_env
 

@@ -32,8 +32,8 @@ from typing import Any
 
 import httpx
 
-from opsflow.demo.orders import Category, DemoOrder, allocate
 from opsflow.errors import ConfigurationError, PermanentError, RetryableError
+from services.demo.orders import Category, DemoOrder, allocate
 
 
 class Verdict(StrEnum):

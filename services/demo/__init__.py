@@ -8,6 +8,6 @@ step took.
 - ``tracker``: reads the topics of record and keeps each order's state.
 - ``run``: one run, from settings to ``Summary``; ``report`` draws it for people.
 
-The modules are imported one by one (``from opsflow.demo.orders import ...``),
+The modules are imported one by one (``from services.demo.orders import ...``),
 so code that only needs orders does not load the HTTP and Kafka clients.
 """

@@ -21,19 +21,19 @@ from typing import Any
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsflow.demo.orders import DemoOrder, demo_orders, new_run_id, order_id_prefix
-from opsflow.demo.reviewer import (
+from opsflow.errors import ConfigurationError
+from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
+from services.demo.orders import DemoOrder, demo_orders, new_run_id, order_id_prefix
+from services.demo.reviewer import (
     AUTO_REVIEWER_DISPLAY_NAME,
     AutoReviewer,
     ReviewClient,
     Verdict,
     review_plan,
 )
-from opsflow.demo.sender import IngestClient, Sender
-from opsflow.demo.states import WAITING_FOR_REVIEW, OrderState, Until
-from opsflow.demo.tracker import TIMING_SOURCE, StepTiming, Tracker, step_timings
-from opsflow.errors import ConfigurationError
-from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
+from services.demo.sender import IngestClient, Sender
+from services.demo.states import WAITING_FOR_REVIEW, OrderState, Until
+from services.demo.tracker import TIMING_SOURCE, StepTiming, Tracker, step_timings
 
 DEMO_PRODUCER = "demo"
 """The producer name of a key the demo makes for itself."""
@@ -153,7 +153,7 @@ class DemoOptions:
     timeout_s: float = 120.0
     """How long to keep following after the last order was sent."""
     auto_review: bool = False
-    """Decide the run's review tasks through the review service (``opsflow.demo.reviewer``)."""
+    """Decide the run's review tasks through the review service (``services.demo.reviewer``)."""
     ingest_url: str | None = None
     api_key: str | None = None
     review_url: str | None = None
@@ -254,7 +254,7 @@ def run_demo(options: DemoOptions, *, on_progress: Progress | None = None) -> Su
     ``options.until``, or ``options.timeout_s`` after the last one was sent.
 
     With ``options.auto_review`` the demo's reviewer decides the run's review tasks
-    meanwhile (``opsflow.demo.reviewer``), and the run waits for its decisions.
+    meanwhile (``services.demo.reviewer``), and the run waits for its decisions.
 
     Raises:
         ConfigurationError: the stack, the ingest or review service, the key or the

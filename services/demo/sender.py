@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from opsflow.demo.orders import DemoOrder
 from opsflow.errors import ConfigurationError, PermanentError, RetryableError
+from services.demo.orders import DemoOrder
 
 MAX_BATCH = 1000
 """The most events the ingest service takes in one batch (its default limit)."""

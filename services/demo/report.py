@@ -9,9 +9,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from opsflow.demo.run import Summary
-from opsflow.demo.states import TERMINAL, WAITING_FOR_REVIEW, OrderState, Until
-from opsflow.demo.tracker import TIMING_SOURCE
+from services.demo.run import Summary
+from services.demo.states import TERMINAL, WAITING_FOR_REVIEW, OrderState, Until
+from services.demo.tracker import TIMING_SOURCE
 
 _GOALS = {
     Until.APPROVED: "policy-checked",

@@ -47,9 +47,9 @@ from opsflow.contracts import (
     Topic,
 )
 from opsflow.contracts.wire import WireCodec
-from opsflow.demo.states import OrderState, Until
 from opsflow.errors import BadInputError, ConfigurationError, RetryableError
 from opsflow.topics import end_offsets, offsets_at, topic_name
+from services.demo.states import OrderState, Until
 
 TIMING_SOURCE = "Kafka record timestamps (when each event was written to its topic)"
 

@@ -71,7 +71,7 @@ class Until(StrEnum):
 
     With ``--auto-review``, an order the demo's reviewer is to decide does not count
     as far enough while it waits for review, whatever the stop (see
-    ``opsflow.demo.reviewer``).
+    ``services.demo.reviewer``).
     """
 
     APPROVED = "approved"
