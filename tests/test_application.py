@@ -7,6 +7,8 @@ directory, as a team's package outside this repository would be.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -42,6 +44,18 @@ application = Application(
     ),
 )
 not_an_application = 42
+
+
+def say_hello(name: str = "world") -> None:
+    '''Greets.'''
+    print(f"hello {name}")
+
+
+with_commands = Application(
+    name="tiny-cli",
+    programs=(Program("echo", service="tiny_echo:service"),),
+    commands=("tiny_app:say_hello",),
+)
 """
 
 
@@ -165,3 +179,21 @@ def test_trace_says_where_an_instance_stands_by_the_applications_rules_else_its_
     assert plain.verdict.state == "order.received" and not plain.verdict.terminal
     assert plain.verdict.now.startswith("last: order.received at ")
     assert plain.summaries == {str(order.envelope.event_id): ""}
+
+
+def test_an_applications_commands_join_opsflows_own_and_opsflow_works_without_one(
+    tiny: Path,
+) -> None:
+    env = {**os.environ, "PYTHONPATH": str(tiny), "OPSFLOW_APP": "tiny_app:with_commands"}
+    ran = subprocess.run(
+        [sys.executable, "-m", "opsflow", "say-hello", "--name", "team"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout == "hello team\n"
+    env["OPSFLOW_APP"] = "tiny_missing_module:application"
+    listed = subprocess.run(
+        [sys.executable, "-m", "opsflow", "--help"],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert listed.returncode == 0 and "status" in listed.stdout and "demo" not in listed.stdout
