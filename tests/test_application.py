@@ -127,8 +127,8 @@ def test_replay_drives_the_services_of_the_application_in_use(tiny: Path) -> Non
 @pytest.mark.parametrize(
     ("target", "says"),
     [
-        ("tiny_missing_module:application", "no application is found"),
-        ("tiny_app:not_an_application", "a int, not an Application"),
+        ("tiny_missing_module:application", "where nothing is found"),
+        ("tiny_app:not_an_application", "found int, wanted Application"),
     ],
 )
 def test_opsflow_app_naming_no_application_is_refused_with_the_reason(

@@ -25,9 +25,9 @@ an application installed outside this repository is found like the reference one
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
+import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -36,6 +36,7 @@ from typing import Any
 
 from opsflow.contracts import Event
 from opsflow.errors import ConfigurationError
+from opsflow.targets import load_target
 
 # The entry point group an installed application registers itself under.
 ENTRY_POINT_GROUP = "opsflow.applications"
@@ -188,18 +189,16 @@ def load_command(target: str) -> Callable[..., Any]:
     """The command function ``module:function`` names (see ``Application.commands``).
 
     Raises:
-        ConfigurationError: nothing callable there.
+        ConfigurationError: no function there.
     """
-    module_name, _, attribute = target.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigurationError(
-            target, f"names no command ({err})", "Name a module:function of the application."
-        ) from err
-    if not callable(found):
-        raise ConfigurationError(target, "is not a function", "Name a typer command function.")
-    return found  # type: ignore[no-any-return]
+    command: Callable[..., Any] = load_target(
+        target,
+        types.FunctionType,
+        default="",
+        where=target,
+        hint="Name a module:function of the application (a typer command function).",
+    )
+    return command
 
 
 def load_application(target: str | None = None) -> Application:
@@ -230,19 +229,10 @@ def load_application(target: str | None = None) -> Application:
 
 
 def _load(target: str, source: str) -> Application:
-    module_name, _, attribute = target.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute or "application")
-    except (ImportError, AttributeError) as err:
-        raise ConfigurationError(
-            source,
-            f"names {target!r}, where no application is found ({err})",
-            "Name a module:attribute holding an opsflow Application.",
-        ) from err
-    if not isinstance(found, Application):
-        raise ConfigurationError(
-            source,
-            f"names {target!r}, a {type(found).__name__}, not an Application",
-            "Point it at the module's Application.",
-        )
-    return found
+    return load_target(
+        target,
+        Application,
+        default="application",
+        where=source,
+        hint="Name a module:attribute holding an opsflow Application.",
+    )

@@ -6,7 +6,6 @@ runtime guarantees (exactly-once processing, retries, dead letters).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import signal
 from types import FrameType
@@ -19,28 +18,20 @@ from opsflow.runtime import observability
 from opsflow.runtime.service import BatchPolicy, Delivery, RetryPolicy, Service
 from opsflow.runtime.worker import Worker
 from opsflow.settings import KafkaSettings, RegistrySettings, RuntimeSettings
+from opsflow.targets import load_target
 
 __all__ = ["BatchPolicy", "Delivery", "RetryPolicy", "Service", "Worker", "load_service", "run"]
 
 
 def load_service(target: str) -> Service:
     """The ``Service`` named by ``module[:attribute]`` (attribute defaults to ``service``)."""
-    module_name, _, attribute = target.partition(":")
-    try:
-        found = getattr(importlib.import_module(module_name), attribute or "service")
-    except (ImportError, AttributeError) as err:
-        raise ConfigurationError(
-            target,
-            f"no service found ({err})",
-            "Name a module that defines `service = Service(...)`.",
-        ) from err
-    if not isinstance(found, Service):
-        raise ConfigurationError(
-            target,
-            f"is a {type(found).__name__}, not a Service",
-            "Point at the module's Service instance.",
-        )
-    return found
+    return load_target(
+        target,
+        Service,
+        default="service",
+        where=target,
+        hint="Name a module that defines `service = Service(...)`.",
+    )
 
 
 def run(service: Service) -> None:
