@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from opsflow.application import Application, Program
 from services.progress import summary, verdict
+from services.readmodels import READ_MODELS
 
 application = Application(
     name="orders",
@@ -51,5 +52,6 @@ application = Application(
     ),
     standing=verdict,
     summary=summary,
+    read_models=READ_MODELS,
     commands=("services.demo.command:demo",),
 )

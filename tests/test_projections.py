@@ -36,7 +36,7 @@ from opsflow.contracts import EVENT_TOPICS, Event, Topic, catalogue
 from opsflow.contracts.wire import WireCodec
 from opsflow.projections.runner import ProjectionRunner
 from opsflow.projections.status import statuses
-from opsflow.readmodels import PROJECTIONS
+from opsflow.readmodels import projections
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from tests.histories import histories, publish
 from tests.stackctl import (
@@ -132,7 +132,9 @@ class World:
         deadline = time.monotonic() + timeout
         with db.connect(self.database_url, autocommit=True) as conn:
             while True:
-                found = statuses(conn, PROJECTIONS.values(), {"bootstrap.servers": self.bootstrap})
+                found = statuses(
+                    conn, projections().values(), {"bootstrap.servers": self.bootstrap}
+                )
                 if all(s.lag == 0 for s in found):
                     return
                 assert time.monotonic() < deadline, [s.as_json() for s in found]
@@ -190,7 +192,7 @@ def test_every_read_model_rebuilt_from_the_topics_equals_the_incrementally_kept_
     world.wait_caught_up()
     assert_models_match(world, orders)
 
-    for name in PROJECTIONS:
+    for name in projections():
         done = world.cli("projections", "rebuild", name, "--verify")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "verified: the rebuilt model equals the incrementally kept one" in done.stdout
@@ -199,7 +201,7 @@ def test_every_read_model_rebuilt_from_the_topics_equals_the_incrementally_kept_
     listed = world.cli("projections", "list", "--json")
     assert listed.returncode == 0, listed.stderr
     rows = {row["name"]: row for row in json.loads(listed.stdout)}
-    assert set(rows) == set(PROJECTIONS)
+    assert set(rows) == set(projections())
     assert all(row["lag"] == 0 and row["last_error"] is None for row in rows.values()), rows
     assert rows["audit_log"]["position"] == expected_counts(orders)["audit_log"]
 
@@ -280,7 +282,7 @@ def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
                     database_url=url,
                     max_wait_s=0.05,
                 )
-                for p in PROJECTIONS.values()
+                for p in projections().values()
             ]
             for runner in runners:
                 runner.open()

@@ -32,11 +32,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opsflow.contracts import Event
 from opsflow.errors import ConfigurationError
 from opsflow.targets import load_target
+
+if TYPE_CHECKING:
+    from opsflow.projections import Projection
 
 # The entry point group an installed application registers itself under.
 ENTRY_POINT_GROUP = "opsflow.applications"
@@ -154,6 +157,8 @@ class Application:
         standing: where an instance stands, from its events: the "now:" line of
             ``opsflow trace`` (without it, the last event says).
         summary: the facts worth a line in ``opsflow trace`` of one event.
+        read_models: its projections (``opsflow.projections``), which the
+            projector keeps current next to the audit log.
         commands: ``module:function`` of commands of its own that ``opsflow``
             offers next to its own (a typer command function each; its name,
             ``_`` as ``-``, is the command's), imported only by the CLI.
@@ -163,6 +168,7 @@ class Application:
     programs: tuple[Program, ...]
     standing: Standing | None = None
     summary: Callable[[Event], str] | None = None
+    read_models: tuple[Projection, ...] = ()
     commands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -480,17 +480,18 @@ def _reachable(kafka: dict[str, Any]) -> None:
 def _projection(name: str) -> Any:
     import difflib
 
-    from opsflow.readmodels import PROJECTIONS
+    from opsflow.readmodels import projections
 
-    if name not in PROJECTIONS:
-        near = difflib.get_close_matches(name, list(PROJECTIONS), n=1)
+    known = projections()
+    if name not in known:
+        near = difflib.get_close_matches(name, list(known), n=1)
         raise click.BadParameter(
             f"no projection {name!r}"
             + (f"; did you mean {near[0]!r}?" if near else "")
-            + f" (projections: {', '.join(PROJECTIONS)})",
+            + f" (projections: {', '.join(known)})",
             param_hint="NAME",
         )
-    return PROJECTIONS[name]
+    return known[name]
 
 
 projections_app = typer.Typer(
@@ -506,11 +507,11 @@ def projections_list(
     """Every projection: position, lag in events and in seconds, last error."""
     from opsflow import db
     from opsflow.projections.status import statuses
-    from opsflow.readmodels import PROJECTIONS
+    from opsflow.readmodels import projections
 
     kafka, _, url = _cluster()
     with db.connect(url) as conn, db.requires_table("projection_positions"):
-        found = statuses(conn, PROJECTIONS.values(), kafka)
+        found = statuses(conn, projections().values(), kafka)
     if as_json:
         print(json.dumps([s.as_json() for s in found]))
         return
@@ -706,9 +707,9 @@ def replay_command(
 
 
 def _projection_names() -> list[str]:
-    from opsflow.readmodels import PROJECTIONS
+    from opsflow.readmodels import projections
 
-    return list(PROJECTIONS)
+    return list(projections())
 
 
 @app.command("trace")

@@ -186,11 +186,11 @@ def _from_database(
     database_url: str,
     ends: Mapping[tuple[str, int], int],
 ) -> None:
-    from opsflow.readmodels import PROJECTIONS
+    from opsflow.readmodels import projections
 
     try:
         with db.connect(database_url, autocommit=True) as conn:
-            found.projections = statuses(conn, PROJECTIONS.values(), kafka, ends=ends)
+            found.projections = statuses(conn, projections().values(), kafka, ends=ends)
             found.open_reviews, found.overdue_reviews = conn.execute(
                 "SELECT count(*), count(*) FILTER (WHERE due_at < now())"
                 " FROM review_queue WHERE status <> 'decided'"

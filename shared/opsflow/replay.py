@@ -49,7 +49,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
 from opsflow.projections import Projection, RecordDecoder
 from opsflow.projections.runner import consumer_config, partitions_of
-from opsflow.readmodels import PROJECTIONS
+from opsflow.readmodels import projections
 from opsflow.runtime import Service, load_service
 from opsflow.runtime.recovery import SOURCE_HEADER, source_of
 from opsflow.topics import end_offsets, offsets_at, topic_name
@@ -106,14 +106,14 @@ class Report:
 
 def target_of(name: str) -> Service | Projection:
     """The service or projection called ``name``."""
-    services = load_application().services
+    services, views = load_application().services, projections()
     if name in services:
         return load_service(services[name])
-    if name in PROJECTIONS:
-        return PROJECTIONS[name]
+    if name in views:
+        return views[name]
     import difflib
 
-    known = [*services, *PROJECTIONS]
+    known = [*services, *views]
     near = difflib.get_close_matches(name, known, n=1)
     raise ConfigurationError(
         "--into",

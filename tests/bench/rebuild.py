@@ -52,7 +52,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.projections.positions import TopicPartition
 from opsflow.projections.rebuild import REBUILD_WORKERS, checksum, rebuild
 from opsflow.projections.runner import ProjectionRunner, consumer_config, partitions_of
-from opsflow.readmodels import PROJECTIONS
+from opsflow.readmodels import projections
 from opsflow.settings import TopicSettings
 from opsflow.topics import ensure_topics, topic_name
 from tests.bench.harness import BenchError, Case, Metric, Ratio, StackInfo
@@ -111,7 +111,7 @@ class RebuildCase(Case):
     def __init__(self, stack: StackInfo, *, events: int | None = None) -> None:
         super().__init__(stack, events=events)
         self.count = events or EVENTS
-        self.projection = PROJECTIONS[PROJECTION]
+        self.projection = projections()[PROJECTION]
         self.prefix = f"bench{uuid.uuid4().hex[:8]}."
         self.kafka = {"bootstrap.servers": stack.env["KAFKA_BOOTSTRAP_SERVERS"]}
         self.base_url = stack.env["DATABASE_URL"]

@@ -20,7 +20,7 @@ from prometheus_client import Counter
 from opsflow.errors import ConfigurationError
 from opsflow.projections import Projection
 from opsflow.projections.runner import ProjectionRunner
-from opsflow.readmodels import PROJECTIONS
+from opsflow.readmodels import projections
 from opsflow.runtime.observability import Health, Metrics
 
 log = logging.getLogger("opsflow.projector")
@@ -31,14 +31,15 @@ _RESTART_MAX_S = 30.0
 def selected(names: str | None) -> list[Projection]:
     """The projections named in ``names`` (comma separated; empty or None: all)."""
     wanted = [n.strip() for n in (names or "").split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in PROJECTIONS]
+    known = projections()
+    unknown = [n for n in wanted if n not in known]
     if unknown:
         raise ConfigurationError(
             "OPSFLOW_PROJECTIONS",
             f"names unknown projection(s) {', '.join(unknown)}",
-            f"Choose from {', '.join(PROJECTIONS)}, or unset it to run them all.",
+            f"Choose from {', '.join(known)}, or unset it to run them all.",
         )
-    return [PROJECTIONS[n] for n in wanted] if wanted else list(PROJECTIONS.values())
+    return [known[n] for n in wanted] if wanted else list(known.values())
 
 
 class Projector:

@@ -1,4 +1,5 @@
-"""opsflow's read models: the projections ``shared/opsflow/projector`` keeps current.
+"""The read models the projector (``shared/opsflow/projector``) keeps current: the
+application's own (``Application.read_models``) and the audit log every application has.
 
 Their tables are a contract for the people and programs that read them
 (reviewer screens, operators, analytics); ``docs/contracts.md`` documents each
@@ -10,19 +11,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
+from opsflow.application import load_application
 from opsflow.projections import Projection
-from opsflow.readmodels import audit, dispatches, orders, reviews
+from opsflow.readmodels import audit
 
-PROJECTIONS: Mapping[str, Projection] = MappingProxyType(
-    {
-        p.name: p
-        for p in (
-            orders.projection,
-            reviews.review_queue,
-            reviews.sla_breaches,
-            dispatches.projection,
-            audit.projection,
-        )
-    }
-)
-"""Every read model by name."""
+
+def projections() -> Mapping[str, Projection]:
+    """Every read model by name: the application's, then the audit log."""
+    found = {p.name: p for p in (*load_application().read_models, audit.projection)}
+    return MappingProxyType(found)
