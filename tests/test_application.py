@@ -117,11 +117,14 @@ def test_a_stand_in_is_not_started_when_its_partner_is_configured(
     assert plan.external["partner"] == plan.env["PARTNER_URL"] == "https://partner.example/api"
 
 
-def test_replay_drives_the_services_of_the_application_in_use(tiny: Path) -> None:
+def test_replay_drives_the_services_and_read_models_of_the_application_in_use(tiny: Path) -> None:
     with pytest.raises(ConfigurationError) as refused:
         target_of("ech")
-    assert "did you mean 'echo'" in str(refused.value)
-    assert "greeter" not in str(refused.value)  # an HTTP program consumes nothing
+    said = str(refused.value)
+    assert "did you mean 'echo'" in said
+    assert "greeter" not in said  # an HTTP program consumes nothing
+    # Its read models: none of its own, the audit log every application has.
+    assert "audit_log" in said and "orders_current" not in said
 
 
 @pytest.mark.parametrize(
