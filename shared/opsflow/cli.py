@@ -1203,10 +1203,22 @@ _UsageErrors: type[click.ClickException] = next(
 )
 
 
-def add_application_commands() -> None:
+def add_application_commands(args: list[str]) -> None:
     """Offer the application's own commands (``Application.commands``, e.g. the order
-    workflow's ``demo``) next to opsflow's; without an application, opsflow's alone."""
+    workflow's ``demo``) next to opsflow's; without an application, opsflow's alone.
+
+    Not for one of opsflow's own commands: loading the application imports all it
+    declares (its read models too), time a command that does not need it should not pay.
+    """
     from opsflow.application import load_application, load_command
+
+    named = next((arg for arg in args if not arg.startswith("-")), None)
+    own = {
+        c.name or (c.callback.__name__.lower().replace("_", "-") if c.callback else None)
+        for c in app.registered_commands
+    } | {g.name for g in app.registered_groups}
+    if named in own:
+        return
 
     try:
         commands = load_application().commands
@@ -1220,7 +1232,7 @@ def add_application_commands() -> None:
 def main() -> None:
     """Entry point: run the app, turning opsflow's errors into one clear line."""
     try:
-        add_application_commands()
+        add_application_commands(sys.argv[1:])
         code = app(standalone_mode=False)
     except (click.ClickException, _UsageErrors) as err:
         err.show()
