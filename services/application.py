@@ -53,5 +53,6 @@ application = Application(
     standing=verdict,
     summary=summary,
     read_models=READ_MODELS,
+    migrations="services.migrations",
     commands=("services.demo.command:demo",),
 )

@@ -1,4 +1,8 @@
-"""Schema migrations: versioned files, applied once, even when processes start together."""
+"""Schema migrations: versioned files, applied once, even when processes start together.
+
+opsflow's own come first, then the application's (its services' and read models'
+tables); a database migrated before those moved out of opsflow keeps its tables.
+"""
 
 from __future__ import annotations
 
@@ -9,20 +13,65 @@ import psycopg
 from opsflow import db
 
 
-def test_migrations_apply_every_file_once_in_order(database_url: str) -> None:
-    shipped = [version for version, _, _ in db.migration_files()]
-    assert shipped == sorted(shipped) and shipped, "versioned files ship with the package"
+def _shipped() -> list[tuple[str, int]]:
+    return [(m.owner, m.version) for m in db.migration_files()]
+
+
+def test_migrations_apply_opsflows_then_the_applications_once_each_in_order(
+    database_url: str,
+) -> None:
+    shipped = _shipped()
+    owners = list(dict.fromkeys(owner for owner, _ in shipped))
+    assert owners == [db.OPSFLOW, "orders"], "opsflow's first, then the application's"
+    for owner in owners:
+        versions = [v for o, v in shipped if o == owner]
+        assert versions == sorted(versions)
     assert db.migrate(database_url) == shipped
     assert db.migrate(database_url) == [], "a second start finds nothing to do"
+    with psycopg.connect(database_url) as conn:  # the application's tables are there
+        conn.execute("SELECT o.order_id FROM orders_current o, dispatch_orders d LIMIT 0")
 
 
 def test_processes_starting_at_once_do_not_race_on_migrations(database_url: str) -> None:
     with ThreadPoolExecutor(max_workers=6) as pool:
         results = list(pool.map(lambda _: db.migrate(database_url), range(6)))
-    shipped = [version for version, _, _ in db.migration_files()]
-    assert sorted(v for applied in results for v in applied) == shipped, (
+    shipped = _shipped()
+    assert sorted(v for applied in results for v in applied) == sorted(shipped), (
         "each migration was applied by exactly one of the racing starters"
     )
     with psycopg.connect(database_url) as conn:
-        rows = conn.execute("SELECT version FROM opsflow_migrations ORDER BY version").fetchall()
-    assert [r[0] for r in rows] == shipped
+        rows = conn.execute("SELECT owner, version FROM opsflow_migrations").fetchall()
+    assert sorted(rows) == sorted(shipped)
+
+
+def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_its_rows(
+    database_url: str,
+) -> None:
+    """opsflow's migrations 3, 4 and 6 used to create dispatch's, pod-capture's and the
+    read models' tables, recorded by version alone: those become the application's."""
+    db.migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO dispatch_orders (order_id, destination, received_event_id)"
+            " VALUES ('o-1', '{}', gen_random_uuid())"
+        )
+        # The bookkeeping as it was: opsflow's versions 1 to 8, no owners.
+        conn.execute("DROP TABLE opsflow_migrations")
+        conn.execute(
+            "CREATE TABLE opsflow_migrations (version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        conn.execute(
+            "INSERT INTO opsflow_migrations (version, name) SELECT v, 'before' "
+            "FROM generate_series(1, 8) AS v"
+        )
+    adopted = db.migrate(database_url)
+    assert adopted == [(o, v) for o, v in _shipped() if o == "orders"], "recorded, not run"
+    assert db.migrate(database_url) == []
+    with psycopg.connect(database_url) as conn:
+        kept = conn.execute("SELECT order_id FROM dispatch_orders").fetchall()
+        owners = conn.execute(
+            "SELECT owner, count(*) FROM opsflow_migrations GROUP BY owner ORDER BY owner"
+        ).fetchall()
+    assert kept == [("o-1",)]
+    assert owners == [(db.OPSFLOW, 8), ("orders", 3)]

@@ -159,6 +159,8 @@ class Application:
         summary: the facts worth a line in ``opsflow trace`` of one event.
         read_models: its projections (``opsflow.projections``), which the
             projector keeps current next to the audit log.
+        migrations: the package holding its ``NNNN_name.sql`` migrations (its
+            services' tables, its read models' tables), applied after opsflow's.
         commands: ``module:function`` of commands of its own that ``opsflow``
             offers next to its own (a typer command function each; its name,
             ``_`` as ``-``, is the command's), imported only by the CLI.
@@ -169,6 +171,7 @@ class Application:
     standing: Standing | None = None
     summary: Callable[[Event], str] | None = None
     read_models: tuple[Projection, ...] = ()
+    migrations: str | None = None
     commands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:

@@ -1,3 +1,6 @@
+-- formerly opsflow 0003
+-- Pod-capture's tables: a database migrated before they moved here has them from
+-- opsflow's own migration 0003, and this one is then recorded, not run.
 -- pod-capture: which orders are dispatched, which proofs of delivery were
 -- captured, and which wait for their dispatch. As in 0001, the connection's
 -- search_path decides the schema.

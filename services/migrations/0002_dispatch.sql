@@ -1,3 +1,6 @@
+-- formerly opsflow 0004
+-- Dispatch's tables: a database migrated before they moved here has them from
+-- opsflow's own migration 0004, and this one is then recorded, not run.
 -- dispatch: what the dispatch step must know to book a carrier, and its one
 -- dispatch decision per order. As in 0001, the connection's search_path decides
 -- the schema.
