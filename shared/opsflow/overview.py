@@ -27,11 +27,10 @@ from opsflow import db
 from opsflow.application import load_application
 from opsflow.contracts import Topic
 from opsflow.errors import ConfigurationError, RetryableError
-from opsflow.projections.runner import partitions_of
 from opsflow.projections.status import ProjectionStatus, statuses
 from opsflow.runtime import load_service
 from opsflow.stack.health import probe_client
-from opsflow.topics import dead_letter_topic, end_offsets, topic_name
+from opsflow.topics import dead_letter_topic, end_offsets, partitions_of, topic_name
 
 _PROCESSED = re.compile(r"^opsflow_events_processed_total\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
 

@@ -48,11 +48,10 @@ from opsflow.contracts.record import utc_millis
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
 from opsflow.projections import Projection, RecordDecoder
-from opsflow.projections.runner import consumer_config, partitions_of
 from opsflow.readmodels import projections
 from opsflow.runtime import Service, load_service
 from opsflow.runtime.recovery import SOURCE_HEADER, source_of
-from opsflow.topics import end_offsets, offsets_at, topic_name
+from opsflow.topics import consumer_config, end_offsets, offsets_at, partitions_of, topic_name
 
 REPLAY_HEADER = "opsflow-replay"
 EVENT_TYPE_HEADER = "opsflow-event-type"

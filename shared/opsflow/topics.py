@@ -8,7 +8,7 @@ id only keeps an order in order while the partition count does not change.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
@@ -70,6 +70,37 @@ def ensure_topics(
             if err.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise RetryableError(f"could not create topic {name}: {err}") from err
     return created
+
+
+def consumer_config(kafka: Mapping[str, Any], group: str) -> dict[str, Any]:
+    """A reader of committed records that never commits offsets (its positions live
+    elsewhere, e.g. in PostgreSQL; the group id only names the client): what the
+    projector, replay, status and rebuild read the topics with."""
+    return {
+        "fetch.wait.max.ms": 100,
+        **kafka,
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+    }
+
+
+def partitions_of(consumer: Consumer, topics: Sequence[str]) -> list[tuple[str, int]]:
+    """Every partition of ``topics``.
+
+    Raises:
+        RetryableError: a topic does not exist (yet): provisioning creates them.
+    """
+    metadata = consumer.list_topics(timeout=10)
+    found: list[tuple[str, int]] = []
+    for topic in topics:
+        meta = metadata.topics.get(topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise RetryableError(f"topic {topic} does not exist (provision the cluster first)")
+        found += [(topic, p) for p in sorted(meta.partitions)]
+    return found
 
 
 def end_offsets(

@@ -51,10 +51,10 @@ from opsflow.contracts import Event
 from opsflow.contracts.wire import WireCodec
 from opsflow.projections.positions import TopicPartition
 from opsflow.projections.rebuild import REBUILD_WORKERS, checksum, rebuild
-from opsflow.projections.runner import ProjectionRunner, consumer_config, partitions_of
+from opsflow.projections.runner import ProjectionRunner
 from opsflow.readmodels import projections
 from opsflow.settings import TopicSettings
-from opsflow.topics import ensure_topics, topic_name
+from opsflow.topics import consumer_config, ensure_topics, partitions_of, topic_name
 from tests.bench.harness import BenchError, Case, Metric, Ratio, StackInfo
 from tests.histories import histories, publish
 from tests.stackctl import create_schema, drop_schema

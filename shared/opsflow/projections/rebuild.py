@@ -40,7 +40,8 @@ from opsflow.projections import positions
 from opsflow.projections.positions import TopicPartition
 from opsflow.projections.projection import Projection, Tables
 from opsflow.projections.records import EventRecord, RecordDecoder
-from opsflow.projections.runner import ProjectionRunner, consumer_config
+from opsflow.projections.runner import ProjectionRunner
+from opsflow.topics import consumer_config
 
 Progress = Callable[[int, int], None]
 """Called with (records read, records to read) as the replay goes."""

@@ -49,7 +49,7 @@ from opsflow.projections import positions
 from opsflow.projections.positions import Fenced, Move, TopicPartition
 from opsflow.projections.projection import Projection, Tables
 from opsflow.projections.records import EventRecord, RecordDecoder
-from opsflow.topics import dead_letter_topic, topic_name
+from opsflow.topics import consumer_config, dead_letter_topic, partitions_of, topic_name
 
 log = logging.getLogger("opsflow.projections")
 
@@ -64,36 +64,6 @@ class _Systemic(Exception):
     def __init__(self, err: Exception) -> None:
         super().__init__(str(err))
         self.__cause__ = err
-
-
-def consumer_config(kafka: Mapping[str, Any], group: str) -> dict[str, Any]:
-    """A consumer that reads committed records and never commits offsets (positions
-    live in PostgreSQL; the group id only names the client)."""
-    return {
-        "fetch.wait.max.ms": 100,
-        **kafka,
-        "group.id": group,
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-    }
-
-
-def partitions_of(consumer: Consumer, topics: Sequence[str]) -> list[TopicPartition]:
-    """Every partition of ``topics``.
-
-    Raises:
-        RetryableError: a topic does not exist (yet): provisioning creates them.
-    """
-    metadata = consumer.list_topics(timeout=10)
-    found: list[TopicPartition] = []
-    for topic in topics:
-        meta = metadata.topics.get(topic)
-        if meta is None or meta.error is not None or not meta.partitions:
-            raise RetryableError(f"topic {topic} does not exist (provision the cluster first)")
-        found += [(topic, p) for p in sorted(meta.partitions)]
-    return found
 
 
 class ProjectionRunner:

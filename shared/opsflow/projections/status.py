@@ -14,8 +14,7 @@ from confluent_kafka import TopicPartition as KafkaPartition
 
 from opsflow.projections import Projection, positions
 from opsflow.projections.positions import TopicPartition
-from opsflow.projections.runner import consumer_config, partitions_of
-from opsflow.topics import end_offsets, topic_name
+from opsflow.topics import consumer_config, end_offsets, partitions_of, topic_name
 
 
 @dataclass(frozen=True)
