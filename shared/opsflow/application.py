@@ -1,10 +1,12 @@
 """An application: the programs a workflow runs, declared once for every opsflow command.
 
 opsflow's library knows no workflow. An application (the order workflow in
-``services/`` is the reference one) declares the programs it runs, and
-``opsflow up`` starts them, ``opsflow status`` shows their consumer lag and
-``opsflow replay --into`` re-drives records into them from that declaration,
-not from lists of their own::
+``services/`` is the reference one) declares the programs it runs, its read
+models, its tables' migrations, how ``opsflow trace`` says where an instance
+stands, and commands of its own; ``opsflow up`` starts its programs, ``opsflow
+status`` shows their consumer lag, ``opsflow replay --into`` re-drives records
+into them, the projector keeps its read models, from that declaration and not
+from lists of their own::
 
     from opsflow.application import Application, Program
 
@@ -149,7 +151,8 @@ Standing = Callable[[Sequence[Event], datetime, Mapping[str, datetime]], Verdict
 
 @dataclass(frozen=True)
 class Application:
-    """A workflow's programs (more declarations join: topics, contracts, read models).
+    """What a workflow runs and how opsflow reads it (its topics and contracts are
+    still opsflow's, ``opsflow.contracts``: they join this declaration next).
 
     Attributes:
         name: what it is called.
