@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from opsflow.contracts import OrderReceived, Topic
+from opsflow.contracts import OrderReceived, PolicyChecked, Topic
 from opsflow.errors import ConfigurationError
 from opsflow.runtime import Service
 from tests.samples import sample
@@ -104,15 +104,24 @@ def test_a_plain_handler_gets_plain_dependencies_and_generators_close_on_stop() 
 
 
 def test_a_handler_asking_for_what_nothing_provides_stops_the_service_at_start() -> None:
-    service = Service("missing", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+    service = Service(
+        "missing", consumes=[Topic.ORDERS, Topic.POLICY_CHECK], produces=[Topic.POLICY_CHECK]
+    )
 
     @service.handler
     async def check(order: OrderReceived, pool: Pool) -> None:
         return None
 
+    @service.handler
+    async def sized(order: PolicyChecked, limit: int | None) -> None:
+        return None
+
     with pytest.raises(ConfigurationError) as refused:
         service.check_dependencies()
     assert "check(pool)" in str(refused.value) and "no dependency provides" in str(refused.value)
+    del service.handlers["order.received"]
+    with pytest.raises(ConfigurationError, match=r"sized\(limit\): asks for int \| None"):
+        service.check_dependencies()
 
 
 def test_a_plain_handler_cannot_ask_for_an_async_dependency() -> None:

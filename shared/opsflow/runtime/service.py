@@ -249,7 +249,8 @@ class Service:
             for name, wanted in self.needs[event_type].items():
                 maker = self.dependencies.get(wanted)
                 if maker is None:
-                    problem = f"asks for {wanted.__qualname__}, which no dependency provides"
+                    asked = getattr(wanted, "__qualname__", repr(wanted))  # a union has none
+                    problem = f"asks for {asked}, which no dependency provides"
                 elif _is_async(maker) and not inspect.iscoroutinefunction(fn):
                     problem = f"is plain but {maker.__qualname__} is async"
                 else:
