@@ -1,4 +1,4 @@
-"""The order workflow, opsflow's reference application: the programs ``opsflow up`` runs.
+"""The order workflow, opsflow's reference application: what it carries and runs.
 
     order.received -> policy-check -> review (a person, SLA) -> dispatch (books a
     carrier) -> proof of delivery (pod-webhook, pod-capture)
@@ -9,12 +9,20 @@ Registered as the ``orders`` entry point of the ``opsflow.applications`` group
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from opsflow.application import Application, Program
+from services.contracts import EVENTS, TOPICS
 from services.progress import summary, verdict
 from services.readmodels import READ_MODELS
 
 application = Application(
     name="orders",
+    instance="order",
+    topics=TOPICS,
+    events=EVENTS,
+    # The repository's schemas/ folder, beside this package.
+    schemas=Path(__file__).resolve().parents[1] / "schemas",
     programs=(
         Program("ingest", module="services.ingest", port_env="INGEST_PORT", url_env="INGEST_URL"),
         Program(

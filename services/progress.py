@@ -9,13 +9,14 @@ from datetime import datetime
 from typing import TypeVar
 
 from opsflow.application import Verdict
-from opsflow.contracts import (
+from opsflow.contracts import Event
+from opsflow.trace import minutes, stamp
+from services.contracts import (
     Actor,
     DispatchExecuted,
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    Event,
     OrderReceived,
     PodCaptured,
     PodRejected,
@@ -29,9 +30,13 @@ from opsflow.contracts import (
     ReviewRequested,
     ReviewSlaBreached,
 )
-from opsflow.trace import minutes, stamp, who
 
 E = TypeVar("E", bound=Event)
+
+
+def who(actor: Actor) -> str:
+    """A person as a line names them: "Ana (reviewer)"."""
+    return f"{actor.display_name} ({actor.role.value.lower()})"
 
 
 def _due(due_at: datetime, now: datetime) -> str:

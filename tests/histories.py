@@ -16,8 +16,10 @@ from typing import Any
 
 from confluent_kafka import Producer
 
-from opsflow.contracts import (
-    EVENT_TOPICS,
+from opsflow.contracts import Event
+from opsflow.contracts.wire import WireCodec
+from opsflow.topics import topic_name
+from services.contracts import (
     Actor,
     ActorRole,
     Address,
@@ -26,7 +28,6 @@ from opsflow.contracts import (
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    Event,
     OrderItem,
     OrderReceived,
     PodCaptured,
@@ -42,8 +43,6 @@ from opsflow.contracts import (
     ReviewSlaBreached,
     ReviewTier,
 )
-from opsflow.contracts.wire import WireCodec
-from opsflow.topics import topic_name
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
 COUNTRIES = ["DE", "FR", "NL", "AT", "PL", "IT", "ES", "SE"]
@@ -61,7 +60,7 @@ class _History:
     def add(self, model: type[Event], minutes: float, **fields: Any) -> Event:
         self.at += timedelta(minutes=minutes)
         envelope = model.envelope_for(
-            order_id=self.order_id,
+            key=self.order_id,
             idempotency_key=f"{model.event_type}:{self.order_id}:{len(self.events)}",
             producer="history",
             caused_by=self.last.envelope if self.last else None,
@@ -266,7 +265,7 @@ def publish(
     sent = 0
     for event in events:
         producer.produce(
-            topic_name(EVENT_TOPICS[event.event_type], prefix=prefix),
+            topic_name(event.topic, prefix=prefix),
             key=event.order_id.encode(),
             value=codec.encode(event),
             headers=[("opsflow-event-type", event.event_type.encode())],

@@ -9,7 +9,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from opsflow.contracts import (
+from opsflow.contracts import Envelope, Event
+from services.contracts import (
     MODELS,
     Actor,
     ActorRole,
@@ -19,8 +20,6 @@ from opsflow.contracts import (
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    Envelope,
-    Event,
     OrderItem,
     OrderReceived,
     PodCaptured,

@@ -29,28 +29,35 @@ from pydantic import AwareDatetime
 
 from opsflow.compatibility import CompatibilityLevel
 from opsflow.contracts import (
-    EVENT_TOPICS,
-    MODELS,
+    ENVELOPE_FILE,
     SCHEMAS_DIR_VARIABLE,
     AvroRecord,
-    CustomerRiskTier,
     Envelope,
-    OrderReceived,
-    ReviewRequested,
-    ReviewSlaBreached,
     TimestampMillis,
-    Topic,
     catalogue,
     check_evolution,
     load_catalogue,
     schemas_dir,
 )
 from opsflow.errors import BadInputError
+from services.contracts import (
+    DISPATCH,
+    MODELS,
+    ORDERS,
+    POD,
+    POD_REJECTS,
+    POLICY_CHECK,
+    REVIEW,
+    CustomerRiskTier,
+    OrderReceived,
+    ReviewRequested,
+    ReviewSlaBreached,
+)
 from tests.samples import ORDER, envelope, sample
 
 SCHEMAS = schemas_dir()
 CATALOGUE = load_catalogue(SCHEMAS)
-ENVELOPE_SCHEMA = json.loads((SCHEMAS / "envelope.avsc").read_text())
+ENVELOPE_SCHEMA = json.loads(ENVELOPE_FILE.read_text())
 NAMESPACE = "opsflow.events"
 
 # --- walking both sides into comparable shapes -----------------------------------------
@@ -215,52 +222,52 @@ def test_catalogue_routes_each_event_type_to_its_step_topic_and_record_name_subj
     table = {name: (et.topic, et.record_name, et.subject) for name, et in CATALOGUE.items()}
     ev = "opsflow.events"
     assert table == {
-        "order.received": (Topic.ORDERS, f"{ev}.OrderReceived", f"orders-{ev}.OrderReceived"),
+        "order.received": (ORDERS, f"{ev}.OrderReceived", f"orders-{ev}.OrderReceived"),
         "policy.checked": (
-            Topic.POLICY_CHECK,
+            POLICY_CHECK,
             f"{ev}.PolicyChecked",
             f"policy-check-{ev}.PolicyChecked",
         ),
         "review.requested": (
-            Topic.REVIEW,
+            REVIEW,
             f"{ev}.ReviewRequested",
             f"review-{ev}.ReviewRequested",
         ),
-        "review.claimed": (Topic.REVIEW, f"{ev}.ReviewClaimed", f"review-{ev}.ReviewClaimed"),
-        "review.released": (Topic.REVIEW, f"{ev}.ReviewReleased", f"review-{ev}.ReviewReleased"),
-        "review.decided": (Topic.REVIEW, f"{ev}.ReviewDecided", f"review-{ev}.ReviewDecided"),
+        "review.claimed": (REVIEW, f"{ev}.ReviewClaimed", f"review-{ev}.ReviewClaimed"),
+        "review.released": (REVIEW, f"{ev}.ReviewReleased", f"review-{ev}.ReviewReleased"),
+        "review.decided": (REVIEW, f"{ev}.ReviewDecided", f"review-{ev}.ReviewDecided"),
         "review.escalated": (
-            Topic.REVIEW,
+            REVIEW,
             f"{ev}.ReviewEscalated",
             f"review-{ev}.ReviewEscalated",
         ),
         "review.sla_breached": (
-            Topic.REVIEW,
+            REVIEW,
             f"{ev}.ReviewSlaBreached",
             f"review-{ev}.ReviewSlaBreached",
         ),
         "dispatch.requested": (
-            Topic.DISPATCH,
+            DISPATCH,
             f"{ev}.DispatchRequested",
             f"dispatch-{ev}.DispatchRequested",
         ),
         "dispatch.executed": (
-            Topic.DISPATCH,
+            DISPATCH,
             f"{ev}.DispatchExecuted",
             f"dispatch-{ev}.DispatchExecuted",
         ),
         "dispatch.failed": (
-            Topic.DISPATCH,
+            DISPATCH,
             f"{ev}.DispatchFailed",
             f"dispatch-{ev}.DispatchFailed",
         ),
-        "pod.captured": (Topic.POD, f"{ev}.PodCaptured", f"pod-{ev}.PodCaptured"),
-        "pod.rejected": (Topic.POD_REJECTS, f"{ev}.PodRejected", f"pod-rejects-{ev}.PodRejected"),
+        "pod.captured": (POD, f"{ev}.PodCaptured", f"pod-{ev}.PodCaptured"),
+        "pod.rejected": (POD_REJECTS, f"{ev}.PodRejected", f"pod-rejects-{ev}.PodRejected"),
     }
 
 
 def test_every_event_type_has_a_model_whose_contract_version_is_the_latest_schema() -> None:
-    assert set(MODELS) == set(EVENT_TOPICS) == set(CATALOGUE)
+    assert set(MODELS) == set(CATALOGUE)
     for name, et in CATALOGUE.items():
         assert et.model is MODELS[name]
         assert et.model.event_type == name
@@ -275,7 +282,7 @@ def test_order_received_follows_its_v2_schema() -> None:
 
 def test_catalogue_finds_event_types_by_record_name_and_by_topic() -> None:
     assert CATALOGUE.by_record_name("opsflow.events.ReviewDecided").name == "review.decided"
-    assert [et.name for et in CATALOGUE.for_topic(Topic.DISPATCH)] == [
+    assert [et.name for et in CATALOGUE.for_topic(DISPATCH)] == [
         "dispatch.requested",
         "dispatch.executed",
         "dispatch.failed",
@@ -303,7 +310,7 @@ def test_schema_directory_without_a_known_event_type_is_refused(tmp_path: Path) 
 # --- schemas and models agree -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+@pytest.mark.parametrize("event_type", list(MODELS))
 def test_model_mirrors_latest_schema_field_by_field(event_type: str) -> None:
     et = CATALOGUE[event_type]
     assert flatten(model_shape(et.model)) == flatten(avro_shape(et.latest_schema))
@@ -325,7 +332,7 @@ def test_shape_comparison_catches_a_field_added_to_only_one_side() -> None:
     assert model_shape(extended) == avro_shape(grown)
 
 
-@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+@pytest.mark.parametrize("event_type", list(MODELS))
 def test_latest_schema_starts_with_the_shared_envelope(event_type: str) -> None:
     first = CATALOGUE[event_type].latest_schema["fields"][0]
     assert first["name"] == "envelope"
@@ -360,7 +367,7 @@ def test_every_event_is_keyed_by_order_id(schema: dict[str, Any]) -> None:
 # --- models on the wire ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+@pytest.mark.parametrize("event_type", list(MODELS))
 def test_event_round_trips_through_fastavro_unchanged(event_type: str) -> None:
     event = sample(event_type)
     assert all(getattr(event, f) is not None for f in optional_fields(type(event)))
@@ -369,7 +376,7 @@ def test_event_round_trips_through_fastavro_unchanged(event_type: str) -> None:
     assert type(event).from_avro(decoded) == event
 
 
-@pytest.mark.parametrize("event_type", list(EVENT_TOPICS))
+@pytest.mark.parametrize("event_type", list(MODELS))
 def test_event_with_optional_fields_unset_round_trips_unchanged(event_type: str) -> None:
     full = sample(event_type)
     event = full.model_copy(update=dict.fromkeys(optional_fields(type(full))))
@@ -395,14 +402,14 @@ def test_naive_timestamps_are_refused() -> None:
 def test_new_envelope_carries_the_models_contract_version_and_causation() -> None:
     cause = envelope(MODELS["policy.checked"], 7)
     env = ReviewRequested.envelope_for(
-        order_id=ORDER, idempotency_key="k", producer="review", caused_by=cause
+        key=ORDER, idempotency_key="k", producer="review", caused_by=cause
     )
     assert env.correlation_id == ORDER
     assert env.causation_id == str(cause.event_id)
     assert env.contract_version == ReviewRequested.contract_version
     assert (
         OrderReceived.envelope_for(
-            order_id=ORDER, idempotency_key="k", producer="intake"
+            key=ORDER, idempotency_key="k", producer="intake"
         ).contract_version
         == 2
     )

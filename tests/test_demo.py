@@ -32,22 +32,21 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import users
-from opsflow.contracts import (
+from opsflow.contracts import Envelope, Event
+from opsflow.contracts.wire import WireCodec
+from opsflow.db import migrate
+from opsflow.topics import ensure_topics
+from services.carrier_sim.faults import FaultInjector, FaultPlan
+from services.contracts import (
+    TOPICS,
     DispatchFailureClass,
-    Envelope,
-    Event,
     OrderReceived,
     PolicyChecked,
     PolicyOutcome,
     ReviewDecided,
     ReviewDecision,
     ReviewRequested,
-    Topic,
 )
-from opsflow.contracts.wire import WireCodec
-from opsflow.db import migrate
-from opsflow.topics import ensure_topics
-from services.carrier_sim.faults import FaultInjector, FaultPlan
 from services.demo.orders import (
     REFUSED_COUNTRIES,
     SCENARIOS,
@@ -286,7 +285,7 @@ def pipeline(
     prefix = f"demo{uuid.uuid4().hex[:8]}."
     ensure_topics(
         AdminClient({"bootstrap.servers": bootstrap_servers}),
-        [f"{prefix}{topic}" for topic in Topic] + [f"{prefix}orders.dlq"],
+        [f"{prefix}{topic}" for topic in TOPICS] + [f"{prefix}orders.dlq"],
         partitions=PARTITIONS,
     )
     port = free_port()

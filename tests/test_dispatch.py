@@ -26,19 +26,19 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
-from opsflow.contracts import (
+from opsflow.contracts import Event
+from opsflow.contracts.wire import WireCodec
+from opsflow.producer import Producer
+from opsflow.topics import dead_letter_topic, ensure_topics
+from services.contracts import (
     DispatchExecuted,
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    Event,
     OrderReceived,
     PolicyChecked,
     PolicyOutcome,
 )
-from opsflow.contracts.wire import WireCodec
-from opsflow.producer import Producer
-from opsflow.topics import dead_letter_topic, ensure_topics
 from tests.samples import sample
 from tests.stackctl import Stack
 from tests.test_carrier_sim import CarrierProcess
@@ -88,7 +88,7 @@ class World:
         checks = [
             PolicyChecked(
                 envelope=PolicyChecked.envelope_for(
-                    order_id=o.order_id,
+                    key=o.order_id,
                     idempotency_key=f"{key}:{o.order_id}",
                     producer="policy-check",
                     caused_by=o.envelope,

@@ -23,9 +23,9 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
 from opsflow import db
-from opsflow.contracts import OrderReceived, PolicyChecked
 from opsflow.deadletters import REDRIVEN_FROM, dead_letter_headers
 from opsflow.errors import BadInputError
+from services.contracts import OrderReceived, PolicyChecked
 from tests.stackctl import Stack, free_port
 from tests.test_runtime import (
     ServiceProcess,

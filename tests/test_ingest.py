@@ -26,9 +26,9 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from opsflow.contracts import OrderReceived
 from opsflow.db import migrate
 from opsflow.producer import event_id_for
+from services.contracts import OrderReceived
 from tests.samples import sample
 from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service, stop_process
 from tests.test_producer import fresh_topics, records_on

@@ -26,10 +26,11 @@ import psycopg
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow.contracts import DispatchExecuted, Event, PodCaptured, PodRejected, PodRejectionCode
+from opsflow.contracts import Event
 from opsflow.contracts.wire import WireCodec
 from opsflow.db import migrate
 from opsflow.producer import Producer, body_model, event_id_for
+from services.contracts import DispatchExecuted, PodCaptured, PodRejected, PodRejectionCode
 from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service, stop_process
 from tests.test_producer import fresh_topics, records_on
 

@@ -24,18 +24,17 @@ import fastavro
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from opsflow.contracts import (
+from opsflow.contracts import Envelope, catalogue
+from opsflow.contracts.lineage import caused_by
+from opsflow.errors import ConfigurationError
+from services.contracts import (
     Address,
     CustomerRiskTier,
-    Envelope,
     OrderItem,
     OrderReceived,
     PolicyChecked,
     PolicyOutcome,
-    catalogue,
 )
-from opsflow.contracts.lineage import caused_by
-from opsflow.errors import ConfigurationError
 from services.policy_check import service
 from services.policy_check.rules import RULES_DIR, RuleSet, load_rules, rules_file
 from tests.stackctl import Stack

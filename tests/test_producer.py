@@ -18,18 +18,18 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow.contracts import OrderReceived, Topic
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import ConfigurationError
 from opsflow.producer import (
-    EVENT_BODIES,
     EventBody,
     EventRejected,
     Producer,
     body_model,
+    event_bodies,
     event_id_for,
 )
 from opsflow.topics import ensure_topics
+from services.contracts import TOPICS, OrderReceived
 from tests.samples import sample
 from tests.stackctl import Stack
 
@@ -42,7 +42,7 @@ def fresh_topics(bootstrap: str, kind: str) -> str:
     prefix = f"{kind}{uuid.uuid4().hex[:8]}."
     ensure_topics(
         AdminClient({"bootstrap.servers": bootstrap}),
-        [f"{prefix}{topic}" for topic in Topic],
+        [f"{prefix}{topic}" for topic in TOPICS],
         partitions=PARTITIONS,
     )
     return prefix
@@ -161,7 +161,7 @@ def test_a_retry_with_the_same_key_writes_a_record_with_the_same_event_id(sdk: S
 
 def test_send_many_keys_each_event_by_its_index_and_returns_every_report(sdk: Sdk) -> None:
     bodies = [order_body() for _ in range(200)]
-    review = EVENT_BODIES["review.claimed"](
+    review = event_bodies()["review.claimed"](
         **sample("review.claimed").model_dump(exclude={"envelope"})
     )
     with sdk.producer() as producer:

@@ -32,12 +32,13 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
-from opsflow.contracts import EVENT_TOPICS, Event, Topic, catalogue
+from opsflow.contracts import Event, catalogue
 from opsflow.contracts.wire import WireCodec
 from opsflow.projections.runner import ProjectionRunner
 from opsflow.projections.status import statuses
 from opsflow.readmodels import projections
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
+from services.contracts import ORDERS, TOPICS
 from tests.histories import histories, publish
 from tests.stackctl import (
     OPSFLOW,
@@ -151,7 +152,7 @@ def world(
 ) -> World:
     prefix = f"pj{uuid.uuid4().hex[:8]}."
     monkeypatch.setenv("OPSFLOW_TOPIC_PREFIX", prefix)
-    names = [topic_name(t, prefix=prefix) for t in Topic]
+    names = [topic_name(t, prefix=prefix) for t in TOPICS]
     ensure_topics(
         AdminClient({"bootstrap.servers": bootstrap_servers}),
         names + [dead_letter_topic(n) for n in names],
@@ -265,7 +266,7 @@ def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
     base = stack.address("DATABASE_URL")
     other, other_url = create_schema(base)
     backwards = f"{world.prefix}bw."
-    names = [topic_name(t, prefix=backwards) for t in Topic]
+    names = [topic_name(t, prefix=backwards) for t in TOPICS]
     ensure_topics(AdminClient({"bootstrap.servers": world.bootstrap}), names, partitions=3)
     try:
         db.migrate(other_url)
@@ -290,7 +291,7 @@ def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
                 for history in orders:
                     for event in reversed(history) if prefix == backwards else history:
                         publish_one(world, codec, event, prefix)
-                        topic = EVENT_TOPICS[event.event_type]
+                        topic = event.topic
                         for runner in runners:
                             if topic in runner.projection.topics:
                                 wanted = runner.applied + 1
@@ -315,7 +316,7 @@ def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
 def publish_one(world: World, codec: WireCodec, event: Event, prefix: str) -> None:
     producer = Producer({"bootstrap.servers": world.bootstrap})
     producer.produce(
-        topic_name(EVENT_TOPICS[event.event_type], prefix=prefix),
+        topic_name(event.topic, prefix=prefix),
         key=event.order_id.encode(),
         value=codec.encode(event),
     )
@@ -369,7 +370,7 @@ def test_an_order_written_with_the_older_schema_version_projects_and_rebuilds(
     fastavro.schemaless_writer(body, fastavro.parse_schema(v1), datum)
     producer = Producer({"bootstrap.servers": world.bootstrap})
     producer.produce(
-        topic_name(Topic.ORDERS, prefix=world.prefix),
+        topic_name(ORDERS, prefix=world.prefix),
         key=received.order_id.encode(),
         value=b"\x00" + v1_id.to_bytes(4, "big") + body.getvalue(),
     )
@@ -421,7 +422,7 @@ def test_an_undecodable_record_is_dead_lettered_and_the_projections_go_on(
 ) -> None:
     orders = list(histories(30, run=world.prefix, seed=2))
     producer = Producer({"bootstrap.servers": world.bootstrap})
-    orders_topic = topic_name(Topic.ORDERS, prefix=world.prefix)
+    orders_topic = topic_name(ORDERS, prefix=world.prefix)
     producer.produce(orders_topic, key=b"poison", value=b"not avro at all")
     assert producer.flush(10) == 0
     world.publish(orders)

@@ -19,8 +19,8 @@ from confluent_kafka import Consumer
 from confluent_kafka import TopicPartition as KafkaPartition
 from confluent_kafka.admin import AdminClient
 
-from opsflow.contracts import DispatchExecuted, DispatchRequested
 from opsflow.topics import dead_letter_topic, ensure_topics
+from services.contracts import DispatchExecuted, DispatchRequested
 from tests.stackctl import OPSFLOW, free_port, start_service, stop_process
 from tests.test_dispatch import World, make_orders, settled
 from tests.test_dispatch import world as world

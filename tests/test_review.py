@@ -30,9 +30,12 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db, users
-from opsflow.contracts import (
+from opsflow.contracts import Event
+from opsflow.contracts.wire import WireCodec
+from opsflow.producer import Producer
+from opsflow.topics import dead_letter_topic, ensure_topics
+from services.contracts import (
     DispatchExecuted,
-    Event,
     PolicyChecked,
     PolicyOutcome,
     Reason,
@@ -42,9 +45,6 @@ from opsflow.contracts import (
     ReviewRequested,
     ReviewSlaBreached,
 )
-from opsflow.contracts.wire import WireCodec
-from opsflow.producer import Producer
-from opsflow.topics import dead_letter_topic, ensure_topics
 from services.review.service import task_id_for
 from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service
 from tests.test_carrier_sim import CarrierProcess
@@ -132,7 +132,7 @@ class World:
             checks.append(
                 PolicyChecked(
                     envelope=PolicyChecked.envelope_for(
-                        order_id=order_id,
+                        key=order_id,
                         idempotency_key=f"policy:{order_id}",
                         producer="policy-check",
                     ),
@@ -279,7 +279,7 @@ def test_a_needs_review_decision_opens_a_task_that_is_claimed_approved_and_dispa
     order = orders[0]
     check = PolicyChecked(
         envelope=PolicyChecked.envelope_for(
-            order_id=order.order_id,
+            key=order.order_id,
             idempotency_key=f"policy:{order.order_id}",
             producer="policy-check",
             caused_by=order.envelope,

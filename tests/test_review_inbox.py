@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from opsflow.contracts import ReviewDecided, ReviewDecision
+from services.contracts import ReviewDecided, ReviewDecision
 from tests.stackctl import Stack
 from tests.test_review import World, decided, make_world
 

@@ -24,8 +24,8 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 
 from opsflow import db
-from opsflow.contracts import Topic
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
+from services.contracts import ORDERS, TOPICS
 from tests.histories import histories
 from tests.stackctl import OPSFLOW, ROOT, Stack, free_port, start_service, stop_process
 from tests.test_carrier_sim import CarrierProcess
@@ -62,7 +62,7 @@ def world(
 ) -> Iterator[tuple[World, dict[str, str]]]:
     prefix = f"rb{uuid.uuid4().hex[:8]}."
     monkeypatch.setenv("OPSFLOW_TOPIC_PREFIX", prefix)
-    names = [topic_name(t, prefix=prefix) for t in Topic]
+    names = [topic_name(t, prefix=prefix) for t in TOPICS]
     ensure_topics(
         AdminClient({"bootstrap.servers": bootstrap_servers}),
         names + [dead_letter_topic(n) for n in names],
@@ -126,7 +126,7 @@ def test_every_runbook_command_and_query_runs_against_a_real_stack(
     w, env = world
     orders = list(histories(120, run=w.prefix, seed=4))
     producer = Producer({"bootstrap.servers": w.bootstrap})
-    producer.produce(topic_name(Topic.ORDERS, prefix=w.prefix), key=b"poison", value=b"\x00bad")
+    producer.produce(topic_name(ORDERS, prefix=w.prefix), key=b"poison", value=b"\x00bad")
     assert producer.flush(10) == 0
     w.publish(orders)
     w.wait_caught_up()

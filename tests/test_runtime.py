@@ -29,18 +29,18 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
-from opsflow.contracts import (
-    DispatchExecuted,
-    DispatchFailed,
-    DispatchRequested,
-    Event,
-    OrderReceived,
-    PolicyChecked,
-)
+from opsflow.contracts import Event
 from opsflow.contracts.lineage import derive_idempotency_key
 from opsflow.contracts.wire import WireCodec
 from opsflow.runtime import recovery
 from opsflow.topics import dead_letter_topic, end_offsets, ensure_topics
+from services.contracts import (
+    DispatchExecuted,
+    DispatchFailed,
+    DispatchRequested,
+    OrderReceived,
+    PolicyChecked,
+)
 from tests.samples import sample
 from tests.stackctl import Stack, create_schema, drop_schema, free_port, stack_env
 from tests.test_carrier_sim import CarrierProcess

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from opsflow.contracts import OrderReceived, PolicyChecked, Topic
 from opsflow.errors import ConfigurationError
 from opsflow.runtime import Service
+from services.contracts import ORDERS, POLICY_CHECK, OrderReceived, PolicyChecked
 from tests.samples import sample
 
 
@@ -35,7 +35,7 @@ class Settings:
 
 
 def _service() -> Service:
-    service = Service("deps", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+    service = Service("deps", consumes=[ORDERS], produces=[POLICY_CHECK])
 
     @service.dependency
     async def pool() -> AsyncIterator[Pool]:
@@ -83,7 +83,7 @@ def test_a_dependency_is_made_once_on_first_use_and_closed_when_the_service_stop
 
 
 def test_a_plain_handler_gets_plain_dependencies_and_generators_close_on_stop() -> None:
-    service = Service("plain", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+    service = Service("plain", consumes=[ORDERS], produces=[POLICY_CHECK])
     closed: list[str] = []
 
     @service.dependency
@@ -104,9 +104,7 @@ def test_a_plain_handler_gets_plain_dependencies_and_generators_close_on_stop() 
 
 
 def test_a_handler_asking_for_what_nothing_provides_stops_the_service_at_start() -> None:
-    service = Service(
-        "missing", consumes=[Topic.ORDERS, Topic.POLICY_CHECK], produces=[Topic.POLICY_CHECK]
-    )
+    service = Service("missing", consumes=[ORDERS, POLICY_CHECK], produces=[POLICY_CHECK])
 
     @service.handler
     async def check(order: OrderReceived, pool: Pool) -> None:
@@ -125,7 +123,7 @@ def test_a_handler_asking_for_what_nothing_provides_stops_the_service_at_start()
 
 
 def test_a_plain_handler_cannot_ask_for_an_async_dependency() -> None:
-    service = Service("mixed", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+    service = Service("mixed", consumes=[ORDERS], produces=[POLICY_CHECK])
 
     @service.dependency
     async def pool() -> AsyncIterator[Pool]:
@@ -140,7 +138,7 @@ def test_a_plain_handler_cannot_ask_for_an_async_dependency() -> None:
 
 
 def test_a_dependency_must_say_what_it_provides_and_provide_it_once() -> None:
-    service = Service("bad", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+    service = Service("bad", consumes=[ORDERS], produces=[POLICY_CHECK])
     with pytest.raises(TypeError, match="return hint"):
 
         @service.dependency

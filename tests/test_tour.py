@@ -65,8 +65,8 @@ def test_the_readme_tour_runs_as_written(running: Stack) -> None:
 
 
 def test_the_example_order_is_what_the_ingest_api_takes() -> None:
-    from opsflow.contracts import OrderReceived
     from opsflow.producer import body_model
+    from services.contracts import OrderReceived
 
     body = json.loads((ROOT / "docs" / "examples" / "order.json").read_text())
     assert body_model(OrderReceived).model_validate(body).order_id == "ord-tour-0001"

@@ -25,8 +25,12 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db, trace
 from opsflow.application import Verdict
-from opsflow.contracts import (
-    EVENT_TOPICS,
+from opsflow.contracts import Event
+from opsflow.contracts.wire import WireCodec
+from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
+from services import progress
+from services.contracts import (
+    TOPICS,
     Actor,
     ActorRole,
     Address,
@@ -35,7 +39,6 @@ from opsflow.contracts import (
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    Event,
     OrderItem,
     OrderReceived,
     PodCaptured,
@@ -49,11 +52,7 @@ from opsflow.contracts import (
     ReviewReleased,
     ReviewRequested,
     ReviewTier,
-    Topic,
 )
-from opsflow.contracts.wire import WireCodec
-from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
-from services import progress
 from tests.histories import histories, publish
 from tests.stackctl import (
     OPSFLOW,
@@ -83,7 +82,7 @@ class Chain:
     def add(self, model: type[Event], at: datetime, **fields: Any) -> Event:
         last = self.events[-1] if self.events else None
         envelope = model.envelope_for(
-            order_id=self.order_id,
+            key=self.order_id,
             idempotency_key=f"{model.event_type}:{self.order_id}:{len(self.events)}",
             producer="trace-test",
             caused_by=last.envelope if last else None,
@@ -166,10 +165,7 @@ def escalated_review(order_id: str, now: datetime) -> Chain:
 
 
 def records_of(events: list[Event]) -> list[trace.Record]:
-    return [
-        trace.Record(EVENT_TOPICS[e.event_type].value, 0, offset, e)
-        for offset, e in enumerate(events)
-    ]
+    return [trace.Record(e.topic.value, 0, offset, e) for offset, e in enumerate(events)]
 
 
 def verdict_of(chain: Chain, now: datetime) -> Verdict:
@@ -439,7 +435,7 @@ def rebooked(order_id: str, first: datetime, later: datetime) -> tuple[Chain, li
         retries_exhausted=True,
     )
     booking = DispatchExecuted.envelope_for(
-        order_id=order_id,
+        key=order_id,
         idempotency_key=f"dispatch.executed:{order_id}",
         producer="dispatch",
         caused_by=request.envelope,
@@ -464,7 +460,7 @@ def test_a_rebooking_after_a_replay_shows_at_its_own_record_time_not_the_origina
     later = first + timedelta(days=2)
     chain, written = rebooked("o-9", first, later)
     records = [
-        trace.Record(EVENT_TOPICS[e.event_type].value, 0, n, e, written_at=at)
+        trace.Record(e.topic.value, 0, n, e, written_at=at)
         for n, (e, at) in enumerate(zip(chain.events, written, strict=True))
     ]
     result = trace.assemble("o-9", records, NOW)
@@ -528,7 +524,7 @@ def _escalated_history(run: str) -> tuple[list[Event], list[list[Event]]]:
 def world(stack: Stack, bootstrap_servers: str, registry_url: str) -> Iterator[World]:
     prefix = f"trace-{uuid.uuid4().hex[:8]}."
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    ensure_topics(admin, [topic_name(t, prefix=prefix) for t in Topic], partitions=3)
+    ensure_topics(admin, [topic_name(t, prefix=prefix) for t in TOPICS], partitions=3)
     codec = WireCodec(SchemaRegistryClient({"url": registry_url}))
     escalated, neighbours = _escalated_history("tr")
     publish(bootstrap_servers, codec, [e for h in neighbours for e in h] + escalated, prefix=prefix)
@@ -539,7 +535,7 @@ def world(stack: Stack, bootstrap_servers: str, registry_url: str) -> Iterator[W
     producer = Producer({"bootstrap.servers": bootstrap_servers})
     for event in waiting:
         producer.produce(
-            topic_name(EVENT_TOPICS[event.event_type], prefix=prefix),
+            topic_name(event.topic, prefix=prefix),
             key=event.order_id.encode(),
             value=codec.encode(event),
             headers=[("traceparent", f"00-{TRACE_ID}-{uuid.uuid4().hex[:16]}-01".encode())],
@@ -661,7 +657,7 @@ def _write(
     producer = Producer({"bootstrap.servers": bootstrap})
     for n, event in enumerate(events):
         producer.produce(
-            topic_name(EVENT_TOPICS[event.event_type], prefix=prefix),
+            topic_name(event.topic, prefix=prefix),
             key=event.order_id.encode(),
             value=codec.encode(event),
             timestamp=int(written[n].timestamp() * 1000) if written else 0,  # 0: now
@@ -722,7 +718,7 @@ def indexed(
 ) -> Iterator[Indexed]:
     prefix = f"trix-{uuid.uuid4().hex[:8]}."
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    names = [topic_name(t, prefix=prefix) for t in Topic]
+    names = [topic_name(t, prefix=prefix) for t in TOPICS]
     ensure_topics(admin, names + [dead_letter_topic(n) for n in names], partitions=1)
     codec = WireCodec(SchemaRegistryClient({"url": registry_url}))
     history, _ = _escalated_history("ix")

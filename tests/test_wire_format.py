@@ -15,9 +15,10 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, topic_record_s
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from opsflow.contracts import MODELS, OrderReceived, catalogue
+from opsflow.contracts import catalogue
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError
+from services.contracts import MODELS, OrderReceived
 from tests.samples import sample
 
 

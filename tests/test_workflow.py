@@ -28,19 +28,19 @@ import psutil
 from confluent_kafka import Consumer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow.contracts import (
+from opsflow.contracts import Event
+from opsflow.contracts.wire import WireCodec
+from services.contracts import (
     DispatchExecuted,
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    Event,
     PodCaptured,
     PolicyChecked,
     PolicyOutcome,
     ReviewDecided,
     ReviewDecision,
 )
-from opsflow.contracts.wire import WireCodec
 from services.demo.orders import Category, DemoOrder, demo_orders, new_run_id
 from tests.stackctl import Stack, stack_env
 

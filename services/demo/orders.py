@@ -37,15 +37,9 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from opsflow.contracts import (
-    Address,
-    CustomerRiskTier,
-    Envelope,
-    OrderItem,
-    OrderReceived,
-    PolicyOutcome,
-)
+from opsflow.contracts import Envelope
 from opsflow.producer import EventBody, body_model
+from services.contracts import Address, CustomerRiskTier, OrderItem, OrderReceived, PolicyOutcome
 
 # (city, postal code pattern, country, currency, street pattern); '#' is a digit.
 _PLACES = (
@@ -254,7 +248,8 @@ class DemoOrder:
 
     @property
     def order_id(self) -> str:
-        return self.body.order_id
+        order_id: str = self.body.order_id  # type: ignore[attr-defined]
+        return order_id
 
     def as_json(self) -> dict[str, Any]:
         """The body as JSON-ready values, as ``POST /events:batch`` takes an event."""

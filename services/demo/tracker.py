@@ -32,23 +32,23 @@ from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaException
 from confluent_kafka import TopicPartition as Partition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow.contracts import (
+from opsflow.contracts import Event
+from opsflow.contracts.wire import WireCodec
+from opsflow.errors import BadInputError, ConfigurationError, RetryableError
+from opsflow.topics import end_offsets, offsets_at, topic_name
+from services.contracts import (
+    TOPICS,
     DispatchExecuted,
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    Event,
     PodCaptured,
     PodRejected,
     PolicyChecked,
     PolicyOutcome,
     ReviewDecided,
     ReviewDecision,
-    Topic,
 )
-from opsflow.contracts.wire import WireCodec
-from opsflow.errors import BadInputError, ConfigurationError, RetryableError
-from opsflow.topics import end_offsets, offsets_at, topic_name
 from services.demo.states import OrderState, Until
 
 TIMING_SOURCE = "Kafka record timestamps (when each event was written to its topic)"
@@ -215,7 +215,7 @@ class Tracker:
         self.review_seen = False
         """Whether any review.* event was read for these orders: a review service answers."""
         self.undecodable = 0
-        self._topics = [topic_name(topic, prefix=prefix) for topic in Topic]
+        self._topics = [topic_name(topic, prefix=prefix) for topic in TOPICS]
         self._kafka = dict(kafka)
         self._bootstrap = str(kafka.get("bootstrap.servers", ""))
         self._registry_url = registry_url

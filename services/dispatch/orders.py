@@ -12,9 +12,9 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from opsflow.contracts import Address, OrderReceived
 from opsflow.errors import ConfigurationError, RetryableError
 from opsflow.settings import DatabaseSettings
+from services.contracts import Address, OrderReceived
 
 
 class Orders:

@@ -24,7 +24,13 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from opsflow.contracts import (
+from opsflow.contracts.lineage import current
+from opsflow.runtime import Service
+from services.contracts import (
+    DISPATCH,
+    ORDERS,
+    POLICY_CHECK,
+    REVIEW,
     DispatchExecuted,
     DispatchFailed,
     DispatchFailureClass,
@@ -34,10 +40,7 @@ from opsflow.contracts import (
     PolicyOutcome,
     ReviewDecided,
     ReviewDecision,
-    Topic,
 )
-from opsflow.contracts.lineage import current
-from opsflow.runtime import Service
 from services.dispatch.carrier import Booking, Carrier
 from services.dispatch.config import DispatchSettings
 from services.dispatch.orders import Orders
@@ -48,8 +51,8 @@ SETTINGS = DispatchSettings()
 
 service = Service(
     "dispatch",
-    consumes=[Topic.ORDERS, Topic.POLICY_CHECK, Topic.REVIEW, Topic.DISPATCH],
-    produces=[Topic.DISPATCH],
+    consumes=[ORDERS, POLICY_CHECK, REVIEW, DISPATCH],
+    produces=[DISPATCH],
     concurrency=SETTINGS.concurrency,
 )
 

@@ -18,8 +18,7 @@ from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 
 from opsflow.apikeys import ApiKey
-from opsflow.contracts import MODELS
-from opsflow.producer import EVENT_BODIES, Producer
+from opsflow.producer import Producer
 from opsflow.web import (
     ApiKeyAuth,
     ProblemError,
@@ -30,8 +29,9 @@ from opsflow.web import (
     read_body,
     request_body,
 )
+from services.contracts import MODELS
 from services.ingest.config import IngestSettings
-from services.ingest.handler import Accepted, BatchAccepted, Ingest
+from services.ingest.handler import EVENT_BODIES, Accepted, BatchAccepted, Ingest
 from services.ingest.idempotency import Answer, IdempotencyStore, KeyInUse
 from services.ingest.problems import IDEMPOTENCY_KEY_IN_USE
 

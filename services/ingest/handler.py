@@ -17,14 +17,15 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from opsflow.producer import (
-    EVENT_BODIES,
     DeliveryError,
     DeliveryReport,
     EventBody,
     EventRejected,
     Producer,
+    event_bodies,
 )
 from opsflow.web.body import parse_json
+from services.contracts import EVENTS
 from services.ingest.idempotency import Answer, IdempotencyStore, KeyReused, fingerprint
 from services.ingest.problems import (
     IDEMPOTENCY_KEY_REUSED,
@@ -36,6 +37,8 @@ from services.ingest.problems import (
 )
 
 BATCH_ROUTE = "events:batch"
+# What each event type's body looks like without its envelope, which ingest adds.
+EVENT_BODIES = event_bodies(EVENTS)
 
 
 class Accepted(BaseModel):

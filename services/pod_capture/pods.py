@@ -39,11 +39,11 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from opsflow.contracts import PodCaptured, PodRejected, PodRejectionCode
 from opsflow.contracts.record import TimestampMillis
 from opsflow.errors import RetryableError
 from opsflow.producer import Producer, body_model
 from opsflow.web import FieldError, ProblemError, parse_json
+from services.contracts import PodCaptured, PodRejected, PodRejectionCode
 from services.pod_capture.store import (
     Capture,
     CaptureLog,

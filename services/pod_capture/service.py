@@ -23,11 +23,11 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from opsflow.contracts import DispatchExecuted, Topic
 from opsflow.db import migrate, redact
 from opsflow.errors import ConfigurationError, RetryableError
 from opsflow.runtime import Service
 from opsflow.settings import DatabaseSettings
+from services.contracts import DISPATCH, DispatchExecuted
 from services.pod_capture.store import record_dispatch
 
 log = logging.getLogger("services.pod_capture")
@@ -35,7 +35,7 @@ log = logging.getLogger("services.pod_capture")
 # It emits nothing: pod.captured is the webhook's, written through the producer
 # SDK. Declaring no output keeps the runtime from scanning the pod topic for
 # outputs of its own after every rebalance (it scans its dead letters only).
-service = Service("pod-capture", consumes=[Topic.DISPATCH], produces=[])
+service = Service("pod-capture", consumes=[DISPATCH], produces=[])
 
 
 class _Database:

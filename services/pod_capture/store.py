@@ -20,8 +20,8 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from opsflow.contracts import DispatchExecuted
 from opsflow.errors import RetryableError
+from services.contracts import DispatchExecuted
 
 
 @dataclass(frozen=True)

@@ -78,8 +78,8 @@ from typing import Any, NoReturn
 import yaml
 from yaml.constructor import SafeConstructor
 
-from opsflow.contracts import CustomerRiskTier, OrderReceived, PolicyOutcome, Reason
 from opsflow.errors import ConfigurationError
+from services.contracts import CustomerRiskTier, OrderReceived, PolicyOutcome, Reason
 
 RULES_DIR = Path(__file__).parent / "rules"
 """Where the versioned rules files live: ``<version>.yaml``."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from opsflow.contracts import OrderReceived, PolicyChecked, Topic
 from opsflow.runtime import Service
+from services.contracts import ORDERS, POLICY_CHECK, OrderReceived, PolicyChecked
 from services.policy_check.rules import RuleSet, load_rules, rules_file
 
 
@@ -31,7 +31,7 @@ class PolicySettings(BaseSettings):
 RULES: RuleSet = load_rules(rules_file(PolicySettings().rules_version))
 """The rules in force, compiled once; judging an order only calls them."""
 
-service = Service("policy-check", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+service = Service("policy-check", consumes=[ORDERS], produces=[POLICY_CHECK])
 
 
 @service.handler

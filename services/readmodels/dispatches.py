@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from opsflow.contracts import Topic
 from opsflow.projections import EventRecord, MergeTable, Projection
 from opsflow.projections.merge import merging
+from services.contracts import DISPATCH
 
 _KINDS = {
     "dispatch.requested": "requested",
@@ -62,7 +62,7 @@ def _step(record: EventRecord) -> dict[str, Any] | None:
 
 projection = Projection(
     name="dispatch_log",
-    topics=(Topic.DISPATCH,),
+    topics=(DISPATCH,),
     tables=("dispatch_log",),
     apply=merging(DISPATCH_LOG, _step),
     description="every dispatch request, booking and failure, attempt by attempt",

@@ -16,8 +16,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from opsflow.contracts import Topic
 from opsflow.projections import EventRecord, Latest, MergeTable, Projection, Tables
+from services.contracts import DISPATCH, ORDERS, POD, POLICY_CHECK, REVIEW
 
 # Causal ranks of the states: a step's events outrank every earlier step's.
 _RECEIVED, _CHECKED, _IN_REVIEW, _DECIDED, _DISPATCH, _DISPATCHED, _DELIVERED = (
@@ -50,7 +50,7 @@ EVENT_TYPES = frozenset((
 ))  # fmt: skip
 """The event types ``partial`` reads (claims and releases of reviews change no column)."""
 
-ORDERS = MergeTable(
+ORDERS_CURRENT = MergeTable(
     name="orders_current",
     key=("order_id",),
     columns={
@@ -269,8 +269,8 @@ def _summarise(conn: psycopg.Connection[Any], tables: Tables, days: list[Any] | 
 def apply(
     conn: psycopg.Connection[Any], records: Sequence[EventRecord], tables: Tables, bulk: bool
 ) -> None:
-    rows = ORDERS.fold(p for p in map(partial, records) if p is not None)
-    ORDERS.write(conn, tables["orders_current"], rows)
+    rows = ORDERS_CURRENT.fold(p for p in map(partial, records) if p is not None)
+    ORDERS_CURRENT.write(conn, tables["orders_current"], rows)
     if rows and not bulk:
         days = conn.execute(
             sql.SQL(f"SELECT DISTINCT {_DAY} FROM {{}} WHERE order_id = ANY(%s)").format(
@@ -287,7 +287,7 @@ def finish(conn: psycopg.Connection[Any], tables: Tables) -> None:
 
 projection = Projection(
     name="orders_current",
-    topics=(Topic.ORDERS, Topic.POLICY_CHECK, Topic.REVIEW, Topic.DISPATCH, Topic.POD),
+    topics=(ORDERS, POLICY_CHECK, REVIEW, DISPATCH, POD),
     tables=("orders_current", "daily_summary"),
     apply=apply,
     finish=finish,

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from opsflow.contracts import Topic
 from opsflow.projections import EventRecord, Latest, MergeTable, Projection
 from opsflow.projections.merge import merging
+from services.contracts import REVIEW
 
 _TIER_RANK = {"REVIEWER": 1, "SUPERVISOR": 2}
 _DECIDED_RANK = 2**62  # above any claim or release time in milliseconds
@@ -94,7 +94,7 @@ def _task(record: EventRecord) -> dict[str, Any] | None:
 
 review_queue = Projection(
     name="review_queue",
-    topics=(Topic.REVIEW,),
+    topics=(REVIEW,),
     tables=("review_queue",),
     apply=merging(QUEUE, _task),
     description="review tasks with SLA due time, tier, holder and decision",
@@ -137,7 +137,7 @@ def _breach(record: EventRecord) -> dict[str, Any] | None:
 
 sla_breaches = Projection(
     name="sla_breaches",
-    topics=(Topic.REVIEW,),
+    topics=(REVIEW,),
     tables=("sla_breaches",),
     apply=merging(BREACHES, _breach),
     description="every review SLA that passed: escalations and final breaches",

@@ -24,7 +24,6 @@ from psycopg_pool import ConnectionPool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from opsflow.contracts import Actor, ActorRole, Reason, ReviewDecision, ReviewTier
 from opsflow.producer import Producer
 from opsflow.settings import KafkaSettings, RegistrySettings
 from opsflow.users import Role, User, verify_token
@@ -39,6 +38,7 @@ from opsflow.web import (
     read_limited,
     request_body,
 )
+from services.contracts import Actor, ActorRole, Reason, ReviewDecision, ReviewTier
 from services.review.clock import Clock
 from services.review.config import ReviewSettings
 from services.review.desk import ReviewDesk

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from opsflow.contracts import Actor, Event, ReviewDecision
+from opsflow.contracts import Event
 from opsflow.producer import Producer
+from services.contracts import Actor, ReviewDecision
 from services.review.clock import Clock
 from services.review.tasks import QueueFilter, Task, TaskTable
 

@@ -39,12 +39,12 @@ from typing import Any
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow.contracts import Topic
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.runtime import Delivery, Worker
 from opsflow.settings import RuntimeSettings
 from opsflow.topics import topic_name
+from services.contracts import REVIEW
 from services.review.desk import ReviewDesk
 from services.review.service import service
 
@@ -71,7 +71,7 @@ class Feed:
         self.desk = desk
         self.kafka = kafka
         self.codec = WireCodec(registry)
-        self.topic = topic_name(Topic.REVIEW)
+        self.topic = topic_name(REVIEW)
         self.worker = Worker(
             service,
             kafka=kafka,

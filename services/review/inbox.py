@@ -37,9 +37,9 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from opsflow.contracts import Actor, ReviewDecision
 from opsflow.users import User
 from opsflow.web import ProblemError, read_limited
+from services.contracts import Actor, ReviewDecision
 from services.review.app import DecisionBody, TaskView, acting, authenticated
 from services.review.desk import ReviewDesk
 from services.review.tasks import NotAllowed, QueueFilter, TaskConflict, TaskNotFound, TaskTable

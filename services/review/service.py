@@ -20,9 +20,16 @@ from __future__ import annotations
 import uuid
 from functools import cache
 
-from opsflow.contracts import PolicyChecked, PolicyOutcome, ReviewRequested, ReviewTier, Topic
 from opsflow.contracts.lineage import current
 from opsflow.runtime import Service
+from services.contracts import (
+    POLICY_CHECK,
+    REVIEW,
+    PolicyChecked,
+    PolicyOutcome,
+    ReviewRequested,
+    ReviewTier,
+)
 from services.review.config import ReviewSettings
 from services.review.sla import SlaPolicy, load_sla
 from services.review.tasks import PRODUCER
@@ -30,7 +37,7 @@ from services.review.tasks import PRODUCER
 # Fixed namespace of task ids (never change it: ids must survive replays).
 TASK_NAMESPACE = uuid.UUID("7a5c0e3e-2b1d-5f4a-9c61-72657669657f")
 
-service = Service(PRODUCER, consumes=[Topic.POLICY_CHECK], produces=[Topic.REVIEW])
+service = Service(PRODUCER, consumes=[POLICY_CHECK], produces=[REVIEW])
 
 
 @cache

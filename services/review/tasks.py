@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
 
-from opsflow.contracts import (
+from opsflow.contracts import Envelope, Event
+from opsflow.errors import PermanentError
+from opsflow.producer import event_id_for
+from services.contracts import (
     Actor,
     ActorRole,
-    Envelope,
-    Event,
     Reason,
     ReviewClaimed,
     ReviewDecided,
@@ -36,8 +37,6 @@ from opsflow.contracts import (
     ReviewSlaBreached,
     ReviewTier,
 )
-from opsflow.errors import PermanentError
-from opsflow.producer import event_id_for
 
 log = logging.getLogger("services.review")
 

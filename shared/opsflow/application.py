@@ -1,17 +1,23 @@
 """An application: the programs a workflow runs, declared once for every opsflow command.
 
 opsflow's library knows no workflow. An application (the order workflow in
-``services/`` is the reference one) declares the programs it runs, its read
-models, its tables' migrations, how ``opsflow trace`` says where an instance
-stands, and commands of its own; ``opsflow up`` starts its programs, ``opsflow
-status`` shows their consumer lag, ``opsflow replay --into`` re-drives records
-into them, the projector keeps its read models, from that declaration and not
-from lists of their own::
+``services/`` is the reference one) declares its topics and event types, where
+their Avro schemas are, the programs it runs, its read models, its tables'
+migrations, how ``opsflow trace`` says where an instance stands, and commands
+of its own; provisioning creates its topics and registers its schemas, ``opsflow
+up`` starts its programs, ``opsflow status`` shows their consumer lag, ``opsflow
+replay --into`` re-drives records into them, the projector keeps its read
+models, from that declaration and not from lists of their own::
 
+    from pathlib import Path
     from opsflow.application import Application, Program
 
     application = Application(
         name="invoices",
+        instance="invoice",
+        topics=(INVOICES, APPROVALS),
+        events=(InvoiceSubmitted, InvoiceApproved),
+        schemas=Path(__file__).parent / "schemas",
         programs=(
             Program("approve", service="invoices.approve"),
             Program("intake", module="invoices.intake", port_env="INTAKE_PORT",
@@ -34,9 +40,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from opsflow.contracts import Event
+from opsflow.contracts import Event, Topic
 from opsflow.errors import ConfigurationError
 from opsflow.targets import load_target
 
@@ -149,13 +156,20 @@ class Verdict:
 Standing = Callable[[Sequence[Event], datetime, Mapping[str, datetime]], Verdict]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Application:
-    """What a workflow runs and how opsflow reads it (its topics and contracts are
-    still opsflow's, ``opsflow.contracts``: they join this declaration next).
+    """What a workflow carries, runs and keeps, and how opsflow reads it.
 
     Attributes:
         name: what it is called.
+        topics: its topics of record (``opsflow.contracts.Topic``: name, key
+            field, partitions), which provisioning creates.
+        events: its event classes (``opsflow.contracts.Event``), each naming one
+            of ``topics``; their schemas are ``schemas/<event type>/vN.avsc``.
+        schemas: the folder of its Avro schemas (an absolute path, resolved from
+            its package, so every command finds it from any directory).
+        instance: what one instance of the workflow is called ("order"), as
+            ``opsflow trace`` and ``replay`` say it.
         programs: what ``opsflow up`` runs (see ``Program``).
         standing: where an instance stands, from its events: the "now:" line of
             ``opsflow trace`` (without it, the last event says).
@@ -170,7 +184,11 @@ class Application:
     """
 
     name: str
-    programs: tuple[Program, ...]
+    programs: tuple[Program, ...] = ()
+    topics: tuple[Topic, ...] = ()
+    events: tuple[type[Event], ...] = ()
+    schemas: Path | None = None
+    instance: str = "instance"
     standing: Standing | None = None
     summary: Callable[[Event], str] | None = None
     read_models: tuple[Projection, ...] = ()
@@ -178,6 +196,39 @@ class Application:
     commands: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        where = f"application {self.name!r}"
+        topics = {topic.value: topic for topic in self.topics}
+        if len(topics) != len(self.topics):
+            raise ConfigurationError(where, "declares a topic twice", "Declare each once.")
+        types: set[str] = set()
+        for event in self.events:
+            if not isinstance(getattr(event, "topic", None), Topic):
+                raise ConfigurationError(
+                    where, f"lists {event.__name__}, which has no topic", "Set its `topic`."
+                )
+            declared = topics.get(event.topic.value)
+            if declared is None or declared.key != event.topic.key:
+                raise ConfigurationError(
+                    where,
+                    f"lists {event.__name__}, carried by {event.topic.value!r}, "
+                    "which is not one of its topics",
+                    "Add the topic to `topics`.",
+                )
+            if event.event_type in types:
+                raise ConfigurationError(
+                    where, f"lists the event type {event.event_type!r} twice", "List it once."
+                )
+            types.add(event.event_type)
+        if self.events and self.schemas is None:
+            raise ConfigurationError(
+                where, "declares events but not its schemas folder", "Set `schemas`."
+            )
+        if self.schemas is not None and not self.schemas.is_absolute():
+            raise ConfigurationError(
+                where,
+                f"names its schemas folder {self.schemas} relative to the working directory",
+                "Resolve it from the package: Path(__file__).parent / 'schemas'.",
+            )
         seen: set[str] = set()
         for program in self.programs:
             if program.name in seen:
@@ -187,6 +238,11 @@ class Application:
                     "Give each program a name of its own.",
                 )
             seen.add(program.name)
+
+    @property
+    def models(self) -> dict[str, type[Event]]:
+        """Each event type's name (``"order.received"``) and class, in declared order."""
+        return {event.event_type: event for event in self.events}
 
     @property
     def services(self) -> dict[str, str]:

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, overload
 
 import click
 import typer
@@ -611,7 +611,7 @@ def projections_rebuild(
 
 @app.command("replay")
 def replay_command(
-    topic: Annotated[Topic, typer.Argument(help="The topic to read again (its contract name).")],
+    topic: Annotated[str, typer.Argument(help="The topic to read again (its contract name).")],
     into: Annotated[
         str, typer.Option("--into", help="The service or projection to re-drive it into.")
     ],
@@ -626,7 +626,10 @@ def replay_command(
     until: Annotated[
         datetime | None, typer.Option("--to", help="Records written before (UTC).")
     ] = None,
-    order: Annotated[list[str] | None, typer.Option("--order", help="Only these orders.")] = None,
+    key: Annotated[
+        list[str] | None,
+        typer.Option("--key", help="Only these workflow instances (their record key)."),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Say what would happen; write nothing.")
     ] = False,
@@ -635,8 +638,8 @@ def replay_command(
     """Re-drive a range of TOPIC into a service or projection, harmlessly.
 
     Outputs carry the same idempotency keys and event ids as the first time, so
-    downstream steps and the carrier treat them as repeats; projections apply an
-    event once. --dry-run reports the events, the orders and how many inputs
+    downstream steps and partners treat them as repeats; projections apply an
+    event once. --dry-run reports the events, the instances and how many inputs
     already have their outputs in the log (their effects are sent again under the same keys).
     """
     from datetime import UTC
@@ -647,13 +650,13 @@ def replay_command(
 
     kafka, registry, url = _cluster(database_optional=True)
     selection = Selection(
-        topic=topic,
+        topic=_topics()[_topic(topic, param_hint="TOPIC")],
         partitions=tuple(partition) if partition else None,
         from_offset=from_offset,
         to_offset=to_offset,
         from_time=since.replace(tzinfo=since.tzinfo or UTC) if since else None,
         to_time=until.replace(tzinfo=until.tzinfo or UTC) if until else None,
-        orders=frozenset(order or ()),
+        keys=frozenset(key or ()),
     )
     job = Replay(target_of(into), selection, kafka=kafka, registry=registry, database_url=url)  # type: ignore[arg-type]
     columns = (
@@ -664,7 +667,7 @@ def replay_command(
     )
     started = time.monotonic()
     with Progress(*columns, console=errors, transient=as_json) as bar:
-        task = bar.add_task(f"replaying {topic.value} into {into}", total=None, rate="-")
+        task = bar.add_task(f"replaying {topic} into {into}", total=None, rate="-")
 
         def progress(done: int, total: int) -> None:
             rate = done / max(time.monotonic() - started, 1e-3)
@@ -680,7 +683,7 @@ def replay_command(
     kinds = ", ".join(f"{n} {t}" for t, n in report.events.items()) or "none"
     console.print(
         f"{verb} {read:,} events ({kinds})"
-        f" of {len(report.orders):,} orders into {into} in {elapsed:.1f} s"
+        f" of {len(report.instances):,} {_instance()}s into {into} in {elapsed:.1f} s"
         f" ({read / max(elapsed, 1e-3):,.0f} events/s).",
         highlight=False,
     )
@@ -713,18 +716,18 @@ def _projection_names() -> list[str]:
 
 
 @app.command("trace")
-def trace_order(
-    order_id: Annotated[str, typer.Argument(help="The order's id (the key of its records).")],
+def trace_instance(
+    key: Annotated[str, typer.Argument(help="A workflow instance's id (the key of its records).")],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
-    """Print one order's causal history from the topics, and where it is waiting now.
+    """Print one workflow instance's causal history from the topics, and where it waits now.
 
-    Every event of the order on every topic of record, as a tree of causes and
+    Every event of the instance on every topic of record, as a tree of causes and
     effects (causation id -> event id), with the time its record was written,
     producer, actor, the time since its cause, and its trace id. The events are
     read from the topics: the log is the truth, so this works with no database
     and a projection behind. With the database, the audit log serves as an index
-    of where the order's records are, so only those (and whatever the projection
+    of where the instance's records are, so only those (and whatever the projection
     has not applied yet) are read.
     """
     from concurrent.futures import ThreadPoolExecutor
@@ -766,16 +769,16 @@ def trace_order(
         codec_made = pool.submit(registry_codec)
         if database_url:
             try:
-                index = trace.load_index(database_url, order_id)
+                index = trace.load_index(database_url, key)
             except trace.IndexUnavailable as err:
                 errors.print(f"[dim]{escape(str(err))}; reading the topics in full.[/]")
         client = dict(kafka_settings.client_config())
-        found = trace.scan(client, order_id, prefix=prefix, index=index)
+        found = trace.scan(client, key, prefix=prefix, index=index)
         if not found.records:
-            raise trace.unknown_order(order_id, found, prefix)
+            raise trace.unknown_instance(key, found, prefix, _instance())
         codec = codec_made.result()
     try:
-        records, unreadable = trace.decode(found.records, codec, order_id)
+        records, unreadable = trace.decode(found.records, codec, key)
     except RetryableError as err:
         raise ConfigurationError(
             "SCHEMA_REGISTRY_URL",
@@ -784,7 +787,7 @@ def trace_order(
             "running stack with `eval $(opsflow env)`",
         ) from err
     result = trace.assemble(
-        order_id,
+        key,
         records,
         datetime.now(UTC),
         path=found.path,
@@ -854,7 +857,7 @@ dlq_app = typer.Typer(
 app.add_typer(dlq_app, name="dlq")
 
 _TopicFilter = Annotated[
-    str | None, typer.Option("--topic", help="Source topic (contract name, e.g. orders).")
+    str | None, typer.Option("--topic", help="Source topic (its contract name).")
 ]
 _ErrorClassFilter = Annotated[
     str | None, typer.Option("--error-class", help="Exception class, e.g. BadInputError.")
@@ -863,14 +866,34 @@ _ServiceFilter = Annotated[
     str | None,
     typer.Option("--service", help="Who failed: a service, or projection:<name>."),
 ]
-_OrderFilter = Annotated[str | None, typer.Option("--order", help="Order id (the record key).")]
+_KeyFilter = Annotated[
+    str | None, typer.Option("--key", help="A workflow instance's id (the record key).")
+]
 
 
-def _topic(name: str | None) -> str | None:
-    """A --topic value checked against the contract's topics (with the nearest on a typo)."""
+def _topics() -> dict[str, Topic]:
+    """The application's topics by name."""
+    from opsflow.application import load_application
+
+    return {topic.value: topic for topic in load_application().topics}
+
+
+def _instance() -> str:
+    """What the application calls one instance of its workflow."""
+    from opsflow.application import load_application
+
+    return load_application().instance
+
+
+@overload
+def _topic(name: str, *, param_hint: str = ...) -> str: ...
+@overload
+def _topic(name: None, *, param_hint: str = ...) -> None: ...
+def _topic(name: str | None, *, param_hint: str = "--topic") -> str | None:
+    """A topic name checked against the application's topics (with the nearest on a typo)."""
     import difflib
 
-    names = [topic.value for topic in Topic]
+    names = list(_topics())
     if name is None or name in names:
         return name
     near = difflib.get_close_matches(name, names, n=1)
@@ -878,7 +901,7 @@ def _topic(name: str | None) -> str | None:
         f"no topic {name!r}"
         + (f"; did you mean {near[0]!r}?" if near else "")
         + f" (topics: {', '.join(names)})",
-        param_hint="--topic",
+        param_hint=param_hint,
     )
 
 
@@ -895,7 +918,7 @@ def dlq_list(
     topic: _TopicFilter = None,
     error_class: _ErrorClassFilter = None,
     service: _ServiceFilter = None,
-    order: _OrderFilter = None,
+    key: _KeyFilter = None,
     include_redriven: Annotated[
         bool, typer.Option("--include-redriven", help="List redriven dead letters too.")
     ] = False,
@@ -913,7 +936,7 @@ def dlq_list(
     """
     from opsflow.dlq import Filters, cases, summary
 
-    filters = Filters(_topic(topic), error_class, service, order)
+    filters = Filters(_topic(topic), error_class, service, key)
     found = cases(
         e
         for e in _queues().entries([filters.topic] if filters.topic else None)
@@ -948,7 +971,7 @@ def dlq_list(
     if not shown or not most:
         return
     lines = Table(title="Pending dead letters" if not include_redriven else "Dead letters")
-    for column in ("id", "order", "consumer", "error", "failed at", "redriven"):
+    for column in ("id", "key", "consumer", "error", "failed at", "redriven"):
         lines.add_column(column, overflow="fold")
     for case in shown[:most]:
         entry = case.latest
@@ -967,7 +990,7 @@ def dlq_list(
     if len(shown) > most:
         console.print(
             f"... and {len(shown) - most:,} more: narrow with --topic, --error-class, "
-            "--service or --order, or raise --limit.",
+            "--service or --key, or raise --limit.",
             highlight=False,
         )
 
@@ -975,7 +998,8 @@ def dlq_list(
 @dlq_app.command("show")
 def dlq_show(
     dead_letter_id: Annotated[
-        str, typer.Argument(metavar="ID", help="A dead letter's id, e.g. orders.dlq/2/15.")
+        str,
+        typer.Argument(metavar="ID", help="A dead letter's id: <topic>.dlq/<partition>/<offset>."),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ) -> None:
@@ -1009,7 +1033,7 @@ def dlq_show(
         return
     console.print(f"[bold]{entry.id}[/] ({letter.topic}/{letter.partition}/{letter.offset})")
     console.print(f"  source:   {entry.source_name}", highlight=False)
-    console.print(f"  order:    {entry.key or '-'}", highlight=False)
+    console.print(f"  key:      {entry.key or '-'}", highlight=False)
     console.print(f"  consumer: {letter.consumer} (attempts: {letter.attempts or '-'})")
     console.print(f"  failed:   {letter.failed_at or '-'}", highlight=False)
     console.print(
@@ -1056,7 +1080,7 @@ def dlq_redrive(
     topic: _TopicFilter = None,
     error_class: _ErrorClassFilter = None,
     service: _ServiceFilter = None,
-    order: _OrderFilter = None,
+    key: _KeyFilter = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Say what would be redriven; write nothing.")
     ] = False,
@@ -1077,10 +1101,10 @@ def dlq_redrive(
     """
     from opsflow.dlq import Filters
 
-    filters = Filters(_topic(topic), error_class, service, order)
+    filters = Filters(_topic(topic), error_class, service, key)
     if not (ids or redrive_all or filters.any):
         raise click.UsageError(
-            "say what to redrive: IDs, filters (--topic, --error-class, --service, --order) "
+            "say what to redrive: IDs, filters (--topic, --error-class, --service, --key) "
             "or --all; add --dry-run to see it first"
         )
     queues = _queues()
@@ -1128,7 +1152,7 @@ def _print_redrive(result: Any) -> None:
             f"{verb} {count:,} record(s) ({letters:,} dead letter(s)): {where}.", highlight=False
         )
         for entries, _to in result.redriven[:20]:
-            console.print(f"  {', '.join(e.id for e in entries)}  order {entries[0].key or '-'}")
+            console.print(f"  {', '.join(e.id for e in entries)}  key {entries[0].key or '-'}")
         if count > 20:
             console.print(f"  ... and {count - 20:,} more (--json lists all).")
     for entry in result.skipped[:20]:
@@ -1204,8 +1228,8 @@ _UsageErrors: type[click.ClickException] = next(
 
 
 def add_application_commands(args: list[str]) -> None:
-    """Offer the application's own commands (``Application.commands``, e.g. the order
-    workflow's ``demo``) next to opsflow's; without an application, opsflow's alone.
+    """Offer the application's own commands (``Application.commands``, say a
+    ``demo``) next to opsflow's; without an application, opsflow's alone.
 
     Not for one of opsflow's own commands: loading the application imports all it
     declares (its read models too), time a command that does not need it should not pay.

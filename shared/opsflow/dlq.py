@@ -25,10 +25,10 @@ which is harmless by construction:
   processed the record already emits the very same events again;
 - read models take a repeat as a no-op: merged rows combine by rules a repeat
   cannot change, the audit log and the review desk keep the first of an event id;
-- dispatch claims an order's one dispatch under the request's idempotency key
-  and books the carrier under it, so a repeat gets the booking already made
-  (a request whose booking had failed for good on transient errors is tried
-  again: that is a new attempt, and can book an order reported failed).
+- an effect step claims its effect under the request's idempotency key and
+  sends the key to the partner, so a repeat gets what the partner already did
+  (a request whose effect had failed for good on transient errors is tried
+  again: that is a new attempt, and can succeed where it was reported failed).
 
 A redrive is recorded in ``dlq_redrives`` (one row per dead letter) after the
 broker confirmed the write, in one transaction per chunk, so a second redrive
@@ -63,7 +63,7 @@ from confluent_kafka import (
 )
 
 from opsflow import db
-from opsflow.contracts.topics import Topic
+from opsflow.application import load_application
 from opsflow.deadletters import DeadLetter
 from opsflow.errors import ConfigurationError, OpsflowError, RetryableError
 from opsflow.topics import DEAD_LETTER_SUFFIX, dead_letter_topic, topic_name
@@ -98,12 +98,12 @@ class Entry:
     letter: DeadLetter
     id: str
     topic: str
-    """The source topic's contract name (no prefix), e.g. ``orders``."""
+    """The source topic's contract name (no prefix)."""
     redrive: Redrive | None = None
 
     @property
     def key(self) -> str | None:
-        """The record key (an order id), as text."""
+        """The record key (a workflow instance's id), as text."""
         raw = self.letter.key
         return None if raw is None else raw.decode("utf-8", errors="backslashreplace")
 
@@ -183,19 +183,19 @@ class Filters:
     topic: str | None = None
     error_class: str | None = None
     service: str | None = None
-    order: str | None = None
+    key: str | None = None
 
     def matches(self, entry: Entry) -> bool:
         return (
             (self.topic is None or entry.topic == self.topic)
             and (self.error_class is None or entry.letter.error_class == self.error_class)
             and (self.service is None or entry.letter.consumer == self.service)
-            and (self.order is None or entry.key == self.order)
+            and (self.key is None or entry.key == self.key)
         )
 
     @property
     def any(self) -> bool:
-        return any(v is not None for v in (self.topic, self.error_class, self.service, self.order))
+        return any(v is not None for v in (self.topic, self.error_class, self.service, self.key))
 
 
 @dataclass(frozen=True)
@@ -272,6 +272,7 @@ class DeadLetterQueues:
         database_url: where ``dlq_redrives`` is.
         prefix: ``OPSFLOW_TOPIC_PREFIX``.
         timeout_s: how long to wait for the broker to answer at all.
+        topics: the contract names of the source topics (default: the application's).
     """
 
     def __init__(
@@ -281,7 +282,11 @@ class DeadLetterQueues:
         *,
         prefix: str,
         timeout_s: float = 5.0,
+        topics: Collection[str] | None = None,
     ) -> None:
+        if topics is None:
+            topics = load_application().topics
+        self.topics = [str.__str__(t) for t in topics]
         # librdkafka logs every failed connection attempt to stderr; the operator
         # gets one line from us instead (see _metadata).
         self.kafka = {"log_level": 0, **kafka}
@@ -293,7 +298,7 @@ class DeadLetterQueues:
 
     def entries(self, topics: Collection[str] | None = None) -> list[Entry]:
         """Every dead letter of ``topics`` (contract names; default all), with its redrive."""
-        names = [self._dlq_name(t) for t in (topics or [t.value for t in Topic])]
+        names = [self._dlq_name(t) for t in (topics or self.topics)]
         consumer = self._consumer("read_committed")
         try:
             metadata = self._metadata(consumer)
@@ -323,7 +328,7 @@ class DeadLetterQueues:
         parsed = _ID.fullmatch(wanted)
         if parsed is not None:
             topic = parsed["topic"].removesuffix(DEAD_LETTER_SUFFIX)
-            if topic in {t.value for t in Topic}:
+            if topic in self.topics:
                 for entry in self.entries([topic]):
                     if entry.id == wanted:
                         return entry
@@ -336,7 +341,7 @@ class DeadLetterQueues:
         )
         raise UnknownDeadLetterError(
             f"no dead letter {dead_letter_id!r} ({hint}).\n"
-            "  Ids look like orders.dlq/2/15; `opsflow dlq list` prints them."
+            "  Ids look like <topic>.dlq/2/15; `opsflow dlq list` prints them."
         )
 
     def _with_marks(self, letters: Sequence[DeadLetter]) -> list[Entry]:
@@ -445,7 +450,7 @@ class DeadLetterQueues:
 
         options: dict[str, Any] = {}
         if partition is not None:
-            # The source partition: an order's records stay in one partition, in order.
+            # The source partition: an instance's records stay in one partition, in order.
             options["partition"] = partition
             if offset is not None and (topic, partition, offset) in stamps:
                 options["timestamp"] = stamps[(topic, partition, offset)]

@@ -25,7 +25,6 @@ from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-d
 
 from opsflow import db
 from opsflow.application import load_application
-from opsflow.contracts import Topic
 from opsflow.errors import ConfigurationError, RetryableError
 from opsflow.projections.status import ProjectionStatus, statuses
 from opsflow.runtime import load_service
@@ -122,7 +121,8 @@ def overview(
             except Exception as err:  # one service's trouble must not hide the others
                 found.unavailable.append(f"{target}: {err}")
         dead_letter_parts: dict[str, list[tuple[str, int]]] = {}
-        for topic in Topic:
+        topics = load_application().topics
+        for topic in topics:
             try:
                 dead_letter_parts[topic.value] = partitions_of(
                     consumer, [dead_letter_topic(topic_name(topic))]
@@ -132,7 +132,7 @@ def overview(
         wanted = {tp for parts in (*inputs.values(), *dead_letter_parts.values()) for tp in parts}
         provisioned = True
         try:
-            wanted |= set(partitions_of(consumer, [topic_name(t) for t in Topic]))
+            wanted |= set(partitions_of(consumer, [topic_name(t) for t in topics]))
         except RetryableError as err:  # not provisioned yet
             provisioned = False
             found.unavailable.append(f"read models: {err}")

@@ -5,7 +5,7 @@ event caused (the ingest HTTP service uses it too), so every producer gets the
 same envelope:
 
 - ``producer`` is the producer's name (for the ingest service: the API key's);
-- ``correlation_id`` is the order id, ``causation_id`` is empty;
+- ``correlation_id`` is the instance's id (the topic's key field), ``causation_id`` is empty;
 - ``idempotency_key`` is the caller's key, or a random one when none is given;
   in ``send_many`` each event gets ``<key>#<index>``;
 - ``event_id`` is a UUIDv5 of the producer and that key, so a retried send with
@@ -14,11 +14,11 @@ same envelope:
 - ``occurred_at`` is now (one instant per call), ``contract_version`` the model's.
 
 Callers describe an event without its envelope, as an ``EventBody``
-(``EVENT_BODIES["order.received"]`` or ``body_model(OrderReceived)``), the same
+(``body_model(InvoiceSubmitted)``, or ``event_bodies()`` by event type), the same
 shape the ingest API takes as JSON. An ``Event`` that already has an envelope is
 sent as it is.
 
-Records are Confluent-framed Avro (``WireCodec``), keyed by order id, written
+Records are Confluent-framed Avro (``WireCodec``), keyed by the instance's id, written
 to the event type's topic of record (with ``OPSFLOW_TOPIC_PREFIX``) by an
 idempotent librdkafka producer (``acks=all``: the broker drops the duplicates
 of its own internal retries). ``send`` and ``send_many`` return only once the
@@ -32,9 +32,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from types import MappingProxyType, TracebackType
 from typing import Any, ClassVar, Self
 
@@ -45,7 +46,8 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from pydantic import BaseModel, ConfigDict
 
 from opsflow.apikeys import check_producer_name
-from opsflow.contracts import EVENT_TOPICS, MODELS, Envelope, Event
+from opsflow.application import load_application
+from opsflow.contracts import Envelope, Event
 from opsflow.contracts.lineage import EVENT_ID_NAMESPACE
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, RetryableError
@@ -63,7 +65,7 @@ _DEFAULT_MAX_RECORD_BYTES = 1_000_000
 class EventBody(BaseModel):
     """An event without its envelope: what a producer says; the SDK adds the envelope.
 
-    One subclass per event type (``EVENT_BODIES``), with the event model's fields
+    One subclass per event type (``body_model``), with the event model's fields
     and rules minus ``envelope``.
     """
 
@@ -71,10 +73,10 @@ class EventBody(BaseModel):
 
     event_model: ClassVar[type[Event]]
 
-    order_id: str
 
-
-def _body_model(model: type[Event]) -> type[EventBody]:
+@cache
+def body_model(model: type[Event]) -> type[EventBody]:
+    """The body model of an event model: ``body_model(InvoiceSubmitted)(invoice_id=...)``."""
     fields: dict[str, Any] = {
         name: (info.annotation, info)
         for name, info in model.model_fields.items()
@@ -91,15 +93,12 @@ def _body_model(model: type[Event]) -> type[EventBody]:
     return body
 
 
-EVENT_BODIES: Mapping[str, type[EventBody]] = MappingProxyType(
-    {name: _body_model(model) for name, model in MODELS.items()}
-)
-"""Event type name -> the model of its body (the event minus its envelope)."""
-
-
-def body_model(model: type[Event]) -> type[EventBody]:
-    """The body model of an event model: ``body_model(OrderReceived)(order_id=..., ...)``."""
-    return EVENT_BODIES[model.event_type]
+def event_bodies(events: Iterable[type[Event]] | None = None) -> dict[str, type[EventBody]]:
+    """Event type name -> the model of its body (the event minus its envelope), for
+    ``events`` (default: the application's)."""
+    if events is None:
+        events = load_application().events
+    return {model.event_type: body_model(model) for model in events}
 
 
 def event_id_for(producer: str, idempotency_key: str) -> uuid.UUID:
@@ -122,7 +121,7 @@ def build_event(
         event_id=event_id_for(producer, idempotency_key),
         idempotency_key=idempotency_key,
         occurred_at=occurred_at,
-        correlation_id=body.order_id,
+        correlation_id=getattr(body, model.topic.key),
         causation_id=None,
         producer=producer,
         contract_version=model.contract_version,
@@ -289,9 +288,7 @@ class Producer:
             registry = SchemaRegistryClient({"url": url})
         self._codec = WireCodec(registry)
         self._prefix = TopicSettings().prefix if topic_prefix is None else topic_prefix
-        self._topics = {
-            name: topic_name(t, prefix=self._prefix) for name, t in EVENT_TOPICS.items()
-        }
+        self._topics: dict[str, str] = {}
         self._clock = clock
         self._delivery_timeout = delivery_timeout
 
@@ -426,9 +423,12 @@ class Producer:
 
     # --- sending ---------------------------------------------------------------------
 
-    def topic_for(self, event_type: str) -> str:
-        """The Kafka topic that carries ``event_type`` in this environment."""
-        return self._topics[event_type]
+    def topic_for(self, event: type[Event]) -> str:
+        """The Kafka topic that carries ``event`` in this environment."""
+        found = self._topics.get(event.topic)
+        if found is None:
+            found = self._topics[event.topic] = topic_name(event.topic, prefix=self._prefix)
+        return found
 
     def send(
         self,
@@ -518,7 +518,7 @@ class Producer:
             )
             try:
                 value = self._codec.encode(event)
-                record_key = event.order_id.encode("utf-8")
+                record_key = event.key.encode("utf-8")
             except UnicodeEncodeError as err:
                 raise EventRejected(
                     index, _unencodable_field(event), "text is not valid Unicode"
@@ -532,7 +532,7 @@ class Producer:
                     f"its record would be {len(value) + len(record_key)} bytes, "
                     f"over the {self._max_record_bytes} bytes Kafka takes",
                 )
-            records.append(_Record(event, self._topics[event.event_type], record_key, value))
+            records.append(_Record(event, self.topic_for(type(event)), record_key, value))
         return records
 
     def _produce(

@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 
 from opsflow import db
+from opsflow.application import load_application
 from opsflow.contracts.catalogue import catalogue
 from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
@@ -53,10 +54,24 @@ def _required(value: str | None, variable: str) -> str:
     return value
 
 
-def record_topics() -> list[str]:
-    """Every topic of record named by the contracts, with its dead-letter topic."""
-    names = {topic_name(event.topic) for event in catalogue().values()}
-    return sorted(names | {dead_letter_topic(name) for name in names})
+def record_topics() -> dict[str, int]:
+    """Every topic of record of the application and its dead-letter topic, by name, with
+    its partitions (the topic's own count, else ``OPSFLOW_TOPIC_PARTITIONS``)."""
+    default = TopicSettings().partitions
+    found: dict[str, int] = {}
+    for topic in load_application().topics:
+        name = topic_name(topic)
+        found[name] = found[dead_letter_topic(name)] = topic.partitions or default
+    return dict(sorted(found.items()))
+
+
+def _create_topics(admin: AdminClient) -> list[str]:
+    wanted = record_topics()
+    created: list[str] = []
+    for count in sorted(set(wanted.values())):
+        names = [name for name, partitions in wanted.items() if partitions == count]
+        created += ensure_topics(admin, names, partitions=count)
+    return created
 
 
 def provision() -> None:
@@ -70,10 +85,7 @@ def provision() -> None:
     print(f"migrations applied: {applied or 'none (schema current)'}")
 
     admin = AdminClient(dict(kafka.client_config()))
-    partitions = TopicSettings().partitions
-    created = _retry(
-        "topic creation", lambda: ensure_topics(admin, record_topics(), partitions=partitions)
-    )
+    created = _retry("topic creation", lambda: _create_topics(admin))
     print(f"topics created: {created or 'none (all exist)'}")
 
     client = SchemaRegistryClient({"url": registry_url})

@@ -2,16 +2,16 @@
 
 A replay is an operator's command, not a recovery hack: it reads the chosen
 records again (a partition and offset range, or a time range, optionally only
-some orders) and gives them to one target:
+some workflow instances, by key) and gives them to one target:
 
-- a **service** (``policy-check``, ``review``, ``dispatch``, ``pod-capture``):
+- a **service** of the application (``Application.programs``):
   its handlers run here on each record exactly as the service would run them,
   and the outputs are written to the service's topics. Outputs derive their
   idempotency keys and event ids from the input (``opsflow.contracts.lineage``)
   and their time from the input record's timestamp, so they are the very same
-  events as the first time: downstream steps treat them as repeats, the
-  carrier answers a repeated booking key with the booking it already made,
-  read models apply an event id once. Outputs carry ``opsflow-replay`` naming
+  events as the first time: downstream steps treat them as repeats, a
+  partner honouring idempotency keys answers a repeated key with what it did
+  the first time, read models apply an event id once. Outputs carry ``opsflow-replay`` naming
   the replay, and ``opsflow-source`` naming their input like any output.
 - a **projection**: the records are applied to its live tables in one
   transaction, without moving its position; projections are idempotent per
@@ -19,7 +19,7 @@ some orders) and gives them to one target:
   fix of the projection is for).
 
 ``dry_run`` reads the range and reports what would happen without writing:
-how many events of which types, which orders, and, for a service, how many
+how many events of which types, which instances, and, for a service, how many
 inputs already have their outputs in the log (looked up in ``audit_log`` by
 the event id the first output of each type would get): their effects are sent
 again under the same idempotency keys, which downstream steps and a partner
@@ -42,7 +42,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
 from opsflow.application import load_application
-from opsflow.contracts import EVENT_TOPICS, Event, Topic
+from opsflow.contracts import Event, Topic
 from opsflow.contracts.lineage import EVENT_ID_NAMESPACE, caused_by, derive_idempotency_key
 from opsflow.contracts.record import utc_millis
 from opsflow.contracts.wire import WireCodec
@@ -62,7 +62,7 @@ Progress = Callable[[int, int], None]
 @dataclass(frozen=True)
 class Selection:
     """Which records: one topic, some partitions (None: all), an offset or time window
-    (``to`` bounds are exclusive), some orders (empty: all)."""
+    (``to`` bounds are exclusive), some instances by record key (empty: all)."""
 
     topic: Topic
     partitions: tuple[int, ...] | None = None
@@ -70,7 +70,7 @@ class Selection:
     to_offset: int | None = None
     from_time: datetime | None = None
     to_time: datetime | None = None
-    orders: frozenset[str] = frozenset()
+    keys: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Report:
     dry_run: bool
     ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
     events: Counter[str] = field(default_factory=Counter)
-    orders: set[str] = field(default_factory=set)
+    instances: set[str] = field(default_factory=set)
     handled: int = 0
     already_done: int = 0
     outputs: int = 0
@@ -95,7 +95,7 @@ class Report:
             "replay_id": self.replay_id,
             "ranges": {k: list(v) for k, v in self.ranges.items()},
             "events": dict(self.events),
-            "orders": sorted(self.orders),
+            "instances": sorted(self.instances),
             "handled": self.handled,
             "already_done": self.already_done,
             "outputs": self.outputs,
@@ -156,14 +156,14 @@ def _bounded(span: tuple[int, int], offset: int, is_start: bool) -> tuple[int, i
 def read(
     consumer: Consumer,
     ranges: Mapping[tuple[str, int], tuple[int, int]],
-    orders: frozenset[str],
+    keys: frozenset[str],
 ) -> Iterator[Message]:
     """The records of ``ranges``, partition by partition in offset order, filtered by key."""
     wanted = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
     if not wanted:
         return
     consumer.assign([KafkaPartition(t, p, start) for (t, p), (start, _) in wanted.items()])
-    keys = {o.encode() for o in orders}
+    wanted_keys = {k.encode() for k in keys}
     while wanted:
         for msg in consumer.consume(1000, 1.0):
             if msg.error() is not None:
@@ -171,7 +171,7 @@ def read(
             tp = (msg.topic(), msg.partition())
             if tp not in wanted or msg.offset() >= wanted[tp][1]:  # type: ignore[operator]
                 continue
-            if not keys or msg.key() in keys:
+            if not wanted_keys or msg.key() in wanted_keys:
                 yield msg
         for kp in consumer.position([KafkaPartition(t, p) for t, p in wanted]):
             if kp.offset >= wanted[(kp.topic, kp.partition)][1]:
@@ -216,7 +216,7 @@ class Replay:
             ranges = bounds(consumer, self.kafka, self.selection)
             report.ranges = {f"{t}/{p}": r for (t, p), r in ranges.items()}
             total = sum(end - start for start, end in ranges.values())
-            messages = read(consumer, ranges, self.selection.orders)
+            messages = read(consumer, ranges, self.selection.keys)
             if isinstance(self.target, Projection):
                 self._into_projection(self.target, messages, report, dry_run, progress, total)
             else:
@@ -244,7 +244,11 @@ class Replay:
     ) -> None:
         codec = WireCodec(self.registry)
         producer = None if dry_run else Producer({**self.kafka, "linger.ms": 5})
-        produced_types = [t for t, topic in EVENT_TOPICS.items() if topic in service.produces]
+        produced_types = [
+            name
+            for name, model in load_application().models.items()
+            if model.topic in service.produces
+        ]
         seen = 0
         for msg in messages:
             seen += 1
@@ -254,7 +258,7 @@ class Replay:
                 report.undecodable += 1
                 continue
             report.events[event.event_type] += 1
-            report.orders.add(event.order_id)
+            report.instances.add(event.key)
             if event.event_type not in service.handlers:
                 continue
             report.handled += 1
@@ -289,8 +293,8 @@ class Replay:
             outputs = await service.handle_async(event)
         for index, out in enumerate(outputs):
             producer.produce(
-                topic_name(EVENT_TOPICS[out.event_type]),
-                key=out.order_id.encode(),
+                topic_name(out.topic),
+                key=out.key.encode(),
                 value=codec.encode(out),
                 headers=[
                     (EVENT_TYPE_HEADER, out.event_type.encode()),
@@ -340,7 +344,7 @@ class Replay:
                 report.undecodable += 1
                 continue
             report.events[record.event_type] += 1
-            report.orders.add(record.order_id)
+            report.instances.add(record.key)
             records.append(record)
             if progress:
                 progress(seen, total)

@@ -1,8 +1,8 @@
 """Topics of record: created idempotently, with explicit partitions, kept forever.
 
 The topics are the replay source of every read model, so they keep every
-record (``retention.ms=-1``); partitions are explicit because keying by order
-id only keeps an order in order while the partition count does not change.
+record (``retention.ms=-1``); partitions are explicit because keying by an
+instance's id only keeps its events in order while the partition count does not change.
 """
 
 from __future__ import annotations

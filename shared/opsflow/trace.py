@@ -1,22 +1,22 @@
-"""The causal history of one order, read from the topics of record (``opsflow trace``).
+"""The causal history of one instance, read from the topics of record (``opsflow trace``).
 
 The log is the truth: the events shown are always read from the topics, so
 it answers even when a projection is behind, broken or not deployed. It has
 three parts, kept apart so the middle one can be tested without a broker:
 
-- ``scan``: every record of every topic of record whose key is the order id
+- ``scan``: every record of every topic of record whose key is the instance id
   (``read_committed``, no consumer group), plus the keys seen on the way (for
   "did you mean"). Reading every partition from the beginning took 9 to 11 s
   with 1,000,000 records of history on ``make run``'s stack; so where the
   ``audit_log`` projection is in PostgreSQL, its rows serve as an index
-  (``load_index``): the order's records below the projection's position are
+  (``load_index``): the instance's records below the projection's position are
   read at their offsets, and everything from the position to the end is read
   as before, so a projection that is behind costs time, never events (the
   output says how many records past the index were read). Without a
   database, or for topics the projection does not cover, every partition is
   read in full;
 - ``build`` and ``verdict``: pure functions making the tree (``causation_id``
-  -> ``event_id``) and saying where the order is waiting now;
+  -> ``event_id``) and saying where the instance is waiting now;
 - ``tree`` and ``as_json``: the two outputs.
 
 An event written more than once (a replay, a redrive, a broker that lets
@@ -25,9 +25,9 @@ shown once, with the number of times it was written, at the time its first
 record was written (``Step.at``).
 
 What the index path cannot see that a full scan shows: a record keyed by the
-order that no projection could decode (the projector dead-lettered it, so
+instance that no projection could decode (the projector dead-lettered it, so
 the audit log has no row for it) below the position; ``opsflow dlq list
---order`` lists those.
+--key`` lists those.
 """
 
 from __future__ import annotations
@@ -38,25 +38,32 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 from typing import Any
 
+from pydantic import BaseModel
 from rich.markup import escape
 from rich.tree import Tree
 
 from opsflow.application import Application, Verdict, load_application
-from opsflow.contracts import Actor, Event, Topic
+from opsflow.contracts import Event, Topic
 from opsflow.errors import BadInputError, ConfigurationError, OpsflowError, RetryableError
 
 TRACEPARENT = "traceparent"
 FULL_SCAN = "full-scan"
 AUDIT_INDEX = "audit-index"
-# The projection whose tables serve as the index of an order's records.
+# The projection whose tables serve as the index of an instance's records.
 INDEX_PROJECTION = "audit_log"
-# Reading on through this many records of other orders costs less than a seek (one more
+# Reading on through this many records of other instances costs less than a seek (one more
 # fetch round trip); a record is about 300 bytes, a fetch returns up to 1 MiB.
 _SEEK_GAP = 500
-_TOPIC_RANK = {topic.value: rank for rank, topic in enumerate(Topic)}
 _ON_THE_STACK = "or point the shell at the running stack with `eval $(opsflow env)`"
+
+
+@cache
+def _topic_rank() -> dict[str, int]:
+    """The application's topics in declared order: the workflow's steps in turn."""
+    return {topic.value: rank for rank, topic in enumerate(load_application().topics)}
 
 
 # --- what was read ----------------------------------------------------------------------
@@ -64,7 +71,7 @@ _ON_THE_STACK = "or point the shell at the running stack with `eval $(opsflow en
 
 @dataclass(frozen=True)
 class RawRecord:
-    """A record of the order as it is on a topic of record, not yet decoded.
+    """A record of the instance as it is on a topic of record, not yet decoded.
 
     ``topic`` is the contract name (``review``), without the environment's prefix.
     """
@@ -80,7 +87,7 @@ class RawRecord:
 
 @dataclass(frozen=True)
 class Record:
-    """A decoded record of the order: the event, where and when it was written."""
+    """A decoded record of the instance: the event, where and when it was written."""
 
     topic: str
     partition: int
@@ -93,7 +100,7 @@ class Record:
 
 @dataclass(frozen=True)
 class Unreadable:
-    """A record keyed by the order that could not be decoded: shown, never dropped silently."""
+    """A record keyed by the instance that could not be decoded: shown, never dropped silently."""
 
     topic: str
     partition: int
@@ -103,7 +110,7 @@ class Unreadable:
 
 @dataclass
 class Scan:
-    """What reading the topics found for one order."""
+    """What reading the topics found for one instance."""
 
     records: list[RawRecord]
     keys: set[str]
@@ -134,7 +141,7 @@ def trace_id_of(headers: Sequence[tuple[str, bytes | None]]) -> str | None:
 
 @dataclass(eq=False)
 class Step:
-    """One event of the order, once, with where it sits in the causal tree.
+    """One event of the instance, once, with where it sits in the causal tree.
 
     Attributes:
         copies: how many records carry this event id (more than one: written again).
@@ -179,7 +186,7 @@ class Step:
     def sort_key(self) -> tuple[datetime, int, int, int]:
         """Time first; the workflow's topic order and the offset break ties, so steps
         written in the same millisecond still come in the order they were caused."""
-        return (self.at, _TOPIC_RANK.get(self.topic, 99), self.partition, self.offset)
+        return (self.at, _topic_rank().get(self.topic, 99), self.partition, self.offset)
 
 
 def _ms(delta: timedelta) -> int:
@@ -187,11 +194,11 @@ def _ms(delta: timedelta) -> int:
 
 
 def build(records: Iterable[Record]) -> list[Step]:
-    """The order's events as a forest: roots are events without a cause among them.
+    """The instance's events as a forest: roots are events without a cause among them.
 
     Each event appears once however many records carry it (the first record read
     gives its position, the earliest record time its time). Children are sorted by
-    time. An event naming a cause that is not among the order's events (or a cycle
+    time. An event naming a cause that is not among the instance's events (or a cycle
     of causes, which only a bad producer can write) hangs under the root with a
     note instead of vanishing.
     """
@@ -221,7 +228,7 @@ def build(records: Iterable[Record]) -> list[Step]:
             cause = None
         if cause is None:
             if step.causation_id:
-                step.note = f"its cause {step.causation_id} is not among this order's events"
+                step.note = f"its cause {step.causation_id} is not among this instance's events"
             roots.append(step)
         else:
             cause.children.append(step)
@@ -265,17 +272,21 @@ def stamp(at: datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S") + f".{at.microsecond // 1000:03d}Z"
 
 
-def who(actor: Actor) -> str:
-    return f"{actor.display_name} ({actor.role.value.lower()})"
+def who(actor: Mapping[str, str]) -> str:
+    name = actor.get("display_name") or actor["user_id"]
+    return f"{name} ({actor['role'].lower()})" if actor.get("role") else name
 
 
 # --- facts worth a line -----------------------------------------------------------------
 
 
-def actor_of(event: Event) -> Actor | None:
-    """The person who acted, for the event types that name one."""
+def actor_of(event: Event) -> dict[str, str] | None:
+    """The person who acted, for the event types that name one: an ``actor`` record
+    with a ``user_id`` (and, where it has them, ``display_name`` and ``role``)."""
     actor = getattr(event, "actor", None)
-    return actor if isinstance(actor, Actor) else None
+    if not isinstance(actor, BaseModel) or not isinstance(getattr(actor, "user_id", None), str):
+        return None
+    return {name: str(getattr(value, "value", value)) for name, value in actor if value is not None}
 
 
 def elapsed(ms: int | None) -> str:
@@ -299,9 +310,9 @@ def elapsed(ms: int | None) -> str:
 
 @dataclass
 class Trace:
-    """One order's causal history and where it stands."""
+    """One instance's causal history and where it stands."""
 
-    order_id: str
+    key: str
     roots: list[Step]
     verdict: Verdict
     path: str = FULL_SCAN
@@ -310,18 +321,20 @@ class Trace:
     index_behind: int = 0
     # Event id -> the facts worth a line (the application's summary of the event).
     summaries: dict[str, str] = field(default_factory=dict)
+    # What the application calls an instance.
+    instance: str = "instance"
 
     @property
     def steps(self) -> list[Step]:
         return [step for _, step in walk(self.roots)]
 
     def trace_ids(self) -> list[str]:
-        """The distinct trace ids of the order's records, first seen first."""
+        """The distinct trace ids of the instance's records, first seen first."""
         return list(dict.fromkeys(s.trace_id for s in self.steps if s.trace_id))
 
 
 def assemble(
-    order_id: str,
+    key: str,
     records: Sequence[Record],
     now: datetime,
     *,
@@ -340,7 +353,7 @@ def assemble(
     events = [step.event for step in in_time]
     describe = app.summary or (lambda event: "")
     return Trace(
-        order_id,
+        key,
         roots,
         (app.standing or last_event)(events, now, written),
         path=path,
@@ -348,6 +361,7 @@ def assemble(
         records_read=records_read,
         index_behind=index_behind,
         summaries={step.event_id: describe(step.event) for step in in_time},
+        instance=app.instance,
     )
 
 
@@ -377,15 +391,7 @@ def as_json(trace: Trace) -> dict[str, Any]:
                     step.written_at.isoformat(timespec="milliseconds") if step.written_at else None
                 ),
                 "producer": step.event.envelope.producer,
-                "actor": (
-                    {
-                        "user_id": actor.user_id,
-                        "display_name": actor.display_name,
-                        "role": actor.role.value,
-                    }
-                    if actor
-                    else None
-                ),
+                "actor": actor,
                 "elapsed_ms": step.elapsed_ms,
                 "elapsed_since": step.elapsed_since,
                 "trace_id": step.trace_id,
@@ -399,7 +405,8 @@ def as_json(trace: Trace) -> dict[str, Any]:
             }
         )
     return {
-        "order_id": trace.order_id,
+        "key": trace.key,
+        "instance": trace.instance,
         "state": trace.verdict.state,
         "waiting": None if trace.verdict.terminal else trace.verdict.now,
         "now": trace.verdict.now,
@@ -418,7 +425,7 @@ def as_json(trace: Trace) -> dict[str, Any]:
 
 def tree(trace: Trace) -> Tree:
     """The trace for people: one line per step, effects under their causes."""
-    root = Tree(f"[bold]order {escape(trace.order_id)}[/]", guide_style="dim")
+    root = Tree(f"[bold]{trace.instance} {escape(trace.key)}[/]", guide_style="dim")
 
     def grow(branch: Tree, steps: Sequence[Step]) -> None:
         for step in steps:
@@ -445,17 +452,17 @@ def _line(step: Step, summary: str) -> str:
     return "  ".join(part for part in parts if part)
 
 
-def nearest(order_id: str, keys: Iterable[str], n: int = 3) -> list[str]:
-    """The order ids most like ``order_id`` (a typo, a truncated copy-and-paste)."""
+def nearest(key: str, keys: Iterable[str], n: int = 3) -> list[str]:
+    """The keys most like ``key`` (a typo, a truncated copy-and-paste)."""
     candidates = [key for key in set(keys) if key]
-    close = difflib.get_close_matches(order_id, candidates, n=n, cutoff=0.6)
+    close = difflib.get_close_matches(key, candidates, n=n, cutoff=0.6)
     if close:
         return close
     # A prefix or a fragment of a longer id: difflib's ratio punishes the length gap.
-    return sorted(key for key in candidates if order_id and order_id in key)[:n]
+    return sorted(key for key in candidates if key and key in key)[:n]
 
 
-# --- the index: where an order's records are -------------------------------------------
+# --- the index: where an instance's records are -------------------------------------------
 
 
 class IndexUnavailable(OpsflowError):
@@ -464,18 +471,18 @@ class IndexUnavailable(OpsflowError):
 
 @dataclass(frozen=True)
 class Index:
-    """Where one order's records are, as far as the ``audit_log`` projection has applied them.
+    """Where one instance's records are, as far as the ``audit_log`` projection has applied them.
 
     The audit log keeps each event's first record and ``audit_copies`` the others,
-    by order id, with the projection's position stored in the same transactions:
-    below the position of a partition, these are all of the order's records
+    by instance key, with the projection's position stored in the same transactions:
+    below the position of a partition, these are all of the instance's records
     there (records no projection could decode excepted: they are dead letters,
-    ``opsflow dlq list --order``). Past it, the topics are the only source.
+    ``opsflow dlq list --key``). Past it, the topics are the only source.
 
     Attributes:
-        offsets: (Kafka topic, partition) -> the order's offsets below the position.
+        offsets: (Kafka topic, partition) -> the instance's offsets below the position.
         positions: (Kafka topic, partition) -> the projection's next offset to apply.
-        nearby: order ids like the one asked for, when the index has none of its records.
+        nearby: keys like the one asked for, when the index has none of its records.
     """
 
     offsets: Mapping[tuple[str, int], Sequence[int]]
@@ -483,8 +490,8 @@ class Index:
     nearby: Sequence[str] = ()
 
 
-def load_index(database_url: str, order_id: str, *, timeout_s: float = 2.0) -> Index:
-    """The order's records as the audit projection has them, read in one snapshot so the
+def load_index(database_url: str, key: str, *, timeout_s: float = 2.0) -> Index:
+    """The instance's records as the audit projection has them, read in one snapshot so the
     rows and the position agree.
 
     Raises:
@@ -507,12 +514,12 @@ def load_index(database_url: str, order_id: str, *, timeout_s: float = 2.0) -> I
                 )
             }
             rows = conn.execute(
-                'SELECT topic, partition, "offset" FROM audit_log WHERE order_id = %s'
+                'SELECT topic, partition, "offset" FROM audit_log WHERE instance_key = %s'
                 ' UNION ALL SELECT topic, partition, "offset" FROM audit_copies'
-                " WHERE order_id = %s",
-                (order_id, order_id),
+                " WHERE instance_key = %s",
+                (key, key),
             ).fetchall()
-            nearby = [] if rows else _nearby(conn, order_id)
+            nearby = [] if rows else _nearby(conn, key)
     except psycopg.Error as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise IndexUnavailable(f"the audit_log projection could not be read ({first})") from err
@@ -522,23 +529,26 @@ def load_index(database_url: str, order_id: str, *, timeout_s: float = 2.0) -> I
     return Index({tp: sorted(found) for tp, found in offsets.items()}, positions, nearby)
 
 
-def _nearby(conn: Any, order_id: str) -> list[str]:
-    """Candidates for "did you mean", without listing every order: the audit log's order
-    ids next to ``order_id`` in sort order (a typo at the end, a truncated copy), and
+def _nearby(conn: Any, key: str) -> list[str]:
+    """Candidates for "did you mean", without listing every instance: the audit log's instance
+    ids next to ``key`` in sort order (a typo at the end, a truncated copy), and
     those containing it or either half of it (a fragment; a typo in the other half)."""
     found: list[str] = []
     for query in (
-        "SELECT order_id FROM audit_log WHERE order_id < %s ORDER BY order_id DESC LIMIT 100",
-        "SELECT order_id FROM audit_log WHERE order_id > %s ORDER BY order_id LIMIT 100",
+        "SELECT instance_key FROM audit_log WHERE instance_key < %s"
+        " ORDER BY instance_key DESC LIMIT 100",
+        "SELECT instance_key FROM audit_log WHERE instance_key > %s"
+        " ORDER BY instance_key LIMIT 100",
     ):
-        found += [row[0] for row in conn.execute(query, (order_id,))]
-    half = len(order_id) // 2
-    for fragment in dict.fromkeys((order_id, order_id[:half], order_id[half:])):
+        found += [row[0] for row in conn.execute(query, (key,))]
+    half = len(key) // 2
+    for fragment in dict.fromkeys((key, key[:half], key[half:])):
         if len(fragment) >= 3:
             found += [
                 row[0]
                 for row in conn.execute(
-                    "SELECT order_id FROM audit_log WHERE strpos(order_id, %s) > 0 LIMIT 100",
+                    "SELECT instance_key FROM audit_log"
+                    " WHERE strpos(instance_key, %s) > 0 LIMIT 100",
                     (fragment,),
                 )
             ]
@@ -567,18 +577,18 @@ class _Plan:
 
 def scan(
     kafka: dict[str, Any],
-    order_id: str,
+    key: str,
     *,
     prefix: str,
     index: Index | None = None,
     connect_timeout_s: float = 5.0,
     read_timeout_s: float = 120.0,
 ) -> Scan:
-    """Every record keyed by ``order_id`` on every topic of record.
+    """Every record keyed by ``key`` on every topic of record.
 
     Without ``index``, every partition is read from the beginning to its end as it
     is when reached. With it, a partition the audit projection covers is read at
-    the order's indexed offsets only (seeking over the gaps), then from the
+    the instance's indexed offsets only (seeking over the gaps), then from the
     projection's position to the end: records written since are found as a full
     scan would find them, and counted in ``Scan.behind``. A partition it does not
     cover (another prefix, a new partition) is read in full.
@@ -623,7 +633,7 @@ def scan(
                 f"({err.args[0].str() if err.args else err})",
                 f"Check that the broker is up and the variable names it, {_ON_THE_STACK}",
             ) from err
-        names = {topic_name_of(topic, prefix): topic.value for topic in Topic}
+        names = {topic_name_of(topic, prefix): topic.value for topic in load_application().topics}
         found = {name: metadata.topics[name] for name in names if name in metadata.topics}
         if not found:
             raise ConfigurationError(
@@ -640,7 +650,7 @@ def scan(
                     plans[tp] = _Plan(offsets, index.positions[tp], indexed=True)
                 else:
                     plans[tp] = _Plan([], 0, indexed=False)
-        wanted = order_id.encode()
+        wanted = key.encode()
         records: dict[tuple[str, int, int], RawRecord] = {}
         keys: set[str] = set()
         read = behind = 0
@@ -657,7 +667,7 @@ def scan(
                     "try again, or check the broker's health"
                 )
             # A short wait: consume() waits its whole timeout unless the batch fills,
-            # and the few records of one order never fill it (0.5 s took 0.5 s a call).
+            # and the few records of one instance never fill it (0.5 s took 0.5 s a call).
             for msg in consumer.consume(2000, 0.02):
                 tp = (msg.topic() or "", msg.partition() or 0)
                 plan = plans[tp]
@@ -686,11 +696,11 @@ def scan(
                     if target - offset > _SEEK_GAP:
                         consumer.seek(TopicPartition(tp[0], tp[1], target))
                         plan.expect = target
-                key = msg.key()
-                if key is None or not (in_tail or indexed):
+                record_key = msg.key()
+                if record_key is None or not (in_tail or indexed):
                     continue
-                if key != wanted:
-                    keys.add(key.decode("utf-8", "replace"))
+                if record_key != wanted:
+                    keys.add(record_key.decode("utf-8", "replace"))
                     continue
                 _, stamp = msg.timestamp()
                 records[(tp[0], tp[1], offset)] = RawRecord(
@@ -727,10 +737,8 @@ def topic_name_of(topic: Topic, prefix: str) -> str:
     return topic_name(topic.value, prefix=prefix)
 
 
-def decode(
-    raw: Sequence[RawRecord], codec: Any, order_id: str
-) -> tuple[list[Record], list[Unreadable]]:
-    """Decode the order's records; one that cannot be read is reported, not fatal.
+def decode(raw: Sequence[RawRecord], codec: Any, key: str) -> tuple[list[Record], list[Unreadable]]:
+    """Decode the instance's records; one that cannot be read is reported, not fatal.
 
     Raises:
         RetryableError: the schema registry could not be asked.
@@ -743,13 +751,13 @@ def decode(
         except BadInputError as err:
             unreadable.append(Unreadable(item.topic, item.partition, item.offset, str(err)))
             continue
-        if event.order_id != order_id:
+        if event.key != key:
             unreadable.append(
                 Unreadable(
                     item.topic,
                     item.partition,
                     item.offset,
-                    f"keyed by {order_id} but the event names order {event.order_id}",
+                    f"keyed by {key} but the event names {event.key}",
                 )
             )
             continue
@@ -770,9 +778,9 @@ def decode(
     return records, unreadable
 
 
-def unknown_order(order_id: str, scan: Scan, prefix: str) -> OpsflowError:
-    """The error for an order no record is keyed by, naming the nearest ids seen."""
-    near = nearest(order_id, scan.keys)
+def unknown_instance(key: str, scan: Scan, prefix: str, instance: str = "instance") -> OpsflowError:
+    """The error for an instance no record is keyed by, naming the nearest ids seen."""
+    near = nearest(key, scan.keys)
     where = f"the topics of record (prefix {prefix!r})" if prefix else "the topics of record"
     hint = (
         f"did you mean {', '.join(near)}?"
@@ -780,6 +788,6 @@ def unknown_order(order_id: str, scan: Scan, prefix: str) -> OpsflowError:
         else "check the id (and OPSFLOW_TOPIC_PREFIX for the environment)"
     )
     return OpsflowError(
-        f"no events for order {order_id} in {where}, {scan.records_read:,} records read.\n"
+        f"no events for {instance} {key} in {where}, {scan.records_read:,} records read.\n"
         f"  {hint[0].upper()}{hint[1:]}"
     )

@@ -26,8 +26,9 @@ from confluent_kafka.schema_registry import SchemaRegistryClient, topic_record_s
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
-from opsflow.contracts import OrderReceived, catalogue
+from opsflow.contracts import catalogue
 from opsflow.contracts.wire import WireCodec
+from services.contracts import OrderReceived
 from services.demo.orders import varied_orders
 from tests.bench.harness import BenchError, Case, Metric, Ratio, StackInfo, interleaved_rates
 

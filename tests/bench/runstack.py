@@ -37,11 +37,12 @@ from typing import Any, ClassVar
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow.contracts import EVENT_TOPICS, Envelope, Event, PolicyOutcome
+from opsflow.contracts import Envelope, Event
 from opsflow.contracts.wire import WireCodec
 from opsflow.runtime.worker import EVENT_TYPE_HEADER
 from opsflow.stack.bucket import CompactionPolicy
 from opsflow.topics import end_offsets, topic_name
+from services.contracts import MODELS, PolicyOutcome
 from tests.bench.harness import BenchError, Case, Metric, StackInfo
 from tests.samples import sample
 from tests.stackctl import Stack, stack_env
@@ -268,7 +269,7 @@ def write_history(addresses: Mapping[str, str], records: int) -> list[str]:
         order_id = history_order_id(n)
         for step, event_type in enumerate(HISTORY_PATH):
             event = _history_event(templates[event_type], order_id, n * 8 + step)
-            topic = topic_name(EVENT_TOPICS[event_type])
+            topic = topic_name(MODELS[event_type].topic)
             topics[topic] = True
             while True:
                 try:

@@ -15,11 +15,11 @@ import os
 import time
 from collections import Counter
 
-from opsflow.contracts import OrderReceived, PolicyChecked, PolicyOutcome, Topic
 from opsflow.errors import BadInputError, PermanentError, RetryableError
 from opsflow.runtime import Service
+from services.contracts import ORDERS, POLICY_CHECK, OrderReceived, PolicyChecked, PolicyOutcome
 
-service = Service("relay", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+service = Service("relay", consumes=[ORDERS], produces=[POLICY_CHECK])
 _failures: Counter[str] = Counter()
 
 

@@ -1,8 +1,9 @@
-"""The event contracts of opsflow: Avro schemas in ``schemas/`` and their typed Python face.
+"""Event contracts: an application's Avro schemas and their typed Python face.
 
+- ``Topic`` and ``Event``: what an application's topics and event types are
+  (pydantic models mirroring its latest schemas, with ``to_avro()`` /
+  ``from_avro()`` for fastavro); the envelope every event starts with.
 - ``catalogue()``: every event type with its topic, subject and schema versions.
-- ``MODELS`` and the event classes: pydantic models mirroring the latest schemas,
-  with ``to_avro()`` / ``from_avro()`` for fastavro.
 - ``check_evolution()``: the BACKWARD_TRANSITIVE gate that keeps every record on
   the topics readable by the newest schema, since the topics are the replay source.
 """
@@ -22,75 +23,22 @@ from opsflow.contracts.catalogue import (
     schemas_dir,
 )
 from opsflow.contracts.envelope import Envelope
-from opsflow.contracts.events import (
-    MODELS,
-    Actor,
-    ActorRole,
-    Address,
-    CustomerRiskTier,
-    DispatchExecuted,
-    DispatchFailed,
-    DispatchFailureClass,
-    DispatchRequested,
-    Event,
-    OrderItem,
-    OrderReceived,
-    PodCaptured,
-    PodRejected,
-    PodRejectionCode,
-    PolicyChecked,
-    PolicyOutcome,
-    Reason,
-    ReviewClaimed,
-    ReviewDecided,
-    ReviewDecision,
-    ReviewEscalated,
-    ReviewReleased,
-    ReviewRequested,
-    ReviewSlaBreached,
-    ReviewTier,
-)
+from opsflow.contracts.events import Event
 from opsflow.contracts.evolution import REPLAY_LEVEL, check_evolution
 from opsflow.contracts.record import AvroInt, AvroLong, AvroRecord, TimestampMillis
-from opsflow.contracts.topics import EVENT_TOPICS, Topic, subject_name
+from opsflow.contracts.topics import Topic, subject_name
 
 __all__ = [
     "ENVELOPE_FILE",
-    "EVENT_TOPICS",
-    "MODELS",
     "REPLAY_LEVEL",
     "SCHEMAS_DIR_VARIABLE",
-    "Actor",
-    "ActorRole",
-    "Address",
     "AvroInt",
     "AvroLong",
     "AvroRecord",
     "Catalogue",
-    "CustomerRiskTier",
-    "DispatchExecuted",
-    "DispatchFailed",
-    "DispatchFailureClass",
-    "DispatchRequested",
     "Envelope",
     "Event",
     "EventType",
-    "OrderItem",
-    "OrderReceived",
-    "PodCaptured",
-    "PodRejected",
-    "PodRejectionCode",
-    "PolicyChecked",
-    "PolicyOutcome",
-    "Reason",
-    "ReviewClaimed",
-    "ReviewDecided",
-    "ReviewDecision",
-    "ReviewEscalated",
-    "ReviewReleased",
-    "ReviewRequested",
-    "ReviewSlaBreached",
-    "ReviewTier",
     "TimestampMillis",
     "Topic",
     "catalogue",

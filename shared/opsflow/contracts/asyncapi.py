@@ -19,8 +19,8 @@ Topic names are the contract's, unprefixed: an environment may put
 included), which the document says once rather than baking one environment's
 names in.
 
-Output is deterministic: dicts are built in catalogue order (``EVENT_TOPICS``, then
-the ``Topic`` enum), never from sets or the file system's listing order, and the
+Output is deterministic: dicts are built in catalogue order (the application's
+event classes, as declared), never from sets or the file system's listing order, and the
 YAML is dumped without aliases, so the same schemas give the same bytes.
 """
 
@@ -56,13 +56,17 @@ DEAD_LETTER_MESSAGE = "dead-letter"
 SUBJECT_NAME_STRATEGY = "TopicRecordNameStrategy"
 
 
-_KEY_SCHEMA: dict[str, Any] = {
-    "type": "string",
-    "description": (
-        "The order id, UTF-8 encoded (no schema-registry framing): every event of one "
-        "order is on one partition, in order."
-    ),
-}
+def _key_schema(topic: Topic | None) -> dict[str, Any]:
+    """The record key: the instance's id, as the event's topic names it (a dead letter
+    keeps its source record's key)."""
+    held = f"The event's `{topic.key}` field" if topic else "The source record's key"
+    return {
+        "type": "string",
+        "description": (
+            f"{held}, UTF-8 encoded (no schema-registry framing): "
+            "every event of one workflow instance is on one partition, in order."
+        ),
+    }
 
 
 def _contract_version() -> str:
@@ -102,8 +106,10 @@ def _string_headers(
     return headers
 
 
-def _kafka_message_binding(*, framed: bool) -> dict[str, Any]:
-    binding: dict[str, Any] = {"key": dict(_KEY_SCHEMA)}
+def _kafka_message_binding(*, topic: Topic | None) -> dict[str, Any]:
+    """An event's binding (its topic given: Confluent-framed) or a dead letter's."""
+    binding: dict[str, Any] = {"key": _key_schema(topic)}
+    framed = topic is not None
     if framed:
         binding |= {
             "schemaIdLocation": "payload",
@@ -136,7 +142,7 @@ def _event_message(event: EventType) -> dict[str, Any]:
             "schemaFormat": AVRO_SCHEMA_FORMAT,
             "schema": copy.deepcopy(event.latest_schema),
         },
-        "bindings": {"kafka": _kafka_message_binding(framed=True)},
+        "bindings": {"kafka": _kafka_message_binding(topic=event.topic)},
     }
 
 
@@ -162,7 +168,7 @@ def _dead_letter_message() -> dict[str, Any]:
             "format": "binary",
             "description": "The original record value, unchanged.",
         },
-        "bindings": {"kafka": _kafka_message_binding(framed=False)},
+        "bindings": {"kafka": _kafka_message_binding(topic=None)},
     }
 
 
@@ -200,7 +206,7 @@ def _topic_configuration() -> dict[str, Any]:
 
 
 _DESCRIPTION = """\
-The topics of record of opsflow: every event of every order's workflow, kept
+The topics of record of an opsflow application: every event of its workflow, kept
 forever, Avro-encoded with Confluent framing. This document describes what an
 application reading them (analytics, a warehouse loader, an audit) can rely on;
 docs/contracts.md says the same in prose, field by field.
@@ -208,7 +214,8 @@ docs/contracts.md says the same in prose, field by field.
 - Topic names are given without the environment's prefix: where
   `OPSFLOW_TOPIC_PREFIX` is set, every topic (dead-letter topics included) is
   named `<prefix><topic>`.
-- Keys are the order id as UTF-8 text. Values are Confluent wire format
+- Keys are the id of the workflow instance (each topic names the event field that
+  holds it) as UTF-8 text. Values are Confluent wire format
   (magic byte 0, 4-byte big-endian schema id, Avro binary body); read them with
   a stock Confluent `AvroDeserializer` and the schema registry.
 - Several event types share a topic; subjects follow TopicRecordNameStrategy
@@ -225,13 +232,14 @@ def asyncapi_document(contracts: Catalogue | None = None) -> dict[str, Any]:
     channels: dict[str, Any] = {}
     operations: dict[str, Any] = {}
     messages: dict[str, Any] = {}
-    topics = [topic for topic in Topic if contracts.for_topic(topic)]
+    topics = contracts.topics
     for topic in topics:
         events = contracts.for_topic(topic)
         names = [event.name for event in events]
         channels[topic.value] = _channel(
             topic.value,
-            f"Topic of record carrying {', '.join(f'`{n}`' for n in names)}, keyed by order id.",
+            f"Topic of record carrying {', '.join(f'`{n}`' for n in names)}, "
+            f"keyed by `{topic.key}`.",
             names,
         )
         operations[_camel("receive", topic.value)] = _receive(

@@ -1,10 +1,12 @@
-"""The catalogue of event types, read from the ``.avsc`` files in ``schemas/``.
+"""The catalogue of an application's event types, read from its ``.avsc`` files.
 
-The files are the single source of the contract: ``schemas/<event type>/vN.avsc``,
+The files are the single source of the contract: ``<schemas>/<event type>/vN.avsc``,
 one file per published version, never edited once published (a change is a new
 ``vN+1``). Everything else here (topic, subject, the latest version producers
-write) is derived from them and from the topic contract, so it cannot disagree
-with what is registered and on the topics.
+write) is derived from them and from the application's event classes, so it
+cannot disagree with what is registered and on the topics. Every event schema
+inlines opsflow's envelope (``envelope.avsc``, beside this module) as its first
+field.
 """
 
 from __future__ import annotations
@@ -17,36 +19,51 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import opsflow
-from opsflow.contracts.events import MODELS, Event
-from opsflow.contracts.topics import EVENT_TOPICS, Topic, subject_name
+from opsflow.contracts.events import Event
+from opsflow.contracts.topics import Topic, subject_name
 from opsflow.errors import BadInputError, ConfigurationError
 
+if TYPE_CHECKING:
+    from opsflow.application import Application
+
 SCHEMAS_DIR_VARIABLE = "OPSFLOW_SCHEMAS_DIR"
-ENVELOPE_FILE = "envelope.avsc"
+ENVELOPE_FILE = Path(__file__).with_name("envelope.avsc")
 _VERSION_FILE = re.compile(r"v([1-9][0-9]*)\.avsc")
 
 
-def schemas_dir() -> Path:
-    """Where the schemas are: ``$OPSFLOW_SCHEMAS_DIR``, else the repository's ``schemas/``.
+def schemas_dir(application: Application | None = None) -> Path:
+    """Where the schemas are: ``$OPSFLOW_SCHEMAS_DIR``, else the application's.
 
-    The default resolves from the installed (editable) package, so it works from any
-    working directory; the variable lets tests and tools point at a copy.
+    The application names its folder by an absolute path (resolved from its
+    package), so it works from any working directory; the variable lets tests
+    and tools point at a copy.
 
     Raises:
         ConfigurationError: the directory does not exist.
     """
     override = os.environ.get(SCHEMAS_DIR_VARIABLE)
-    path = Path(override) if override else Path(opsflow.__file__).parents[2] / "schemas"
+    path = Path(override) if override else _application(application).schemas
+    if path is None:
+        raise ConfigurationError(
+            SCHEMAS_DIR_VARIABLE,
+            "is not set and the application declares no schemas folder",
+            "Set the application's `schemas`, or point the variable at the folder.",
+        )
     if not path.is_dir():
         raise ConfigurationError(
             SCHEMAS_DIR_VARIABLE,
             f"{path} is not a directory",
-            "Point it at the repository's schemas/ directory, or unset it.",
+            "Point it at the application's schemas folder, or unset it.",
         )
     return path
+
+
+def _application(application: Application | None) -> Application:
+    from opsflow.application import load_application  # it imports the contracts
+
+    return application or load_application()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -59,13 +76,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value
 
 
-def read_envelope(directory: Path) -> dict[str, Any]:
-    """The envelope schema every event schema must inline as its first field.
-
-    Raises:
-        BadInputError: the file is missing or is not a record schema.
-    """
-    return _read_json(directory / ENVELOPE_FILE)
+def read_envelope() -> dict[str, Any]:
+    """The envelope schema every event schema must inline as its first field."""
+    return _read_json(ENVELOPE_FILE)
 
 
 def read_versions(directory: Path, event_type: str) -> dict[int, dict[str, Any]]:
@@ -165,48 +178,56 @@ class Catalogue(Mapping[str, EventType]):
         """
         return self._by_record[full_name]
 
+    @property
+    def topics(self) -> list[Topic]:
+        """The topics the event types travel on, each once, in catalogue order."""
+        return list(dict.fromkeys(t.topic for t in self._types.values()))
+
     def for_topic(self, topic: Topic | str) -> list[EventType]:
         """The event types a topic carries, in catalogue order."""
         return [t for t in self._types.values() if t.topic == topic]
 
 
-def load_catalogue(directory: Path | None = None) -> Catalogue:
-    """Read the catalogue from ``directory`` (default: ``schemas_dir()``).
+def load_catalogue(
+    directory: Path | None = None, *, application: Application | None = None
+) -> Catalogue:
+    """Read the application's catalogue from ``directory`` (default: ``schemas_dir()``).
 
-    Every event type of the topic contract must have schemas and a model, and every
-    schema directory must be a known event type, so a half-added event type fails
-    here rather than at produce time.
+    Every event class the application declares must have schemas, and every
+    schema directory must be a declared event type, so a half-added event type
+    fails here rather than at produce time.
 
     Raises:
-        ConfigurationError: the default directory does not exist.
+        ConfigurationError: the default directory does not exist, or no application.
         BadInputError: a schema directory or file is missing, unknown or malformed.
     """
-    directory = directory if directory is not None else schemas_dir()
-    unknown = sorted(
-        p.name for p in directory.iterdir() if p.is_dir() and p.name not in EVENT_TOPICS
-    )
+    application = _application(application)
+    directory = directory if directory is not None else schemas_dir(application)
+    models = application.models
+    unknown = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name not in models)
     if unknown:
         raise BadInputError(
             f"{directory}: unknown event type(s) {', '.join(unknown)}; "
-            "add them to EVENT_TOPICS and MODELS in opsflow.contracts"
+            f"declare their event classes in the application {application.name!r} (events=...)"
         )
     types = [
         EventType(
             name=name,
-            topic=topic,
+            topic=model.topic,
             versions=MappingProxyType(read_versions(directory, name)),
-            model=MODELS[name],
+            model=model,
         )
-        for name, topic in EVENT_TOPICS.items()
+        for name, model in models.items()
     ]
-    return Catalogue(directory, read_envelope(directory), types)
+    return Catalogue(directory, read_envelope(), types)
 
 
 @cache
-def _cached(directory: Path) -> Catalogue:
-    return load_catalogue(directory)
+def _cached(directory: Path, application: Application) -> Catalogue:
+    return load_catalogue(directory, application=application)
 
 
 def catalogue() -> Catalogue:
-    """The catalogue of ``schemas_dir()``, read once per directory per process."""
-    return _cached(schemas_dir().resolve())
+    """The running application's catalogue, read once per directory per process."""
+    application = _application(None)
+    return _cached(schemas_dir(application).resolve(), application)

@@ -10,14 +10,17 @@ at ``BACKWARD_TRANSITIVE``. The rules themselves are Apache Avro's, applied by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import avro.errors
 import avro.schema
 
 from opsflow.compatibility import CompatibilityLevel, incompatibilities, parse_schema
 from opsflow.contracts.catalogue import read_versions, record_full_name, schemas_dir
-from opsflow.contracts.topics import EVENT_TOPICS
 from opsflow.errors import BadInputError
+
+if TYPE_CHECKING:
+    from opsflow.application import Application
 
 REPLAY_LEVEL = CompatibilityLevel.BACKWARD_TRANSITIVE
 """The level the topics' role as replay source demands."""
@@ -64,12 +67,16 @@ def _event_problems(directory: Path, event_type: str, level: CompatibilityLevel)
 
 
 def check_evolution(
-    directory: Path | None = None, level: CompatibilityLevel = REPLAY_LEVEL
+    directory: Path | None = None,
+    level: CompatibilityLevel = REPLAY_LEVEL,
+    *,
+    application: Application | None = None,
 ) -> list[str]:
     """Check every published version of every event type against the earlier ones ``level`` names.
 
     Args:
         directory: the schemas directory (default: ``schemas_dir()``).
+        application: whose event types to expect there (default: the one in use).
         level: the compatibility level to enforce; the replay guarantee needs the default.
 
     Returns:
@@ -81,14 +88,19 @@ def check_evolution(
         BadInputError: ``directory`` does not exist.
         ConfigurationError: no directory was given and the default one does not exist.
     """
-    directory = directory if directory is not None else schemas_dir()
+    if application is None:
+        from opsflow.application import load_application  # it imports the contracts
+
+        application = load_application()
+    directory = directory if directory is not None else schemas_dir(application)
     if not directory.is_dir():
         raise BadInputError(f"{directory}: no such schemas directory")
     problems = [
-        f"{path.name}: schema directory of an unknown event type (not in EVENT_TOPICS)"
+        f"{path.name}: schema directory of an event type the application "
+        f"{application.name!r} does not declare"
         for path in sorted(directory.iterdir())
-        if path.is_dir() and path.name not in EVENT_TOPICS
+        if path.is_dir() and path.name not in application.models
     ]
-    for event_type in EVENT_TOPICS:
+    for event_type in application.models:
         problems += _event_problems(directory, event_type, level)
     return problems

@@ -18,7 +18,7 @@ from types import MappingProxyType
 EVENT_HEADERS: Mapping[str, str] = MappingProxyType(
     {
         "opsflow-event-type": (
-            "The event type (e.g. `order.received`), so a reader can skip a record "
+            "The event type (its schema directory's name), so a reader can skip a record "
             "without decoding it."
         ),
         "opsflow-source": (

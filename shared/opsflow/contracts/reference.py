@@ -26,7 +26,6 @@ from opsflow.contracts.headers import (
     EVENT_HEADERS,
     OPTIONAL_DEAD_LETTER_HEADERS,
 )
-from opsflow.contracts.topics import Topic
 from opsflow.errors import BadInputError
 from opsflow.topics import dead_letter_topic
 
@@ -153,7 +152,7 @@ def _event_section(event: EventType) -> str:
     return (
         f"### `{event.name}`\n\n"
         f"{_cell(str(event.latest_schema.get('doc', '')))}\n\n"
-        f"- topic `{event.topic.value}`, key: the order id\n"
+        f"- topic `{event.topic.value}`, key: the `{event.topic.key}` field\n"
         f"- record `{event.record_name}`, subject `{event.subject}`\n"
         f"- published versions: {versions}; fields below are v{event.latest_version}'s\n\n"
         f"{_TABLE_HEAD}\n{rows}\n"
@@ -180,7 +179,7 @@ def _dead_letter_header_table() -> str:
 def event_reference(contracts: Catalogue | None = None) -> str:
     """The generated part of ``docs/contracts.md``, markers included."""
     contracts = contracts if contracts is not None else catalogue()
-    topics = [topic for topic in Topic if contracts.for_topic(topic)]
+    topics = contracts.topics
     topic_rows = "\n".join(
         f"| `{topic.value}` | `{dead_letter_topic(topic.value)}` | "
         + ", ".join(f"`{e.name}` (`{e.record_name}`)" for e in contracts.for_topic(topic))

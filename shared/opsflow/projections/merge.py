@@ -1,8 +1,8 @@
 """Merged tables: rows folded from partial rows, written with one COPY and one merge.
 
 A read model row gathers facts from events of several topics, and on a replay
-those topics are read side by side, so an order's dispatch can arrive before
-its policy check. A ``MergeTable`` makes the row independent of arrival order:
+those topics are read side by side, so a later step's event can arrive before
+an earlier one's. A ``MergeTable`` makes the row independent of arrival order:
 every event contributes a *partial row* (only the columns it knows), and each
 column says how two values combine:
 

@@ -1,10 +1,10 @@
 """What a projection is: the topics it reads, the tables it owns, and how a batch is written.
 
-    orders_current = Projection(
-        name="orders_current",
-        topics=(Topic.ORDERS, Topic.POLICY_CHECK, ...),
-        tables=("orders_current", "daily_summary"),
-        apply=write_orders,          # (conn, records, tables, bulk) -> None
+    invoices_current = Projection(
+        name="invoices_current",
+        topics=(INVOICES, APPROVALS),
+        tables=("invoices_current",),
+        apply=write_invoices,        # (conn, records, tables, bulk) -> None
     )
 
 ``apply`` gets a batch of decoded records (``EventRecord``) and the physical

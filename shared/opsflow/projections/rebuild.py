@@ -119,7 +119,7 @@ def rebuild(
     """Rebuild ``projection`` from its topics and swap it in (see the module docstring).
 
     ``workers`` > 1 replays the bulk of the topics in that many processes, each
-    with the same partitions of every topic (an order's events are in the same
+    with the same partitions of every topic (an instance's events are in the same
     partition of each topic, so they never write the same rows); the catch-up
     and the swap are then done here.
     """

@@ -41,11 +41,13 @@ class EventRecord:
     """One event of a topic, decoded for projecting.
 
     ``data`` is the whole datum (``data["envelope"]`` holds the envelope);
-    timestamps in it are epoch milliseconds.
+    timestamps in it are epoch milliseconds. ``key`` is the value of the topic's
+    key field: the id of the workflow instance the event belongs to.
     """
 
     event_type: str
     data: dict[str, Any]
+    key: str
     topic: str
     partition: int
     offset: int
@@ -59,10 +61,6 @@ class EventRecord:
     @property
     def event_id(self) -> str:
         return self.data["envelope"]["event_id"]  # type: ignore[no-any-return]
-
-    @property
-    def order_id(self) -> str:
-        return self.data["order_id"]  # type: ignore[no-any-return]
 
     @property
     def occurred_at_ms(self) -> int:
@@ -101,10 +99,10 @@ class RecordDecoder:
     ) -> None:
         self._registry = registry
         self._contracts = contracts or catalogue()
-        self._readers: dict[int, tuple[str, Any, Any]] = {}
+        self._readers: dict[int, tuple[str, Any, Any, str]] = {}
         self._wanted = None if event_types is None else frozenset(event_types)
 
-    def _reader(self, schema_id: int) -> tuple[str, Any, Any]:
+    def _reader(self, schema_id: int) -> tuple[str, Any, Any, str]:
         cached = self._readers.get(schema_id)
         if cached is None:
             try:
@@ -127,7 +125,12 @@ class RecordDecoder:
             # Resolution only for older writers: fastavro would otherwise compare
             # two equal schemas on every record.
             reader = None if plain_writer == plain_latest else fastavro.parse_schema(plain_latest)
-            cached = (event_type.name, fastavro.parse_schema(plain_writer), reader)
+            cached = (
+                event_type.name,
+                fastavro.parse_schema(plain_writer),
+                reader,
+                event_type.topic.key,
+            )
             self._readers[schema_id] = cached
         return cached
 
@@ -157,7 +160,7 @@ class RecordDecoder:
         magic, schema_id = _HEADER.unpack_from(value)
         if magic != 0:
             raise BadInputError(f"record value starts with byte {magic}, not the magic byte 0")
-        event_type, writer, reader = self._readers.get(schema_id) or self._reader(schema_id)
+        event_type, writer, reader, key = self._readers.get(schema_id) or self._reader(schema_id)
         if wanted is not None and event_type not in wanted:
             return None
         try:
@@ -169,6 +172,7 @@ class RecordDecoder:
         return EventRecord(
             event_type,
             data,  # type: ignore[arg-type]
+            data[key],  # type: ignore[call-overload,index]
             msg.topic(),  # type: ignore[arg-type]
             msg.partition(),  # type: ignore[arg-type]
             msg.offset(),  # type: ignore[arg-type]

@@ -305,7 +305,7 @@ class ProjectionRunner:
                 self._all_failed = 0
             for record, error in failed:
                 self._send_dead_letter(
-                    record.topic, record.partition, record.offset, record.order_id.encode(),
+                    record.topic, record.partition, record.offset, record.key.encode(),
                     record.value, [], error,
                 )  # fmt: skip
             if failed:

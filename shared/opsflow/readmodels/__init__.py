@@ -18,5 +18,6 @@ from opsflow.readmodels import audit
 
 def projections() -> Mapping[str, Projection]:
     """Every read model by name: the application's, then the audit log."""
-    found = {p.name: p for p in (*load_application().read_models, audit.projection)}
+    application = load_application()
+    found = {p.name: p for p in (*application.read_models, audit.projection(application.topics))}
     return MappingProxyType(found)

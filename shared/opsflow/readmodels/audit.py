@@ -1,6 +1,6 @@
 """``audit_log``: every event of every topic, append only, in a hash chain.
 
-Each row keeps what happened (event type, order, time), who did it (the
+Each row keeps what happened (event type, workflow instance, time), who did it (the
 producing service and, for a person's decision, the person), what caused it
 (causation and correlation ids), where it sits in the log, and the SHA-256 of
 the record's bytes as written. Rows are chained: ``row_hash = sha256(prev_hash
@@ -16,7 +16,7 @@ head hash ``verify`` prints somewhere else to check it later.
 ``audit_copies``: where the other records of an event are, when it was
 written more than once (a replay, a redrive, an aborted transaction a broker
 let through). The audit log keeps an event's first record; with the copies,
-the two tables name every record of an order up to the projection's
+the two tables name every record of an instance up to the projection's
 position, which is what lets ``opsflow trace`` read just those records
 instead of every topic from the beginning (``opsflow.trace``).
 """
@@ -39,20 +39,20 @@ from opsflow.projections import EventRecord, Projection, Tables
 GENESIS = bytes(32)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _COLUMNS = (
-    "seq", "event_id", "event_type", "order_id", "occurred_at", "producer", "actor",
+    "seq", "event_id", "event_type", "instance_key", "occurred_at", "producer", "actor",
     "correlation_id", "causation_id", "idempotency_key", "topic", "partition", "offset",
     "value_sha256", "prev_hash", "row_hash",
 )  # fmt: skip
 
 
 def content(
-    event_id: str, event_type: str, order_id: str, occurred_at_ms: int, producer: str,
+    event_id: str, event_type: str, instance_key: str, occurred_at_ms: int, producer: str,
     actor: str | None, correlation_id: str, causation_id: str | None, idempotency_key: str,
     topic: str, partition: int, offset: int, value_sha256: bytes,
 ) -> bytes:  # fmt: skip
     """The bytes a row's hash covers: its columns, unambiguously serialised."""
     return json.dumps(
-        [event_id, event_type, order_id, occurred_at_ms, producer, actor, correlation_id,
+        [event_id, event_type, instance_key, occurred_at_ms, producer, actor, correlation_id,
          causation_id, idempotency_key, topic, partition, offset, value_sha256.hex()],
         separators=(",", ":"),
     ).encode()  # fmt: skip
@@ -105,7 +105,7 @@ def apply(
                 env, data = record.envelope, record.data
                 digest = record.value_sha256()
                 fields = (
-                    record.event_id, record.event_type, record.order_id, record.occurred_at_ms,
+                    record.event_id, record.event_type, record.key, record.occurred_at_ms,
                     env["producer"], _actor(data), env["correlation_id"], env["causation_id"],
                     env["idempotency_key"], record.topic, record.partition, record.offset, digest,
                 )  # fmt: skip
@@ -139,10 +139,10 @@ def _copies(
     with conn.cursor() as cur:
         cur.executemany(
             sql.SQL(
-                'INSERT INTO {} (topic, partition, "offset", event_id, order_id)'
+                'INSERT INTO {} (topic, partition, "offset", event_id, instance_key)'
                 " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
             ).format(sql.Identifier(table)),
-            [(*where, r.event_id, r.order_id) for where, r in copies.items()],
+            [(*where, r.event_id, r.key) for where, r in copies.items()],
         )
 
 
@@ -167,7 +167,7 @@ class Verdict:
 
 def _rows(conn: psycopg.Connection[Any], table: str) -> Iterator[tuple[Any, ...]]:
     query = sql.SQL(
-        "SELECT seq, event_id::text, event_type, order_id,"
+        "SELECT seq, event_id::text, event_type, instance_key,"
         " (extract(epoch FROM occurred_at) * 1000)::bigint, producer, actor, correlation_id,"
         ' causation_id, idempotency_key, topic, partition, "offset", value_sha256,'
         " prev_hash, row_hash FROM {} ORDER BY seq"
@@ -200,18 +200,13 @@ def verify(conn: psycopg.Connection[Any], table: str = "audit_log") -> Verdict:
     return Verdict(count, prev)
 
 
-projection = Projection(
-    name="audit_log",
-    topics=(
-        Topic.ORDERS,
-        Topic.POLICY_CHECK,
-        Topic.REVIEW,
-        Topic.DISPATCH,
-        Topic.POD,
-        Topic.POD_REJECTS,
-    ),
-    tables=("audit_log", "audit_copies"),
-    apply=apply,
-    description="every event, append only, tamper-evident hash chain (and its copies)",
-    volatile_columns={"audit_log": ("seq", "prev_hash", "row_hash")},
-)
+def projection(topics: tuple[Topic, ...]) -> Projection:
+    """The audit log of an application's topics (every one of them)."""
+    return Projection(
+        name="audit_log",
+        topics=topics,
+        tables=("audit_log", "audit_copies"),
+        apply=apply,
+        description="every event, append only, tamper-evident hash chain (and its copies)",
+        volatile_columns={"audit_log": ("seq", "prev_hash", "row_hash")},
+    )

@@ -3,7 +3,7 @@
 - Traces: one span per processed event, named and attributed after the
   OpenTelemetry messaging conventions (``process <topic>``, kind CONSUMER).
   Its parent is the W3C trace context in the input's headers, and the outputs
-  carry the span's context onward, so one trace follows an order across every
+  carry the span's context onward, so one trace follows a workflow instance across every
   service. Spans are recorded and exported by OTLP/HTTP when
   ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set. Without an exporter they are not
   recorded (recording spans nobody reads cost a fifth of a service's CPU in

@@ -1,10 +1,10 @@
 """The one way to write an opsflow service: declare topics, write typed handlers.
 
-    service = Service("policy-check", consumes=[Topic.ORDERS], produces=[Topic.POLICY_CHECK])
+    service = Service("approve", consumes=[INVOICES], produces=[APPROVALS])
 
     @service.handler
-    def check(order: OrderReceived) -> PolicyChecked:
-        return PolicyChecked(order_id=order.order_id, ...)   # envelope derived for you
+    def approve(invoice: InvoiceSubmitted) -> InvoiceApproved:
+        return InvoiceApproved(invoice_id=invoice.invoice_id, ...)  # envelope derived for you
 
 A handler takes one event (its type hint says which: one event class or a
 union) and returns the events to emit: one, several (any iterable), or None.
@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Union
 
-from opsflow.contracts import EVENT_TOPICS, Event, Topic
+from opsflow.contracts import Event, Topic
 from opsflow.errors import ConfigurationError, PermanentError
 
 HandlerResult = Event | Iterable[Event] | None
@@ -218,10 +218,10 @@ class Service:
     def handler(self, fn: Handler) -> Handler:
         """Register ``fn`` for the event type(s) named by its first parameter's hint."""
         for cls in _event_classes(fn):
-            if EVENT_TOPICS[cls.event_type] not in self.consumes:
+            if cls.topic not in self.consumes:
                 raise TypeError(
                     f"{fn.__qualname__} handles {cls.event_type}, which arrives on "
-                    f"{EVENT_TOPICS[cls.event_type]}, a topic {self.name} does not consume"
+                    f"{cls.topic}, a topic {self.name} does not consume"
                 )
             if cls.event_type in self.handlers:
                 raise TypeError(f"{cls.event_type} already has a handler in {self.name}")
@@ -360,9 +360,9 @@ class Service:
             [] if result is None else [result] if isinstance(result, Event) else list(result)  # type: ignore[call-overload]
         )
         for out in outputs:
-            if EVENT_TOPICS[out.event_type] not in self.produces:
+            if out.topic not in self.produces:
                 raise PermanentError(
-                    f"{self.name} emitted {out.event_type} to {EVENT_TOPICS[out.event_type]}, "
+                    f"{self.name} emitted {out.event_type} to {out.topic}, "
                     f"which is not among the topics it produces ({', '.join(self.produces)})"
                 )
         return outputs

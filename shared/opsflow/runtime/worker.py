@@ -49,7 +49,7 @@ from confluent_kafka import (
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from opentelemetry.trace import Span
 
-from opsflow.contracts import EVENT_TOPICS, Envelope, Event
+from opsflow.contracts import Envelope, Event
 from opsflow.contracts.lineage import caused_by
 from opsflow.contracts.wire import WireCodec
 from opsflow.deadletters import dead_letter_headers
@@ -310,7 +310,7 @@ class Worker:
         prefix = TopicSettings().prefix
         self.group = topic_name(service.name, prefix=prefix)
         self.inputs = [topic_name(t, prefix=prefix) for t in service.consumes]
-        self.topic_of = {name: topic_name(t, prefix=prefix) for name, t in EVENT_TOPICS.items()}
+        self.topic_of = {t: topic_name(t, prefix=prefix) for t in service.produces}
         self.outputs = sorted(
             {topic_name(t, prefix=prefix) for t in service.produces}
             | {dead_letter_topic(t) for t in self.inputs}
@@ -663,8 +663,8 @@ class Worker:
     ) -> list[tuple[Span, list[_Output] | Exception]]:
         """Run the batch's async handlers, at most ``service.concurrency`` at once.
 
-        Inputs with the same key (the same order) run one after another, in
-        log order, so one order's side effects never race each other.
+        Inputs with the same key (the same workflow instance) run one after
+        another, in log order, so one instance's side effects never race each other.
         """
         slots = asyncio.Semaphore(self.service.concurrency)
         outcomes: list[tuple[Span, list[_Output] | Exception] | None] = [None] * len(admitted)
@@ -736,10 +736,10 @@ class Worker:
         part.attempts = 0
 
     def _output(self, event: Event, index: int) -> _Output:
-        topic = self.topic_of[event.event_type]
+        topic = self.topic_of[event.topic]
         return _Output(
             topic,
-            event.order_id.encode(),
+            event.key.encode(),
             self.codec.encode(event),
             [(EVENT_TYPE_HEADER, event.event_type.encode())],
             index,

@@ -15,7 +15,7 @@ registry       Confluent Schema Registry     SCHEMA_REGISTRY_URL
 On top of them run the application's programs (``opsflow.application``;
 unless ``OPSFLOW_SERVICES=false``) and the projector (the read models), each
 started once provisioning is done. A program standing in for an external
-partner (the order workflow's carrier) is not started when its URL variable
+partner (``Program.stand_in``) is not started when its URL variable
 is set.
 
 The plan is pure data (names, ports, commands): ``supervisor`` turns it into

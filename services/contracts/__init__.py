@@ -1,0 +1,83 @@
+"""The order workflow's contracts: its topics and its event types.
+
+The Avro schemas in the repository's ``schemas/`` folder are the contract; these
+are their typed Python face, declared to opsflow in ``services.application``.
+"""
+
+from __future__ import annotations
+
+from services.contracts.events import (
+    EVENTS,
+    MODELS,
+    Actor,
+    ActorRole,
+    Address,
+    CustomerRiskTier,
+    DispatchExecuted,
+    DispatchFailed,
+    DispatchFailureClass,
+    DispatchRequested,
+    OrderEvent,
+    OrderItem,
+    OrderReceived,
+    PodCaptured,
+    PodRejected,
+    PodRejectionCode,
+    PolicyChecked,
+    PolicyOutcome,
+    Reason,
+    ReviewClaimed,
+    ReviewDecided,
+    ReviewDecision,
+    ReviewEscalated,
+    ReviewReleased,
+    ReviewRequested,
+    ReviewSlaBreached,
+    ReviewTier,
+)
+from services.contracts.topics import (
+    DISPATCH,
+    ORDERS,
+    POD,
+    POD_REJECTS,
+    POLICY_CHECK,
+    REVIEW,
+    TOPICS,
+)
+
+__all__ = [
+    "DISPATCH",
+    "EVENTS",
+    "MODELS",
+    "ORDERS",
+    "POD",
+    "POD_REJECTS",
+    "POLICY_CHECK",
+    "REVIEW",
+    "TOPICS",
+    "Actor",
+    "ActorRole",
+    "Address",
+    "CustomerRiskTier",
+    "DispatchExecuted",
+    "DispatchFailed",
+    "DispatchFailureClass",
+    "DispatchRequested",
+    "OrderEvent",
+    "OrderItem",
+    "OrderReceived",
+    "PodCaptured",
+    "PodRejected",
+    "PodRejectionCode",
+    "PolicyChecked",
+    "PolicyOutcome",
+    "Reason",
+    "ReviewClaimed",
+    "ReviewDecided",
+    "ReviewDecision",
+    "ReviewEscalated",
+    "ReviewReleased",
+    "ReviewRequested",
+    "ReviewSlaBreached",
+    "ReviewTier",
+]
