@@ -280,7 +280,7 @@ def test_a_record_dead_lettered_by_several_consumers_is_redriven_once_as_it_was(
     original, order = write_dead_letters(
         topics, consumers=["relay", "projection:orders_current", "relay"]
     )
-    listed = opsflow_json(operator_env, "dlq", "list", "--order", order.order_id)
+    listed = opsflow_json(operator_env, "dlq", "list", "--key", order.order_id)
     assert listed["pending"] == 2, "one case per consumer"
     assert sorted(len(d["duplicates"]) for d in listed["dead_letters"]) == [0, 1]
     only_relay = opsflow_json(operator_env, "dlq", "list", "--service", "relay")

@@ -70,9 +70,9 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             "FROM generate_series(1, 8) AS v"
         )
     adopted = db.migrate(database_url)
-    assert adopted == [(db.OPSFLOW, 9)] + [
-        (o, v) for o, v in _shipped() if o == "orders"
-    ], "opsflow's new one run; the application's recorded, not run"
+    assert adopted == [(db.OPSFLOW, 9)] + [(o, v) for o, v in _shipped() if o == "orders"], (
+        "opsflow's new one run; the application's recorded, not run"
+    )
     assert db.migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
         kept = conn.execute("SELECT order_id FROM dispatch_orders").fetchall()

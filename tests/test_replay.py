@@ -109,7 +109,7 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     assert dry.returncode == 0, dry.stdout + dry.stderr
     planned = json.loads(dry.stdout)
     assert planned["dry_run"] and planned["events"] == {"policy.checked": 40}
-    assert set(planned["orders"]) == ids
+    assert set(planned["instances"]) == ids
     assert planned["handled"] == 40 and planned["already_done"] == 40
     assert planned["outputs"] == 0
     assert ends(world) == before, "a dry run wrote to the topics"
@@ -138,11 +138,11 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     some = sorted(ids)[:20]
     rebook = cli(
         world, "replay", "dispatch", "--into", "dispatch", "--json",
-        *[arg for order_id in some for arg in ("--order", order_id)],
+        *[arg for order_id in some for arg in ("--key", order_id)],
     )  # fmt: skip
     assert rebook.returncode == 0, rebook.stdout + rebook.stderr
     report = json.loads(rebook.stdout)
-    assert set(report["orders"]) == set(some)
+    assert set(report["instances"]) == set(some)
 
     booked_after = world.bookings()
     assert booked_after["duplicates"] == []
