@@ -17,11 +17,11 @@ CHROMIUM := /usr/bin/chromium
 setup: $(STAMP) $(CHROMIUM)
 	@$(BIN)/python -m compileall -q shared services >/dev/null
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml services/pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "opsflow needs Python 3.11 or newer (set PYTHON=...)")'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' -e ./services
 	@touch $(STAMP)
 
 # Nothing to do once it is there. Without apt-get (or root) setup goes on and says so:

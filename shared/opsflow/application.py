@@ -279,7 +279,12 @@ def load_application(target: str | None = None) -> Application:
     target = target or os.environ.get("OPSFLOW_APP")
     if target:
         return _load(target, "OPSFLOW_APP")
-    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+    # One application seen twice (metadata left behind by an older install of its
+    # package next to the current one) is still one.
+    found = sorted(
+        {ep.value: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}.values(),
+        key=lambda ep: ep.name,
+    )
     if not found:
         raise ConfigurationError(
             "OPSFLOW_APP",

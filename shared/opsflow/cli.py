@@ -1174,9 +1174,32 @@ def _print_redrive(result: Any) -> None:
 
 contracts_app = typer.Typer(
     no_args_is_help=True,
-    help="The event contracts of schemas/ restated for other tools: AsyncAPI and Markdown.",
+    help="The application's event contracts: the evolution gate, and restated for other "
+    "tools as AsyncAPI and Markdown.",
 )
 app.add_typer(contracts_app, name="contracts")
+
+
+@contracts_app.command("check")
+def contracts_check() -> None:
+    """Check every schema version of the application against all earlier ones (the gate
+    for CI): every record ever written must stay readable by the newest schema."""
+    from rich.markup import escape
+
+    from opsflow.contracts import REPLAY_LEVEL, check_evolution, load_catalogue, schemas_dir
+
+    directory = schemas_dir()
+    problems = check_evolution(directory)
+    for problem in problems:
+        errors.print(escape(problem), highlight=False)
+    if problems:
+        sys.exit(1)
+    count = len(load_catalogue(directory))
+    console.print(
+        f"{directory}: {count} event types; every version is {REPLAY_LEVEL} compatible "
+        "with all earlier ones.",
+        highlight=False,
+    )
 
 
 @contracts_app.command("asyncapi")
@@ -1217,6 +1240,34 @@ def contracts_docs(
     errors.print(
         f"{update}: event reference {'updated' if fresh != text else 'already current'}.",
         highlight=False,
+    )
+
+
+new_app = typer.Typer(no_args_is_help=True, help="Starting points for code built on opsflow.")
+app.add_typer(new_app, name="new")
+
+
+@new_app.command("service")
+def new_service(
+    name: Annotated[str, typer.Argument(help="The service's name, e.g. greeter.")],
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where to create the project folder NAME.")
+    ] = Path("."),
+) -> None:
+    """Write a project for a team's own application with one service: its topics, event
+    types and Avro schemas, the service, a test and the contract gate, depending on
+    opsflow as a package."""
+    from opsflow.scaffold import write_project
+
+    written = write_project(name, directory)
+    root = directory / name
+    for path in written:
+        console.print(f"  wrote {path.relative_to(directory)}", highlight=False)
+    console.print(
+        f"Next: cd {root} && python -m venv .venv && .venv/bin/pip install -e '.[test]' "
+        "&& .venv/bin/pytest, then .venv/bin/opsflow up (see its README.md).",
+        highlight=False,
+        markup=False,
     )
 
 

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import xmlrpc.client
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -162,7 +161,9 @@ def start(plan: StackPlan, *, foreground: bool) -> subprocess.Popen[bytes]:
         "OPSFLOW_DATA_DIR": str(plan.data_dir),
         "PYTHONUNBUFFERED": "1",
     }
-    command = [str(Path(sys.executable).with_name("supervisord")), "-c", str(conf)]
+    # As a module of this interpreter, not the console script beside it: an
+    # environment that has the package need not have its scripts.
+    command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)]
     if foreground:
         command.append("--nodaemon")
     proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)

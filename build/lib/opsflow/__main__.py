@@ -1,0 +1,5 @@
+"""`python -m opsflow` is the `opsflow` command."""
+
+from opsflow.cli import main
+
+main()

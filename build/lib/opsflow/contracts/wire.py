@@ -1,0 +1,127 @@
+"""Events on the wire: Confluent framing around an Avro body.
+
+A record value is ``0x00`` + the writer schema's registry id (4 bytes, big
+endian) + the Avro binary body, exactly what Confluent's ``AvroSerializer``
+writes, so any stock deserializer reads opsflow's topics and opsflow reads
+records written by stock serializers.
+
+Decoding resolves the writer's schema (fetched by id, once) against the
+latest schema of the event type, so records written with any earlier
+published version come back as the current model: the replay guarantee.
+
+fastavro does the Avro work; schema ids are cached per codec, so the registry
+is asked once per schema, not once per record.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from typing import Any
+
+import fastavro
+import pydantic
+from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+from opsflow.contracts.catalogue import Catalogue, EventType, catalogue, record_full_name
+from opsflow.contracts.events import Event
+from opsflow.errors import BadInputError, RetryableError
+
+MAGIC_BYTE = 0
+_HEADER = struct.Struct(">bI")
+
+
+class WireCodec:
+    """Encodes events to and decodes them from Confluent-framed Avro.
+
+    Args:
+        registry: a client of any Confluent-compatible schema registry.
+        contracts: the catalogue of event types (the repository's by default).
+    """
+
+    def __init__(self, registry: SchemaRegistryClient, contracts: Catalogue | None = None) -> None:
+        self._registry = registry
+        self._contracts = contracts or catalogue()
+        self._latest: dict[str, tuple[int, Any]] = {}
+        self._writers: dict[int, tuple[EventType, Any]] = {}
+
+    def _latest_schema(self, event_type: EventType) -> tuple[int, Any]:
+        cached = self._latest.get(event_type.name)
+        if cached is None:
+            text = json.dumps(event_type.latest_schema)
+            # Registering is idempotent: it returns the existing id when the
+            # schema is already under the subject (as after provisioning).
+            schema_id = _call(
+                self._registry.register_schema, event_type.subject, Schema(text, "AVRO")
+            )
+            cached = (schema_id, fastavro.parse_schema(event_type.latest_schema))
+            self._latest[event_type.name] = cached
+        return cached
+
+    def _writer_schema(self, schema_id: int) -> tuple[EventType, Any]:
+        cached = self._writers.get(schema_id)
+        if cached is None:
+            try:
+                schema = _call(self._registry.get_schema, schema_id)
+            except SchemaRegistryError as err:
+                raise BadInputError(f"unknown schema id {schema_id}: {err.error_message}") from err
+            parsed = json.loads(schema.schema_str)
+            name = record_full_name(parsed)
+            try:
+                event_type = self._contracts.by_record_name(name)
+            except KeyError as err:
+                raise BadInputError(
+                    f"schema id {schema_id} is record {name}, which no contract defines"
+                ) from err
+            cached = (event_type, fastavro.parse_schema(parsed))
+            self._writers[schema_id] = cached
+        return cached
+
+    def encode(self, event: Event) -> bytes:
+        """The event's record value: header, then the body written with the latest schema."""
+        event_type = self._contracts[event.event_type]
+        schema_id, parsed = self._latest_schema(event_type)
+        buffer = io.BytesIO()
+        buffer.write(_HEADER.pack(MAGIC_BYTE, schema_id))
+        fastavro.schemaless_writer(buffer, parsed, event.to_avro())
+        return buffer.getvalue()
+
+    def decode(self, data: bytes | None) -> Event:
+        """The event a record value holds, as the latest model of its type.
+
+        Raises:
+            BadInputError: not Confluent-framed, an unknown schema id, a record
+                no contract defines, or a body that does not match its schema.
+            RetryableError: the registry could not be asked.
+        """
+        if data is None or len(data) < _HEADER.size:
+            raise BadInputError(f"record value of {len(data or b'')} bytes is not Confluent-framed")
+        magic, schema_id = _HEADER.unpack_from(data)
+        if magic != MAGIC_BYTE:
+            raise BadInputError(f"record value starts with byte {magic}, not the magic byte 0")
+        event_type, writer = self._writer_schema(schema_id)
+        latest_id, latest = self._latest_schema(event_type)
+        # Resolution is only needed for older writers; fastavro would otherwise
+        # compare the two (equal) schemas on every record.
+        reader = None if schema_id == latest_id else latest
+        try:
+            datum = fastavro.schemaless_reader(io.BytesIO(data[_HEADER.size :]), writer, reader)
+            return event_type.model.from_avro(datum)  # type: ignore[arg-type]
+        except (EOFError, ValueError, TypeError, IndexError, pydantic.ValidationError) as err:
+            raise BadInputError(
+                f"{event_type.name} body does not match schema id {schema_id}: {err}"
+            ) from err
+
+
+def _call(method: Any, *args: Any) -> Any:
+    """Call the registry, telling a refusal (bad input) from an outage (retry)."""
+    try:
+        return method(*args)
+    except SchemaRegistryError as err:
+        if err.http_status_code >= 500:
+            raise RetryableError(f"schema registry error: {err.error_message}") from err
+        raise
+    except Exception as err:  # connection errors come from the HTTP library underneath
+        raise RetryableError(f"schema registry unreachable: {err}") from err

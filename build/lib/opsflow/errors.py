@@ -1,0 +1,45 @@
+"""The one exception hierarchy of opsflow.
+
+Callers decide what to do from the type, never from a message: a
+``RetryableError`` may succeed if tried again, a ``PermanentError`` will not,
+a ``BadInputError`` names the input that was wrong and a ``ConfigurationError``
+names the setting (usually an environment variable) and what to do about it.
+"""
+
+from __future__ import annotations
+
+
+class OpsflowError(Exception):
+    """Root of every error opsflow raises on purpose."""
+
+    retryable: bool = False
+
+
+class RetryableError(OpsflowError):
+    """A transient failure: the same call may succeed later (broker down, timeout)."""
+
+    retryable = True
+
+
+class PermanentError(OpsflowError):
+    """A failure that trying again cannot fix."""
+
+
+class BadInputError(PermanentError):
+    """Input that does not satisfy its contract; the message names what is wrong."""
+
+
+class ConfigurationError(OpsflowError):
+    """A setting is missing, malformed or points at something unusable.
+
+    Args:
+        variable: the environment variable (or option) at fault.
+        problem: what is wrong with it, in a few words.
+        hint: what the user can do next.
+    """
+
+    def __init__(self, variable: str, problem: str, hint: str) -> None:
+        self.variable = variable
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{variable}: {problem}. {hint}")

@@ -1,0 +1,206 @@
+"""The on-call operator's one screen: services, consumer lag, read models, dead letters, reviews.
+
+``opsflow status`` shows the stack's processes; this adds what they are doing,
+read from where the truth is: consumer lag from the broker (each service's
+committed offsets against the partitions' ends), throughput from the
+services' own ``/metrics``, read-model positions from PostgreSQL, dead-letter
+counts from the ``.dlq`` topics, open reviews and SLA breaches from the read
+models. Each part that cannot be read (no database, a table not there yet) is
+reported as unavailable rather than failing the whole screen.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from confluent_kafka import Consumer
+from confluent_kafka import TopicPartition as KafkaPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec  # type: ignore[attr-defined]
+
+from opsflow import db
+from opsflow.application import load_application
+from opsflow.errors import ConfigurationError, RetryableError
+from opsflow.projections.status import ProjectionStatus, statuses
+from opsflow.runtime import load_service
+from opsflow.stack.health import probe_client
+from opsflow.topics import dead_letter_topic, end_offsets, partitions_of, topic_name
+
+_PROCESSED = re.compile(r"^opsflow_events_processed_total\{[^}]*\} ([0-9.e+]+)$", re.MULTILINE)
+
+
+@dataclass
+class ServiceLag:
+    """A service (its consumer group) and how far behind it is per input topic."""
+
+    name: str
+    lag: dict[str, int]
+    processed_total: float | None = None
+    processed_per_s: float | None = None
+
+
+@dataclass
+class Overview:
+    services: list[ServiceLag] = field(default_factory=list)
+    projections: list[ProjectionStatus] = field(default_factory=list)
+    dead_letters: dict[str, int] = field(default_factory=dict)  # not yet redriven
+    open_reviews: int | None = None
+    overdue_reviews: int | None = None
+    sla_breaches_24h: int | None = None
+    unavailable: list[str] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "services": [vars(s) for s in self.services],
+            "projections": [p.as_json() for p in self.projections],
+            "dead_letters": self.dead_letters,
+            "open_reviews": self.open_reviews,
+            "overdue_reviews": self.overdue_reviews,
+            "sla_breaches_24h": self.sla_breaches_24h,
+            "unavailable": self.unavailable,
+        }
+
+
+def _service_lag(
+    kafka: Mapping[str, Any],
+    name: str,
+    parts: list[tuple[str, int]],
+    ends: Mapping[tuple[str, int], int],
+) -> ServiceLag:
+    consumer = Consumer({**kafka, "group.id": topic_name(name), "enable.auto.commit": False})
+    try:
+        committed = consumer.committed([KafkaPartition(*tp) for tp in parts], timeout=10)
+        lag: dict[str, int] = {}
+        for kp in committed:
+            start = kp.offset if kp.offset >= 0 else 0
+            lag[kp.topic] = lag.get(kp.topic, 0) + max(0, ends[(kp.topic, kp.partition)] - start)
+        return ServiceLag(name, lag)
+    finally:
+        consumer.close()
+
+
+def processed_total(metrics_url: str) -> float | None:
+    """The inputs a runtime service has processed since it started (None: no answer)."""
+    try:
+        text = probe_client().get(f"{metrics_url}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return None
+    return sum(float(n) for n in _PROCESSED.findall(text))
+
+
+def overview(
+    kafka: Mapping[str, Any], database_url: str | None, metrics: Mapping[str, str] | None = None
+) -> Overview:
+    """Everything on the screen; ``metrics`` maps service names to their metrics URL (the
+    processed counters are read before and after the rest, which gives the rates)."""
+    found = Overview()
+    metrics = metrics or {}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        before = dict(zip(metrics, pool.map(processed_total, metrics.values()), strict=True))
+    started = time.monotonic()
+    consumer = Consumer({**kafka, "group.id": "opsflow-status"})
+    try:
+        # Every partition the screen needs, so their ends are learned in one pass.
+        inputs: dict[str, list[tuple[str, int]]] = {}
+        try:
+            services = load_application().services
+        except ConfigurationError as err:  # the rest of the screen still helps
+            services = {}
+            found.unavailable.append(f"services: {err}")
+        for target in services.values():
+            try:
+                service = load_service(target)
+                inputs[service.name] = partitions_of(
+                    consumer, [topic_name(t) for t in service.consumes]
+                )
+            except Exception as err:  # one service's trouble must not hide the others
+                found.unavailable.append(f"{target}: {err}")
+        dead_letter_parts: dict[str, list[tuple[str, int]]] = {}
+        topics = load_application().topics
+        for topic in topics:
+            try:
+                dead_letter_parts[topic.value] = partitions_of(
+                    consumer, [dead_letter_topic(topic_name(topic))]
+                )
+            except Exception:  # a cluster provisioned without this DLQ
+                continue
+        wanted = {tp for parts in (*inputs.values(), *dead_letter_parts.values()) for tp in parts}
+        provisioned = True
+        try:
+            wanted |= set(partitions_of(consumer, [topic_name(t) for t in topics]))
+        except RetryableError as err:  # not provisioned yet
+            provisioned = False
+            found.unavailable.append(f"read models: {err}")
+        ends = end_offsets(kafka, wanted)
+        starts = _log_starts(kafka, [tp for parts in dead_letter_parts.values() for tp in parts])
+    finally:
+        consumer.close()
+    for name, parts in inputs.items():
+        try:
+            found.services.append(_service_lag(kafka, name, parts, ends))
+        except Exception as err:
+            found.unavailable.append(f"{name}: {err}")
+    for topic_value, parts in dead_letter_parts.items():
+        found.dead_letters[topic_value] = sum(ends[tp] - starts.get(tp, 0) for tp in parts)
+    if database_url and provisioned:
+        _from_database(found, kafka, database_url, ends)
+    elif not database_url:
+        found.unavailable.append("read models: DATABASE_URL is not set")
+    elapsed = max(time.monotonic() - started, 1e-3)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        after = dict(zip(metrics, pool.map(processed_total, metrics.values()), strict=True))
+    for row in found.services:
+        if row.name not in metrics:
+            continue
+        row.processed_total = after[row.name]
+        first = before.get(row.name)
+        if row.processed_total is not None and first is not None:
+            row.processed_per_s = (row.processed_total - first) / elapsed
+    return found
+
+
+def _log_starts(
+    kafka: Mapping[str, Any], parts: list[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """Each partition's first offset, in one request to the cluster."""
+    if not parts:
+        return {}
+    admin = AdminClient(dict(kafka))
+    earliest = OffsetSpec.earliest()  # type: ignore[no-untyped-call]
+    asked = {KafkaPartition(t, p): earliest for t, p in parts}
+    return {
+        (tp.topic, tp.partition): max(future.result().offset, 0)
+        for tp, future in admin.list_offsets(asked, request_timeout=10).items()
+    }
+
+
+def _from_database(
+    found: Overview,
+    kafka: Mapping[str, Any],
+    database_url: str,
+    ends: Mapping[tuple[str, int], int],
+) -> None:
+    from opsflow.readmodels import projections
+
+    try:
+        with db.connect(database_url, autocommit=True) as conn:
+            found.projections = statuses(conn, projections().values(), kafka, ends=ends)
+            found.open_reviews, found.overdue_reviews = conn.execute(
+                "SELECT count(*), count(*) FILTER (WHERE due_at < now())"
+                " FROM review_queue WHERE status <> 'decided'"
+            ).fetchone()  # type: ignore[misc]
+            redriven = dict(
+                conn.execute("SELECT dlq_topic, count(*) FROM dlq_redrives GROUP BY 1").fetchall()
+            )
+            for topic in found.dead_letters:
+                found.dead_letters[topic] -= redriven.get(dead_letter_topic(topic_name(topic)), 0)
+            found.sla_breaches_24h = conn.execute(
+                "SELECT count(*) FROM sla_breaches WHERE breached_at > now() - interval '1 day'"
+            ).fetchone()[0]  # type: ignore[index]
+    except Exception as err:  # no database, or a table not there yet
+        found.unavailable.append(f"read models: {str(err).splitlines()[0]}")

@@ -1,0 +1,1 @@
+"""The projector: one process keeping every read model current from the topics."""

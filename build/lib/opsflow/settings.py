@@ -1,0 +1,100 @@
+"""Configuration: one pydantic-settings class per component, read from the environment.
+
+Each component of the stack has a production counterpart chosen by one
+variable: ``KAFKA_BOOTSTRAP_SERVERS``, ``DATABASE_URL``, ``SCHEMA_REGISTRY_URL``.
+When a variable is unset, ``opsflow up`` starts the embedded counterpart and
+exports the variable to everything it supervises.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# librdkafka properties that opsflow sets itself; KAFKA_* variables may override them.
+_KAFKA_PREFIX = "KAFKA_"
+
+
+class KafkaSettings(BaseSettings):
+    """Where the Kafka cluster is and how to talk to it.
+
+    Every other ``KAFKA_<NAME>`` variable is passed to librdkafka as the
+    property ``<name>`` with underscores turned into dots, e.g.
+    ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes ``security.protocol``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="KAFKA_", extra="ignore")
+
+    bootstrap_servers: str | None = None
+
+    def client_config(self) -> dict[str, str | int | float | bool]:
+        """The librdkafka configuration shared by producers, consumers and admin clients."""
+        config: dict[str, str | int | float | bool] = {
+            key[len(_KAFKA_PREFIX) :].lower().replace("_", "."): value
+            for key, value in os.environ.items()
+            if key.startswith(_KAFKA_PREFIX) and key != "KAFKA_BOOTSTRAP_SERVERS"
+        }
+        if self.bootstrap_servers:
+            config["bootstrap.servers"] = self.bootstrap_servers
+        return config
+
+
+class DatabaseSettings(BaseSettings):
+    """The PostgreSQL server holding read models, the registry's schemas and API keys."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    database_url: str | None = None
+
+
+class RegistrySettings(BaseSettings):
+    """The Confluent-compatible schema registry."""
+
+    model_config = SettingsConfigDict(extra="ignore")
+
+    schema_registry_url: str | None = None
+
+
+class StackSettings(BaseSettings):
+    """The embedded local stack started by ``opsflow up``."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSFLOW_", extra="ignore")
+
+    data_dir: Path = Path(".opsflow")
+    # "durable" keeps topics across restarts (S3 storage on local files);
+    # "memory" is faster and is meant for throwaway test clusters only.
+    broker_storage: Literal["durable", "memory"] = "durable"
+    broker_port: int | None = None
+    registry_port: int | None = None
+    postgres_port: int | None = None
+    supervisor_port: int | None = None
+    # Run opsflow's services too (ingest, policy-check, dispatch, pod-capture and
+    # the carrier stand-in); false for an infrastructure-only stack (tests, benchmarks).
+    services: bool = True
+
+
+class TopicSettings(BaseSettings):
+    """How topics of record are created."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSFLOW_TOPIC_", extra="ignore")
+
+    partitions: int = Field(default=6, ge=1)
+    # Prepended to every topic name, so several environments (or test runs)
+    # can share one cluster without seeing each other's records.
+    prefix: str = ""
+
+
+class RuntimeSettings(BaseSettings):
+    """How a service process runs."""
+
+    model_config = SettingsConfigDict(env_prefix="OPSFLOW_", extra="ignore")
+
+    # /metrics, /healthz and /readyz; 0 takes a free port (logged at start).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    # "transactions" (Kafka transactions) or "log-scan" (see opsflow.runtime.Delivery);
+    # `opsflow up` sets log-scan for its durable embedded broker.
+    delivery: Literal["transactions", "log-scan"] = "transactions"
