@@ -11,7 +11,14 @@ from __future__ import annotations
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsflow.runtime import Service
-from services.contracts import ORDERS, POLICY_CHECK, OrderReceived, PolicyChecked
+from services.contracts import (
+    ORDERS,
+    POLICY_CHECK,
+    OrderReceived,
+    PolicyChecked,
+    PolicyOutcome,
+    Reason,
+)
 from services.policy_check.rules import RuleSet, load_rules, rules_file
 
 
@@ -42,8 +49,8 @@ def check(order: OrderReceived) -> PolicyChecked:
     # model validator mypy cannot see.
     return PolicyChecked(  # type: ignore[call-arg]
         order_id=order.order_id,
-        outcome=verdict.outcome,
+        outcome=PolicyOutcome(verdict.outcome),
         reason_codes=verdict.reason_codes,
-        reasons=list(verdict.reasons),
+        reasons=[Reason(code=r.code, message=r.message) for r in verdict.reasons],
         rules_version=RULES.version,
     )
