@@ -21,28 +21,26 @@ import uuid
 from functools import cache
 
 from opsflow.contracts.lineage import current
+from opsflow.nodes.human.sla import SlaPolicy, load_sla
 from opsflow.runtime import Service
 from services.contracts import (
     POLICY_CHECK,
-    REVIEW,
     PolicyChecked,
     PolicyOutcome,
     ReviewRequested,
     ReviewTier,
 )
-from services.review.config import ReviewSettings
-from services.review.sla import SlaPolicy, load_sla
-from services.review.tasks import PRODUCER
+from services.review.human_task import REVIEW, ReviewSettings
 
 # Fixed namespace of task ids (never change it: ids must survive replays).
 TASK_NAMESPACE = uuid.UUID("7a5c0e3e-2b1d-5f4a-9c61-72657669657f")
 
-service = Service(PRODUCER, consumes=[POLICY_CHECK], produces=[REVIEW])
+service = Service(REVIEW.name, consumes=[POLICY_CHECK], produces=[REVIEW.topic])
 
 
 @cache
 def _sla() -> SlaPolicy:
-    return load_sla(ReviewSettings().sla_file)
+    return load_sla(ReviewSettings().sla_file, "REVIEW_SLA_FILE")
 
 
 def task_id_for(check: PolicyChecked) -> str:

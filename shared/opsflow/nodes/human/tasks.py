@@ -1,6 +1,6 @@
-"""The review task table: every task's state, as the ``review`` topic says it is.
+"""The task table of a human step: every task's state, as the step's topic says it is.
 
-``TaskTable.apply`` folds review events into tasks; it is the only way state
+``TaskTable.apply`` folds the step's events into tasks; it is the only way state
 changes, whether the event was just read from the topic or just acknowledged
 by the broker after the API wrote it, so the table the API answers from is the
 table a replay rebuilds. ``apply`` is idempotent (events are recognised by
@@ -19,30 +19,20 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TypeVar
+from enum import StrEnum
+from typing import Any
 
 from opsflow.contracts import Envelope, Event
 from opsflow.errors import PermanentError
+from opsflow.nodes.human.spec import HumanTask
 from opsflow.producer import event_id_for
-from services.contracts import (
-    Actor,
-    ActorRole,
-    Reason,
-    ReviewClaimed,
-    ReviewDecided,
-    ReviewDecision,
-    ReviewEscalated,
-    ReviewReleased,
-    ReviewRequested,
-    ReviewSlaBreached,
-    ReviewTier,
-)
 
-log = logging.getLogger("services.review")
+log = logging.getLogger("opsflow.nodes.human")
 
-PRODUCER = "review"
-
-E = TypeVar("E", bound=Event)
+# The application's Avro records of a person and of a reason (duck-typed here:
+# ``user_id``, ``display_name``, ``role``; ``code``, ``message``).
+Actor = Any
+Reason = Any
 
 
 class TaskNotFound(PermanentError):
@@ -59,11 +49,12 @@ class NotAllowed(PermanentError):
 
 @dataclass
 class Task:
-    """One review task: what it is about, who holds it, what became of it."""
+    """One task: what it is about (``key``, the instance's id), who holds it, what became
+    of it."""
 
     task_id: str
-    order_id: str
-    tier: ReviewTier
+    key: str
+    tier: StrEnum
     due_at: datetime
     reason_codes: list[str]
     reasons: list[Reason]
@@ -72,7 +63,7 @@ class Task:
     version: int = 1
     claimed_by: Actor | None = None
     claimed_at: datetime | None = None
-    decision: ReviewDecision | None = None
+    decision: StrEnum | None = None
     decided_by: Actor | None = None
     decided_at: datetime | None = None
     decision_reason: str | None = None
@@ -86,7 +77,7 @@ class Task:
 
     @property
     def timer(self) -> datetime | None:
-        """When this task's next timer fires: escalation in the reviewer tier, the breach
+        """When this task's next timer fires: escalation in the first tier, the breach
         in the supervisor tier; none once decided or breached."""
         if not self.open or self.breached_at is not None:
             return None
@@ -114,7 +105,7 @@ class QueueFilter:
     """
 
     status: str = "open"
-    tier: ReviewTier | None = None
+    tier: StrEnum | None = None
     reason: str | None = None
     claimed: bool | None = None
     due_before: datetime | None = None
@@ -136,30 +127,33 @@ class QueueFilter:
 
 @dataclass
 class TaskTable:
-    """Tasks by id, folded from review events (see the module docstring)."""
+    """Tasks by id, folded from the step's events (see the module docstring)."""
 
+    spec: HumanTask
     tasks: dict[str, Task] = field(default_factory=dict)
     _seen: set[str] = field(default_factory=set)
 
     # --- folding events ----------------------------------------------------------------
 
     def apply(self, event: Event) -> bool:
-        """Fold one review event in; False when it changed nothing (a repeat, an event of a
+        """Fold one of the step's events in; False when it changed nothing (a repeat, an event of a
         task never requested, a second decision)."""
         event_id = str(event.envelope.event_id)
         if event_id in self._seen:
             return False
         self._seen.add(event_id)
-        if isinstance(event, ReviewRequested):
-            if event.task_id in self.tasks:
+        kinds = self.spec.events
+        data: Any = event
+        if isinstance(event, kinds.requested):
+            if data.task_id in self.tasks:
                 return False  # the same task requested twice (a redo): the first stands
-            self.tasks[event.task_id] = Task(
-                task_id=event.task_id,
-                order_id=event.order_id,
-                tier=event.tier,
-                due_at=event.due_at,
-                reason_codes=list(event.reason_codes),
-                reasons=list(event.reasons),
+            self.tasks[data.task_id] = Task(
+                task_id=data.task_id,
+                key=event.key,
+                tier=data.tier,
+                due_at=data.due_at,
+                reason_codes=list(data.reason_codes),
+                reasons=list(data.reasons),
                 requested_at=event.envelope.occurred_at,
                 last_event_id=event_id,
             )
@@ -168,29 +162,29 @@ class TaskTable:
         task = self.tasks.get(task_id) if isinstance(task_id, str) else None
         if task is None:
             log.warning(
-                "review event for an unknown task ignored",
+                "task event for an unknown task ignored",
                 extra={"event_id": event_id, "task_id": task_id, "event_type": event.event_type},
             )
             return False
         if not task.open:
             log.warning(
-                "review event for a decided task ignored",
+                "task event for a decided task ignored",
                 extra={"event_id": event_id, "task_id": task_id, "event_type": event.event_type},
             )
             return False
         at = event.envelope.occurred_at
-        if isinstance(event, ReviewClaimed):
-            task.claimed_by, task.claimed_at = event.actor, at
-        elif isinstance(event, ReviewReleased):
+        if isinstance(event, kinds.claimed):
+            task.claimed_by, task.claimed_at = data.actor, at
+        elif isinstance(event, kinds.released):
             task.claimed_by, task.claimed_at = None, None
-        elif isinstance(event, ReviewDecided):
-            task.decision, task.decided_by = event.decision, event.actor
-            task.decided_at, task.decision_reason = at, event.reason
-        elif isinstance(event, ReviewEscalated):
+        elif isinstance(event, kinds.decided):
+            task.decision, task.decided_by = data.decision, data.actor
+            task.decided_at, task.decision_reason = at, data.reason
+        elif isinstance(event, kinds.escalated):
             # The task goes to the supervisors' queue: a reviewer's claim ends with it.
-            task.tier, task.due_at, task.escalated_at = event.tier, event.due_at, at
+            task.tier, task.due_at, task.escalated_at = data.tier, data.due_at, at
             task.claimed_by, task.claimed_at = None, None
-        elif isinstance(event, ReviewSlaBreached):
+        elif isinstance(event, kinds.breached):
             task.breached_at = at
         else:
             return False
@@ -208,7 +202,7 @@ class TaskTable:
         """
         task = self.tasks.get(task_id)
         if task is None:
-            raise TaskNotFound(f"no review task has the id {task_id!r}")
+            raise TaskNotFound(f"no {self.spec.name} task has the id {task_id!r}")
         return task
 
     def queue(self, where: QueueFilter) -> list[Task]:
@@ -223,7 +217,7 @@ class TaskTable:
 
     # --- deciding ----------------------------------------------------------------------
 
-    def claim(self, task_id: str, actor: Actor, *, now: datetime) -> ReviewClaimed | None:
+    def claim(self, task_id: str, actor: Actor, *, now: datetime) -> Event | None:
         """The claim of ``task_id`` by ``actor``; None when they hold it already.
 
         Raises:
@@ -235,12 +229,17 @@ class TaskTable:
                 return None
             raise self._held(task)
         return self._event(
-            ReviewClaimed, task, now, f"claimed:{actor.user_id}", actor=actor, tier=task.tier
+            self.spec.events.claimed,
+            task,
+            now,
+            f"claimed:{actor.user_id}",
+            actor=actor,
+            tier=task.tier,
         )
 
     def release(
         self, task_id: str, actor: Actor, *, now: datetime, reason: str | None = None
-    ) -> ReviewReleased:
+    ) -> Event:
         """The release of ``task_id``: by whoever holds it, or by a supervisor.
 
         Raises:
@@ -252,13 +251,13 @@ class TaskTable:
             raise TaskConflict(
                 f"task {task_id} is not claimed by anyone; there is nothing to release"
             )
-        if task.claimed_by.user_id != actor.user_id and actor.role is not ActorRole.SUPERVISOR:
+        if task.claimed_by.user_id != actor.user_id and actor.role != self.spec.supervisor:
             raise TaskConflict(
                 f"task {task_id} is claimed by {_who(task.claimed_by)} since "
                 f"{_when(task.claimed_at)}; only they or a supervisor may release it"
             )
         return self._event(
-            ReviewReleased,
+            self.spec.events.released,
             task,
             now,
             f"released:{actor.user_id}",
@@ -268,8 +267,8 @@ class TaskTable:
         )
 
     def decide(
-        self, task_id: str, actor: Actor, decision: ReviewDecision, reason: str, *, now: datetime
-    ) -> ReviewDecided:
+        self, task_id: str, actor: Actor, decision: StrEnum, reason: str, *, now: datetime
+    ) -> Event:
         """The decision on ``task_id``. A task nobody holds may be decided straight away;
         one held by someone else may not.
 
@@ -280,7 +279,7 @@ class TaskTable:
         if task.claimed_by is not None and task.claimed_by.user_id != actor.user_id:
             raise self._held(task)
         return self._event(
-            ReviewDecided,
+            self.spec.events.decided,
             task,
             now,
             f"decided:{actor.user_id}",
@@ -290,9 +289,7 @@ class TaskTable:
             reason=reason,
         )
 
-    def timer_event(
-        self, task: Task, *, now: datetime, supervisor_sla: timedelta
-    ) -> ReviewEscalated | ReviewSlaBreached:
+    def timer_event(self, task: Task, *, now: datetime, supervisor_sla: timedelta) -> Event:
         """What the task's due timer writes: the escalation to supervisors, or the breach.
 
         The supervisors' deadline counts from the missed one, not from when the
@@ -300,23 +297,24 @@ class TaskTable:
         (after a restart, say). A timer's event id depends only on the task and
         the tier, so a timer can never fire twice under different ids.
         """
-        if task.tier is ReviewTier.REVIEWER:
+        first, second = self.spec.first_tier, self.spec.second_tier
+        if task.tier == first:
             return self._event(
-                ReviewEscalated,
+                self.spec.events.escalated,
                 task,
                 now,
-                "escalated:REVIEWER",
+                f"escalated:{first.value}",
                 keyed_by_version=False,
-                previous_tier=ReviewTier.REVIEWER,
-                tier=ReviewTier.SUPERVISOR,
+                previous_tier=first,
+                tier=second,
                 breached_due_at=task.due_at,
                 due_at=task.due_at + supervisor_sla,
             )
         return self._event(
-            ReviewSlaBreached,
+            self.spec.events.breached,
             task,
             now,
-            "sla_breached:SUPERVISOR",
+            f"sla_breached:{second.value}",
             keyed_by_version=False,
             tier=task.tier,
             due_at=task.due_at,
@@ -325,12 +323,12 @@ class TaskTable:
     def _actionable(self, task_id: str, actor: Actor) -> Task:
         task = self.get(task_id)
         if not task.open:
-            verb = "approved" if task.decision is ReviewDecision.APPROVED else "rejected"
+            verb = "approved" if task.decision == self.spec.approved else "rejected"
             by = _who(task.decided_by) if task.decided_by else "someone"
             raise TaskConflict(
                 f"task {task_id} was already {verb} by {by} at {_when(task.decided_at)}"
             )
-        if task.tier is ReviewTier.SUPERVISOR and actor.role is not ActorRole.SUPERVISOR:
+        if task.tier == self.spec.second_tier and actor.role != self.spec.supervisor:
             raise NotAllowed(
                 f"task {task_id} was escalated to supervisors at {_when(task.escalated_at)}; "
                 "only a supervisor may act on it now"
@@ -344,16 +342,16 @@ class TaskTable:
             f"{_when(task.claimed_at)}; ask them or a supervisor to release it"
         )
 
-    @staticmethod
     def _event(
-        model: type[E],
+        self,
+        model: type[Event],
         task: Task,
         now: datetime,
         fact: str,
         *,
         keyed_by_version: bool = True,
         **fields: object,
-    ) -> E:
+    ) -> Event:
         """An event about ``task`` with a derived envelope.
 
         The idempotency key names the task, the fact and (for people's actions)
@@ -361,16 +359,22 @@ class TaskTable:
         sees one action, and a retried write after an unclear broker answer
         carries the same id and is recognised as a repeat.
         """
-        key = f"review:{task.task_id}:" + (f"{task.version}:{fact}" if keyed_by_version else fact)
+        name = self.spec.name
+        key = f"{name}:{task.task_id}:" + (f"{task.version}:{fact}" if keyed_by_version else fact)
         envelope = Envelope(
-            event_id=event_id_for(PRODUCER, key),
+            event_id=event_id_for(name, key),
             idempotency_key=key,
             occurred_at=now,
-            correlation_id=task.order_id,
+            correlation_id=task.key,
             causation_id=task.last_event_id,
-            producer=PRODUCER,
+            producer=name,
             contract_version=model.contract_version,
         )
         return model.model_validate(
-            {"envelope": envelope, "order_id": task.order_id, "task_id": task.task_id, **fields}
+            {
+                "envelope": envelope,
+                self.spec.key_field: task.key,
+                "task_id": task.task_id,
+                **fields,
+            }
         )

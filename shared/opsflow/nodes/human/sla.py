@@ -1,4 +1,11 @@
-"""The SLA table (``sla.yaml``): how long a task may wait in each tier.
+"""A human step's SLA table (its ``sla.yaml``): how long a task may wait in each tier.
+
+The file::
+
+    reviewer_minutes: 120      # the first tier's SLA, unless a reason says otherwise
+    supervisor_minutes: 60     # the second tier's, counted from the missed deadline
+    reasons:                   # shorter (or longer) first-tier SLAs per reason code;
+      CUSTOMER_HIGH_RISK: 60   # the most urgent reason of a task sets its pace
 
 Loaded once per process; the due times it yields are written into the events,
 so a change of the file never moves the deadline of a task already open.
@@ -33,18 +40,18 @@ class SlaPolicy:
         return min(listed, default=self.reviewer)
 
 
-def _minutes(data: Mapping[str, Any], key: str, where: Path) -> timedelta:
+def _minutes(data: Mapping[str, Any], key: str, where: Path, variable: str) -> timedelta:
     value = data.get(key)
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigurationError(
-            "REVIEW_SLA_FILE", f"{where}: {key} must be a positive number of minutes", "Fix it"
+            variable, f"{where}: {key} must be a positive number of minutes", "Fix it"
         )
     return timedelta(minutes=value)
 
 
 @cache
-def load_sla(path: Path) -> SlaPolicy:
-    """The SLA table in ``path``.
+def load_sla(path: Path, variable: str = "SLA_FILE") -> SlaPolicy:
+    """The SLA table in ``path`` (``variable`` names the setting that chose it).
 
     Raises:
         ConfigurationError: the file is missing, not YAML, or a value is not a
@@ -53,16 +60,14 @@ def load_sla(path: Path) -> SlaPolicy:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
-        raise ConfigurationError(
-            "REVIEW_SLA_FILE", f"cannot read {path} ({err})", "Fix it"
-        ) from err
+        raise ConfigurationError(variable, f"cannot read {path} ({err})", "Fix it") from err
     if not isinstance(data, dict):
-        raise ConfigurationError("REVIEW_SLA_FILE", f"{path} is not a mapping", "Fix it")
+        raise ConfigurationError(variable, f"{path} is not a mapping", "Fix it")
     reasons = data.get("reasons") or {}
     if not isinstance(reasons, dict):
-        raise ConfigurationError("REVIEW_SLA_FILE", f"{path}: reasons is not a mapping", "Fix it")
+        raise ConfigurationError(variable, f"{path}: reasons is not a mapping", "Fix it")
     return SlaPolicy(
-        reviewer=_minutes(data, "reviewer_minutes", path),
-        supervisor=_minutes(data, "supervisor_minutes", path),
-        by_reason={str(code): _minutes(reasons, code, path) for code in reasons},
+        reviewer=_minutes(data, "reviewer_minutes", path, variable),
+        supervisor=_minutes(data, "supervisor_minutes", path, variable),
+        by_reason={str(code): _minutes(reasons, code, path, variable) for code in reasons},
     )

@@ -1,6 +1,6 @@
-"""The review service's HTTP API: the queue, and claim, release, approve, reject.
+"""A human step's HTTP API: the queue, and claim, release, approve, reject.
 
-Every action is written to the review topic with the authenticated person as
+Every action is written to the step's topic with the authenticated person as
 its actor and acknowledged by the broker before the answer; the answer is the
 task as it is after the action (see ``desk``). People authenticate with
 ``Authorization: Bearer <token>`` (``opsflow users create NAME --role ...``):
@@ -11,11 +11,14 @@ from the in-memory table, so an HTML page can sit on the same ``desk`` calls.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
+import pydantic
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import Response
@@ -24,6 +27,20 @@ from psycopg_pool import ConnectionPool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from opsflow.nodes.human.clock import Clock
+from opsflow.nodes.human.desk import Desk
+from opsflow.nodes.human.feed import Feed
+from opsflow.nodes.human.settings import HumanTaskSettings
+from opsflow.nodes.human.sla import load_sla
+from opsflow.nodes.human.spec import HumanTask
+from opsflow.nodes.human.tasks import (
+    Actor,
+    NotAllowed,
+    QueueFilter,
+    Task,
+    TaskConflict,
+    TaskNotFound,
+)
 from opsflow.producer import Producer
 from opsflow.settings import KafkaSettings, RegistrySettings
 from opsflow.users import Role, User, verify_token
@@ -38,18 +55,11 @@ from opsflow.web import (
     read_limited,
     request_body,
 )
-from services.contracts import Actor, ActorRole, Reason, ReviewDecision, ReviewTier
-from services.review.clock import Clock
-from services.review.config import ReviewSettings
-from services.review.desk import ReviewDesk
-from services.review.feed import Feed
-from services.review.sla import load_sla
-from services.review.tasks import NotAllowed, QueueFilter, Task, TaskConflict, TaskNotFound
 
-DESCRIPTION = """\
-The review queue: orders the policy check sent to a person. List the queue,
+_DESCRIPTION = """\
+The {name} queue: {subject}s that wait for a person. List the queue,
 claim a task, release it, approve or reject it with a reason. Each action is an
-event on the `review` topic carrying you as its actor, acknowledged by the
+event on the `{topic}` topic carrying you as its actor, acknowledged by the
 broker before the answer. A task is decided exactly once: a second decision, a
 decision on a task someone else holds, or any action on a decided task is a 409
 saying who holds or decided it. Tasks past their SLA move to supervisors.
@@ -59,8 +69,6 @@ Authenticate with `Authorization: Bearer <token>` (`opsflow users create NAME
 """
 
 _BODY_LIMIT = 16 * 1024
-_REALM = 'Bearer realm="opsflow review"'
-_ROLES = {Role.REVIEWER: ActorRole.REVIEWER, Role.SUPERVISOR: ActorRole.SUPERVISOR}
 _RESPONSE_TEXT = {
     400: "The body is not valid JSON.",
     401: "No token, or an unknown or revoked one.",
@@ -70,7 +78,7 @@ _RESPONSE_TEXT = {
     413: "The body is too large.",
     415: "The body is not declared as JSON.",
     422: "The body or a parameter does not match the contract.",
-    503: "The service is still reading the review topic, or the broker is unavailable; "
+    503: "The service is still reading its topic, or the broker is unavailable; "
     "nothing was written. Retry shortly.",
 }
 _READ_PROBLEMS = problem_responses(401, 422, 503, descriptions=_RESPONSE_TEXT)
@@ -82,7 +90,7 @@ _ACT_PROBLEMS = problem_responses(
 
 
 class DecisionBody(BaseModel):
-    """Why the order is approved or rejected; recorded in ``review.decided``."""
+    """Why it is approved or rejected; recorded in the decision event."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -105,69 +113,93 @@ class ClockBody(BaseModel):
     now: AwareDatetime
 
 
-class ActorView(BaseModel):
-    """A person as events record them."""
-
-    user_id: str
-    display_name: str
-    role: ActorRole
-
-
-class TaskView(BaseModel):
-    """A review task as the review topic says it is."""
+class TaskViewBase(BaseModel):
+    """A task as the step's topic says it is (the step's view adds its key field)."""
 
     task_id: str
-    order_id: str
     status: Literal["open", "approved", "rejected"]
-    tier: ReviewTier
     due_at: datetime
     reason_codes: list[str]
-    reasons: list[Reason]
     requested_at: datetime
-    claimed_by: ActorView | None
     claimed_at: datetime | None
-    decided_by: ActorView | None
     decided_at: datetime | None
     decision_reason: str | None
     escalated_at: datetime | None
     sla_breached_at: datetime | None
     version: int = Field(description="How many events this task has had.")
 
-    @classmethod
-    def of(cls, task: Task) -> TaskView:
+
+@dataclass(frozen=True)
+class Views:
+    """The step's response models: a person, a task (with its key field named as the
+    step's topic names it, ``order_id``), a queue; and ``task`` makes a task's view."""
+
+    actor: type[BaseModel]
+    task_model: type[TaskViewBase]
+    queue: type[BaseModel]
+    task: Callable[[Task], Any]
+
+
+def views(spec: HumanTask) -> Views:
+    """The response models of ``spec``'s API, with its enums and its key field."""
+    actor_view = pydantic.create_model(
+        "ActorView",
+        __doc__="A person as events record them.",
+        user_id=(str, ...),
+        display_name=(str, ...),
+        role=(spec.roles, ...),
+    )
+    reasons = spec.events.requested.model_fields["reasons"].annotation
+    fields: dict[str, Any] = {
+        spec.key_field: (str, Field(description=f"The {spec.subject} the task decides about.")),
+        "tier": (spec.tiers, ...),
+        "reasons": (reasons, ...),
+        "claimed_by": (actor_view | None, ...),
+        "decided_by": (actor_view | None, ...),
+    }
+    task_view = pydantic.create_model(
+        "TaskView",
+        __base__=TaskViewBase,
+        __doc__=f"A {spec.name} task as the {spec.topic.value} topic says it is.",
+        **fields,
+    )
+    queue_view = pydantic.create_model(
+        "QueueView",
+        __doc__="The selected tasks, soonest due first.",
+        now=(datetime, Field(description="The service's clock when the list was made.")),
+        count=(int, ...),
+        tasks=(list[task_view], ...),  # type: ignore[valid-type]
+    )
+
+    def person(actor: Actor | None) -> BaseModel | None:
+        if actor is None:
+            return None
+        return actor_view(user_id=actor.user_id, display_name=actor.display_name, role=actor.role)
+
+    def of(task: Task) -> Any:
         """The view of ``task`` (called under the table's lock)."""
-        return cls(
-            task_id=task.task_id,
-            order_id=task.order_id,
-            status="open" if task.decision is None else task.decision.value.lower(),  # type: ignore[arg-type]
-            tier=task.tier,
-            due_at=task.due_at,
-            reason_codes=list(task.reason_codes),
-            reasons=list(task.reasons),
-            requested_at=task.requested_at,
-            claimed_by=_actor_view(task.claimed_by),
-            claimed_at=task.claimed_at,
-            decided_by=_actor_view(task.decided_by),
-            decided_at=task.decided_at,
-            decision_reason=task.decision_reason,
-            escalated_at=task.escalated_at,
-            sla_breached_at=task.breached_at,
-            version=task.version,
+        return task_view.model_validate(
+            {
+                "task_id": task.task_id,
+                spec.key_field: task.key,
+                "status": "open" if task.decision is None else task.decision.value.lower(),
+                "tier": task.tier,
+                "due_at": task.due_at,
+                "reason_codes": list(task.reason_codes),
+                "reasons": list(task.reasons),
+                "requested_at": task.requested_at,
+                "claimed_by": person(task.claimed_by),
+                "claimed_at": task.claimed_at,
+                "decided_by": person(task.decided_by),
+                "decided_at": task.decided_at,
+                "decision_reason": task.decision_reason,
+                "escalated_at": task.escalated_at,
+                "sla_breached_at": task.breached_at,
+                "version": task.version,
+            }
         )
 
-
-def _actor_view(actor: Actor | None) -> ActorView | None:
-    if actor is None:
-        return None
-    return ActorView(user_id=actor.user_id, display_name=actor.display_name, role=actor.role)
-
-
-class QueueView(BaseModel):
-    """The selected tasks, soonest due first."""
-
-    now: datetime = Field(description="The service's clock when the list was made.")
-    count: int
-    tasks: list[TaskView]
+    return Views(actor_view, task_view, queue_view, of)
 
 
 class ClockView(BaseModel):
@@ -202,7 +234,7 @@ def authenticated(
             401,
             "send your token as `Authorization: Bearer <token>` "
             "(an administrator creates one with `opsflow users create NAME --role ROLE`)",
-            headers={"WWW-Authenticate": _REALM},
+            headers={"WWW-Authenticate": request.app.state.realm},
         )
     pool: ConnectionPool[Any] = request.app.state.pool
     with pool.connection() as conn:
@@ -211,23 +243,29 @@ def authenticated(
         raise ProblemError(
             401,
             "the token is unknown or revoked",
-            headers={"WWW-Authenticate": f'{_REALM}, error="invalid_token"'},
+            headers={"WWW-Authenticate": f'{request.app.state.realm}, error="invalid_token"'},
         )
     return user
 
 
-def acting(user: Annotated[User, Depends(authenticated)]) -> Actor:
-    """The authenticated user as the actor of a review event.
+def actor_of(spec: HumanTask, user: User) -> Actor:
+    """``user`` as the actor of the step's events.
 
     Raises:
         ProblemError: 403 for an operator, who may look but not act.
     """
-    role = _ROLES.get(user.role)
+    roles: dict[Role, StrEnum] = {Role.REVIEWER: spec.reviewer, Role.SUPERVISOR: spec.supervisor}
+    role = roles.get(user.role)
     if role is None:
         raise ProblemError(
             403, f"{user.display_name} is an {user.role}; only reviewers and supervisors act"
         )
-    return Actor(user_id=user.user_id, display_name=user.display_name, role=role)
+    return spec.actor_of(user.user_id, user.display_name, role)
+
+
+def acting(request: Request, user: Annotated[User, Depends(authenticated)]) -> Actor:
+    """The authenticated user as the actor of the step's events (403 for an operator)."""
+    return actor_of(request.app.state.spec, user)
 
 
 Viewer = Annotated[User, Depends(authenticated)]
@@ -238,15 +276,21 @@ Acting = Annotated[Actor, Depends(acting)]
 
 
 def create_app(
-    settings: ReviewSettings, *, pool: ConnectionPool[Any], producer: Producer
+    spec: HumanTask,
+    settings: HumanTaskSettings,
+    *,
+    pool: ConnectionPool[Any],
+    producer: Producer,
 ) -> FastAPI:
-    """The review service over an open pool and producer (owned by the caller).
+    """The step's service over an open pool and producer (owned by the caller).
 
     The opener, reader and timer threads (``feed``) start and stop with the app.
     """
     clock = Clock(settings.clock_offset_s)
-    sla = load_sla(settings.sla_file)
-    desk = ReviewDesk(producer, clock, supervisor_sla=sla.supervisor)
+    sla = load_sla(settings.sla_file, f"{settings.prefix()}SLA_FILE")
+    desk = Desk(spec, producer, clock, supervisor_sla=sla.supervisor)
+    view = views(spec)
+    TaskView, QueueView = view.task_model, view.queue
     feed = Feed(
         desk,
         kafka=KafkaSettings().client_config(),
@@ -261,32 +305,29 @@ def create_app(
         finally:
             await run_in_threadpool(feed.stop)
 
-    app = FastAPI(title="opsflow review", version="1", description=DESCRIPTION, lifespan=lifespan)
+    description = _DESCRIPTION.format(name=spec.name, subject=spec.subject, topic=spec.topic.value)
+    app = FastAPI(
+        title=f"opsflow {spec.name}", version="1", description=description, lifespan=lifespan
+    )
     app.state.pool = pool
     app.state.desk = desk
+    app.state.spec = spec
+    app.state.realm = f'Bearer realm="opsflow {spec.name}"'
 
     def ready() -> None:
         if not feed.ready.is_set():
             raise ProblemError(
                 503,
-                "the service is still reading the review topic; retry shortly",
+                f"the service is still reading the {spec.topic.value} topic; retry shortly",
                 headers={"Retry-After": "1"},
             )
 
     Ready = Depends(ready)
 
-    @app.get(
-        "/tasks",
-        response_model=QueueView,
-        responses=_READ_PROBLEMS,
-        dependencies=[Ready],
-        tags=["tasks"],
-        summary="List review tasks, soonest due first",
-    )
     async def list_tasks(
         user: Viewer,
         status: Literal["open", "decided", "all"] = "open",
-        tier: ReviewTier | None = None,
+        tier: Any = None,
         reason: Annotated[
             str | None, Query(description="Only tasks with this reason code.")
         ] = None,
@@ -298,12 +339,12 @@ def create_app(
         # (naming it there made the route and /openapi.json answer 500).
         due_soon: Annotated[
             bool,
-            Query(description="Only tasks due within REVIEW_DUE_SOON_S (900 s) or overdue."),
+            Query(description="Only tasks due within the DUE_SOON_S setting (900 s) or overdue."),
         ] = False,
         due_within_s: Annotated[
             float | None, Query(ge=0, description="Only tasks due within this many seconds.")
         ] = None,
-    ) -> QueueView:
+    ) -> Any:
         now = clock.now()
         window = due_within_s if due_within_s is not None else settings.due_soon_s
         where = QueueFilter(
@@ -315,8 +356,20 @@ def create_app(
             if due_soon or due_within_s is not None
             else None,
         )
-        tasks = desk.queue(where, TaskView.of)
+        tasks = desk.queue(where, view.task)
         return QueueView(now=now, count=len(tasks), tasks=tasks)
+
+    # The step's own enum, set as a type (not a name the module's namespace would be
+    # searched for), so the parameter is checked and documented as its symbols.
+    list_tasks.__annotations__["tier"] = spec.tiers | None
+    app.get(
+        "/tasks",
+        response_model=QueueView,
+        responses=_READ_PROBLEMS,
+        dependencies=[Ready],
+        tags=["tasks"],
+        summary=f"List {spec.name} tasks, soonest due first",
+    )(list_tasks)
 
     @app.get(
         "/tasks/{task_id}",
@@ -324,10 +377,10 @@ def create_app(
         responses=problem_responses(401, 404, 503, descriptions=_RESPONSE_TEXT),
         dependencies=[Ready],
         tags=["tasks"],
-        summary="One review task",
+        summary=f"One {spec.name} task",
     )
-    async def get_task(task_id: str, user: Viewer) -> TaskView:
-        return desk.read(lambda table: TaskView.of(table.get(task_id)))
+    async def get_task(task_id: str, user: Viewer) -> Any:
+        return desk.read(lambda table: view.task(table.get(task_id)))
 
     @app.post(
         "/tasks/{task_id}/claim",
@@ -337,8 +390,8 @@ def create_app(
         tags=["tasks"],
         summary="Claim a task (no-op if you hold it already)",
     )
-    async def claim(task_id: str, actor: Acting) -> TaskView:
-        return await run_in_threadpool(desk.claim, task_id, actor, TaskView.of)
+    async def claim(task_id: str, actor: Acting) -> Any:
+        return await run_in_threadpool(desk.claim, task_id, actor, view.task)
 
     @app.post(
         "/tasks/{task_id}/release",
@@ -356,31 +409,28 @@ def create_app(
             }
         },
     )
-    async def release(task_id: str, actor: Acting, request: Request) -> TaskView:
+    async def release(task_id: str, actor: Acting, request: Request) -> Any:
         raw = await read_limited(request, _BODY_LIMIT)
         body = parse_json(ReleaseBody, raw) if raw.strip() else ReleaseBody()
-        return await run_in_threadpool(desk.release, task_id, actor, body.reason, TaskView.of)
+        return await run_in_threadpool(desk.release, task_id, actor, body.reason, view.task)
 
-    def decision_route(decision: ReviewDecision) -> Any:
-        async def decide(task_id: str, actor: Acting, request: Request) -> TaskView:
+    def decision_route(decision: StrEnum) -> Any:
+        async def decide(task_id: str, actor: Acting, request: Request) -> Any:
             body = parse_json(DecisionBody, await read_body(request, _BODY_LIMIT))
             return await run_in_threadpool(
-                desk.decide, task_id, actor, decision, body.reason, TaskView.of
+                desk.decide, task_id, actor, decision, body.reason, view.task
             )
 
         return decide
 
-    for path, decision in (
-        ("approve", ReviewDecision.APPROVED),
-        ("reject", ReviewDecision.REJECTED),
-    ):
+    for path, decision in (("approve", spec.approved), ("reject", spec.rejected)):
         app.post(
             f"/tasks/{{task_id}}/{path}",
             response_model=TaskView,
             responses=_ACT_PROBLEMS,
             dependencies=[Ready],
             tags=["tasks"],
-            summary=f"{path.capitalize()} the order under review, with a reason",
+            summary=f"{path.capitalize()} the {spec.subject} under review, with a reason",
             operation_id=f"{path}_task",
             openapi_extra=request_body("DecisionBody"),
         )(decision_route(decision))
@@ -397,7 +447,7 @@ def create_app(
         responses=problem_responses(503, descriptions=_RESPONSE_TEXT),
     )
     async def readyz() -> Health:
-        """The review topic is replayed, due timers have fired, and the database and the
+        """The step's topic is replayed, due timers have fired, and the database and the
         broker answer."""
         ready()
         await run_in_threadpool(check_ready, pool, producer)
@@ -407,20 +457,20 @@ def create_app(
 
         @app.get("/testing/clock", response_model=ClockView, tags=["testing"])
         async def read_clock() -> ClockView:
-            """The service's clock (REVIEW_TEST_CLOCK=1 only)."""
+            """The service's clock (<PREFIX>TEST_CLOCK=1 only)."""
             return ClockView(now=clock.now())
 
         @app.put("/testing/clock", response_model=ClockView, tags=["testing"])
         async def set_clock(request: Request) -> ClockView:
-            """Set the service's clock; it keeps ticking from there (REVIEW_TEST_CLOCK=1 only)."""
+            """Set the service's clock; it keeps ticking from there (<PREFIX>TEST_CLOCK=1 only)."""
             body = parse_json(ClockBody, await read_body(request, _BODY_LIMIT))
             clock.set(body.now)
             return ClockView(now=clock.now())
 
-    # The reviewer inbox pages, over this desk (imported here: inbox builds on this module).
-    from services.review.inbox import inbox_router
+    # The inbox pages, over this desk (imported here: inbox builds on this module).
+    from opsflow.nodes.human.inbox import inbox_router
 
-    app.include_router(inbox_router(desk, ready=ready))
+    app.include_router(inbox_router(desk, view, ready=ready))
     install_problem_handlers(app)
     for error, status in ((TaskNotFound, 404), (TaskConflict, 409), (NotAllowed, 403)):
         app.add_exception_handler(error, _problem(status))

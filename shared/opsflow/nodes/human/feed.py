@@ -1,11 +1,11 @@
-"""The review service's threads next to its HTTP API: opening tasks, reading the log, timers.
+"""A human step's threads next to its HTTP API: opening tasks, reading the log, timers.
 
 Three daemon threads, started and stopped with the API (``Feed.start``/``stop``):
 
-1. **opener**: the opsflow runtime ``Worker`` running ``services.review.service``
-   (``policy.checked`` -> ``review.requested``, exactly once, consumer group
-   ``<prefix>review``).
-2. **reader**: a plain consumer assigned every partition of the review topic,
+1. **opener**: the opsflow runtime ``Worker`` running the step's opener service
+   (an event needing a person -> the step's requested event, exactly once,
+   consumer group ``<prefix><opener's name>``).
+2. **reader**: a plain consumer assigned every partition of the step's topic,
    ``read_committed``, from the beginning, under a throwaway group id (it
    commits nothing: the log is read whole on every start). It replays the
    topic up to its end into the desk's table, then keeps following it. It
@@ -41,14 +41,12 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import ConfigurationError, OpsflowError
-from opsflow.runtime import Delivery, Worker
+from opsflow.nodes.human.desk import Desk
+from opsflow.runtime import Delivery, Worker, load_service
 from opsflow.settings import RuntimeSettings
 from opsflow.topics import topic_name
-from services.contracts import REVIEW
-from services.review.desk import ReviewDesk
-from services.review.service import service
 
-log = logging.getLogger("services.review")
+log = logging.getLogger("opsflow.nodes.human")
 
 TIMER_INTERVAL_S = 0.2
 # The opener joins its group in about half a session timeout (6 s); a broker
@@ -57,7 +55,7 @@ _JOIN_LOG_EVERY_S = 30.0
 
 
 class Feed:
-    """The opener, reader and timer threads of one review service process.
+    """The opener, reader and timer threads of one human step's process.
 
     Args:
         desk: the table they keep current and the timers they fire.
@@ -66,14 +64,15 @@ class Feed:
     """
 
     def __init__(
-        self, desk: ReviewDesk, *, kafka: dict[str, Any], registry: SchemaRegistryClient
+        self, desk: Desk, *, kafka: dict[str, Any], registry: SchemaRegistryClient
     ) -> None:
         self.desk = desk
         self.kafka = kafka
         self.codec = WireCodec(registry)
-        self.topic = topic_name(REVIEW)
+        self.topic = topic_name(desk.spec.topic)
+        name = desk.spec.name
         self.worker = Worker(
-            service,
+            load_service(desk.spec.opener),
             kafka=kafka,
             registry=registry,
             delivery=Delivery(RuntimeSettings().delivery),
@@ -82,9 +81,9 @@ class Feed:
         self.replayed = threading.Event()
         self._stopping = threading.Event()
         self._threads = [
-            threading.Thread(target=self._guard(self.worker.run), name="review-opener"),
-            threading.Thread(target=self._guard(self._read), name="review-reader"),
-            threading.Thread(target=self._guard(self._time), name="review-timers"),
+            threading.Thread(target=self._guard(self.worker.run), name=f"{name}-opener"),
+            threading.Thread(target=self._guard(self._read), name=f"{name}-reader"),
+            threading.Thread(target=self._guard(self._time), name=f"{name}-timers"),
         ]
 
     def start(self) -> None:
@@ -105,7 +104,7 @@ class Feed:
             try:
                 body()
             except Exception:
-                log.exception("review thread failed; stopping the process")
+                log.exception("%s thread failed; stopping the process", self.desk.spec.name)
                 os.kill(os.getpid(), signal.SIGTERM)
 
         return run
@@ -153,11 +152,12 @@ class Feed:
                     elif error.code() == KafkaError._PARTITION_EOF:
                         remaining.discard(msg.partition() or 0)
                     else:
-                        log.warning("review topic read error", extra={"error": str(error)})
+                        log.warning("task topic read error", extra={"error": str(error)})
                 if not remaining and not self.replayed.is_set():
                     self.replayed.set()
                     log.info(
-                        "review topic replayed",
+                        "%s topic replayed",
+                        self.desk.spec.name,
                         extra={
                             "tasks": len(self.desk.read(lambda t: t.tasks)),
                             "seconds": round(time.monotonic() - started, 3),
@@ -172,7 +172,7 @@ class Feed:
         except Exception as err:
             # The runtime's dead letters are for inputs; the log cannot be
             # rewritten, so an unreadable record is logged and passed over.
-            log.error("unreadable review record skipped", extra={"at": where, "error": str(err)})
+            log.error("unreadable task record skipped", extra={"at": where, "error": str(err)})
             return
         self.desk.apply(event)
 

@@ -1,7 +1,7 @@
-"""The review service's clock: the wall clock, shifted by an offset tests can move.
+"""A human step's clock: the wall clock, shifted by an offset tests can move.
 
-Timers compare due times with ``now()`` and the events the service writes carry
-it as ``occurred_at``; nothing in the service reads the wall clock otherwise.
+Timers compare due times with ``now()`` and the events the step writes carry
+it as ``occurred_at``; nothing in the step reads the wall clock otherwise.
 Times are cut to milliseconds, what events carry, so a task read back from
 the log equals the one the API answered with.
 """
@@ -23,7 +23,7 @@ class Clock:
     """``wall() + offset``; ``set`` moves the offset so that now is the given time.
 
     Args:
-        offset_s: seconds added to the wall clock (``REVIEW_CLOCK_OFFSET_S``).
+        offset_s: seconds added to the wall clock (``<PREFIX>CLOCK_OFFSET_S``).
         wall: the underlying clock.
     """
 

@@ -1,4 +1,4 @@
-"""The review desk: the task table, with every change written to the log first.
+"""The desk of a human step: the task table, with every change written to the log first.
 
 People's actions (claim, release, decide) and timers (escalate, breach) go
 the same way: under the task's lock, the table decides the event (or refuses),
@@ -21,33 +21,38 @@ import threading
 from collections import defaultdict
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from enum import StrEnum
 from typing import TypeVar
 
 from opsflow.contracts import Event
+from opsflow.nodes.human.clock import Clock
+from opsflow.nodes.human.spec import HumanTask
+from opsflow.nodes.human.tasks import Actor, QueueFilter, Task, TaskTable
 from opsflow.producer import Producer
-from services.contracts import Actor, ReviewDecision
-from services.review.clock import Clock
-from services.review.tasks import QueueFilter, Task, TaskTable
 
-log = logging.getLogger("services.review")
+log = logging.getLogger("opsflow.nodes.human")
 
 T = TypeVar("T")
 
 
-class ReviewDesk:
-    """The service's task table and the one way to change it.
+class Desk:
+    """The step's task table and the one way to change it.
 
     Args:
+        spec: the step.
         producer: writes the events (and waits for the acknowledgement).
         clock: the time of actions and timers.
         supervisor_sla: how long an escalated task may wait.
     """
 
-    def __init__(self, producer: Producer, clock: Clock, *, supervisor_sla: timedelta) -> None:
+    def __init__(
+        self, spec: HumanTask, producer: Producer, clock: Clock, *, supervisor_sla: timedelta
+    ) -> None:
+        self.spec = spec
         self.producer = producer
         self.clock = clock
         self.supervisor_sla = supervisor_sla
-        self._table = TaskTable()
+        self._table = TaskTable(spec)
         # Guards the table's data (short holds); task locks serialize one task's
         # decide-write-apply steps. Always the task lock first, then the table's.
         self._table_lock = threading.Lock()
@@ -56,7 +61,7 @@ class ReviewDesk:
     # --- the log's side ----------------------------------------------------------------
 
     def apply(self, event: Event) -> None:
-        """Fold an event read from the review topic into the table."""
+        """Fold an event read from the step's topic into the table."""
         with self._table_lock:
             self._table.apply(event)
 
@@ -90,11 +95,11 @@ class ReviewDesk:
         self,
         task_id: str,
         actor: Actor,
-        decision: ReviewDecision,
+        decision: StrEnum,
         reason: str,
         view: Callable[[Task], T],
     ) -> T:
-        """Approve or reject the order under review."""
+        """Approve or reject what the task is about."""
         return self._act(
             task_id,
             view,
@@ -151,8 +156,7 @@ class ReviewDesk:
             extra={
                 "event_type": event.event_type,
                 "task_id": task_id,
-                "order_id": event.order_id,
-                "correlation_id": event.order_id,
+                "correlation_id": event.key,
             },
         )
         return 1

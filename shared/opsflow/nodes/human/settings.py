@@ -1,4 +1,5 @@
-"""The review service's settings, from ``REVIEW_*`` environment variables.
+"""A human step's settings, from its own environment variables (``REVIEW_*`` for a step
+whose settings class says so).
 
 Kafka, the registry and PostgreSQL come from the settings every opsflow
 component reads (``KAFKA_BOOTSTRAP_SERVERS``, ``SCHEMA_REGISTRY_URL``,
@@ -10,33 +11,40 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-DEFAULT_SLA_FILE = Path(__file__).with_name("sla.yaml")
+from pydantic_settings import BaseSettings
 
 
-class ReviewSettings(BaseSettings):
-    """How the review service listens, where its SLAs are and what time it is.
+class HumanTaskSettings(BaseSettings):
+    """How a human step listens, where its SLAs are and what time it is.
+
+    An application subclasses it with its variable prefix and SLA file::
+
+        class ReviewSettings(HumanTaskSettings):
+            model_config = SettingsConfigDict(env_prefix="REVIEW_", extra="ignore")
+            sla_file: Path = Path(__file__).with_name("sla.yaml")
 
     Attributes:
         host / port: where the HTTP API listens (loopback by default, like every
             embedded component; set 0.0.0.0 in a container).
         database_pool_size: connections for token checks.
-        sla_file: the SLA table (``sla.yaml`` next to this module by default).
+        sla_file: the SLA table (see ``opsflow.nodes.human.sla``).
         due_soon_s: what ``GET /tasks?due_soon=true`` calls soon.
         clock_offset_s: added to the wall clock for every timer and every
-            event the service writes (a deployment never sets it; tests and
+            event the step writes (a deployment never sets it; tests and
             demos move time forward with it).
         test_clock: serve ``PUT /testing/clock`` to set the time while running;
             for tests only, never in production.
     """
 
-    model_config = SettingsConfigDict(env_prefix="REVIEW_", extra="ignore")
-
     host: str = "127.0.0.1"
     port: int = Field(default=8900, ge=1, le=65535)
     database_pool_size: int = Field(default=4, ge=1)
-    sla_file: Path = DEFAULT_SLA_FILE
+    sla_file: Path = Path("sla.yaml")
     due_soon_s: float = Field(default=900.0, gt=0)
     clock_offset_s: float = 0.0
     test_clock: bool = False
+
+    @classmethod
+    def prefix(cls) -> str:
+        """The variables' prefix (``REVIEW_``), as messages name them."""
+        return str(cls.model_config.get("env_prefix", ""))

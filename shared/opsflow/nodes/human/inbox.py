@@ -1,11 +1,11 @@
-"""The reviewer inbox: server-rendered pages over the same desk and checks as the API.
+"""A human step's inbox: server-rendered pages over the same desk and checks as the API.
 
 A person signs in by pasting their token (``opsflow users create NAME --role
 ...``); it is kept in an ``HttpOnly``, ``SameSite=Strict`` cookie scoped to
 ``/inbox`` and checked on every request exactly as the API checks a bearer
-token (``app.authenticated``, ``app.acting``), so a revoked token stops
+token (``api.authenticated``, ``api.actor_of``), so a revoked token stops
 working at once and an operator may look but not act. Every action goes
-through ``ReviewDesk`` like the API's, and whether a button is shown is asked
+through the ``Desk`` like the API's, and whether a button is shown is asked
 of the same ``TaskTable`` rules that would refuse the action (see
 ``_options``), so the page and the API cannot disagree. A refusal (401, 403,
 404, 409, 422, 503) is shown on the page with the API's message and status.
@@ -37,20 +37,25 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from opsflow.nodes.human.api import DecisionBody, Views, actor_of, authenticated
+from opsflow.nodes.human.desk import Desk
+from opsflow.nodes.human.spec import HumanTask
+from opsflow.nodes.human.tasks import (
+    Actor,
+    NotAllowed,
+    QueueFilter,
+    TaskConflict,
+    TaskNotFound,
+    TaskTable,
+)
 from opsflow.users import User
 from opsflow.web import ProblemError, read_limited
-from services.contracts import Actor, ReviewDecision
-from services.review.app import DecisionBody, TaskView, acting, authenticated
-from services.review.desk import ReviewDesk
-from services.review.tasks import NotAllowed, QueueFilter, TaskConflict, TaskNotFound, TaskTable
 
-COOKIE = "opsflow_review_token"
 PREFIX = "/inbox"
 _FORM_LIMIT = 16 * 1024
 _REFUSALS: dict[type[Exception], int] = {TaskNotFound: 404, TaskConflict: 409, NotAllowed: 403}
 # What every page may use; a page passes what it has.
 _DEFAULTS: dict[str, Any] = {"prefix": PREFIX, "user": None, "error": None, "rows": []}
-_DECISIONS = {"approve": ReviewDecision.APPROVED, "reject": ReviewDecision.REJECTED}
 
 _templates = Jinja2Templates(
     env=Environment(
@@ -99,7 +104,9 @@ class Options:
     note: str | None = None
 
 
-def _options(table: TaskTable, task_id: str, actor: Actor | None, now: datetime) -> Options:
+def _options(
+    spec: HumanTask, table: TaskTable, task_id: str, actor: Actor | None, now: datetime
+) -> Options:
     """Ask the table's deciding methods, which return the event they would write or raise
     why not and change nothing, whether each action would pass (called under the lock)."""
     if actor is None:
@@ -114,9 +121,7 @@ def _options(table: TaskTable, task_id: str, actor: Actor | None, now: datetime)
 
     claim_event: list[object] = []
     claim_refused = refusal(lambda: claim_event.append(table.claim(task_id, actor, now=now)))
-    decide_refused = refusal(
-        lambda: table.decide(task_id, actor, ReviewDecision.APPROVED, "-", now=now)
-    )
+    decide_refused = refusal(lambda: table.decide(task_id, actor, spec.approved, "-", now=now))
     return Options(
         # claim answers None when the actor holds the task already: no button then.
         claim=claim_refused is None and claim_event[0] is not None,
@@ -126,14 +131,16 @@ def _options(table: TaskTable, task_id: str, actor: Actor | None, now: datetime)
     )
 
 
-def _history(task: TaskView) -> list[tuple[datetime, str]]:
+def _history(spec: HumanTask, task: Any) -> list[tuple[datetime, str]]:
     """What the task's state records of its life, oldest first (a released claim is gone
-    from the state; the review topic keeps every event)."""
-    entries: list[tuple[datetime, str]] = [(task.requested_at, "Review requested by policy")]
+    from the state; the step's topic keeps every event)."""
+    entries: list[tuple[datetime, str]] = [
+        (task.requested_at, f"{spec.name.capitalize()} requested")
+    ]
     if task.claimed_by is not None and task.claimed_at is not None:
         entries.append((task.claimed_at, f"Claimed by {task.claimed_by.display_name}"))
     if task.escalated_at is not None:
-        entries.append((task.escalated_at, "Escalated to supervisors (reviewer SLA missed)"))
+        entries.append((task.escalated_at, "Escalated to supervisors (first SLA missed)"))
     if task.sla_breached_at is not None:
         entries.append((task.sla_breached_at, "Supervisor SLA breached"))
     if task.decided_by is not None and task.decided_at is not None:
@@ -177,17 +184,30 @@ def _user_of(request: Request, token: str | None) -> User:
     return authenticated(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
 
 
-def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
+def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRouter:
     """The inbox's pages under ``/inbox``, acting on ``desk``.
 
     Args:
         desk: the service's desk (the API's own).
-        ready: raises the API's 503 while the review topic is still being read.
+        view: the API's views of a task.
+        ready: raises the API's 503 while the step's topic is still being read.
     """
+    spec = desk.spec
+    cookie = f"opsflow_{spec.name.replace('-', '_')}_token"
+    decisions = {"approve": spec.approved, "reject": spec.rejected}
+    # What every page of this step shows: its name, what its tasks are about, the key.
+    step = {
+        "title": f"{spec.name.capitalize()} inbox",
+        "subject": spec.subject,
+        "key_field": spec.key_field,
+        "topic": spec.topic.value,
+    }
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
     def render(request: Request, name: str, *, status: int = 200, **context: Any) -> Response:
-        response = _templates.TemplateResponse(request, name, {**_DEFAULTS, **context}, status)
+        response = _templates.TemplateResponse(
+            request, name, {**_DEFAULTS, **step, **context}, status
+        )
         # Pages show who holds what: never serve one from a cache after the fact.
         response.headers["Cache-Control"] = "no-store"
         return response
@@ -195,11 +215,11 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
     def sign_in_page(request: Request, status: int, message: str | None) -> Response:
         response = render(request, "sign_in.html", status=status, error=message)
         if status == 401:
-            response.delete_cookie(COOKIE, path=PREFIX)
+            response.delete_cookie(cookie, path=PREFIX)
         return response
 
     async def signed_in(request: Request) -> User:
-        user: User = await run_in_threadpool(_user_of, request, request.cookies.get(COOKIE))
+        user: User = await run_in_threadpool(_user_of, request, request.cookies.get(cookie))
         return user
 
     def task_page(
@@ -207,12 +227,12 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
     ) -> Response:
         now = desk.clock.now()
         try:
-            actor: Actor | None = acting(user)
+            actor: Actor | None = actor_of(spec, user)
         except ProblemError:
             actor = None
 
-        def look(table: TaskTable) -> tuple[TaskView, Options]:
-            return TaskView.of(table.get(task_id)), _options(table, task_id, actor, now)
+        def look(table: TaskTable) -> tuple[Any, Options]:
+            return view.task(table.get(task_id)), _options(spec, table, task_id, actor, now)
 
         task, options = desk.read(look)
         return render(
@@ -223,7 +243,7 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
             error=error,
             task=task,
             options=options,
-            history=_history(task),
+            history=_history(spec, task),
             left=time_left(task.due_at, now),
             now=now,
         )
@@ -232,7 +252,7 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
     async def queue(
         request: Request, status: Literal["open", "decided", "all"] = "open"
     ) -> Response:
-        if not request.cookies.get(COOKIE):
+        if not request.cookies.get(cookie):
             return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
         try:
             user = await signed_in(request)
@@ -243,7 +263,7 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
                 return sign_in_page(request, code, message)
             return render(request, "queue.html", status=code, error=message)
         now = desk.clock.now()
-        tasks = desk.queue(QueueFilter(status=status), TaskView.of)
+        tasks = desk.queue(QueueFilter(status=status), view.task)
         # A decided task has no time left to show.
         rows = [
             (task, time_left(task.due_at, now) if task.status == "open" else "") for task in tasks
@@ -263,7 +283,7 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
             return sign_in_page(request, 401, err.problem.detail)
         response = RedirectResponse(PREFIX, status_code=303)
         response.set_cookie(
-            COOKIE,
+            cookie,
             token,
             path=PREFIX,
             httponly=True,
@@ -275,7 +295,7 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
     @router.post("/sign-out")
     async def sign_out(request: Request) -> Response:
         response = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
-        response.delete_cookie(COOKIE, path=PREFIX, httponly=True, samesite="strict")
+        response.delete_cookie(cookie, path=PREFIX, httponly=True, samesite="strict")
         return response
 
     @router.get("/tasks/{task_id}")
@@ -302,18 +322,18 @@ def inbox_router(desk: ReviewDesk, *, ready: Callable[[], None]) -> APIRouter:
         form = await _form(request)
         try:
             ready()
-            actor = acting(user)
+            actor = actor_of(spec, user)
             if action == "claim":
-                await run_in_threadpool(desk.claim, task_id, actor, TaskView.of)
+                await run_in_threadpool(desk.claim, task_id, actor, view.task)
             elif action == "release":
-                await run_in_threadpool(desk.release, task_id, actor, None, TaskView.of)
+                await run_in_threadpool(desk.release, task_id, actor, None, view.task)
             else:
-                decision = _DECISIONS.get(form.get("decision", ""))
+                decision = decisions.get(form.get("decision", ""))
                 if decision is None:
                     raise ProblemError(422, "choose Approve or Reject")
                 body = DecisionBody.model_validate({"reason": form.get("reason", "")})
                 await run_in_threadpool(
-                    desk.decide, task_id, actor, decision, body.reason, TaskView.of
+                    desk.decide, task_id, actor, decision, body.reason, view.task
                 )
         except (ProblemError, ValidationError, TaskNotFound, TaskConflict, NotAllowed) as err:
             code, message = _refusal(err) or (500, str(err))
