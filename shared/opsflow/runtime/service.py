@@ -73,7 +73,7 @@ class Delivery(StrEnum):
     output topics and not written again. A process that stood still fences
     itself before writing again. For brokers whose transactions are too costly
     or unreliable (the embedded broker's durable store, where ``opsflow up``
-    sets it). What it guarantees and costs: ``opsflow.runtime.worker`` and the
+    sets it). What it guarantees and costs: ``opsflow.runtime.delivery`` and the
     README, "Exactly once".
     """
 

@@ -1,20 +1,14 @@
 """The consume-transform-produce loop, exactly once.
 
-Each input partition a worker owns gets its own transactional producer
-(``transactional.id`` = ``<group>.<topic>.<partition>``). The outputs of a
-batch of that partition's inputs and the offset after the batch are committed
-in one Kafka transaction (``send_offsets_to_transaction``). A stable id per
-partition means whoever owns the partition next, this process after a restart
-or another instance after a rebalance, fences the previous owner and settles
-its unfinished transaction before processing anything (see ``recovery``).
-No transaction ever spans a partition the worker no longer owns: partitions
-are committed on revocation and dropped, without commit, when lost.
-
-Log-scan delivery (``Delivery.LOG_SCAN``, for brokers whose transactions are
-too costly or unreliable) writes outputs through one idempotent producer that
-never gives up on a write, commits the input offsets once every output of the
-batch is acknowledged, and relies on the recovery scan after a takeover or a
-redo; see ``Worker._commit_written`` and ``StallWatch`` for what makes it exact.
+The outputs of a batch of one input partition's inputs and the offset after
+the batch are committed together, by the worker's delivery (see ``delivery``):
+Kafka transactions, one transactional producer per input partition
+(``TransactionalDelivery``, the default), or log-scan delivery, one idempotent
+producer and offsets committed once every output is acknowledged
+(``LogScanDelivery``). Either way, whoever owns a partition next first finds
+which outputs of its uncommitted inputs are already written and does not write
+them again (see ``recovery``). Partitions are committed on revocation and
+dropped, without commit, when lost.
 
 Failures: a transient error (``RetryableError``: registry or broker trouble, or
 a handler saying "try again") commits what came before, pauses only that
@@ -38,14 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from confluent_kafka import (
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from opentelemetry.trace import Span
 
@@ -55,6 +42,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.deadletters import dead_letter_headers
 from opsflow.errors import RetryableError
 from opsflow.runtime import observability, recovery
+from opsflow.runtime.delivery import DeliveryStrategy, LogScanDelivery, TransactionalDelivery
 from opsflow.runtime.service import Delivery, Service
 from opsflow.settings import TopicSettings
 from opsflow.topics import dead_letter_topic, topic_name
@@ -62,15 +50,8 @@ from opsflow.topics import dead_letter_topic, topic_name
 log = logging.getLogger("opsflow.runtime")
 
 EVENT_TYPE_HEADER = "opsflow-event-type"
-_TXN_TIMEOUT_S = 30.0
-# Log-scan delivery: how long one wait for delivery reports lasts before the
-# worker logs that it is still waiting (it then waits on: see _commit_written).
-_REPORT_WAIT_S = 5.0
-# Log-scan delivery: a request unanswered this long is sent again on a new
-# connection. Safe with the idempotent producer (the broker drops the copy by
-# its sequence number), and it gets writes moving again soon after a broker
-# that stood still resumes.
-_REQUEST_TIMEOUT_MS = 5_000
+# How long the offset lookups on assignment may wait for the broker.
+_LOOKUP_TIMEOUT_S = 30.0
 # Consumer group timing (see _consumer_config): a member is replaced once the
 # broker heard nothing from it for the session timeout.
 _SESSION_TIMEOUT_MS = 6_000
@@ -78,10 +59,6 @@ _HEARTBEAT_INTERVAL_MS = 1_000
 # A process that stood still this long may have been replaced meanwhile (its
 # heartbeats stopped too): well under session timeout minus one heartbeat interval.
 _STALL_S = 2.0
-# After standing still, wait this long (two heartbeats and their answers) before
-# trusting the assignment again: the consumer learns a loss from a heartbeat.
-_CONFIRM_S = 2.5
-_TAKE_OVER_ATTEMPTS = 8
 
 
 Headers = list[tuple[str, bytes]]
@@ -133,7 +110,6 @@ class _Partition:
 
     topic: str
     partition: int
-    producer: Producer
     committed: int
     position: int
     next_offset: int | None = None
@@ -154,6 +130,13 @@ class _Partition:
     @property
     def tp(self) -> TopicPartition:
         return TopicPartition(self.topic, self.partition)
+
+    def redo(self, consumer: Consumer) -> None:
+        """Re-process the partition from its last commit, once the recovery scan has found
+        which of its outputs were written (it is paused until then)."""
+        consumer.pause([self.tp])
+        consumer.seek(TopicPartition(self.topic, self.partition, self.committed))
+        self.position, self.skip = self.committed, None
 
 
 def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
@@ -268,6 +251,8 @@ class Worker:
         service: what to run.
         kafka: librdkafka settings shared by clients (bootstrap servers, security).
         registry: the schema registry client.
+        delivery: how each input's outputs appear exactly once; the worker
+            builds the matching ``DeliveryStrategy`` here and calls it throughout.
     """
 
     def __init__(
@@ -281,32 +266,6 @@ class Worker:
         service.check_dependencies()
         self.service = service
         self.kafka = kafka
-        # Producers take the shared settings minus the consumer-only fetch ones
-        # (``KAFKA_FETCH_WAIT_MAX_MS`` and the like), which they would warn about.
-        self.producing = {k: v for k, v in kafka.items() if not k.startswith("fetch.")}
-        self.delivery = delivery
-        # Log-scan delivery writes through one idempotent producer that never
-        # gives up on a write (no message timeout): a request that timed out is
-        # sent again with the same sequence numbers, and the broker drops the
-        # copy it already has. So a write is never reported failed while the
-        # broker may still apply it (a broker that stood still and resumes), and
-        # a batch is redone only after writes the broker refused outright.
-        self.plain = (
-            Producer(
-                {
-                    **self.producing,
-                    "enable.idempotence": True,
-                    "acks": "all",
-                    "message.timeout.ms": 0,
-                    "request.timeout.ms": _REQUEST_TIMEOUT_MS,
-                    "linger.ms": self.producing.get("linger.ms", 5),
-                }
-            )
-            if delivery is Delivery.LOG_SCAN
-            else None
-        )
-        # A delivery report saying the producer can no longer be used.
-        self._fatal: KafkaError | None = None
         prefix = TopicSettings().prefix
         self.group = topic_name(service.name, prefix=prefix)
         self.inputs = [topic_name(t, prefix=prefix) for t in service.consumes]
@@ -323,16 +282,34 @@ class Worker:
         self.health = observability.Health()
         self.tracer = observability.tracer(service.name)
         self.recording = observability.exporting()
-        # Commits and take-overs wait on the broker, not the CPU: one thread per
-        # partition a service commonly owns.
-        self._committer = ThreadPoolExecutor(max_workers=32, thread_name_prefix="commit")
         # Recovery scans run beside the poll loop (never in a rebalance callback,
         # where a long scan held the whole group's rebalance), one at a time.
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recovery")
         self._recovery: _Recovery | None = None
         self._cancel = threading.Event()
+        # Every stall of the process is logged; log-scan delivery also fences itself on it.
         self.stalls = StallWatch()
-        self._checked = time.monotonic()
+        # Producers take the shared settings minus the consumer-only fetch ones
+        # (``KAFKA_FETCH_WAIT_MAX_MS`` and the like), which they would warn about.
+        producing = {k: v for k, v in kafka.items() if not k.startswith("fetch.")}
+        self.delivery: DeliveryStrategy = (
+            LogScanDelivery(
+                consumer=self.consumer,
+                producing=producing,
+                metrics=self.metrics,
+                owned=self.partitions,
+                stalls=self.stalls,
+                stopping=lambda: self._stopping,
+            )
+            if delivery is Delivery.LOG_SCAN
+            else TransactionalDelivery(
+                consumer=self.consumer,
+                producing=producing,
+                group=self.group,
+                retry=service.retry,
+                metrics=self.metrics,
+            )
+        )
         # Async handlers (ones that wait on a partner) run on this loop, concurrently.
         self._loop = asyncio.new_event_loop() if service.is_async else None
 
@@ -359,7 +336,6 @@ class Worker:
         finally:
             self._cancel.set()
             self._commit(list(self.partitions.values()))
-            self._committer.shutdown()
             self._scanner.shutdown(cancel_futures=True)
             self.stalls.close()
             if self._loop is not None:
@@ -371,14 +347,11 @@ class Worker:
                     log.error("a stop hook failed", extra={"error": str(err)[:500]})
                 self._loop.close()
             self.consumer.close()
-            for part in self.partitions.values():
-                part.producer.flush(10)
-            if self.plain is not None:
-                self.plain.flush(10)
+            self.delivery.close()
             self.partitions.clear()
             log.info("stopped")
-        if self._fatal is not None:
-            raise KafkaException(self._fatal)
+        if self.delivery.fatal is not None:
+            raise KafkaException(self.delivery.fatal)
 
     def _poll(self) -> list[Message]:
         """The records the consumer has ready, up to a batch; else wait briefly for one.
@@ -400,28 +373,19 @@ class Worker:
     def _assigned(self, consumer: Consumer, tps: Sequence[TopicPartition]) -> None:
         committed = {
             (tp.topic, tp.partition): tp.offset
-            for tp in consumer.committed(list(tps), timeout=_TXN_TIMEOUT_S)
+            for tp in consumer.committed(list(tps), timeout=_LOOKUP_TIMEOUT_S)
         }
         for tp in tps:
             if committed.get((tp.topic, tp.partition), -1) < 0:
-                low = consumer.get_watermark_offsets(tp, timeout=_TXN_TIMEOUT_S)[0]
+                low = consumer.get_watermark_offsets(tp, timeout=_LOOKUP_TIMEOUT_S)[0]
                 committed[(tp.topic, tp.partition)] = low
-        # Each take-over is a few broker round trips: do them side by side. (The
-        # group metadata is read here: asking the consumer for it from another
-        # thread during its rebalance callback deadlocks.)
-        group = consumer.consumer_group_metadata()
-        producers = self._committer.map(
-            lambda tp: self._take_over(
-                tp.topic, tp.partition, committed[(tp.topic, tp.partition)], group
-            ),
-            tps,
-        )
         taken = []
-        for tp, producer in zip(tps, producers, strict=True):
+        for tp in tps:
             offset = committed[(tp.topic, tp.partition)]
-            part = _Partition(tp.topic, tp.partition, producer, committed=offset, position=offset)
-            self.partitions[(tp.topic, tp.partition)] = part
-            taken.append(part)
+            taken.append(_Partition(tp.topic, tp.partition, committed=offset, position=offset))
+        self.delivery.assigned(taken)
+        for part in taken:
+            self.partitions[(part.topic, part.partition)] = part
         # Paused until the recovery scan (run from the poll loop: _recover_due) has
         # found what the previous owner already wrote for their uncommitted inputs.
         consumer.assign(
@@ -438,19 +402,17 @@ class Worker:
             if part is not None
         ]
         self._commit(parts)
-        for part in parts:
-            part.producer.flush(10)
+        self.delivery.revoked(parts)
         log.info("revoked", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
 
     def _lost(self, consumer: Consumer, tps: Sequence[TopicPartition]) -> None:
         # Another member owns these now: committing could only fail or, worse, race it.
-        for tp in tps:
-            part = self.partitions.pop((tp.topic, tp.partition), None)
-            if part is not None and part.open and self.delivery is Delivery.TRANSACTIONS:
-                try:
-                    part.producer.abort_transaction(_TXN_TIMEOUT_S)
-                except KafkaException as exc:
-                    log.warning("abort after loss failed", extra={"error": str(exc)})
+        parts = [
+            part
+            for part in (self.partitions.pop((tp.topic, tp.partition), None) for tp in tps)
+            if part is not None
+        ]
+        self.delivery.lost(parts)
         log.warning("lost", extra={"partitions": [f"{t.topic}/{t.partition}" for t in tps]})
 
     def _recover_due(self) -> None:
@@ -526,10 +488,10 @@ class Worker:
 
         Outputs are produced in input order either way, after every handler of
         the batch has returned, so a partition's outputs keep its order. Nothing
-        is produced once the process has stood still (``_stood_still``).
+        is produced once the process has stood still (``DeliveryStrategy.stood_still``).
         """
         admitted = [found for found in map(self._admit, messages) if found is not None]
-        if self._stood_still():
+        if self.delivery.stood_still():
             return
         if self._loop is None:
             for msg, part in admitted:
@@ -537,59 +499,18 @@ class Worker:
                     continue  # a retry earlier in this batch rewound its partition
                 with self._span(msg) as span:
                     outcome = self._handle(msg, span)
-                    if self._stood_still():
+                    if self.delivery.stood_still():
                         return
                     self._finish(part, msg, span, outcome)
             return
         outcomes = self._loop.run_until_complete(self._handle_concurrently(admitted))
-        if self._stood_still():
+        if self.delivery.stood_still():
             return
         for (msg, part), (span, outcome) in zip(admitted, outcomes, strict=True):
             # A retry earlier in this batch rewinds its partition: drop what follows it
             # (re-run later; side effects are keyed by idempotency keys, so harmless).
             if self._owned(part, msg):
                 self._finish(part, msg, span, outcome)
-
-    def _stood_still(self) -> bool:
-        """Log-scan delivery: whether the process stood still since the last time this was
-        asked; if so, every owned partition is distrusted (``_distrust``).
-
-        Asked before anything is produced or committed, so every stall is seen
-        before the next write, wherever in the loop the process stood still.
-        """
-        if self.delivery is not Delivery.LOG_SCAN:
-            return False
-        now = time.monotonic()
-        stalled = self.stalls.stalled_since(self._checked)
-        self._checked = now
-        if stalled:
-            self._distrust()
-        return stalled
-
-    def _distrust(self) -> None:
-        """After the process stood still: write nothing more of what it took in before,
-        and confirm each partition is still ours before producing for it again.
-
-        Another member may own the partitions now (our heartbeats stopped too),
-        and no broker check stops a plain producer's writes, so the worker fences
-        itself: open batches are marked failed (never committed; redone), every
-        partition is rewound to its last commit and paused, and its recovery scan
-        may finish only after ``_CONFIRM_S``, by when the consumer's heartbeats have
-        told it of a lost assignment (the partitions are then dropped, unwritten).
-        If the partitions are still ours, the scan finds what was written and
-        processing goes on from the last commit.
-        """
-        confirm = time.monotonic() + _CONFIRM_S
-        for part in self.partitions.values():
-            part.recover_after = confirm
-            if part.open:
-                part.failed = True
-            else:
-                self._redo(part)
-        log.warning(
-            "stood still: outputs held back until the assignment is confirmed",
-            extra={"partitions": [f"{t}/{p}" for t, p in self.partitions]},
-        )
 
     def _admit(self, message: Message) -> tuple[_Input, _Partition] | None:
         if message.error() is not None:
@@ -717,8 +638,7 @@ class Worker:
             else:
                 outcome = [self._dead_letter(msg, outcome, span, attempts=part.attempts + 1)]
         if not part.open:
-            if self.delivery is Delivery.TRANSACTIONS:
-                part.producer.begin_transaction()
+            self.delivery.begin(part)
             part.open, part.txn_started = True, time.monotonic()
         skip = part.skip
         assert skip is not None
@@ -728,7 +648,7 @@ class Worker:
             if source in skip:
                 continue
             headers = [*out.headers, *trace_context, (recovery.SOURCE_HEADER, source.encode())]
-            self._produce(part, out.topic, out.key, out.value, headers)
+            self.delivery.produce(part, out.topic, out.key, out.value, headers)
         metrics.processed.inc()
         metrics.end_to_end_seconds.observe(max(time.time() - msg.timestamp_ms / 1000, 0.0))
         part.next_offset = part.position = msg.offset + 1
@@ -799,34 +719,6 @@ class Worker:
                 if part.skip is not None:  # else its recovery scan resumes it
                     self.consumer.resume([part.tp])
 
-    def _produce(
-        self,
-        part: _Partition,
-        topic: str,
-        key: bytes | None,
-        value: bytes | None,
-        headers: Headers,
-    ) -> None:
-        def delivered(err: KafkaError | None, _msg: Message) -> None:
-            if err is not None:
-                part.failed = True
-                if err.fatal():
-                    self._fatal = err
-
-        on_delivery = delivered if self.delivery is Delivery.LOG_SCAN else None
-        while True:
-            try:
-                part.producer.produce(
-                    topic,
-                    key=key,
-                    value=value,
-                    headers=headers,  # type: ignore[arg-type]
-                    on_delivery=on_delivery,
-                )
-                return
-            except BufferError:
-                part.producer.poll(0.05)  # local queue full: let deliveries drain
-
     # --- commits -------------------------------------------------------------------------
 
     def _commit_due(self, *, drained: bool) -> None:
@@ -843,8 +735,7 @@ class Worker:
         """
         now, batch = time.monotonic(), self.service.batch
         open_parts = [part for part in self.partitions.values() if part.open]
-        for part in open_parts:
-            part.producer.poll(0)
+        self.delivery.poll(open_parts)
         if open_parts and (
             drained
             or any(
@@ -859,190 +750,9 @@ class Worker:
         if not parts:
             return
         try:
-            if self.delivery is Delivery.LOG_SCAN:
-                self._commit_written(parts)
-                return
-            group = self.consumer.consumer_group_metadata()
-            if len(parts) == 1:
-                errors = [self._end_transaction(parts[0], group)]
-            else:
-                errors = list(
-                    self._committer.map(self._end_transaction, parts, [group] * len(parts))
-                )
-            for part, error in zip(parts, errors, strict=True):
-                if error is None:
-                    self._committed(part)
-                else:
-                    self._transaction_failed(part, error)
+            self.delivery.commit(parts)
         finally:
             for part in parts:
                 part.open, part.failed, part.pending, part.next_offset = False, False, 0, None
-
-    def _end_transaction(self, part: _Partition, group: object) -> KafkaError | None:
-        """Commit the partition's open transaction with its input offset (on a pool thread:
-        the client releases the interpreter while it waits for the broker)."""
-        started = time.perf_counter()
-        try:
-            if part.next_offset is not None:
-                part.producer.send_offsets_to_transaction(
-                    [TopicPartition(part.topic, part.partition, part.next_offset)],
-                    group,
-                    _TXN_TIMEOUT_S,
-                )
-            part.producer.commit_transaction(_TXN_TIMEOUT_S)
-        except KafkaException as exc:
-            error: KafkaError = exc.args[0]
-            return error
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-        return None
-
-    def _committed(self, part: _Partition) -> None:
-        if part.next_offset is not None:
-            part.committed = part.next_offset
-        # The high mark from fetch responses (cached) is right on every broker
-        # tried; ListOffsets("latest") is not on the embedded one.
-        high = self.consumer.get_watermark_offsets(part.tp, cached=True)[1]
-        self.metrics.lag.labels(part.topic, str(part.partition)).set(max(high - part.position, 0))
-
-    def _transaction_failed(self, part: _Partition, error: KafkaError) -> None:
-        log.warning(
-            "transaction failed",
-            extra={
-                "partition": f"{part.topic}/{part.partition}",
-                "error": str(error),
-                "fatal": error.fatal(),
-            },
-        )
-        if error.fatal():
-            # The producer is unusable (fenced, or its sequence state lost):
-            # start over as a new owner of the partition would.
-            part.producer = self._take_over(
-                part.topic, part.partition, part.committed, self.consumer.consumer_group_metadata()
-            )
-        else:
-            part.producer.abort_transaction(_TXN_TIMEOUT_S)
-        # Re-process from the last commit; outputs the failed transaction
-        # left visible (on brokers that show them) are found again and skipped.
-        self._redo(part)
-
-    def _redo(self, part: _Partition) -> None:
-        """Re-process the partition from its last commit, once the recovery scan has found
-        which of its outputs were written (it is paused until then)."""
-        self.consumer.pause([part.tp])
-        self.consumer.seek(TopicPartition(part.topic, part.partition, part.committed))
-        part.position, part.skip = part.committed, None
-
-    def _commit_written(self, parts: Sequence[_Partition]) -> None:
-        """Log-scan delivery: once every output of the batches is written, commit their offsets.
-
-        It waits for every delivery report, however long the broker takes. The
-        producer never gives up on a write, so a report is final: written
-        (once: the broker drops resent copies by sequence number), or refused
-        by the broker and never written. So when a batch is redone, nothing of
-        it is still queued or in flight: no write can land after the recovery
-        scan that decides what to write again. A batch is committed only if all
-        its writes succeeded and the process did not stand still meanwhile
-        (``_distrust``); otherwise it is redone from the last commit and the
-        scan skips what was written.
-
-        A worker told to stop while the broker does not answer leaves without
-        committing (the next owner's scan finds what it wrote). A fatal producer
-        error stops the worker, which then raises it: its supervisor starts a
-        fresh process, whose scan finds what this one wrote.
-        """
-        assert self.plain is not None
-        started = time.perf_counter()
-        while unsent := self.plain.flush(_REPORT_WAIT_S):
-            if self._fatal is not None or self._stopping:
-                break
-            log.warning("waiting for the broker to acknowledge writes", extra={"unsent": unsent})
-        if self._fatal is not None or unsent:
-            if self._fatal is not None:
-                log.error("the producer failed for good", extra={"error": str(self._fatal)})
-            self._stopping = True
-            return
-        self._stood_still()
-        written = [part for part in parts if not part.failed]
-        offsets = [
-            TopicPartition(part.topic, part.partition, part.next_offset)
-            for part in written
-            if part.next_offset is not None
-        ]
-        try:
-            if offsets:
-                self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            log.warning("offset commit failed", extra={"error": str(exc.args[0])})
-            written = []
-        done = {id(part) for part in written}
-        for part in parts:
-            if id(part) in done:
-                if part.next_offset is not None:
-                    part.committed = part.next_offset
-                continue
-            log.warning(
-                "batch not committed, redoing it",
-                extra={"partition": f"{part.topic}/{part.partition}"},
-            )
-            self._redo(part)
-        self.metrics.commit_seconds.observe(time.perf_counter() - started)
-
-    def _take_over(self, topic: str, partition: int, offset: int, group: object) -> Producer:
-        """A producer for a newly owned partition, with the previous owner settled.
-
-        The broker may be briefly unavailable (restarting, electing a
-        coordinator): retry with the service's backoff rather than crash, up to
-        a bound after which the process exits and its supervisor restarts it.
-        """
-        if self.plain is not None:
-            return self.plain
-        for attempt in range(1, _TAKE_OVER_ATTEMPTS + 1):
-            try:
-                producer = self._transactional_producer(topic, partition)
-                self._settle(producer, topic, partition, offset, group)
-                return producer
-            except KafkaException as exc:
-                if attempt == _TAKE_OVER_ATTEMPTS:
-                    raise
-                delay = self.service.retry.delay(attempt)
-                log.warning(
-                    "taking over partition failed, retrying",
-                    extra={
-                        "partition": f"{topic}/{partition}",
-                        "attempt": attempt,
-                        "delay_s": round(delay, 3),
-                        "error": str(exc.args[0]),
-                    },
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable")
-
-    def _transactional_producer(self, topic: str, partition: int) -> Producer:
-        producer = Producer(
-            {
-                **self.producing,
-                "transactional.id": f"{self.group}.{topic}.{partition}",
-                "linger.ms": 5,
-            }
-        )
-        producer.init_transactions(_TXN_TIMEOUT_S)
-        return producer
-
-    def _settle(
-        self, producer: Producer, topic: str, partition: int, offset: int, group: object
-    ) -> None:
-        """Commit an offsets-only transaction at ``offset``.
-
-        On Apache Kafka, ``init_transactions`` has already fenced the previous
-        owner and aborted its open transaction, so this only re-commits the same
-        offset. Brokers that do neither (the embedded one) end the previous
-        owner's transaction with this commit, which makes its records visible;
-        ``recovery`` then finds them so they are not written twice.
-        """
-        producer.begin_transaction()
-        producer.send_offsets_to_transaction(
-            [TopicPartition(topic, partition, offset)],
-            group,
-            _TXN_TIMEOUT_S,
-        )
-        producer.commit_transaction(_TXN_TIMEOUT_S)
+        if self.delivery.fatal is not None:
+            self._stopping = True  # run() raises it once stopped
