@@ -332,11 +332,20 @@ def test_shape_comparison_catches_a_field_added_to_only_one_side() -> None:
     assert model_shape(extended) == avro_shape(grown)
 
 
+def undocumented(schema: Any) -> Any:
+    """The schema without its docs (which a published version keeps as it was written)."""
+    if isinstance(schema, dict):
+        return {k: undocumented(v) for k, v in schema.items() if k != "doc"}
+    if isinstance(schema, list):
+        return [undocumented(item) for item in schema]
+    return schema
+
+
 @pytest.mark.parametrize("event_type", list(MODELS))
 def test_latest_schema_starts_with_the_shared_envelope(event_type: str) -> None:
     first = CATALOGUE[event_type].latest_schema["fields"][0]
     assert first["name"] == "envelope"
-    assert first["type"] == ENVELOPE_SCHEMA
+    assert undocumented(first["type"]) == undocumented(ENVELOPE_SCHEMA)
     assert CATALOGUE.envelope_schema == ENVELOPE_SCHEMA
 
 

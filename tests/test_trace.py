@@ -359,7 +359,7 @@ def test_an_event_whose_cause_is_missing_hangs_under_the_root_with_a_note() -> N
     del chain.events[3]  # the reviewer's claim: the escalation's cause
     roots = trace.build(records_of(chain.events))
     assert [r.event.event_type for r in roots] == ["order.received", "review.escalated"]
-    assert roots[1].note and "not among this order's events" in roots[1].note
+    assert roots[1].note and "not among this instance's events" in roots[1].note
     assert roots[1].elapsed_since == "previous"
 
 

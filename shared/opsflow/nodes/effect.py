@@ -20,6 +20,10 @@ by the connection pool (``concurrency``), as the runtime bounds the handlers.
 The client is aiohttp's: httpx's pool checks every pooled connection on each
 request, which made the calls the larger part of the reference dispatch's CPU
 on two cores.
+
+``Claims`` keeps the step to one effect per workflow instance: a second
+trigger (a duplicate approval under another key) causes nothing, a replay of
+the first is let through with its same key.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from opsflow.errors import RetryableError
 
 # Statuses worth asking again: the partner may answer differently next time.
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -139,3 +147,75 @@ def _detail(answer: bytes, phrase: str) -> str:
     if isinstance(body, dict):
         return str(body.get("detail") or body.get("title") or body)[:500]
     return str(body)[:500]
+
+
+class Claims:
+    """One effect per workflow instance and step: the ``effect_claims`` table, over a pool
+    opened on the loop that uses it (a service dependency makes and closes it).
+
+    The event that triggers an effect (an approval) often lacks what the effect
+    needs (an amount, an address), which came with an earlier event of the
+    instance: ``remember`` keeps it, ``claim`` hands it over to the one request
+    key that may act. Writes are idempotent, so retries and replays change nothing.
+    """
+
+    def __init__(self, step: str, database_url: str, *, size: int = 8) -> None:
+        self.step = step
+        # Autocommit: every write is one statement that stands on its own.
+        self._pool = AsyncConnectionPool(
+            database_url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
+        )
+        self._opened = False
+
+    async def _ready(self) -> AsyncConnectionPool[Any]:
+        if not self._opened:
+            await self._pool.open()
+            self._opened = True
+        return self._pool
+
+    async def close(self) -> None:
+        if self._opened:
+            await self._pool.close()
+            self._opened = False
+
+    async def remember(self, key: str, details: Mapping[str, Any]) -> None:
+        """Keep what instance ``key``'s effect needs (the first remembered wins)."""
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO effect_claims (step, instance_key, details) VALUES (%s, %s, %s)"
+                " ON CONFLICT (step, instance_key) DO NOTHING",
+                (self.step, key, Jsonb(dict(details))),
+            )
+
+    async def claim(self, key: str, request_key: str) -> dict[str, Any] | None:
+        """Claim instance ``key``'s one effect for ``request_key``: what was remembered for
+        it if granted (nobody claimed it yet, or this very request key did: a retry
+        or a replay); None when another request claimed it.
+
+        Raises:
+            RetryableError: nothing was remembered for the instance yet (its earlier
+                event is on another topic, read concurrently): try again shortly.
+        """
+        pool = await self._ready()
+        async with pool.connection() as conn:
+            row: Any = await (
+                await conn.execute(
+                    "UPDATE effect_claims SET request_key = %(req)s, claimed_at = now()"
+                    " WHERE step = %(step)s AND instance_key = %(key)s AND request_key IS NULL"
+                    " RETURNING request_key, details",
+                    {"req": request_key, "step": self.step, "key": key},
+                )
+            ).fetchone()
+            if row is None:
+                row = await (
+                    await conn.execute(
+                        "SELECT request_key, details FROM effect_claims"
+                        " WHERE step = %s AND instance_key = %s",
+                        (self.step, key),
+                    )
+                ).fetchone()
+        if row is None:
+            raise RetryableError(f"{self.step}: {key} triggered before it was seen; retrying")
+        claimed_by, details = row
+        return dict(details) if claimed_by == request_key else None

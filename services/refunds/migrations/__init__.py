@@ -1,0 +1,1 @@
+"""The refund workflow's tables, applied after opsflow's own (``NNNN_name.sql``)."""
