@@ -18,6 +18,10 @@ import pytest
 
 from tests.stackctl import Stack, create_schema, drop_schema
 
+# Both applications are installed; the suite's tests are about the reference one
+# unless they say otherwise (test_refunds.py, the combination's tests).
+os.environ.setdefault("OPSFLOW_APP", "orders")
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:

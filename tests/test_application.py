@@ -75,8 +75,11 @@ def test_the_reference_application_is_found_through_its_installed_entry_point(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("OPSFLOW_APP", raising=False)
+    both = load_application()
+    assert [part.name for part in both.parts] == ["orders", "refunds"], "every one installed"
+    monkeypatch.setenv("OPSFLOW_APP", "orders")
     app = load_application()
-    assert app.name == "orders"
+    assert app.name == "orders" and not app.parts
     assert app.services == {
         "review": "services.review.service",
         "policy-check": "services.policy_check",
@@ -200,3 +203,59 @@ def test_an_applications_commands_join_opsflows_own_and_opsflow_works_without_on
         env=env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert listed.returncode == 0 and "status" in listed.stdout and "demo" not in listed.stdout
+
+
+def test_both_installed_applications_run_as_one_combination_each_part_read_by_its_own_rules(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from datetime import UTC, datetime
+
+    from opsflow.contracts import catalogue, check_evolution
+    from opsflow.db import migration_files
+    from services.refunds.contracts import RefundRequested
+
+    monkeypatch.delenv("OPSFLOW_APP", raising=False)
+    both = load_application()
+    orders, refunds = both.parts
+    assert load_application("orders,refunds") is both, "one combination per set of parts"
+    assert [p.name for p in both.programs] == [
+        *(p.name for p in orders.programs),
+        *(p.name for p in refunds.programs),
+    ]
+    assert both.part_for("refund-payouts") is refunds and both.part_for("orders") is orders
+    assert set(catalogue()) == set(orders.models) | set(refunds.models)
+    assert check_evolution() == []
+    owners = [(m.owner, m.version) for m in migration_files()]
+    assert ("orders", 3) in owners and ("refunds", 1) in owners
+
+    # trace reads an instance by the rules of the part its events belong to.
+    request = RefundRequested(
+        envelope=RefundRequested.envelope_for(key="rf-1", idempotency_key="rf-1", producer="t"),
+        refund_id="rf-1",
+        order_id="o-1",
+        customer_id="c-1",
+        amount_minor=1500,
+        currency="EUR",
+        charged_minor=5000,
+        reason="DAMAGED",
+        purchased_at=datetime.now(UTC),
+    )
+    refund = trace.assemble(
+        "rf-1", [trace.Record("refund-requests", 0, 0, request)], datetime.now(UTC)
+    )
+    assert (refund.instance, refund.verdict.state) == ("refund", "requested")
+    order = sample("order.received")
+    ordered = trace.assemble(
+        order.order_id, [trace.Record("orders", 0, 0, order)], order.envelope.occurred_at
+    )
+    assert (ordered.instance, ordered.verdict.state) == ("order", "received")
+
+
+def test_applications_that_cannot_run_together_are_refused_naming_the_clash() -> None:
+    from opsflow.application import combine
+
+    one = Application("one", (Program("echo", service="a:service"),))
+    two = Application("two", (Program("echo", service="b:service"),))
+    with pytest.raises(ConfigurationError, match="declares the program 'echo' twice"):
+        combine([one, two])
+    assert combine([one, one]) is one

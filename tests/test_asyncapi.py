@@ -44,8 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ASYNCAPI_FILE = ROOT / "asyncapi.yaml"
 CONTRACTS_DOC = ROOT / "docs" / "contracts.md"
 ASYNCAPI_SCHEMA = Path(__file__).parent / "contracts" / "asyncapi-3.0.0.json"
-REGENERATE_ASYNCAPI = ".venv/bin/opsflow contracts asyncapi > asyncapi.yaml"
-REGENERATE_DOCS = ".venv/bin/opsflow contracts docs --update docs/contracts.md"
+REGENERATE_ASYNCAPI = "OPSFLOW_APP=orders .venv/bin/opsflow contracts asyncapi > asyncapi.yaml"
+REGENERATE_DOCS = "OPSFLOW_APP=orders .venv/bin/opsflow contracts docs --update docs/contracts.md"
 
 
 def staleness(name: str, checked_in: str, generated: str, regenerate: str) -> str | None:

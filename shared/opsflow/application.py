@@ -25,14 +25,18 @@ models, from that declaration and not from lists of their own::
         ),
     )
 
-It is found through ``OPSFLOW_APP`` (``module:attribute``), else through the
-one entry point of the ``opsflow.applications`` group installed with the
-application's package (``[project.entry-points."opsflow.applications"]``), so
-an application installed outside this repository is found like the reference one.
+It is found through ``OPSFLOW_APP``, else through the entry points of the
+``opsflow.applications`` group installed with applications' packages
+(``[project.entry-points."opsflow.applications"]``), so an application
+installed outside this repository is found like the reference one. Several
+found (installed, or named in ``OPSFLOW_APP=orders,refunds``) run together, as
+one combination (``combine``): one stack, every part's programs, topics and
+read models, each part's schemas and migrations its own.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import types
@@ -181,6 +185,8 @@ class Application:
         commands: ``module:function`` of commands of its own that ``opsflow``
             offers next to its own (a typer command function each; its name,
             ``_`` as ``-``, is the command's), imported only by the CLI.
+        parts: for a combination of applications (``combine``), the applications
+            it is made of; empty for one declared by a team.
     """
 
     name: str
@@ -194,6 +200,7 @@ class Application:
     read_models: tuple[Projection, ...] = ()
     migrations: str | None = None
     commands: tuple[str, ...] = ()
+    parts: tuple[Application, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"application {self.name!r}"
@@ -219,7 +226,7 @@ class Application:
                     where, f"lists the event type {event.event_type!r} twice", "List it once."
                 )
             types.add(event.event_type)
-        if self.events and self.schemas is None:
+        if self.events and self.schemas is None and not self.parts:
             raise ConfigurationError(
                 where, "declares events but not its schemas folder", "Set `schemas`."
             )
@@ -249,6 +256,19 @@ class Application:
         """Each stream service's program name and ``Service`` target, in declared order."""
         return {p.name: p.service for p in self.programs if p.service}
 
+    @property
+    def members(self) -> tuple[Application, ...]:
+        """The declared applications this one is: its parts, or itself."""
+        return self.parts or (self,)
+
+    def part_for(self, topic: str) -> Application:
+        """The declared application whose topics include ``topic`` (itself when it is not
+        a combination, or when no part has the topic)."""
+        for part in self.parts:
+            if any(t.value == topic for t in part.topics):
+                return part
+        return self
+
     def program(self, name: str) -> Program | None:
         return next((p for p in self.programs if p.name == name), None)
 
@@ -270,35 +290,72 @@ def load_command(target: str) -> Callable[..., Any]:
 
 
 def load_application(target: str | None = None) -> Application:
-    """The application ``target`` (``module:attribute``) names, else ``OPSFLOW_APP``,
-    else the one installed under the ``opsflow.applications`` entry point group.
+    """The application(s) ``target`` names, else ``OPSFLOW_APP``, else every one installed
+    under the ``opsflow.applications`` entry point group.
+
+    A target is a comma-separated list of installed entry point names (``orders``)
+    or ``module[:attribute]`` paths; several make one combination (``combine``).
 
     Raises:
-        ConfigurationError: nothing found, several found, or not an Application.
+        ConfigurationError: nothing found, a name that names nothing, not an
+            Application, or applications that cannot run together.
     """
-    target = target or os.environ.get("OPSFLOW_APP")
-    if target:
-        return _load(target, "OPSFLOW_APP")
     # One application seen twice (metadata left behind by an older install of its
     # package next to the current one) is still one.
-    found = sorted(
-        {ep.value: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}.values(),
-        key=lambda ep: ep.name,
-    )
-    if not found:
+    installed = {
+        ep.name: ep
+        for ep in sorted(
+            {ep.value: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}.values(),
+            key=lambda ep: ep.name,
+        )
+    }
+    target = target or os.environ.get("OPSFLOW_APP")
+    if target:
+        names = [name.strip() for name in target.split(",") if name.strip()]
+        return combine(
+            [
+                _load(installed[name].value, f"entry point {name!r}")
+                if name in installed
+                else _load(name, "OPSFLOW_APP")
+                for name in names
+            ]
+        )
+    if not installed:
         raise ConfigurationError(
             "OPSFLOW_APP",
             f"is not set and no package declares an `{ENTRY_POINT_GROUP}` entry point",
             "Set OPSFLOW_APP=module:attribute to your Application, or install its package.",
         )
-    if len(found) > 1:
-        raise ConfigurationError(
-            "OPSFLOW_APP",
-            "is not set and several applications are installed: "
-            + ", ".join(f"{ep.name} ({ep.value})" for ep in found),
-            "Set OPSFLOW_APP to the one to use.",
-        )
-    return _load(found[0].value, f"entry point {found[0].name!r}")
+    return combine([_load(ep.value, f"entry point {name!r}") for name, ep in installed.items()])
+
+
+@functools.cache
+def _combined(applications: tuple[Application, ...]) -> Application:
+    """One combination per set of applications, so what is cached per application (its
+    catalogue) is read once."""
+    return Application(
+        name="+".join(app.name for app in applications),
+        programs=tuple(p for app in applications for p in app.programs),
+        topics=tuple(t for app in applications for t in app.topics),
+        events=tuple(e for app in applications for e in app.events),
+        read_models=tuple(r for app in applications for r in app.read_models),
+        commands=tuple(c for app in applications for c in app.commands),
+        parts=applications,
+    )
+
+
+def combine(applications: Sequence[Application]) -> Application:
+    """Several applications as one: one stack runs every part's programs, provisions
+    every part's topics and keeps every part's read models; each part keeps its
+    schemas, migrations and ``trace`` rules. One application is itself.
+
+    Raises:
+        ConfigurationError: two parts declare the same program, topic or event type.
+    """
+    parts = tuple(dict.fromkeys(applications))
+    if len(parts) == 1:
+        return parts[0]
+    return _combined(parts)
 
 
 def _load(target: str, source: str) -> Application:

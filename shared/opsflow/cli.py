@@ -1186,20 +1186,28 @@ def contracts_check() -> None:
     for CI): every record ever written must stay readable by the newest schema."""
     from rich.markup import escape
 
+    from opsflow.application import load_application
     from opsflow.contracts import REPLAY_LEVEL, check_evolution, load_catalogue, schemas_dir
 
-    directory = schemas_dir()
-    problems = check_evolution(directory)
-    for problem in problems:
-        errors.print(escape(problem), highlight=False)
-    if problems:
+    failed = False
+    for part in load_application().members:
+        directory = schemas_dir(part)
+        problems = check_evolution(directory, application=part)
+        for problem in problems:
+            errors.print(escape(problem), highlight=False)
+        failed = failed or bool(problems)
+        count = len(load_catalogue(directory, application=part))
+        console.print(
+            f"{directory}: {count} event types; "
+            + (
+                "see above."
+                if problems
+                else f"every version is {REPLAY_LEVEL} compatible with all earlier ones."
+            ),
+            highlight=False,
+        )
+    if failed:
         sys.exit(1)
-    count = len(load_catalogue(directory))
-    console.print(
-        f"{directory}: {count} event types; every version is {REPLAY_LEVEL} compatible "
-        "with all earlier ones.",
-        highlight=False,
-    )
 
 
 @contracts_app.command("asyncapi")

@@ -73,15 +73,17 @@ class Migration:
 
 
 def migration_files(application: Application | None = None) -> list[Migration]:
-    """opsflow's migrations, then ``application``'s (default: the one in use, if any)."""
+    """opsflow's migrations, then ``application``'s (default: the one in use, if any; each
+    part's, in turn, for a combination)."""
     if application is None:
         try:
             application = load_application()
         except ConfigurationError:  # no application: opsflow's own tables only
             application = None
     found = _files(OPSFLOW, "opsflow.migrations")
-    if application is not None and application.migrations:
-        found += _files(application.name, application.migrations)
+    for part in application.members if application is not None else ():
+        if part.migrations:
+            found += _files(part.name, part.migrations)
     return found
 
 

@@ -347,6 +347,8 @@ def assemble(
     """The trace of decoded records: the tree, where it stands and each event's facts,
     by the rules of ``application`` (default: the one in use, ``opsflow.application``)."""
     app = application or load_application()
+    if records:  # a combination's instance is read by the rules of the part it belongs to
+        app = app.part_for(records[0].topic)
     roots = build(records)
     in_time = sorted((step for _, step in walk(roots)), key=Step.sort_key)
     written = {step.event_id: step.written_at for step in in_time if step.written_at}

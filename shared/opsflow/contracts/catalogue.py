@@ -44,7 +44,14 @@ def schemas_dir(application: Application | None = None) -> Path:
         ConfigurationError: the directory does not exist.
     """
     override = os.environ.get(SCHEMAS_DIR_VARIABLE)
-    path = Path(override) if override else _application(application).schemas
+    app = _application(application)
+    if app.parts and not override:
+        raise ConfigurationError(
+            f"application {app.name!r}",
+            "combines applications, each with a schemas folder of its own",
+            "Ask for one of its parts' folders (`schemas_dir(part)`).",
+        )
+    path = Path(override) if override else app.schemas
     if path is None:
         raise ConfigurationError(
             SCHEMAS_DIR_VARIABLE,
@@ -202,6 +209,12 @@ def load_catalogue(
         BadInputError: a schema directory or file is missing, unknown or malformed.
     """
     application = _application(application)
+    if application.parts and directory is None:
+        # A combination: each part's event types from its own folder.
+        found = [load_catalogue(application=part) for part in application.parts]
+        return Catalogue(
+            found[0].directory, read_envelope(), [t for c in found for t in c.values()]
+        )
     directory = directory if directory is not None else schemas_dir(application)
     models = application.models
     unknown = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name not in models)
@@ -230,4 +243,11 @@ def _cached(directory: Path, application: Application) -> Catalogue:
 def catalogue() -> Catalogue:
     """The running application's catalogue, read once per directory per process."""
     application = _application(None)
+    if application.parts and not os.environ.get(SCHEMAS_DIR_VARIABLE):
+        return _cached_combination(application)
     return _cached(schemas_dir(application).resolve(), application)
+
+
+@cache
+def _cached_combination(application: Application) -> Catalogue:
+    return load_catalogue(application=application)

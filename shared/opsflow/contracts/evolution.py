@@ -92,6 +92,10 @@ def check_evolution(
         from opsflow.application import load_application  # it imports the contracts
 
         application = load_application()
+    if application.parts and directory is None:
+        return [
+            p for part in application.parts for p in check_evolution(None, level, application=part)
+        ]
     directory = directory if directory is not None else schemas_dir(application)
     if not directory.is_dir():
         raise BadInputError(f"{directory}: no such schemas directory")
