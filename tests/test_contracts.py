@@ -12,33 +12,28 @@ import copy
 import io
 import json
 import shutil
-import types
-import typing
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import fastavro
 import pydantic
 import pytest
-from annotated_types import Le
-from pydantic import AwareDatetime
 
+from opsflow.application import load_application
 from opsflow.compatibility import CompatibilityLevel
 from opsflow.contracts import (
     ENVELOPE_FILE,
     SCHEMAS_DIR_VARIABLE,
     AvroRecord,
     Envelope,
-    TimestampMillis,
     catalogue,
     check_evolution,
     load_catalogue,
     schemas_dir,
 )
+from opsflow.contracts.mirror import avro_shape, flatten, mismatches, model_shape
 from opsflow.errors import BadInputError
 from services.contracts import (
     DISPATCH,
@@ -59,109 +54,6 @@ SCHEMAS = schemas_dir()
 CATALOGUE = load_catalogue(SCHEMAS)
 ENVELOPE_SCHEMA = json.loads(ENVELOPE_FILE.read_text())
 NAMESPACE = "opsflow.events"
-
-# --- walking both sides into comparable shapes -----------------------------------------
-#
-# A shape is a nested tuple: ("record", name, ((field, shape, default), ...)),
-# ("enum", name, symbols), ("array", item), ("nullable", inner) or a primitive such as
-# ("long",) / ("uuid",) / ("timestamp-millis",). Both the Avro schema and the model are
-# reduced to it, so any difference (a field added to one side only, a reordered field, a
-# changed type, enum symbol or nullability) shows up as an inequality.
-
-REQUIRED = "<required>"
-_TIMESTAMP_VALIDATORS = typing.get_args(TimestampMillis)[1:]
-
-
-def avro_shape(schema: Any, named: dict[str, Any] | None = None) -> Any:
-    """Reduce an Avro type to a shape; named types may be referenced after definition."""
-    named = {} if named is None else named
-    if isinstance(schema, list):
-        if len(schema) == 2 and schema[0] == "null":
-            return ("nullable", avro_shape(schema[1], named))
-        return ("union", tuple(avro_shape(branch, named) for branch in schema))
-    if isinstance(schema, str):
-        if schema in named:
-            return named[schema]
-        if f"{NAMESPACE}.{schema}" in named:
-            return named[f"{NAMESPACE}.{schema}"]
-        return (schema,)
-    kind = schema["type"]
-    if kind == "record":
-        fields = tuple(
-            (
-                field["name"],
-                avro_shape(field["type"], named),
-                field.get("default", REQUIRED),
-            )
-            for field in schema["fields"]
-        )
-        shape: Any = ("record", schema["name"], fields)
-    elif kind == "enum":
-        shape = ("enum", schema["name"], tuple(schema["symbols"]))
-    elif kind == "array":
-        return ("array", avro_shape(schema["items"], named))
-    elif "logicalType" in schema:
-        return (schema["logicalType"],)
-    else:
-        return avro_shape(kind, named)
-    named[f"{schema.get('namespace', NAMESPACE)}.{schema['name']}"] = shape
-    return shape
-
-
-def model_shape(annotation: Any, metadata: tuple[Any, ...] = ()) -> Any:
-    """Reduce a model (or a field annotation) to the shape its Avro type must have."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin is typing.Annotated:
-        return model_shape(args[0], metadata + tuple(annotation.__metadata__))
-    if origin in (typing.Union, types.UnionType):
-        others = [a for a in args if a is not type(None)]
-        assert len(others) == 1 and len(args) == 2, f"only T | None maps to Avro: {annotation}"
-        return ("nullable", model_shape(others[0]))
-    if origin is list:
-        return ("array", model_shape(args[0]))
-    if isinstance(annotation, type) and issubclass(annotation, AvroRecord):
-        fields = tuple(
-            (
-                name,
-                model_shape(info.annotation, tuple(info.metadata)),
-                REQUIRED if info.is_required() else info.default,
-            )
-            for name, info in annotation.model_fields.items()
-        )
-        return ("record", annotation.__name__, fields)
-    if isinstance(annotation, type) and issubclass(annotation, StrEnum):
-        return ("enum", annotation.__name__, tuple(m.value for m in annotation))
-    if annotation is AwareDatetime and all(v in metadata for v in _TIMESTAMP_VALIDATORS):
-        return ("timestamp-millis",)
-    if annotation is uuid.UUID:
-        return ("uuid",)
-    if annotation is int and Le(2**31 - 1) in metadata:
-        return ("int",)
-    if annotation is int and Le(2**63 - 1) in metadata:
-        return ("long",)
-    simple = {str: "string", bool: "boolean", float: "double", bytes: "bytes"}
-    return (simple.get(annotation, f"unmapped python type {annotation!r}"),)
-
-
-def flatten(shape: Any, path: str = "") -> dict[str, str]:
-    """A shape as ``{path: what is there}``, so a failing comparison lists only the
-    differing paths (``items[].quantity``, ``notes?`` for the inside of a nullable)."""
-    kind = shape[0]
-    if kind == "record":
-        out = {path or "<event>": f"record {shape[1]} {[f[0] for f in shape[2]]}"}
-        for name, field_shape, default in shape[2]:
-            here = f"{path}.{name}" if path else name
-            out[f"{here} (default)"] = repr(default)
-            out |= flatten(field_shape, here)
-        return out
-    if kind == "enum":
-        return {path: f"enum {shape[1]} {list(shape[2])}"}
-    if kind == "array":
-        return flatten(shape[1], f"{path}[]")
-    if kind == "nullable":
-        return flatten(shape[1], f"{path}?")
-    return {path: " ".join(map(str, shape))}
 
 
 def walk_named(schema: Any) -> Iterator[dict[str, Any]]:
@@ -535,3 +427,29 @@ def test_evolution_gate_fails_on_a_renamed_record_and_a_version_gap(schemas_copy
     assert any(
         p.startswith("pod.rejected: versions must run v1..vN without gaps") for p in problems
     )
+
+
+def test_every_installed_applications_classes_mirror_their_schemas_as_the_gate_says() -> None:
+    both = load_application("orders,refunds")
+    for part in both.parts:
+        found = load_catalogue(application=part)
+        assert [line for event in found.values() for line in mismatches(event)] == []
+
+
+def test_the_gate_names_the_field_a_class_and_its_schema_disagree_on(tmp_path: Path) -> None:
+    copy_dir = tmp_path / "schemas"
+    shutil.copytree(SCHEMAS, copy_dir)
+    path = copy_dir / "review.decided" / "v1.avsc"
+    schema = json.loads(path.read_text())
+    schema["fields"] = [f for f in schema["fields"] if f["name"] != "reason"]
+    path.write_text(json.dumps(schema))
+    found = load_catalogue(copy_dir)
+    assert mismatches(found["review.decided"]) == [
+        "review.decided v1: <event>: the schema has record ReviewDecided "
+        "['envelope', 'order_id', 'task_id', 'actor', 'tier', 'decision'], ReviewDecided has "
+        "record ReviewDecided ['envelope', 'order_id', 'task_id', 'actor', 'tier', 'decision', "
+        "'reason']",
+        "review.decided v1: reason (default): the schema has nothing, ReviewDecided has "
+        "'<required>'",
+        "review.decided v1: reason: the schema has nothing, ReviewDecided has string",
+    ]

@@ -1183,26 +1183,31 @@ app.add_typer(contracts_app, name="contracts")
 @contracts_app.command("check")
 def contracts_check() -> None:
     """Check every schema version of the application against all earlier ones (the gate
-    for CI): every record ever written must stay readable by the newest schema."""
+    for CI): every record ever written must stay readable by the newest schema; and
+    every event class must mirror its latest schema, field by field."""
     from rich.markup import escape
 
     from opsflow.application import load_application
     from opsflow.contracts import REPLAY_LEVEL, check_evolution, load_catalogue, schemas_dir
+    from opsflow.contracts.mirror import mismatches
 
     failed = False
     for part in load_application().members:
         directory = schemas_dir(part)
         problems = check_evolution(directory, application=part)
+        if not problems:  # a broken catalogue cannot be compared with the classes
+            found = load_catalogue(directory, application=part)
+            problems = [line for event in found.values() for line in mismatches(event)]
         for problem in problems:
             errors.print(escape(problem), highlight=False)
         failed = failed or bool(problems)
-        count = len(load_catalogue(directory, application=part))
         console.print(
-            f"{directory}: {count} event types; "
+            f"{directory}: {len(part.events)} event types; "
             + (
                 "see above."
                 if problems
-                else f"every version is {REPLAY_LEVEL} compatible with all earlier ones."
+                else f"every version is {REPLAY_LEVEL} compatible with all earlier ones, "
+                "and every class mirrors its latest schema."
             ),
             highlight=False,
         )

@@ -193,6 +193,7 @@ from datetime import UTC, datetime
 
 from opsflow.contracts import check_evolution, load_catalogue
 from opsflow.contracts.lineage import caused_by
+from opsflow.contracts.mirror import mismatches
 from $package.application import application
 from $package.contracts import Requested
 from $package.service import greet
@@ -210,9 +211,13 @@ def test_a_request_is_answered_with_a_greeting_keyed_by_the_request() -> None:
     assert answer.envelope.causation_id == str(envelope.event_id)
 
 
-def test_every_schema_version_is_readable_by_the_newest_and_matches_a_model() -> None:
+def test_every_schema_version_is_readable_by_the_newest_and_each_class_mirrors_its_schema() -> (
+    None
+):
     assert check_evolution(application=application) == []
-    assert set(load_catalogue(application=application)) == {"$name.requested", "$name.greeted"}
+    found = load_catalogue(application=application)
+    assert set(found) == {"$name.requested", "$name.greeted"}
+    assert [line for event in found.values() for line in mismatches(event)] == []
 ''',
     "README.md": """\
 # $name
