@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opsflow.application import Application, Program
+from opsflow.application import Application, Gauge, Program
 from services.contracts import EVENTS, TOPICS
 from services.progress import summary, verdict
 from services.readmodels import READ_MODELS
@@ -63,4 +63,15 @@ application = Application(
     read_models=READ_MODELS,
     migrations="services.migrations",
     commands=("services.demo.command:demo",),
+    gauges=(
+        Gauge("open reviews", "SELECT count(*) FROM review_queue WHERE status <> 'decided'"),
+        Gauge(
+            "reviews past their SLA",
+            "SELECT count(*) FROM review_queue WHERE status <> 'decided' AND due_at < now()",
+        ),
+        Gauge(
+            "SLA breaches, last 24 h",
+            "SELECT count(*) FROM sla_breaches WHERE breached_at > now() - interval '1 day'",
+        ),
+    ),
 )

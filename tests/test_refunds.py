@@ -198,6 +198,11 @@ def test_every_refund_ends_once_and_the_partner_pays_none_twice_under_kill_9(
 
     # The read model says the same, and trace tells one refund's story by the app's rules.
     _projected(refunds.database_url, expected)
+    gauges = refunds.status()["gauges"]
+    assert gauges == {
+        "refunds awaiting approval": 0,
+        "refund payouts failed": sum(end == "payout_failed" for end in expected.values()),
+    }
     trace = json.loads(refunds.run("trace", "rf-0999", "--json"))
     assert trace["instance"] == "refund" and trace["state"] == "paid", trace["now"]
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opsflow.application import Application, Program
+from opsflow.application import Application, Gauge, Program
 from services.refunds.contracts import EVENTS, TOPICS
 from services.refunds.progress import summary, verdict
 from services.refunds.readmodel import projection
@@ -42,4 +42,14 @@ application = Application(
     summary=summary,
     read_models=(projection,),
     migrations="services.refunds.migrations",
+    gauges=(
+        Gauge(
+            "refunds awaiting approval",
+            "SELECT count(*) FROM refunds_current WHERE state = 'awaiting_approval'",
+        ),
+        Gauge(
+            "refund payouts failed",
+            "SELECT count(*) FROM refunds_current WHERE state = 'payout_failed'",
+        ),
+    ),
 )

@@ -145,6 +145,15 @@ class Program:
 
 
 @dataclass(frozen=True)
+class Gauge:
+    """A number the on-call operator watches on ``opsflow status``, read from the
+    application's tables: ``sql`` returns one row with one count ("open reviews")."""
+
+    label: str
+    sql: str
+
+
+@dataclass(frozen=True)
 class Verdict:
     """Where one instance of the workflow stands: ``state`` (a short word, e.g. the
     read model's), a sentence for people, and whether it is done (``terminal``) or
@@ -185,6 +194,8 @@ class Application:
         commands: ``module:function`` of commands of its own that ``opsflow``
             offers next to its own (a typer command function each; its name,
             ``_`` as ``-``, is the command's), imported only by the CLI.
+        gauges: what ``opsflow status`` counts for the on-call operator (``Gauge``:
+            work waiting for people, tasks past their SLA).
         parts: for a combination of applications (``combine``), the applications
             it is made of; empty for one declared by a team.
     """
@@ -200,6 +211,7 @@ class Application:
     read_models: tuple[Projection, ...] = ()
     migrations: str | None = None
     commands: tuple[str, ...] = ()
+    gauges: tuple[Gauge, ...] = ()
     parts: tuple[Application, ...] = ()
 
     def __post_init__(self) -> None:
@@ -340,6 +352,7 @@ def _combined(applications: tuple[Application, ...]) -> Application:
         events=tuple(e for app in applications for e in app.events),
         read_models=tuple(r for app in applications for r in app.read_models),
         commands=tuple(c for app in applications for c in app.commands),
+        gauges=tuple(g for app in applications for g in app.gauges),
         parts=applications,
     )
 

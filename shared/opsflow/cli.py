@@ -131,8 +131,8 @@ def status(
 ) -> None:
     """One screen for the on-call operator: the stack's components (state, pid, uptime,
     restarts, health), each service's consumer lag per topic and processed/s, each
-    projection's position and lag, dead letters per topic, open and overdue reviews, and
-    SLA breaches in the last 24 hours.
+    projection's position and lag, dead letters per topic, and the application's gauges
+    (work waiting for people, tasks past their SLA).
 
     Without a local stack (`opsflow up`), the environment's KAFKA_BOOTSTRAP_SERVERS,
     SCHEMA_REGISTRY_URL and DATABASE_URL say where to look. Exits 1 when a component
@@ -215,7 +215,7 @@ def _overview_tables(found: Any) -> list[Any]:
     for p in found.projections:
         error = f"[red]{p.last_error[:60]}[/]" if p.last_error else "-"
         projections.add_row(p.name, str(p.position), str(p.lag), f"{p.lag_s:.1f}", error)
-    work = Table(title="Dead letters and reviews")
+    work = Table(title="Dead letters and what the application watches")
     for column in ("what", "count"):
         work.add_column(column)
     for topic, count in found.dead_letters.items():
@@ -224,9 +224,8 @@ def _overview_tables(found: Any) -> list[Any]:
     def shown(n: int | None) -> str:
         return "-" if n is None else str(n)
 
-    work.add_row("open reviews", shown(found.open_reviews))
-    work.add_row("reviews past their SLA", shown(found.overdue_reviews))
-    work.add_row("SLA breaches, last 24 h", shown(found.sla_breaches_24h))
+    for label, count in found.gauges.items():
+        work.add_row(label, shown(count))
     notes = [f"[yellow]unavailable:[/] {line}" for line in found.unavailable]
     return [services, projections, work, *notes]
 

@@ -1,4 +1,5 @@
-"""The on-call operator's one screen: services, consumer lag, read models, dead letters, reviews.
+"""The on-call operator's one screen: services, consumer lag, read models, dead letters, and
+the numbers the application says to watch (work waiting for people, say).
 
 ``opsflow status`` shows the stack's processes; this adds what they are doing,
 read from where the truth is: consumer lag from the broker (each service's
@@ -49,9 +50,8 @@ class Overview:
     services: list[ServiceLag] = field(default_factory=list)
     projections: list[ProjectionStatus] = field(default_factory=list)
     dead_letters: dict[str, int] = field(default_factory=dict)  # not yet redriven
-    open_reviews: int | None = None
-    overdue_reviews: int | None = None
-    sla_breaches_24h: int | None = None
+    # The application's gauges (``Application.gauges``): label -> count (None: unreadable).
+    gauges: dict[str, int | None] = field(default_factory=dict)
     unavailable: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
@@ -59,9 +59,7 @@ class Overview:
             "services": [vars(s) for s in self.services],
             "projections": [p.as_json() for p in self.projections],
             "dead_letters": self.dead_letters,
-            "open_reviews": self.open_reviews,
-            "overdue_reviews": self.overdue_reviews,
-            "sla_breaches_24h": self.sla_breaches_24h,
+            "gauges": self.gauges,
             "unavailable": self.unavailable,
         }
 
@@ -190,17 +188,29 @@ def _from_database(
     try:
         with db.connect(database_url, autocommit=True) as conn:
             found.projections = statuses(conn, projections().values(), kafka, ends=ends)
-            found.open_reviews, found.overdue_reviews = conn.execute(
-                "SELECT count(*), count(*) FILTER (WHERE due_at < now())"
-                " FROM review_queue WHERE status <> 'decided'"
-            ).fetchone()  # type: ignore[misc]
             redriven = dict(
                 conn.execute("SELECT dlq_topic, count(*) FROM dlq_redrives GROUP BY 1").fetchall()
             )
             for topic in found.dead_letters:
                 found.dead_letters[topic] -= redriven.get(dead_letter_topic(topic_name(topic)), 0)
-            found.sla_breaches_24h = conn.execute(
-                "SELECT count(*) FROM sla_breaches WHERE breached_at > now() - interval '1 day'"
-            ).fetchone()[0]  # type: ignore[index]
     except Exception as err:  # no database, or a table not there yet
         found.unavailable.append(f"read models: {str(err).splitlines()[0]}")
+        return
+    _gauges(found, database_url)
+
+
+def _gauges(found: Overview, database_url: str) -> None:
+    """The application's gauges, each on its own: one whose table is not there yet (a
+    read model not migrated) shows as unknown, not as a broken screen."""
+    gauges = load_application().gauges
+    if not gauges:
+        return
+    # Autocommit: a failing query ends only its own transaction, not the connection.
+    with db.connect(database_url, autocommit=True) as conn:
+        for gauge in gauges:
+            try:
+                row = conn.execute(gauge.sql.encode()).fetchone()
+                found.gauges[gauge.label] = int(row[0]) if row and row[0] is not None else 0
+            except Exception as err:
+                found.gauges[gauge.label] = None
+                found.unavailable.append(f"{gauge.label}: {str(err).splitlines()[0]}")
