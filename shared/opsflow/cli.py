@@ -244,7 +244,7 @@ def env() -> None:
 def run_service(
     target: Annotated[str, typer.Argument(help="MODULE[:ATTRIBUTE] of a Service.")],
 ) -> None:
-    """Run one service in the foreground until Ctrl-C or SIGTERM (e.g. `services.policy_check`)."""
+    """Run one service in the foreground until Ctrl-C or SIGTERM (e.g. `myapp.service`)."""
     from opsflow.runtime import load_service, run
 
     run(load_service(target))
@@ -694,7 +694,7 @@ def replay_command(
         console.print(
             f"{report.already_done:,} of {report.handled:,} inputs already have outputs in the "
             "log: their effects are sent again under the same idempotency keys, which a "
-            f"partner honouring them (as the carrier stand-in does) answers with what it did; "
+            f"partner honouring them (as the stand-ins do) answers with what it did; "
             f"{fresh:,} have none yet and are acted on"
             + (" if this were not a dry run." if dry_run else "."),
             highlight=False,
@@ -1095,8 +1095,8 @@ def dlq_redrive(
     Every consumer of the topic reads the copy, not only the one that failed. That is
     harmless by construction: services derive their outputs' ids, keys and times from
     the input (the same input gives the same events), read models take a repeated event
-    as a no-op, and dispatch books the carrier under the same idempotency key (a
-    booking already made is returned; one that had failed for good is tried again).
+    as a no-op, and effect steps call their partner under the same idempotency key (an
+    effect already made is returned; one that had failed for good is tried again).
     """
     from opsflow.dlq import Filters
 

@@ -73,7 +73,7 @@ def _topic_rank() -> dict[str, int]:
 class RawRecord:
     """A record of the instance as it is on a topic of record, not yet decoded.
 
-    ``topic`` is the contract name (``review``), without the environment's prefix.
+    ``topic`` is the contract name, without the environment's prefix.
     """
 
     topic: str
@@ -177,7 +177,7 @@ class Step:
 
         Not ``occurred_at`` first: a service's output carries its *input's* record
         time as ``occurred_at`` (``opsflow.contracts.lineage``), so an output made
-        again later (a replay that books a carrier a day after the first attempt
+        again later (a replay that calls a partner a day after the first attempt
         failed) would show at the original time. The record time is when it
         happened, and times each step from its cause.
         """

@@ -15,15 +15,15 @@ What handlers need beyond the event (a connection pool, a partner's HTTP
 client, settings) they ask for by type, and the service provides it::
 
     @service.dependency
-    async def carrier() -> AsyncIterator[Carrier]:
-        client = Carrier(SETTINGS)      # made once, on first use, on the runtime's loop
+    async def payments() -> AsyncIterator[Partner]:
+        client = Partner(SETTINGS.payments_url)  # made once, on first use, on the loop
         try:
             yield client
         finally:
-            await client.close()        # when the service stops
+            await client.close()                  # when the service stops
 
     @service.handler
-    async def book(request: DispatchRequested, carrier: Carrier) -> DispatchExecuted: ...
+    async def pay(request: PayoutRequested, payments: Partner) -> RefundPaid: ...
 
 A dependency is a function returning the value, or a generator (plain or
 ``async``) yielding it once and closing it after; ``async`` ones serve
