@@ -85,7 +85,7 @@ class Refused:
 
 class Partner:
     """An HTTP endpoint that honours ``Idempotency-Key``, called from one event loop;
-    ``name`` is how refusals name it ("carrier answered 503: ...").
+    ``name`` is how refusals name it ("payments answered 503: ...").
 
     Create it on the loop that uses it (a service dependency does) and ``close``
     it there: left open, aiohttp reports "Unclosed client session" at exit.

@@ -150,7 +150,7 @@ def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
         "queued.max.messages.kbytes": 4096,
         # The embedded broker looks for records at once, then again after half
         # this wait, three quarters, ..., so with librdkafka's 500 ms
-        # every hop of a quiet workflow waited for it (order-to-dispatch
+        # every hop of a quiet workflow waited for it (end-to-end
         # p50 963 -> 513 ms with 20 ms in `make bench`). Its durable store
         # stops listing a partition when the wait is over: at 20 ms fetches
         # came back empty for ever; 50 ms and more read a backlog (measured), 100 ms

@@ -9,7 +9,7 @@ idempotent and transactional producers, ``meta.json``) with conditional
 
 The general-purpose local S3 server this replaced walked the *whole bucket*
 on every listing (10 ms per list with 333 objects, growing with every topic's
-history: `make run`'s 200-order demo spent 64 s of its 88 s in listings, and
+history: `make run`'s 200-instance reference demo spent 64 s of its 88 s in listings, and
 the server, saturated at ~100 requests/s, made every hop wait seconds), closed
 the connection after every 404/412, and answered a ``GET`` with the body of one
 version and the ETag of the next when a write landed in between, so the
@@ -82,7 +82,7 @@ _RECORDS = "/records/"
 # of two slot files, alternately, each slot a sequence number, a length and a
 # CRC before the body: no file is created or renamed per write (that cost
 # 1.5-1.9 ms a write under the demo's load and saturated the store at 100
-# orders/s), and a torn slot is recognised at start, when the other one holds
+# instances/s), and a torn slot is recognised at start, when the other one holds
 # the previous version. Record batches are written once each: a file, written
 # aside and renamed.
 _SLOTS = (".slot-a", ".slot-b")
@@ -116,9 +116,9 @@ class CompactionPolicy:
     left as they are. Older small ones are merged into batches of about
     ``merged_bytes``. Merging young batches too matters under load: the broker
     lists every batch of a partition on each fetch that finds records, and at
-    100 orders/s a partition gained about 100 batches a second. Leaving 30 s of
+    100 instances/s a partition gained about 100 batches a second. Leaving 30 s of
     them (the first policy) grew each listing to thousands of keys during a run;
-    a paced 1,000-order demo took 13.8 s of broker CPU then, 8.1 s with batches
+    a paced 1,000-instance reference demo took 13.8 s of broker CPU then, 8.1 s with batches
     merged after one second. A fetch that listed a batch merged away meanwhile
     reads a placeholder (``compaction.placeholder``) and fetches again.
 

@@ -36,16 +36,16 @@ from opsflow.errors import ConfigurationError
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, StackSettings
 
 LOOPBACK = "127.0.0.1"
-# The runtime services' fetch wait on the memory broker: order-to-dispatch p99
-# 473 -> 245 ms at 100 orders/s against the runtime's 100 ms (`make bench`).
+# The runtime services' fetch wait on the memory broker: end-to-end p99 of the reference demo
+# 473 -> 245 ms at 100 instances/s against the runtime's 100 ms (`make bench`).
 MEMORY_FETCH_WAIT_MS = 20
 # Partitions of each topic `opsflow up` creates on its durable store: a
-# 1,000-order demo at 100 orders/s, order-to-dispatch p99 9.3 s with 6 and
-# 1.2 s with 1 (README, "Known limits of the embedded broker").
+# 1,000-instance reference demo at 100 instances/s, end-to-end p99 9.3 s with 6
+# and 1.2 s with 1 (README, "Known limits of the embedded broker").
 DURABLE_PARTITIONS = 1
-# How much less of a contended CPU the processes off the order's path get
-# (the projector, and proof-of-delivery intake, which follows a booking): a
-# paced 1,000-order demo on the durable stack, order-to-dispatch p99 879 / 986
+# How much less of a contended CPU the processes off the workflow's path get
+# (the projector, and programs an application marks ``off_path``): a paced
+# 1,000-instance reference demo on the durable stack, end-to-end p99 879 / 986
 # -> 746 / 605 ms (two runs each), the rest catching up once the burst is over.
 OFF_PATH_NICE = 10
 # The projector's fetch wait there (the runtime's consumers keep 100 ms).
@@ -233,19 +233,19 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
             # Tansu reads a fetch's partitions one after another, each with
             # object-store round trips even when it has nothing new: with 6
             # partitions a topic, a consumer of four topics fell seconds
-            # behind at 100 orders/s (README, "Known limits"). One broker and
+            # behind at 100 instances/s (README, "Known limits"). One broker and
             # one instance of each service gain nothing from more.
             if "KAFKA_FETCH_WAIT_MAX_MS" not in os.environ:
                 # The projector's five readers of every topic are not on the
                 # workflow's path: polling less often halved its CPU and took
-                # the broker's with it (1,000-order demo: 2.0-2.7 -> 1.2 s).
+                # the broker's with it (1,000-instance reference demo: 2.0-2.7 -> 1.2 s).
                 projector_env["KAFKA_FETCH_WAIT_MAX_MS"] = str(DURABLE_PROJECTOR_FETCH_WAIT_MS)
             if "KAFKA_QUEUED_MIN_MESSAGES" not in os.environ:
                 # The broker answers a fetch as soon as it finds a record, so
                 # under load each reader fetched back to back, a few records a
                 # time, each fetch listing and reading store objects. One fetch
                 # at most per backoff while records wait unread: a paced
-                # 1,000-order demo, projector CPU 1.7 -> 0.9 s, broker 8.1 -> 5.9 s.
+                # 1,000-instance reference demo, projector CPU 1.7 -> 0.9 s, broker 8.1 -> 5.9 s.
                 projector_env["KAFKA_QUEUED_MIN_MESSAGES"] = "1"
                 projector_env["KAFKA_FETCH_QUEUE_BACKOFF_MS"] = str(
                     DURABLE_PROJECTOR_FETCH_BACKOFF_MS
