@@ -203,6 +203,16 @@ def test_every_refund_ends_once_and_the_partner_pays_none_twice_under_kill_9(
         "refunds awaiting approval": 0,
         "refund payouts failed": sum(end == "payout_failed" for end in expected.values()),
     }
+    # The operator's tools read the refund workflow's declaration: a dry-run replay of
+    # the checks into the payout step finds every payout already in the log, and no
+    # record was dead-lettered.
+    planned = json.loads(
+        refunds.run("replay", "refund-checks", "--into", "refund-payout", "--dry-run", "--json")
+    )
+    assert planned["handled"] == len(expected) and set(planned["instances"]) == set(expected)
+    auto = sum(isinstance(e, RefundChecked) and e.outcome.value == "AUTO_APPROVED" for e in events)
+    assert planned["already_done"] == auto, "each auto-approved check has its payout request"
+    assert json.loads(refunds.run("dlq", "list", "--json"))["pending"] == 0
     trace = json.loads(refunds.run("trace", "rf-0999", "--json"))
     assert trace["instance"] == "refund" and trace["state"] == "paid", trace["now"]
 
