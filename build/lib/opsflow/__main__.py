@@ -1,5 +1,0 @@
-"""`python -m opsflow` is the `opsflow` command."""
-
-from opsflow.cli import main
-
-main()

@@ -1,1 +1,0 @@
-"""The projector: one process keeping every read model current from the topics."""
