@@ -13,6 +13,7 @@ the test needs no network for them; resolving them is what `make setup` does).
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -46,8 +47,16 @@ def _run(args: list[str | Path], *, cwd: Path, env: dict[str, str] | None = None
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from a copy of what the package is made of (a build in the
+    checkout would leave its build/ folder there)."""
     out = tmp_path_factory.mktemp("wheel")
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, ROOT], cwd=out)
+    source = out / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    junk = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(ROOT / "shared", source / "shared", ignore=junk)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", out, source], cwd=out)
     (found,) = out.glob("opsflow-*.whl")
     return found
 
