@@ -6,11 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TypeVar
 
 from opsflow.application import Verdict
 from opsflow.contracts import Event
-from opsflow.trace import minutes, stamp
+from opsflow.trace import latest, minutes, stamp
 from services.contracts import (
     Actor,
     DispatchExecuted,
@@ -31,8 +30,6 @@ from services.contracts import (
     ReviewSlaBreached,
 )
 
-E = TypeVar("E", bound=Event)
-
 
 def who(actor: Actor) -> str:
     """A person as a line names them: "Ana (reviewer)"."""
@@ -44,11 +41,6 @@ def _due(due_at: datetime, now: datetime) -> str:
     if left.total_seconds() >= 0:
         return f"SLA due in {minutes(left)}"
     return f"SLA overdue by {minutes(left)}"
-
-
-def _latest(events: Sequence[Event], kind: type[E]) -> E | None:
-    found = [e for e in events if isinstance(e, kind)]
-    return found[-1] if found else None
 
 
 def verdict(
@@ -71,7 +63,7 @@ def verdict(
     def at(event: Event) -> datetime:
         return times.get(str(event.envelope.event_id), event.envelope.occurred_at)
 
-    pod = _latest(events, PodCaptured)
+    pod = latest(events, PodCaptured)
     if pod is not None:
         return Verdict(
             "delivered",
@@ -79,7 +71,7 @@ def verdict(
             f"(booking {pod.booking_reference})",
             True,
         )
-    refused = _latest(events, PodRejected)
+    refused = latest(events, PodRejected)
     refusal = (
         f"; a proof of delivery was refused at {stamp(at(refused))} "
         f"({refused.reason_code.value}: {refused.reason})"
@@ -91,7 +83,7 @@ def verdict(
     ]
     if dispatch:
         last = max(dispatch, key=lambda e: _dispatch_rank(e, at(e)))
-        executed = _latest(events, DispatchExecuted)
+        executed = latest(events, DispatchExecuted)
         if executed is not None:
             return Verdict(
                 "dispatched",
@@ -136,7 +128,7 @@ def verdict(
             f"requested {minutes(now - at(last))} ago",
             False,
         )
-    decided = _latest(events, ReviewDecided)
+    decided = latest(events, ReviewDecided)
     if decided is not None:
         if decided.decision is ReviewDecision.REJECTED:
             return Verdict(
@@ -145,10 +137,10 @@ def verdict(
                 True,
             )
         return _waiting_for_dispatch(f"approved by {who(decided.actor)}", at(decided), now)
-    requested = _latest(events, ReviewRequested)
+    requested = latest(events, ReviewRequested)
     if requested is not None:
         return _in_review(requested, events, now, at)
-    check = _latest(events, PolicyChecked)
+    check = latest(events, PolicyChecked)
     if check is not None:
         codes = ", ".join(check.reason_codes) or "no reason code"
         if check.outcome is PolicyOutcome.REJECTED:
@@ -163,7 +155,7 @@ def verdict(
             f"{minutes(now - at(check))} ago)",
             False,
         )
-    received = _latest(events, OrderReceived)
+    received = latest(events, OrderReceived)
     if received is not None:
         return Verdict(
             "received",

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import TypeVar
 
 from opsflow.application import Verdict
 from opsflow.contracts import Event
-from opsflow.trace import minutes, stamp
+from opsflow.trace import latest, minutes, stamp
 from services.refunds.contracts import (
     ApprovalClaimed,
     ApprovalDecided,
@@ -28,19 +27,12 @@ from services.refunds.contracts import (
     RefundRequested,
 )
 
-E = TypeVar("E", bound=Event)
-
-
-def _latest(events: Sequence[Event], kind: type[E]) -> E | None:
-    found = [e for e in events if isinstance(e, kind)]
-    return found[-1] if found else None
-
 
 def verdict(
     events: Sequence[Event], now: datetime, written_at: Mapping[str, datetime] | None = None
 ) -> Verdict:
     """Where the refund is waiting now (``events`` in time order)."""
-    paid = _latest(events, RefundPaid)
+    paid = latest(events, RefundPaid)
     if paid is not None:
         return Verdict(
             "paid",
@@ -48,25 +40,25 @@ def verdict(
             f"({paid.payout_reference}) at {stamp(paid.envelope.occurred_at)}",
             True,
         )
-    failed = _latest(events, PayoutFailed)
+    failed = latest(events, PayoutFailed)
     if failed is not None:
         kind = "refused" if failed.permanent else "failed after every attempt"
         return Verdict("payout_failed", f"payout {kind}: {failed.reason}", True)
-    requested = _latest(events, PayoutRequested)
+    requested = latest(events, PayoutRequested)
     if requested is not None:
         waited = minutes(now - requested.envelope.occurred_at)
         return Verdict("paying", f"waiting for the payment partner for {waited}", False)
-    decided = _latest(events, ApprovalDecided)
+    decided = latest(events, ApprovalDecided)
     if decided is not None:
         by = f"{decided.actor.display_name} ({decided.actor.role.value.lower()})"
         if decided.decision is Decision.REJECTED:
             return Verdict("rejected", f"rejected by {by}: {decided.reason}", True)
         return Verdict("approved", f"approved by {by}; the payout is next", False)
-    task = _latest(events, ApprovalRequested)
+    task = latest(events, ApprovalRequested)
     if task is not None:
-        breached = _latest(events, ApprovalSlaBreached)
-        escalated = _latest(events, ApprovalEscalated)
-        claimed = _latest(events, ApprovalClaimed)
+        breached = latest(events, ApprovalSlaBreached)
+        escalated = latest(events, ApprovalEscalated)
+        claimed = latest(events, ApprovalClaimed)
         due = escalated.due_at if escalated else task.due_at
         tier = "the finance lead" if escalated else "an agent"
         held = f", claimed by {claimed.actor.display_name}" if claimed else ""
@@ -78,14 +70,14 @@ def verdict(
             else f"overdue by {minutes(left)}"
         )
         return Verdict("awaiting_approval", f"waiting for {tier}{held}, {timing}{late}", False)
-    check = _latest(events, RefundChecked)
+    check = latest(events, RefundChecked)
     if check is not None:
         if check.outcome is CheckOutcome.REJECTED:
             return Verdict(
                 "rejected", f"rejected by the rules: {', '.join(check.reason_codes)}", True
             )
         return Verdict("checked", f"{check.outcome.value.lower()}; the next step is next", False)
-    if _latest(events, RefundRequested) is not None:
+    if latest(events, RefundRequested) is not None:
         return Verdict("requested", "waiting for the refund check", False)
     return Verdict("unknown", "no refund events", False)
 

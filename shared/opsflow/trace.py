@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from rich.markup import escape
@@ -57,6 +57,7 @@ INDEX_PROJECTION = "audit_log"
 # Reading on through this many records of other instances costs less than a seek (one more
 # fetch round trip); a record is about 300 bytes, a fetch returns up to 1 MiB.
 _SEEK_GAP = 500
+E = TypeVar("E", bound=Event)
 _ON_THE_STACK = "or point the shell at the running stack with `eval $(opsflow env)`"
 
 
@@ -365,6 +366,13 @@ def assemble(
         summaries={step.event_id: describe(step.event) for step in in_time},
         instance=app.instance,
     )
+
+
+def latest(events: Sequence[Event], kind: type[E]) -> E | None:
+    """The last of ``events`` (in time order) of type ``kind``: what an application's
+    ``standing`` asks of an instance's history, step by step."""
+    found = [event for event in events if isinstance(event, kind)]
+    return found[-1] if found else None
 
 
 def last_event(
