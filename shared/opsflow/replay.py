@@ -51,6 +51,7 @@ from opsflow.projections import Projection, RecordDecoder
 from opsflow.readmodels import projections
 from opsflow.runtime import Service, load_service
 from opsflow.runtime.recovery import SOURCE_HEADER, source_of
+from opsflow.runtime.worker import EVENT_TYPE_HEADER
 from opsflow.topics import (
     ReadToEnd,
     consumer_config,
@@ -61,7 +62,6 @@ from opsflow.topics import (
 )
 
 REPLAY_HEADER = "opsflow-replay"
-EVENT_TYPE_HEADER = "opsflow-event-type"
 
 Progress = Callable[[int, int], None]
 
