@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -32,8 +33,16 @@ from opsflow import db
 from opsflow.contracts import Event
 from opsflow.contracts.lineage import derive_idempotency_key
 from opsflow.contracts.wire import WireCodec
+from opsflow.errors import RetryableError
 from opsflow.runtime import recovery
-from opsflow.topics import dead_letter_topic, end_offsets, ensure_topics
+from opsflow.topics import (
+    ReadToEnd,
+    consumer_config,
+    dead_letter_topic,
+    end_offsets,
+    ensure_topics,
+    reader_config,
+)
 from services.contracts import (
     DispatchExecuted,
     DispatchFailed,
@@ -515,6 +524,42 @@ def test_recovery_scan_ends_at_an_open_transaction_instead_of_waiting_past_it(
 
     assert found == {(topics.orders, 0): {recovery.source_of(topics.orders, 0, 0, 0)}}
     assert time.monotonic() - began < 20
+
+
+def test_reading_to_the_end_stops_at_each_partitions_end_with_or_without_end_events(
+    stack: Stack, topics: Topics
+) -> None:
+    # Committed in a transaction: offsets 0-4 are records, then (on brokers that write one)
+    # its marker, which no reader is given; a bounded reading must still see its end.
+    config = {"bootstrap.servers": topics.bootstrap}
+    writer = Producer({**config, "transactional.id": f"reads-{uuid.uuid4()}"})
+    writer.init_transactions(30)
+    writer.begin_transaction()
+    for n in range(5):
+        writer.produce(topics.checks, f"r{n}".encode(), partition=0)
+    writer.commit_transaction(30)
+    where, empty = (topics.checks, 0), (topics.checks, 1)
+    ends = end_offsets(config, [where, empty], timeout=30)
+    assert ends[where] >= 5 and ends[empty] == 0
+
+    def offsets(consumer: Consumer, reading: ReadToEnd) -> list[int]:
+        try:
+            return [msg.offset() or 0 for msg in reading]
+        finally:
+            consumer.close()
+
+    with_events = Consumer(reader_config(config, "test-reader"))
+    reading = ReadToEnd(with_events, {where: 2, empty: 0}, timeout_s=30)
+    assert offsets(with_events, reading) == [2, 3, 4]
+    # A reader without end events (the long-lived readers' settings) ends at its position.
+    without = Consumer(consumer_config(config, f"test-{uuid.uuid4().hex}"))
+    reading = ReadToEnd(without, {where: 0, empty: 0}, ends=ends, timeout_s=30)
+    assert offsets(without, reading) == [0, 1, 2, 3, 4]
+    # An end it cannot reach is given up, naming the partition.
+    without = Consumer(consumer_config(config, f"test-{uuid.uuid4().hex}"))
+    reading = ReadToEnd(without, {where: 0}, ends={where: ends[where] + 3}, timeout_s=2)
+    with pytest.raises(RetryableError, match=re.escape(f"{topics.checks}[0]")):
+        offsets(without, reading)
 
 
 def _approvable_orders(count: int) -> list[OrderReceived]:

@@ -43,8 +43,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,14 +57,19 @@ from confluent_kafka import (
     KafkaException,
     Message,
     Producer,
-    TopicPartition,
 )
 
 from opsflow import db
 from opsflow.application import load_application
 from opsflow.deadletters import DeadLetter
-from opsflow.errors import ConfigurationError, OpsflowError, RetryableError
-from opsflow.topics import DEAD_LETTER_SUFFIX, dead_letter_topic, topic_name
+from opsflow.errors import ConfigurationError, OpsflowError
+from opsflow.topics import (
+    DEAD_LETTER_SUFFIX,
+    ReadToEnd,
+    dead_letter_topic,
+    reader_config,
+    topic_name,
+)
 
 # Serialises redrives on one database, so two operators redriving at once never
 # write the same dead letter twice (the second finds the first's marks).
@@ -302,13 +305,17 @@ class DeadLetterQueues:
         consumer = self._consumer("read_committed")
         try:
             metadata = self._metadata(consumer)
-            starts = [
-                TopicPartition(name, partition, OFFSET_BEGINNING)
+            starts = {
+                (name, partition): OFFSET_BEGINNING
                 for name in names
                 if name in metadata.topics
                 for partition in sorted(metadata.topics[name].partitions)
-            ]
-            letters = [_letter(msg) for msg in _read_to_end(consumer, starts, timeout_s=120)]
+            }
+            # consume() waits its whole timeout unless the batch fills, and a dead-letter
+            # queue rarely fills one: at 0.1 s, two such waits were 0.2 of the 0.7 s
+            # `opsflow dlq list` spent in-process on empty queues (profiled).
+            reading = ReadToEnd(consumer, starts, timeout_s=120, wait_s=0.02)
+            letters = [_letter(msg) for msg in reading]
         finally:
             consumer.close()
         return self._with_marks(letters)
@@ -509,12 +516,7 @@ class DeadLetterQueues:
                 # Reading to the end waits this long per empty fetch: keep it short
                 # (KAFKA_FETCH_WAIT_MAX_MS still wins).
                 "fetch.wait.max.ms": 50,
-                **self.kafka,
-                "group.id": f"opsflow-dlq-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-                "isolation.level": isolation,
+                **reader_config(self.kafka, "dlq", isolation=isolation),
             }
         )
 
@@ -577,35 +579,6 @@ def _letter(msg: Message) -> DeadLetter:
     )
 
 
-def _read_to_end(
-    consumer: Consumer, starts: list[TopicPartition], *, timeout_s: float
-) -> Iterator[Message]:
-    """Every record from ``starts`` to the end of each partition, as it is now (the end is
-    learnt from fetch responses, as ``opsflow.runtime.recovery`` does)."""
-    if not starts:
-        return
-    consumer.assign(starts)
-    remaining = {(tp.topic, tp.partition) for tp in starts}
-    deadline = time.monotonic() + timeout_s
-    while remaining:
-        if time.monotonic() > deadline:
-            raise RetryableError(
-                f"reading {', '.join(f'{t}/{p}' for t, p in sorted(remaining))} to the end "
-                f"timed out after {timeout_s:g} s; try again"
-            )
-        # consume() waits its whole timeout unless the batch fills, and a dead-letter
-        # queue rarely fills one: at 0.1 s, two such waits were 0.2 of the 0.7 s `opsflow
-        # dlq list` spent in-process on empty queues (profiled).
-        for msg in consumer.consume(1000, 0.02):
-            error = msg.error()
-            where = (msg.topic() or "", msg.partition() or 0)
-            if error is None:
-                if where in remaining:
-                    yield msg
-            elif error.code() == KafkaError._PARTITION_EOF:
-                remaining.discard(where)
-
-
 def _read_offsets(
     consumer: Consumer, topic: str, partition: int, offsets: Sequence[int]
 ) -> Iterator[Message]:
@@ -620,12 +593,10 @@ def _read_offsets(
             upto = offsets[index]
         wanted = set(offsets[offsets.index(start) : index + 1])
         index += 1
-        for msg in _read_to_end(consumer, [TopicPartition(topic, partition, start)], timeout_s=60):
-            offset = msg.offset() or 0
-            if offset in wanted:
+        where = (topic, partition)
+        for msg in ReadToEnd(consumer, {where: start}, ends={where: upto + 1}, timeout_s=60):
+            if (msg.offset() or 0) in wanted:
                 yield msg
-            if offset >= upto:
-                break
 
 
 PREVIEW_BYTES = 256

@@ -51,10 +51,17 @@ from opsflow.projections import Projection, RecordDecoder
 from opsflow.readmodels import projections
 from opsflow.runtime import Service, load_service
 from opsflow.runtime.recovery import SOURCE_HEADER, source_of
-from opsflow.topics import consumer_config, end_offsets, offsets_at, partitions_of, topic_name
+from opsflow.runtime.worker import EVENT_TYPE_HEADER
+from opsflow.topics import (
+    ReadToEnd,
+    consumer_config,
+    end_offsets,
+    offsets_at,
+    partitions_of,
+    topic_name,
+)
 
 REPLAY_HEADER = "opsflow-replay"
-EVENT_TYPE_HEADER = "opsflow-event-type"
 
 Progress = Callable[[int, int], None]
 
@@ -159,23 +166,15 @@ def read(
     keys: frozenset[str],
 ) -> Iterator[Message]:
     """The records of ``ranges``, partition by partition in offset order, filtered by key."""
-    wanted = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
-    if not wanted:
-        return
-    consumer.assign([KafkaPartition(t, p, start) for (t, p), (start, _) in wanted.items()])
     wanted_keys = {k.encode() for k in keys}
-    while wanted:
-        for msg in consumer.consume(1000, 1.0):
-            if msg.error() is not None:
-                continue
-            tp = (msg.topic(), msg.partition())
-            if tp not in wanted or msg.offset() >= wanted[tp][1]:  # type: ignore[operator]
-                continue
-            if not wanted_keys or msg.key() in wanted_keys:
-                yield msg
-        for kp in consumer.position([KafkaPartition(t, p) for t, p in wanted]):
-            if kp.offset >= wanted[(kp.topic, kp.partition)][1]:
-                del wanted[(kp.topic, kp.partition)]
+    for msg in ReadToEnd(
+        consumer,
+        {tp: start for tp, (start, _) in ranges.items()},
+        ends={tp: end for tp, (_, end) in ranges.items()},
+        wait_s=1.0,
+    ):
+        if not wanted_keys or msg.key() in wanted_keys:
+            yield msg
 
 
 class Replay:

@@ -1,21 +1,39 @@
-"""Topics of record: created idempotently, with explicit partitions, kept forever.
+"""Topics of record: created idempotently, with explicit partitions, kept forever; and
+how opsflow reads them.
 
 The topics are the replay source of every read model, so they keep every
 record (``retention.ms=-1``); partitions are explicit because keying by an
 instance's id only keeps its events in order while the partition count does not change.
+
+Reading them has one home here: the settings of a long-lived reader whose positions
+live elsewhere (``consumer_config``) and of a throwaway one (``reader_config``), every
+partition of some topics, their ends, the offsets at a time, and reading partitions
+from given offsets until each has reported its end (``ReadToEnd``), which runtime
+recovery, the dead-letter queues, trace, replay and rebuild all do.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import OFFSET_END, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from opsflow.errors import RetryableError
 from opsflow.settings import TopicSettings
+
+Partition = tuple[str, int]
+"""A partition as (Kafka topic name, partition number)."""
 
 RECORD_TOPIC_CONFIG = {"retention.ms": "-1", "cleanup.policy": "delete"}
 DEAD_LETTER_SUFFIX = ".dlq"
@@ -87,14 +105,153 @@ def consumer_config(kafka: Mapping[str, Any], group: str) -> dict[str, Any]:
     }
 
 
-def partitions_of(consumer: Consumer, topics: Sequence[str]) -> list[tuple[str, int]]:
+def reader_config(
+    kafka: Mapping[str, Any], label: str, *, isolation: str = "read_committed"
+) -> dict[str, Any]:
+    """A throwaway reader: it reads some partitions from offsets it is given to their end,
+    then is closed. It joins no group and commits nothing, so its group id, unique to
+    the reader (``opsflow-<label>-<random hex>``), only names the client.
+
+    It gets an end-of-partition event whenever it reaches a partition's end
+    (``ReadToEnd`` relies on them): the end learnt from fetch responses, not asked
+    with ListOffsets, which the embedded broker answers short of the end for "latest"
+    (see ``end_offsets``). ``read_committed`` keeps records of transactions still
+    open (or aborted, on brokers that hide them) from being read as facts;
+    ``read_uncommitted`` is for finding a record whatever became of its transaction.
+    A start no longer in the log reads from the oldest record there.
+
+    Everything else comes from ``kafka`` (servers, security, ``KAFKA_*`` settings).
+    A caller's default that ``kafka`` may override goes before the result, a setting
+    that must win goes after it: ``{"fetch.wait.max.ms": 50, **reader_config(...)}``.
+    """
+    return {
+        **kafka,
+        "group.id": f"opsflow-{label}-{uuid.uuid4().hex}",
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": isolation,
+        "enable.partition.eof": True,
+    }
+
+
+class ReadToEnd:
+    """The records of some partitions, each from its start offset until it has reported
+    its end, as an iterator of messages (``for msg in ReadToEnd(consumer, starts, ...)``).
+
+    A partition ends where the reader finds its end (an end-of-partition event, which
+    ``reader_config`` asks for), or, when ``ends`` gives it an end offset, at the first
+    record at or past the one before that offset, or once the reader's position is
+    there. The position is what ends a partition for a reader without end events:
+    transaction markers and aborted records are never delivered, so the record just
+    before an end may never come. A ``read_committed`` reader's end is the last stable
+    offset, short of ``ends`` while a transaction is open there: nothing more to read.
+    Records of a partition after its end are passed over, so a reading sees each
+    partition as it was when the reader reached its end. Errors the client recovers
+    from by itself are passed over too; a fatal one raises ``RetryableError``.
+
+    ``timeout_s`` bounds the whole reading; ``stall_s`` bounds only the time without a
+    record or an end, for readings that may be long but must keep moving. Either
+    raises ``RetryableError`` naming the partitions that did not finish. ``check``
+    runs before every fetch: raise from it to call the reading off. Between records
+    the caller may ``seek`` the consumer (records fetched before the seek may still
+    come: the caller passes over them) or ``finish`` a partition it has read enough
+    of. ``remaining`` is what has not ended yet. The consumer is assigned the
+    partitions to read (nothing is assigned when there is nothing to read) and left
+    assigned.
+    """
+
+    def __init__(
+        self,
+        consumer: Consumer,
+        starts: Mapping[Partition, int],
+        *,
+        ends: Mapping[Partition, int] | None = None,
+        timeout_s: float | None = None,
+        stall_s: float | None = None,
+        check: Callable[[], None] | None = None,
+        batch: int = 1000,
+        wait_s: float = 0.02,
+    ) -> None:
+        self.consumer = consumer
+        self.starts = dict(starts)
+        self.ends = dict(ends or {})
+        self.timeout_s, self.stall_s, self.check = timeout_s, stall_s, check
+        # consume() waits its whole ``wait_s`` unless ``batch`` records are there: the
+        # last, empty call of a reading costs ``wait_s``.
+        self.batch, self.wait_s = batch, wait_s
+        self.remaining: set[Partition] = {
+            where
+            for where, start in self.starts.items()
+            if where not in self.ends or start < self.ends[where]
+        }
+
+    def finish(self, where: Partition) -> None:
+        """Read no more of ``where``: the caller has what it wanted from it."""
+        self.remaining.discard(where)
+
+    def __iter__(self) -> Iterator[Message]:
+        if not self.remaining:
+            return
+        self.consumer.assign(
+            [
+                TopicPartition(t, p, at)
+                for (t, p), at in self.starts.items()
+                if (t, p) in self.remaining
+            ]
+        )
+        started = progress = time.monotonic()
+        while self.remaining:
+            if self.check is not None:
+                self.check()
+            now = time.monotonic()
+            if self.timeout_s is not None and now - started > self.timeout_s:
+                raise RetryableError(
+                    f"reading {self._unfinished()} to the end took over {self.timeout_s:g} s; "
+                    "try again, or check the broker's health"
+                )
+            if self.stall_s is not None and now - progress > self.stall_s:
+                raise RetryableError(
+                    f"reading {self._unfinished()} made no progress for {self.stall_s:g} s"
+                )
+            for msg in self.consumer.consume(self.batch, self.wait_s):
+                where = (msg.topic() or "", msg.partition() or 0)
+                error = msg.error()
+                if error is not None:
+                    if error.fatal():
+                        raise RetryableError(f"reading {msg.topic()} failed: {error.str()}")
+                    if error.code() == KafkaError._PARTITION_EOF and where in self.remaining:
+                        self.remaining.discard(where)
+                        progress = time.monotonic()
+                    continue
+                if where not in self.remaining:
+                    continue
+                progress = time.monotonic()
+                offset = msg.offset() or 0
+                end = self.ends.get(where)
+                if end is None or offset < end:
+                    yield msg
+                if end is not None and offset + 1 >= end:
+                    self.remaining.discard(where)
+            bounded = [TopicPartition(t, p) for t, p in self.remaining if (t, p) in self.ends]
+            if bounded:
+                for tp in self.consumer.position(bounded):
+                    if tp.offset >= self.ends[(tp.topic, tp.partition)]:
+                        self.remaining.discard((tp.topic, tp.partition))
+
+    def _unfinished(self, shown: int = 5) -> str:
+        names = [f"{t}[{p}]" for t, p in sorted(self.remaining)]
+        more = f" and {len(names) - shown} more partitions" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+
+def partitions_of(consumer: Consumer, topics: Sequence[str]) -> list[Partition]:
     """Every partition of ``topics``.
 
     Raises:
         RetryableError: a topic does not exist (yet): provisioning creates them.
     """
     metadata = consumer.list_topics(timeout=10)
-    found: list[tuple[str, int]] = []
+    found: list[Partition] = []
     for topic in topics:
         meta = metadata.topics.get(topic)
         if meta is None or meta.error is not None or not meta.partitions:
@@ -104,8 +261,8 @@ def partitions_of(consumer: Consumer, topics: Sequence[str]) -> list[tuple[str, 
 
 
 def end_offsets(
-    kafka: Mapping[str, Any], partitions: Iterable[tuple[str, int]], *, timeout: float = 10.0
-) -> dict[tuple[str, int], int]:
+    kafka: Mapping[str, Any], partitions: Iterable[Partition], *, timeout: float = 10.0
+) -> dict[Partition, int]:
     """The offset after the last record of each partition, as a ``read_committed`` reader
     sees it (the last stable offset).
 
@@ -120,21 +277,13 @@ def end_offsets(
     parts = sorted(set(partitions))
     if not parts:
         return {}
-    consumer = Consumer(
-        {
-            **kafka,
-            "group.id": "opsflow-end-offsets",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 10,
-        }
-    )
+    consumer = Consumer({**reader_config(kafka, "end-offsets"), "fetch.wait.max.ms": 10})
     try:
         # Leaders first: assigned before its metadata arrived, librdkafka waits for
         # its offset-query timer (~0.5 s measured) before it asks where the end is.
         consumer.list_topics(timeout=timeout)
         consumer.assign([TopicPartition(t, p, OFFSET_END) for t, p in parts])
-        found: dict[tuple[str, int], int] = {}
+        found: dict[Partition, int] = {}
         deadline = time.monotonic() + timeout
         while len(found) < len(parts):
             if time.monotonic() > deadline:
@@ -154,10 +303,10 @@ def end_offsets(
 def offsets_at(
     consumer: Consumer,
     when_ms: int,
-    ends: Mapping[tuple[str, int], int],
+    ends: Mapping[Partition, int],
     *,
     timeout: float = 30.0,
-) -> dict[tuple[str, int], int]:
+) -> dict[Partition, int]:
     """For each partition of ``ends``, the first offset whose record was written at or
     after ``when_ms``; the partition's end when no record is that late.
 
@@ -171,7 +320,7 @@ def offsets_at(
     Raises:
         RetryableError: the partitions could not be read within ``timeout``.
     """
-    found: dict[tuple[str, int], int] = {}
+    found: dict[Partition, int] = {}
     looked_up = consumer.offsets_for_times(
         [TopicPartition(t, p, when_ms) for t, p in ends], timeout=timeout
     )
@@ -197,43 +346,24 @@ def offsets_at(
 
 def _first_records(
     consumer: Consumer,
-    starts: Mapping[tuple[str, int], int],
-    ends: Mapping[tuple[str, int], int],
+    starts: Mapping[Partition, int],
+    ends: Mapping[Partition, int],
     wanted: Callable[[int], bool],
     timeout: float,
-) -> dict[tuple[str, int], tuple[int, int]]:
+) -> dict[Partition, tuple[int, int]]:
     """Per partition, (offset, timestamp) of the first record from ``starts`` whose
     timestamp is ``wanted``; a partition read to its end without one is left out."""
     if not starts:
         return {}
-    consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in starts.items()])
-    found: dict[tuple[str, int], tuple[int, int]] = {}
-    open_ = set(starts)
-    deadline = time.monotonic() + timeout
+    found: dict[Partition, tuple[int, int]] = {}
+    reading = ReadToEnd(consumer, starts, ends=ends, timeout_s=timeout, wait_s=0.2)
     try:
-        while open_:
-            if time.monotonic() > deadline:
-                raise RetryableError(f"could not read {sorted(open_)} in time")
-            for msg in consumer.consume(1000, 0.2):
+        for msg in reading:
+            _, stamp = msg.timestamp()
+            if wanted(stamp):
                 where = (msg.topic() or "", msg.partition() or 0)
-                if where not in open_:
-                    continue
-                error = msg.error()
-                if error is not None:
-                    # A read_committed reader's end is the last stable offset, short of
-                    # ``ends`` while a transaction is open there: nothing more to read.
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        open_.discard(where)
-                    continue
-                offset = msg.offset() or 0
-                if offset >= ends[where]:
-                    open_.discard(where)
-                elif wanted(msg.timestamp()[1]):
-                    found[where] = (offset, msg.timestamp()[1])
-                    open_.discard(where)
-            for tp in consumer.position([TopicPartition(t, p) for t, p in open_]):
-                if tp.offset >= ends[(tp.topic, tp.partition)]:
-                    open_.discard((tp.topic, tp.partition))
+                found[where] = (msg.offset() or 0, stamp)
+                reading.finish(where)
     finally:
         consumer.unassign()
     return found

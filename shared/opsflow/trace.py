@@ -33,8 +33,6 @@ the audit log has no row for it) below the position; ``opsflow dlq list
 from __future__ import annotations
 
 import difflib
-import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -47,7 +45,7 @@ from rich.tree import Tree
 
 from opsflow.application import Application, Verdict, load_application
 from opsflow.contracts import Event, Topic
-from opsflow.errors import BadInputError, ConfigurationError, OpsflowError, RetryableError
+from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
 
 TRACEPARENT = "traceparent"
 FULL_SCAN = "full-scan"
@@ -611,7 +609,9 @@ def scan(
             the topics of record exists (a wrong ``OPSFLOW_TOPIC_PREFIX``).
         RetryableError: the partitions could not be read to their end in time.
     """
-    from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    from opsflow.topics import ReadToEnd, reader_config
 
     servers = str(kafka.get("bootstrap.servers", ""))
     consumer = Consumer(
@@ -622,13 +622,7 @@ def scan(
             # records took 4.3 to 7.8 s at 10 ms against 1.2 to 1.8 s at 50 to 200 ms
             # (measured). KAFKA_FETCH_WAIT_MAX_MS still wins.
             "fetch.wait.max.ms": 50,
-            **kafka,
-            "group.id": f"opsflow-trace-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
-            # The end is learnt from fetch responses (see opsflow.runtime.recovery).
-            "enable.partition.eof": True,
+            **reader_config(kafka, "trace"),
             # librdkafka's own connection complaints would bury the one line that matters.
             "log_level": 0,
         }
@@ -666,61 +660,49 @@ def scan(
         read = behind = 0
         for plan in plans.values():
             plan.expect = plan.target
-        consumer.assign([TopicPartition(t, p, plan.target) for (t, p), plan in plans.items()])
-        remaining = set(plans)
-        deadline = time.monotonic() + read_timeout_s
-        while remaining:
-            if time.monotonic() > deadline:
-                raise RetryableError(
-                    f"reading the topics of record to their end took over {read_timeout_s:g} s "
-                    f"({len(remaining)} partitions unfinished, e.g. {sorted(remaining)[0]}); "
-                    "try again, or check the broker's health"
-                )
-            # A short wait: consume() waits its whole timeout unless the batch fills,
-            # and the few records of one instance never fill it (0.5 s took 0.5 s a call).
-            for msg in consumer.consume(2000, 0.02):
-                tp = (msg.topic() or "", msg.partition() or 0)
-                plan = plans[tp]
-                offset = msg.offset() or 0
-                error = msg.error()
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        # The end (librdkafka drops what it fetched before a seek,
-                        # end events included). An indexed offset not read by then
-                        # is not in the log to read.
-                        remaining.discard(tp)
-                    elif error.fatal():
-                        raise RetryableError(f"reading {msg.topic()} failed: {error.str()}")
-                    continue
-                if tp not in remaining or offset < plan.expect:
-                    continue
-                read += 1
-                in_tail = offset >= plan.tail
-                indexed = bool(plan.wanted) and plan.wanted[0] == offset
-                while plan.wanted and plan.wanted[0] <= offset:
-                    plan.wanted.pop(0)
-                if in_tail:
-                    behind += plan.indexed
-                elif plan.wanted or plan.tail > offset + 1:
-                    target = plan.target
-                    if target - offset > _SEEK_GAP:
-                        consumer.seek(TopicPartition(tp[0], tp[1], target))
-                        plan.expect = target
-                record_key = msg.key()
-                if record_key is None or not (in_tail or indexed):
-                    continue
-                if record_key != wanted:
-                    keys.add(record_key.decode("utf-8", "replace"))
-                    continue
-                _, stamp = msg.timestamp()
-                records[(tp[0], tp[1], offset)] = RawRecord(
-                    names[tp[0]],
-                    tp[1],
-                    offset,
-                    msg.value(),
-                    _headers(msg.headers()),
-                    stamp if stamp > 0 else None,
-                )
+        # A short wait: consume() waits its whole timeout unless the batch fills, and
+        # the few records of one instance never fill it (0.5 s took 0.5 s a call). A
+        # partition ends at its end (librdkafka drops what it fetched before a seek,
+        # end events included): an indexed offset not read by then is not in the log.
+        for msg in ReadToEnd(
+            consumer,
+            {where: plan.target for where, plan in plans.items()},
+            timeout_s=read_timeout_s,
+            batch=2000,
+            wait_s=0.02,
+        ):
+            tp = (msg.topic() or "", msg.partition() or 0)
+            plan = plans[tp]
+            offset = msg.offset() or 0
+            if offset < plan.expect:
+                continue
+            read += 1
+            in_tail = offset >= plan.tail
+            indexed = bool(plan.wanted) and plan.wanted[0] == offset
+            while plan.wanted and plan.wanted[0] <= offset:
+                plan.wanted.pop(0)
+            if in_tail:
+                behind += plan.indexed
+            elif plan.wanted or plan.tail > offset + 1:
+                target = plan.target
+                if target - offset > _SEEK_GAP:
+                    consumer.seek(TopicPartition(tp[0], tp[1], target))
+                    plan.expect = target
+            record_key = msg.key()
+            if record_key is None or not (in_tail or indexed):
+                continue
+            if record_key != wanted:
+                keys.add(record_key.decode("utf-8", "replace"))
+                continue
+            _, stamp = msg.timestamp()
+            records[(tp[0], tp[1], offset)] = RawRecord(
+                names[tp[0]],
+                tp[1],
+                offset,
+                msg.value(),
+                _headers(msg.headers()),
+                stamp if stamp > 0 else None,
+            )
         used = any(plan.indexed for plan in plans.values())
         return Scan(
             [records[where] for where in sorted(records)],

@@ -30,7 +30,6 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Consumer
-from confluent_kafka import TopicPartition as KafkaPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from psycopg import sql
 
@@ -41,7 +40,7 @@ from opsflow.projections.positions import TopicPartition
 from opsflow.projections.projection import Projection, Tables
 from opsflow.projections.records import EventRecord, RecordDecoder
 from opsflow.projections.runner import ProjectionRunner
-from opsflow.topics import consumer_config
+from opsflow.topics import ReadToEnd, consumer_config
 
 Progress = Callable[[int, int], None]
 """Called with (records read, records to read) as the replay goes."""
@@ -319,33 +318,21 @@ def read_range(
     (of the decoder's event types).
 
     Undecodable ones were dead-lettered by whoever read them first, and are skipped.
+
+    Raises:
+        RetryableError: the partitions were not read to ``end`` within 60 s.
     """
-    wanted = {tp: (start.get(tp, 0), off) for tp, off in end.items() if start.get(tp, 0) < off}
-    if not wanted:
+    starts = {tp: start.get(tp, 0) for tp, off in end.items() if start.get(tp, 0) < off}
+    if not starts:
         return []
     consumer = Consumer(consumer_config(kafka, f"opsflow-projection-{name}__swap"))
     records: list[EventRecord] = []
     try:
-        consumer.assign([KafkaPartition(t, p, lo) for (t, p), (lo, _) in wanted.items()])
-        deadline = time.monotonic() + 60
-        while wanted:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"could not read {sorted(wanted)} to their end offsets")
-            for msg in consumer.consume(5000, 0.2):
-                if msg.error():
-                    continue
-                tp = (msg.topic(), msg.partition())
-                if tp in wanted and msg.offset() < wanted[tp][1]:  # type: ignore[operator]
-                    with contextlib.suppress(BadInputError):
-                        record = decoder.select(msg)
-                        if record is not None:
-                            records.append(record)
-            for tp, reached in [
-                ((kp.topic, kp.partition), kp.offset)
-                for kp in consumer.position([KafkaPartition(t, p) for t, p in wanted])
-            ]:
-                if reached >= wanted[tp][1]:
-                    del wanted[tp]
+        for msg in ReadToEnd(consumer, starts, ends=end, timeout_s=60, batch=5000, wait_s=0.2):
+            with contextlib.suppress(BadInputError):
+                record = decoder.select(msg)
+                if record is not None:
+                    records.append(record)
     finally:
         consumer.close()
     return records

@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from opsflow.errors import RetryableError
-from opsflow.topics import end_offsets, offsets_at
+from opsflow.topics import Partition, ReadToEnd, end_offsets, offsets_at, reader_config
 
 SOURCE_HEADER = "opsflow-source"
 # Record timestamps come from producers' clocks; scan this much earlier than
@@ -71,63 +70,15 @@ def source_of(topic: str, partition: int, offset: int, index: int | str) -> str:
     return f"{topic}/{partition}/{offset}#{index}"
 
 
-Partition = tuple[str, int]
-
-
 def _scanner(config: dict[str, Any]) -> Consumer:
-    return Consumer(
-        {
-            **config,
-            "group.id": f"opsflow-recovery-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            # End of partition is learnt from fetch responses, not ListOffsets,
-            # which some brokers answer wrongly for "latest".
-            "enable.partition.eof": True,
-            "queued.max.messages.kbytes": 4096,
-        }
-    )
+    """A throwaway reader whose fetch queue is as small as the worker's own: a scan runs
+    in the worker's process, beside its consumer."""
+    return Consumer({**reader_config(config, "recovery"), "queued.max.messages.kbytes": 4096})
 
 
 def _check(cancel: threading.Event | None) -> None:
     if cancel is not None and cancel.is_set():
         raise Cancelled
-
-
-def _read_range(
-    consumer: Consumer,
-    ranges: Mapping[Partition, tuple[int, int]],
-    *,
-    stall_s: float,
-    cancel: threading.Event | None,
-) -> Iterator[Message]:
-    """Every record of each partition from its start up to (not including) its end."""
-    remaining = {where for where, (start, end) in ranges.items() if start < end}
-    if not remaining:
-        return
-    consumer.assign([TopicPartition(t, p, ranges[(t, p)][0]) for t, p in remaining])
-    progress = time.monotonic()
-    while remaining:
-        _check(cancel)
-        if time.monotonic() - progress > stall_s:
-            raise RetryableError(f"reading {sorted(remaining)} made no progress for {stall_s:.0f}s")
-        for msg in consumer.consume(1000, 0.5):
-            where = (msg.topic() or "", msg.partition() or 0)
-            if where not in remaining:
-                continue
-            progress = time.monotonic()
-            error = msg.error()
-            if error is not None:
-                # End of partition before the end looked up (records of an
-                # aborted transaction are not delivered): nothing more to read.
-                if error.code() == KafkaError._PARTITION_EOF:
-                    remaining.discard(where)
-                continue
-            offset = msg.offset() or 0
-            if offset < ranges[where][1]:
-                yield msg
-            if offset + 1 >= ranges[where][1]:
-                remaining.discard(where)
 
 
 def first_uncommitted(
@@ -147,6 +98,9 @@ def first_uncommitted(
     consumer = _scanner(config)
     found: dict[Partition, int] = {}
     try:
+        # Not ``ReadToEnd``: one record of each partition is wanted, not its end, and
+        # each fetch asks for as many events as partitions still unanswered, so a
+        # take-over whose partitions are all read to their end returns at once.
         consumer.assign([TopicPartition(t, p, offset) for (t, p), offset in committed.items()])
         remaining = set(committed)
         progress = time.monotonic()
@@ -201,8 +155,15 @@ def written_sources(
         # Not the broker's time lookup alone: one answers 0 for a time after its
         # newest record, and a take-over then re-read whole output topics.
         since = offsets_at(consumer, max(since_ms - CLOCK_SKEW_MS, 0), ends, timeout=stall_s)
-        ranges = {where: (since[where], ends[where]) for where in parts}
-        for msg in _read_range(consumer, ranges, stall_s=stall_s, cancel=cancel):
+        reading = ReadToEnd(
+            consumer,
+            {where: since[where] for where in parts},
+            ends={where: ends[where] for where in parts},
+            stall_s=stall_s,
+            check=lambda: _check(cancel),
+            wait_s=0.5,
+        )
+        for msg in reading:
             for key, value in header_pairs(msg):
                 if key == SOURCE_HEADER:
                     source = value.decode()

@@ -32,7 +32,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -44,7 +43,7 @@ from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.nodes.human.desk import Desk
 from opsflow.runtime import Delivery, Worker, load_service
 from opsflow.settings import RuntimeSettings
-from opsflow.topics import topic_name
+from opsflow.topics import reader_config, topic_name
 
 log = logging.getLogger("opsflow.nodes.human")
 
@@ -121,15 +120,7 @@ class Feed:
                 waited = time.monotonic()
         consumer = Consumer(
             {
-                **self.kafka,
-                "group.id": f"{self.worker.group}-reader-{uuid.uuid4().hex}",
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                # The end of each partition is learnt from fetch responses (EOF
-                # events), not from ListOffsets, which the embedded broker answers
-                # wrongly for "latest".
-                "enable.partition.eof": True,
+                **reader_config(self.kafka, f"{self.worker.group}-reader"),
                 "queued.max.messages.kbytes": 4096,
             }
         )
@@ -141,6 +132,9 @@ class Feed:
                     f"the topic {self.topic} does not exist",
                     "Create the topics of record (`python -m opsflow.provision`, or `opsflow up`)",
                 )
+            # Not ``ReadToEnd``: this reading never ends, and a partition replayed to its
+            # end is still applied while the others catch up (the end events only say
+            # when the whole topic has been replayed).
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in partitions])
             remaining = set(partitions)
             started = time.monotonic()
