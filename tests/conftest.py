@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from opsflow.testing import Cluster
 from tests.stackctl import Stack, create_schema, drop_schema
 
 # Both applications are installed; the suite's tests are about the reference one
@@ -38,6 +39,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     session.run("up", "--detach")
     yield session
     session.run("down")
+
+
+@pytest.fixture(scope="session")
+def opsflow_cluster(stack: Stack) -> Cluster:
+    """opsflow.testing's cluster is the session's stack (not a second one)."""
+    return Cluster(
+        stack.address("KAFKA_BOOTSTRAP_SERVERS"),
+        stack.address("SCHEMA_REGISTRY_URL"),
+        stack.address("DATABASE_URL"),
+    )
 
 
 @pytest.fixture(scope="session")

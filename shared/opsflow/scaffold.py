@@ -89,7 +89,7 @@ requires-python = ">=3.11"
 dependencies = ["opsflow"]
 
 [project.optional-dependencies]
-test = ["pytest"]
+test = ["opsflow[testing]"]
 
 # How every `opsflow` command finds this application.
 [project.entry-points."opsflow.applications"]
@@ -185,7 +185,13 @@ application = Application(
 )
 ''',
     "tests/test_$package.py": '''\
-"""$name's behaviour without a broker, and its contracts' gate."""
+"""$name's behaviour: the handler alone, the service on a real broker, its contracts' gate.
+
+``opsflow_env`` comes with opsflow (``opsflow.testing``): it starts an embedded
+broker, PostgreSQL and registry once per session (or uses the ones
+KAFKA_BOOTSTRAP_SERVERS, SCHEMA_REGISTRY_URL and DATABASE_URL name) and gives
+each test topics and a schema of its own.
+"""
 
 from __future__ import annotations
 
@@ -194,9 +200,11 @@ from datetime import UTC, datetime
 from opsflow.contracts import check_evolution, load_catalogue
 from opsflow.contracts.lineage import caused_by
 from opsflow.contracts.mirror import mismatches
+from opsflow.producer import body_model
+from opsflow.testing import Env
 from $package.application import application
-from $package.contracts import Requested
-from $package.service import greet
+from $package.contracts import Greeted, Requested
+from $package.service import greet, service
 
 
 def test_a_request_is_answered_with_a_greeting_keyed_by_the_request() -> None:
@@ -209,6 +217,14 @@ def test_a_request_is_answered_with_a_greeting_keyed_by_the_request() -> None:
     assert answer.greeting == "Hello, Ada!"
     assert answer.key == "r-1"
     assert answer.envelope.causation_id == str(envelope.event_id)
+
+
+def test_the_service_answers_a_published_request_on_the_broker(opsflow_env: Env) -> None:
+    with opsflow_env.running(service):
+        opsflow_env.publish(body_model(Requested)(request_id="r-2", name="Grace"))
+        [answer] = opsflow_env.wait_for(Greeted, where=lambda e: e.request_id == "r-2")
+    assert answer.greeting == "Hello, Grace!"
+    assert answer.envelope.producer == "$name"
 
 
 def test_every_schema_version_is_readable_by_the_newest_and_each_class_mirrors_its_schema() -> (
@@ -227,7 +243,8 @@ service `$name` answers each `$name.requested` event on `$requests` with a
 `$name.greeted` event on `$results`.
 
     python -m venv .venv && .venv/bin/pip install -e '.[test]'
-    .venv/bin/pytest                       # the handler and the contract gate
+    .venv/bin/pytest                       # the handler, the service on a real broker
+                                           # (opsflow.testing), the contract gate
     .venv/bin/opsflow up                   # broker, PostgreSQL, registry; provisions
                                            # the topics and schemas, runs $name
 

@@ -1,0 +1,264 @@
+"""``opsflow.testing``: a pytest plugin for testing an opsflow application on real parts.
+
+Installed with opsflow (the ``pytest11`` entry point), so a team's tests just
+ask for its fixtures:
+
+    def test_a_request_is_answered(opsflow_env):
+        with opsflow_env.running(service):
+            opsflow_env.publish(body_model(Requested)(request_id="r-1", name="Ada"))
+            [answer] = opsflow_env.wait_for(Greeted)
+        assert answer.greeting == "Hello, Ada!"
+
+- ``opsflow_cluster`` (one per test session): the broker, PostgreSQL and
+  schema registry the tests use. With ``KAFKA_BOOTSTRAP_SERVERS``,
+  ``SCHEMA_REGISTRY_URL`` and ``DATABASE_URL`` set, those; otherwise an
+  embedded stack (``opsflow up`` with the memory-store broker, which starts in
+  about a second), stopped when the session ends. Nothing is faked.
+- ``opsflow_env`` (one per test): the application provisioned afresh under a
+  topic prefix and a PostgreSQL schema of the test's own (its migrations, its
+  topics and dead-letter topics, its schemas registered), with the
+  environment pointing at them, so tests never see each other's records or
+  rows. ``running(service)`` runs a service's worker in this process against
+  the real broker (the runtime's codec, envelopes, lineage and Kafka
+  transactions, as in production) until the block ends; ``publish`` sends an
+  event or an event body with the producer SDK; ``wait_for`` reads the
+  committed events of a type from its topic until enough have arrived.
+
+The application is the one every ``opsflow`` command finds (``OPSFLOW_APP`` or
+the installed entry points).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+import pytest
+
+from opsflow.contracts import Event
+
+E = TypeVar("E", bound=Event)
+
+_CLUSTER_VARIABLES = ("KAFKA_BOOTSTRAP_SERVERS", "SCHEMA_REGISTRY_URL", "DATABASE_URL")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where the tests' broker, registry and database are."""
+
+    bootstrap_servers: str
+    registry_url: str
+    database_url: str
+
+
+@dataclass
+class Env:
+    """One test's share of the cluster (see the module docstring)."""
+
+    cluster: Cluster
+    prefix: str
+    database_url: str
+    _producer: Any = field(default=None, repr=False)
+
+    @property
+    def kafka(self) -> dict[str, Any]:
+        return {"bootstrap.servers": self.cluster.bootstrap_servers}
+
+    def topic(self, name: str) -> str:
+        """The Kafka name of topic ``name`` in this test."""
+        return f"{self.prefix}{name}"
+
+    def publish(self, event: Any, *, idempotency_key: str | None = None) -> None:
+        """Send an ``Event`` (as it is) or an event body (``body_model(...)``, which gets
+        its envelope from the producer SDK), and wait for the broker's acknowledgement."""
+        from opsflow.producer import Producer
+
+        if self._producer is None:
+            self._producer = Producer(
+                "tests",
+                bootstrap_servers=self.cluster.bootstrap_servers,
+                registry_url=self.cluster.registry_url,
+                topic_prefix=self.prefix,
+            )
+        self._producer.send(event, idempotency_key=idempotency_key)
+
+    @contextmanager
+    def running(self, service: Any, *, timeout: float = 60) -> Iterator[None]:
+        """Run ``service``'s worker in a thread of this process until the block ends; the
+        block starts once it has joined its consumer group."""
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        from opsflow.runtime import Worker
+
+        worker = Worker(
+            service,
+            kafka=self.kafka,
+            registry=SchemaRegistryClient({"url": self.cluster.registry_url}),
+        )
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                worker.run()
+            except BaseException as err:  # reported to the test, not lost in the thread
+                failed.append(err)
+
+        thread = threading.Thread(target=run, name=f"opsflow-test-{service.name}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not worker.health.joined:
+            if failed:
+                raise failed[0]
+            if time.monotonic() > deadline:
+                worker.stop()
+                raise TimeoutError(f"{service.name} did not join its group in {timeout:g} s")
+            time.sleep(0.02)
+        try:
+            yield
+        finally:
+            worker.stop()
+            thread.join(timeout)
+            if failed:
+                raise failed[0]
+
+    def wait_for(
+        self,
+        kind: type[E],
+        *,
+        count: int = 1,
+        where: Callable[[E], bool] = lambda _event: True,
+        timeout: float = 30,
+    ) -> list[E]:
+        """The committed events of type ``kind`` on its topic (that ``where`` accepts), in
+        log order, once there are at least ``count``.
+
+        Raises:
+            TimeoutError: fewer arrived within ``timeout`` seconds; says how many did.
+        """
+        from confluent_kafka import Consumer, TopicPartition
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        from opsflow.contracts.wire import WireCodec
+
+        codec = WireCodec(SchemaRegistryClient({"url": self.cluster.registry_url}))
+        name = self.topic(kind.topic.value)
+        consumer = Consumer(
+            {
+                **self.kafka,
+                "group.id": f"opsflow-test-{uuid.uuid4().hex}",
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+                "auto.offset.reset": "earliest",
+            }
+        )
+        found: list[E] = []
+        try:
+            partitions = consumer.list_topics(name, timeout=10).topics[name].partitions
+            consumer.assign([TopicPartition(name, p, 0) for p in partitions])
+            deadline = time.monotonic() + timeout
+            while len(found) < count:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{len(found)} of {count} {kind.event_type} events on {name} "
+                        f"within {timeout:g} s"
+                    )
+                for msg in consumer.consume(500, 0.1):
+                    if msg.error() is not None:
+                        continue
+                    event = codec.decode(msg.value())
+                    if isinstance(event, kind) and where(event):
+                        found.append(event)
+        finally:
+            consumer.close()
+        return found
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+
+
+def _started_cluster(data_dir: Path) -> tuple[Cluster, Callable[[], None]]:
+    """An embedded stack in ``data_dir`` (memory-store broker, no programs), and how to
+    stop it."""
+    import json
+
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in _CLUSTER_VARIABLES},
+        "OPSFLOW_DATA_DIR": str(data_dir),
+        "OPSFLOW_BROKER_STORAGE": "memory",
+        "OPSFLOW_SERVICES": "false",
+    }
+    command = [sys.executable, "-m", "opsflow"]
+
+    def run(*args: str) -> str:
+        done = subprocess.run(
+            [*command, *args], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"opsflow {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def stop() -> None:
+        run("down")
+
+    run("up", "--detach")
+    found = json.loads(run("status", "--json"))["env"]
+    cluster = Cluster(
+        found["KAFKA_BOOTSTRAP_SERVERS"], found["SCHEMA_REGISTRY_URL"], found["DATABASE_URL"]
+    )
+    return cluster, stop
+
+
+@pytest.fixture(scope="session")
+def opsflow_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The broker, registry and database of the test session (see the module docstring)."""
+    given = [os.environ.get(name) for name in _CLUSTER_VARIABLES]
+    if all(given):
+        yield Cluster(*given)  # type: ignore[arg-type]
+        return
+    cluster, stop = _started_cluster(tmp_path_factory.mktemp("opsflow-stack"))
+    try:
+        yield cluster
+    finally:
+        stop()
+
+
+@pytest.fixture
+def opsflow_env(opsflow_cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    """The application provisioned for this test alone (see the module docstring)."""
+    from opsflow import provision
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    base = opsflow_cluster.database_url
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in base else "?"
+    env = Env(
+        opsflow_cluster,
+        prefix=f"t{uuid.uuid4().hex[:8]}.",
+        database_url=f"{base}{sep}options=-csearch_path%3D{schema}",
+    )
+    for name, value in (
+        ("KAFKA_BOOTSTRAP_SERVERS", opsflow_cluster.bootstrap_servers),
+        ("SCHEMA_REGISTRY_URL", opsflow_cluster.registry_url),
+        ("DATABASE_URL", env.database_url),
+        ("OPSFLOW_TOPIC_PREFIX", env.prefix),
+    ):
+        monkeypatch.setenv(name, value)
+    provision.provision()
+    try:
+        yield env
+    finally:
+        env.close()
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
