@@ -72,8 +72,8 @@ class StackSettings(BaseSettings):
     registry_port: int | None = None
     postgres_port: int | None = None
     supervisor_port: int | None = None
-    # Run opsflow's services too (ingest, policy-check, dispatch, pod-capture and
-    # the carrier stand-in); false for an infrastructure-only stack (tests, benchmarks).
+    # Run the application's programs too (its services, APIs and stand-ins); false
+    # for an infrastructure-only stack (tests, benchmarks).
     services: bool = True
 
 

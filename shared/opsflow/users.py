@@ -9,8 +9,8 @@ The token is returned once, by ``create_user``, and cannot be recovered; a
 lost token means revoking the user and creating a new one.
 
 Roles say what a person may do; the services decide what each role allows
-(the review service: reviewers decide reviewer-tier tasks, supervisors any
-task, operators only look).
+(human tasks, ``opsflow.nodes.human``: reviewers decide first-tier tasks,
+supervisors any task, operators only look).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The effect step: one call to an external partner per request, however often it runs.
 
-An effect step is written as two handlers (see the reference application's
-dispatch): the first records the intent as an event on the step's own topic
-(log before effect), the second reads that request back and calls the partner
-through a ``Partner``. The call carries the request's idempotency key as
+An effect step is written as two handlers (a payout, a booking): the first
+records the intent as an event on the step's own topic (log before effect),
+the second reads that request back and calls the partner through a
+``Partner``. The call carries the request's idempotency key as
 ``Idempotency-Key``, so every retry, every re-run after a crash and every replay
 asks for the same effect, and a partner honouring the key answers with what it
 did the first time: one effect per request even when the step dies between the
@@ -18,8 +18,8 @@ path an operator works from, never a silent drop. Calls in flight are bounded
 by the connection pool (``concurrency``), as the runtime bounds the handlers.
 
 The client is aiohttp's: httpx's pool checks every pooled connection on each
-request, which made the calls the larger part of the reference dispatch's CPU
-on two cores.
+request, which made the calls the larger part of an effect step's CPU on two
+cores (measured on the reference application's bookings).
 
 ``Claims`` keeps the step to one effect per workflow instance: a second
 trigger (a duplicate approval under another key) causes nothing, a replay of

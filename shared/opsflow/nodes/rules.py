@@ -6,8 +6,7 @@ that a policy change reads as a diff of thresholds and lists, every decision
 names the rule that made it, and a new policy is a new file whose version the
 decision carries. The application says what a rule may test (``Facts``: the
 fields of the subject judged, with their kinds) and what
-it may decide (``Outcomes``); the reference application's policy check is
-``services/policy_check/rules.py``.
+it may decide (``Outcomes``).
 
 The language::
 
@@ -21,7 +20,7 @@ The language::
         when:                    # every condition must hold (AND)
           amount_minor: {gt: {per_currency: {EUR: 1_000_00, JPY: 150_000}}}
           customer_risk_tier: {in: [MEDIUM, HIGH]}
-        message: "Order total {amount_minor:money} {currency} exceeds {limit:money}"
+        message: "Invoice total {amount_minor:money} {currency} exceeds {limit:money}"
 
 Outcome: the strongest ranked outcome any rule matched (say REJECTED over
 NEEDS_REVIEW), with the reasons of the rules that decided it, in file order;

@@ -6,8 +6,7 @@ time); people claim, release, approve or reject it over HTTP or in the inbox
 pages, each action an event carrying the authenticated actor; a task past its
 first SLA moves to supervisors (escalated), and past theirs is recorded as
 breached. The application declares the step (``HumanTask``: its event
-classes, enums and settings) and runs it with ``serve``; the reference
-application's review step is ``services/review/human_task.py``.
+classes, enums and settings) and runs it with ``serve``.
 
 **State lives in the log.** Task state and due times are the step's topic
 itself: on start the service replays it (``read_committed``, from the
@@ -24,8 +23,8 @@ between a table update and its changelog write can lose or repeat a decision.
 The same bench measured faust at 2.5x the opsflow runtime's CPU per event and
 201 MB against 110 MB. So tasks are opened by the opsflow runtime (exactly
 once) and the table is rebuilt from the step's topic, which is the truth
-anyway: replaying 500 tasks (about 1,500 events) took 0.5 s in
-``test_review.py`` (logged as "review topic replayed"), and there is no second
+anyway: replaying 500 tasks (about 1,500 events) took 0.5 s in the reference
+application's tests (logged as "<step> topic replayed"), and there is no second
 copy of the state (a changelog topic) that could drift from the log.
 
 **One process, one instance.** The step's process serves the API and runs the

@@ -132,7 +132,7 @@ class TaskViewBase(BaseModel):
 @dataclass(frozen=True)
 class Views:
     """The step's response models: a person, a task (with its key field named as the
-    step's topic names it, ``order_id``), a queue; and ``task`` makes a task's view."""
+    step's topic names it, ``invoice_id``), a queue; and ``task`` makes a task's view."""
 
     actor: type[BaseModel]
     task_model: type[TaskViewBase]

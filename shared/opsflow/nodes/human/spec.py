@@ -51,8 +51,8 @@ class HumanTask:
 
     Attributes:
         name: the step's name: the producer of its events, its consumer group,
-            its log lines ("review").
-        subject: what a task decides about ("order"), as pages and messages say it.
+            its log lines ("approval").
+        subject: what a task decides about ("invoice"), as pages and messages say it.
         events: its event classes, all on one topic (keyed by the instance's id).
         actor: its Avro record of a person (``user_id``, ``display_name``, ``role``).
         tiers: its enum of tiers, in escalation order: the first tier's tasks go to
@@ -120,7 +120,7 @@ class HumanTask:
 
     @property
     def key_field(self) -> str:
-        """The field naming the instance a task is about (``order_id``)."""
+        """The field naming the instance a task is about (``invoice_id``)."""
         return self.topic.key
 
     @property
