@@ -149,7 +149,11 @@ def written_sources(
     consumer = _scanner(config)
     try:
         metadata = consumer.list_topics(timeout=30)
-        parts = [(t, p) for t in topics for p in metadata.topics[t].partitions]
+        # A topic the broker does not have yet (a dead-letter topic nothing was ever
+        # written to) holds no outputs: nothing of it to scan.
+        parts = [
+            (t, p) for t in topics if t in metadata.topics for p in metadata.topics[t].partitions
+        ]
         ends = end_offsets(config, parts, timeout=30)
         _check(cancel)
         # Not the broker's time lookup alone: one answers 0 for a time after its
