@@ -762,8 +762,13 @@ def trace_instance(
     prefix = TopicSettings().prefix
     index: trace.Index | None = None
     database_url = DatabaseSettings().database_url
-    # The codec's imports (0.3 s, a quarter of the command on the indexed path) are
-    # done while the database and the broker are asked.
+    # The application (and what it imports, fastavro among it) first, in this thread:
+    # two threads importing fastavro at once can meet its modules half initialised
+    # ("cannot import name ... from partially initialized module", seen in CI).
+    from opsflow.application import load_application
+
+    load_application()
+    # The codec's remaining imports are done while the database and the broker are asked.
     with ThreadPoolExecutor(max_workers=1) as pool:
         codec_made = pool.submit(registry_codec)
         if database_url:

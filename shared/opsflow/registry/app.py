@@ -299,8 +299,15 @@ def delete_subject_config(subject: str, store: Store) -> dict[str, str]:
 
 def create_app(database_url: str) -> FastAPI:
     """Build the registry on ``database_url``; it migrates and opens its pool at startup."""
+    # Connections are checked when taken: one broken by a PostgreSQL restart is
+    # replaced, not handed to a request that would then answer 500.
     pool: Pool = ConnectionPool(
-        database_url, open=False, min_size=1, max_size=8, kwargs={"connect_timeout": 5}
+        database_url,
+        open=False,
+        min_size=1,
+        max_size=8,
+        kwargs={"connect_timeout": 5},
+        check=ConnectionPool.check_connection,
     )
 
     @asynccontextmanager

@@ -90,6 +90,8 @@ def serve(
         max_size=settings.database_pool_size,
         kwargs={"connect_timeout": 5},
         name=f"{name} {redact(url)}",
+        # Checked when taken: a connection broken by a PostgreSQL restart is replaced.
+        check=ConnectionPool.check_connection,
     )
     try:
         pool.open(wait=True, timeout=30)
