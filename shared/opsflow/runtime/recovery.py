@@ -154,6 +154,8 @@ def written_sources(
         parts = [
             (t, p) for t in topics if t in metadata.topics for p in metadata.topics[t].partitions
         ]
+        if not parts:
+            return found
         ends = end_offsets(config, parts, timeout=30)
         _check(cancel)
         # Not the broker's time lookup alone: one answers 0 for a time after its
