@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +45,16 @@ class Stack:
 
     data_dir: Path
     env: dict[str, str]
+    # Where its parts listen, as `opsflow status` says; asked once per start of the
+    # stack (each `opsflow status` is a process of its own, ~1.7 s).
+    _addresses: dict[str, str] = field(default_factory=dict, init=False, repr=False)
 
     def run(
         self, *args: str, timeout: float = 240, check: bool = True, **env: str
     ) -> subprocess.CompletedProcess[str]:
         """Run `opsflow ARGS` against this stack's data directory."""
+        if args and args[0] in ("up", "down"):
+            self._addresses = {}
         result = subprocess.run(
             [*OPSFLOW, *args],
             env={**self.env, **env},
@@ -73,9 +78,14 @@ class Stack:
     def components(self) -> dict[str, dict[str, Any]]:
         return {row["name"]: row for row in self.status()["components"]}
 
+    def addresses(self) -> dict[str, str]:
+        """The variables that point a program at this stack (`opsflow status`'s env)."""
+        if not self._addresses:
+            self._addresses = dict(self.status()["env"])
+        return dict(self._addresses)
+
     def address(self, variable: str) -> str:
-        value: str = self.status()["env"][variable]
-        return value
+        return self.addresses()[variable]
 
 
 def stack_env(data_dir: Path, **overrides: str) -> dict[str, str]:

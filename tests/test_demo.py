@@ -291,7 +291,7 @@ def pipeline(
     port = free_port()
     env = {
         **stack.env,
-        **stack.status()["env"],
+        **stack.addresses(),
         "DATABASE_URL": database_url,
         "OPSFLOW_TOPIC_PREFIX": prefix,
         "INGEST_URL": f"http://127.0.0.1:{port}",

@@ -67,7 +67,7 @@ class World:
             cwd=ROOT,
             env={
                 **self.stack.env,
-                **self.stack.status()["env"],
+                **self.stack.addresses(),
                 "OPSFLOW_TOPIC_PREFIX": self.prefix,
                 "DATABASE_URL": self.database_url,
                 "CARRIER_URL": self.carrier.url,

@@ -85,7 +85,7 @@ def ingest(
     log = tmp_path_factory.mktemp("ingest") / "ingest.log"
     env = {
         **stack.env,
-        **stack.status()["env"],
+        **stack.addresses(),
         "DATABASE_URL": database_url,
         "OPSFLOW_TOPIC_PREFIX": prefix,
         "INGEST_HOST": "127.0.0.1",

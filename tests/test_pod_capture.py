@@ -121,7 +121,7 @@ def pods(
     logs = tmp_path_factory.mktemp("pod-capture")
     env = {
         **stack.env,
-        **stack.status()["env"],
+        **stack.addresses(),
         "DATABASE_URL": database_url,
         "OPSFLOW_TOPIC_PREFIX": prefix,
     }

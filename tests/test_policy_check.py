@@ -406,7 +406,7 @@ def run_service(stack: Stack, tmp_path: Path) -> Iterator[Any]:
     def start(topics: Topics) -> subprocess.Popen[bytes]:
         env = {
             **stack.env,
-            **stack.status()["env"],
+            **stack.addresses(),
             "OPSFLOW_TOPIC_PREFIX": topics.prefix,
             "POLICY_RULES_VERSION": "v1",
         }

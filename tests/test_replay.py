@@ -29,7 +29,7 @@ from tests.test_dispatch import world as world
 def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
     env = {
         **world.stack.env,
-        **world.stack.status()["env"],
+        **world.stack.addresses(),
         "OPSFLOW_TOPIC_PREFIX": world.prefix,
         "DATABASE_URL": world.database_url,
         "CARRIER_URL": world.carrier.url,
@@ -86,7 +86,7 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
         ["-m", "opsflow.projector"],
         {
             **world.stack.env,
-            **world.stack.status()["env"],
+            **world.stack.addresses(),
             "OPSFLOW_TOPIC_PREFIX": world.prefix,
             "DATABASE_URL": world.database_url,
             "OPSFLOW_METRICS_PORT": str(port),

@@ -98,7 +98,7 @@ class World:
     def env(self, **extra: str) -> dict[str, str]:
         return {
             **self.stack.env,
-            **self.stack.status()["env"],
+            **self.stack.addresses(),
             "OPSFLOW_TOPIC_PREFIX": self.prefix,
             "DATABASE_URL": self.database_url,
             **extra,

@@ -75,7 +75,7 @@ def world(
     port = free_port()
     env = {
         **world.env,
-        **stack.status()["env"],
+        **stack.addresses(),
         "OPSFLOW_TOPIC_PREFIX": prefix,
         "DATABASE_URL": database_url,
         "CARRIER_URL": carrier.url,

@@ -148,7 +148,7 @@ class ServiceProcess:
         self.log = log
         env = {
             **stack.env,
-            **(stack.status()["env"] if stack_env is None else stack_env),
+            **(stack.addresses() if stack_env is None else stack_env),
             "OPSFLOW_TOPIC_PREFIX": topics.prefix,
             **env_extra,
         }

@@ -93,7 +93,7 @@ def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: 
     try:
         pids = {name: c["pid"] for name, c in stack.components().items() if c["pid"]}
         assert psutil.Process(pids["projector"]).nice() > psutil.Process(pids["dispatch"]).nice()
-        env = stack.status()["env"]
+        env = stack.addresses()
         created = stack.run(
             "keys", "create", "--producer", "e2e-shop", DATABASE_URL=env["DATABASE_URL"]
         )
