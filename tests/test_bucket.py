@@ -262,6 +262,7 @@ def test_compaction_merges_small_batches_and_every_record_reads_back_the_same(
     assert 0 <= found.offset <= 251
 
 
+@pytest.mark.process
 def test_batches_left_unmerged_before_a_restart_are_merged_after_it_without_new_writes(
     durable: DurableBroker,
 ) -> None:
@@ -304,6 +305,7 @@ def test_settled_batches_too_large_to_merge_at_the_tail_merge_into_few_large_one
         durable.start_store()
 
 
+@pytest.mark.process
 def test_a_restart_drops_batches_a_merge_left_behind(durable: DurableBroker) -> None:
     """A store stopped between renaming a merged batch into place and deleting the
     batches it replaced finds them covered at start, and deletes them."""

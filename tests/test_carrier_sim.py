@@ -441,6 +441,7 @@ def test_duplicates_view_lists_orders_booked_under_two_keys(carrier: httpx.Clien
     assert missing.headers["content-type"] == "application/problem+json"
 
 
+@pytest.mark.process
 def test_restarted_carrier_keeps_bookings_and_sends_pending_proofs(
     start_carrier: Callable[..., CarrierProcess], pod_receiver: PodReceiver, tmp_path: Path
 ) -> None:
@@ -499,6 +500,7 @@ def test_fault_plan_and_refusals_come_from_the_environment(
     assert after == {**plan, "error_rate": 0}
 
 
+@pytest.mark.process
 def test_invalid_variable_stops_the_carrier_with_one_line_naming_it(tmp_path: Path) -> None:
     carrier = CarrierProcess(tmp_path / "bad.log", {"CARRIER_ERROR_RATE": "2"})
 

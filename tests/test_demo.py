@@ -410,6 +410,7 @@ def test_without_dispatch_the_demo_times_out_with_approved_orders_awaiting_dispa
     assert summary["auto_review"] is None and summary["review_decisions"] == {}
 
 
+@pytest.mark.process
 def test_a_refused_key_or_an_unreachable_ingest_is_one_line_saying_what_to_do(
     pipeline: Pipeline,
 ) -> None:

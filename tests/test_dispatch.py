@@ -227,6 +227,7 @@ def settled(order_ids: set[str]) -> Callable[[list[Event]], bool]:
     return check
 
 
+@pytest.mark.process
 def test_dispatch_books_every_approved_order_once_at_the_carrier_after_kill_9(
     world: World,
 ) -> None:
@@ -318,6 +319,7 @@ def test_a_second_approval_of_a_dispatched_order_books_nothing_more(world: World
     assert world.bookings()["count"] == 5
 
 
+@pytest.mark.process
 def test_a_clean_stop_closes_the_carrier_client_and_the_pool_so_nothing_is_reported_at_exit(
     world: World,
 ) -> None:

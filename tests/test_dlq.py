@@ -305,6 +305,7 @@ def test_a_record_dead_lettered_by_several_consumers_is_redriven_once_as_it_was(
     assert (after["pending"], after["redriven"]) == (0, 2)
 
 
+@pytest.mark.process
 def test_an_unreachable_broker_is_one_line_naming_the_address_and_variable() -> None:
     address = f"127.0.0.1:{free_port()}"
     env = {

@@ -28,6 +28,9 @@ import pytest
 
 from tests.stackctl import ROOT, Stack, create_schema, drop_schema
 
+# The built package installed into a fresh environment and run from there.
+pytestmark = pytest.mark.process
+
 # Distributions that are this repository's own: the fresh environment must not see them.
 _OWN = ("opsflow", "services", "__editable__", "_opsflow", "opsflow_orders")
 # Requirements a plain `pip install opsflow` must not pull in.

@@ -217,6 +217,7 @@ def test_an_event_that_cannot_be_encoded_fails_the_call_before_anything_is_writt
     assert records_on(sdk.bootstrap, sdk.orders, keys=[good.order_id]) == []
 
 
+@pytest.mark.process
 def test_an_unreachable_broker_is_one_error_naming_the_address_and_the_variable(
     registry_url: str,
 ) -> None:

@@ -328,6 +328,7 @@ def rows(url: str, table: str, key: str) -> list[dict[str, Any]]:
         return conn.execute(f"SELECT * FROM {table} ORDER BY {key}").fetchall()
 
 
+@pytest.mark.process
 def test_postgres_restarted_mid_projection_loses_nothing_and_the_projector_resumes_by_itself(
     world: World, stack: Stack, projector: subprocess.Popen[bytes]
 ) -> None:

@@ -141,6 +141,7 @@ _PLAN: list[tuple[str, int, str, RefundReason, int, str]] = [
 ]
 
 
+@pytest.mark.process
 def test_every_refund_ends_once_and_the_partner_pays_none_twice_under_kill_9(
     refunds: Refunds, stack: Stack
 ) -> None:

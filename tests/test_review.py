@@ -533,6 +533,7 @@ def test_an_overdue_task_escalates_to_supervisors_who_alone_may_decide_it(world:
     assert world.queue(tier="SUPERVISOR")[0]["sla_breached_at"] is not None
 
 
+@pytest.mark.process
 def test_overdue_timers_fire_once_each_in_deadline_order_after_a_restart(
     world: World, tmp_path: Path
 ) -> None:
@@ -578,6 +579,7 @@ def test_overdue_timers_fire_once_each_in_deadline_order_after_a_restart(
     assert not any(isinstance(e, ReviewSlaBreached) for _, e in again)
 
 
+@pytest.mark.process
 def test_after_kill_9_with_500_open_tasks_the_queue_reads_the_same(world: World) -> None:
     first = world.start()
     checks = world.request_review(

@@ -120,6 +120,7 @@ def run(env: dict[str, str], command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.process
 def test_every_runbook_command_and_query_runs_against_a_real_stack(
     world: tuple[World, dict[str, str]],
 ) -> None:
@@ -154,6 +155,7 @@ def test_every_runbook_command_and_query_runs_against_a_real_stack(
     assert not failures, "\n\n".join(failures)
 
 
+@pytest.mark.process
 @pytest.mark.parametrize(
     "command",
     ["projections list", "replay orders --into policy-check --dry-run", "status", "audit verify"],

@@ -254,6 +254,7 @@ def assert_exactly_once(topics: Topics, inputs: list[OrderReceived]) -> None:
         assert headers["opsflow-event-type"] == b"policy.checked" and key
 
 
+@pytest.mark.process
 def test_kill_9_mid_stream_leaves_every_output_exactly_once(
     stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
@@ -266,6 +267,7 @@ def test_kill_9_mid_stream_leaves_every_output_exactly_once(
     assert_exactly_once(topics, inputs)
 
 
+@pytest.mark.process
 def test_sigterm_stops_cleanly_within_bounds_and_loses_nothing(
     stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
@@ -281,6 +283,7 @@ def test_sigterm_stops_cleanly_within_bounds_and_loses_nothing(
     assert_exactly_once(topics, inputs)
 
 
+@pytest.mark.process
 def test_two_instances_split_partitions_and_the_survivor_takes_over_after_kill_9(
     stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
@@ -355,6 +358,7 @@ def test_a_trace_id_on_the_input_appears_on_every_output(
         assert span_id != "00f067aa0ba902b7", "the output's parent is the processing span"
 
 
+@pytest.mark.process
 def test_metrics_health_and_json_logs_describe_what_the_service_did(
     stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
@@ -384,6 +388,7 @@ def test_metrics_health_and_json_logs_describe_what_the_service_did(
     assert len(dead["trace_id"]) == 32
 
 
+@pytest.mark.process
 def test_running_a_service_without_its_cluster_is_one_clear_line() -> None:
     env = {
         k: v
@@ -405,6 +410,7 @@ def test_running_a_service_without_its_cluster_is_one_clear_line() -> None:
 # --- log-scan delivery -----------------------------------------------------------------
 
 
+@pytest.mark.process
 def test_log_scan_a_stalled_instance_resuming_after_a_takeover_writes_no_duplicate(
     stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
 ) -> None:
@@ -598,6 +604,7 @@ def _read_events(bootstrap: str, codec: WireCodec, topic: str) -> list[Event]:
         consumer.close()
 
 
+@pytest.mark.process
 def test_log_scan_workflow_on_the_durable_broker_is_exactly_once_through_broker_pauses_and_kill_9(
     tmp_path: Path,
 ) -> None:

@@ -20,6 +20,9 @@ import pytest
 
 from tests.stackctl import ROOT, Stack, stack_env
 
+# The README's tour on a stack of its own, as a newcomer runs it.
+pytestmark = pytest.mark.process
+
 
 def tour_script() -> str:
     readme = (ROOT / "README.md").read_text()

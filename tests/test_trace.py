@@ -627,6 +627,7 @@ def test_an_unknown_order_exits_1_and_suggests_the_nearest_order_id(world: World
     assert "Traceback" not in result.stderr and result.stdout == ""
 
 
+@pytest.mark.process
 def test_an_unreachable_broker_names_the_address_and_the_variable(world: World) -> None:
     address = f"127.0.0.1:{free_port()}"
     started = time.monotonic()

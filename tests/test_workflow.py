@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from confluent_kafka import Consumer
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -43,6 +44,9 @@ from services.contracts import (
 )
 from services.demo.orders import Category, DemoOrder, demo_orders, new_run_id
 from tests.stackctl import Stack, stack_env
+
+# The whole stack as `make run` starts it, with dispatch killed mid-run.
+pytestmark = pytest.mark.process
 
 ORDERS = 1_000
 TOPICS = ("policy-check", "review", "dispatch", "pod", "pod-rejects")
