@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.stackctl import ROOT, Stack, create_schema, drop_schema
+from tests.support.stack import ROOT, Stack, create_schema, drop_schema
 
 # Distributions that are this repository's own: the fresh environment must not see them.
 _OWN = ("opsflow", "services", "__editable__", "_opsflow", "opsflow_orders")

@@ -42,7 +42,7 @@ from services.contracts import (
     ReviewDecision,
 )
 from services.demo.orders import Category, DemoOrder, demo_orders, new_run_id
-from tests.stackctl import Stack, stack_env
+from tests.support.stack import Stack, stack_env
 
 ORDERS = 1_000
 TOPICS = ("policy-check", "review", "dispatch", "pod", "pod-rejects")
