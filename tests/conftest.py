@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from opsflow.testing import Cluster
-from tests.stackctl import Stack, create_schema, drop_schema
+from tests.support.stack import Stack, create_schema, drop_schema
 
 # Both applications are installed; the suite's tests are about the reference one
 # unless they say otherwise (test_refunds.py, the combination's tests).

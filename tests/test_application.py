@@ -22,7 +22,7 @@ from opsflow.errors import ConfigurationError
 from opsflow.replay import target_of
 from opsflow.settings import StackSettings
 from opsflow.stack.components import OFF_PATH_NICE, plan_stack
-from tests.samples import sample
+from tests.support.samples import sample
 
 TINY = """
 from opsflow.application import Application, Program

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from opsflow.stack import compaction
-from tests.stackctl import free_port
+from tests.support.stack import free_port
 
 BUCKET = "opsflow"
 

@@ -48,7 +48,7 @@ from services.contracts import (
     ReviewRequested,
     ReviewSlaBreached,
 )
-from tests.samples import ORDER, envelope, sample
+from tests.support.samples import ORDER, envelope, sample
 
 SCHEMAS = schemas_dir()
 CATALOGUE = load_catalogue(SCHEMAS)

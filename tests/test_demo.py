@@ -60,8 +60,8 @@ from services.demo.run import Summary
 from services.demo.states import OrderState, Until
 from services.demo.tracker import OrderTrack, percentile, step_timings
 from services.policy_check.rules import RULES_DIR, load_rules
-from tests.samples import ORDER, envelope, sample
-from tests.stackctl import (
+from tests.support.samples import ORDER, envelope, sample
+from tests.support.stack import (
     OPSFLOW,
     Stack,
     create_schema,

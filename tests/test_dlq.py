@@ -26,15 +26,8 @@ from opsflow import db
 from opsflow.deadletters import REDRIVEN_FROM, dead_letter_headers
 from opsflow.errors import BadInputError
 from services.contracts import OrderReceived, PolicyChecked
-from tests.stackctl import Stack, free_port
-from tests.test_runtime import (
-    ServiceProcess,
-    Topics,
-    make_topics,
-    orders,
-    publish,
-    start,
-)
+from tests.support.runtime import ServiceProcess, Topics, make_topics, orders, publish, start
+from tests.support.stack import Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

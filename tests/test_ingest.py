@@ -29,9 +29,16 @@ from confluent_kafka.serialization import MessageField, SerializationContext
 from opsflow.db import migrate
 from opsflow.producer import event_id_for
 from services.contracts import OrderReceived
-from tests.samples import sample
-from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service, stop_process
-from tests.test_producer import fresh_topics, records_on
+from tests.support.samples import sample
+from tests.support.stack import (
+    Stack,
+    create_schema,
+    drop_schema,
+    free_port,
+    start_service,
+    stop_process,
+)
+from tests.support.topics import fresh_topics, records_on
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_BODY = 2 * 1024 * 1024

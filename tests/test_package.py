@@ -26,7 +26,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.stackctl import ROOT, Stack, create_schema, drop_schema
+from tests.support.stack import ROOT, Stack, create_schema, drop_schema
 
 # The built package installed into a fresh environment and run from there.
 pytestmark = pytest.mark.process

@@ -31,8 +31,15 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.db import migrate
 from opsflow.producer import Producer, body_model, event_id_for
 from services.contracts import DispatchExecuted, PodCaptured, PodRejected, PodRejectionCode
-from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service, stop_process
-from tests.test_producer import fresh_topics, records_on
+from tests.support.stack import (
+    Stack,
+    create_schema,
+    drop_schema,
+    free_port,
+    start_service,
+    stop_process,
+)
+from tests.support.topics import fresh_topics, records_on
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEM = "application/problem+json"

@@ -37,8 +37,8 @@ from services.contracts import (
 )
 from services.policy_check import service
 from services.policy_check.rules import RULES_DIR, RuleSet, load_rules, rules_file
-from tests.stackctl import Stack
-from tests.test_runtime import ROOT, Topics, make_topics
+from tests.support.runtime import Topics, make_topics
+from tests.support.stack import ROOT, Stack
 
 T0 = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
 V1 = load_rules(RULES_DIR / "v1.yaml")

@@ -9,13 +9,11 @@ its log in memory; see the README for the durable store).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
-from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow.contracts.wire import WireCodec
@@ -28,58 +26,12 @@ from opsflow.producer import (
     event_bodies,
     event_id_for,
 )
-from opsflow.topics import ensure_topics
-from services.contracts import TOPICS, OrderReceived
-from tests.samples import sample
-from tests.stackctl import Stack
+from services.contracts import OrderReceived
+from tests.support.samples import sample
+from tests.support.stack import Stack
+from tests.support.topics import fresh_topics, records_on
 
-PARTITIONS = 3
 NOW = datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
-
-
-def fresh_topics(bootstrap: str, kind: str) -> str:
-    """A new topic prefix with every topic of record created under it."""
-    prefix = f"{kind}{uuid.uuid4().hex[:8]}."
-    ensure_topics(
-        AdminClient({"bootstrap.servers": bootstrap}),
-        [f"{prefix}{topic}" for topic in TOPICS],
-        partitions=PARTITIONS,
-    )
-    return prefix
-
-
-def records_on(bootstrap: str, topic: str, *, keys: Iterable[str] | None = None) -> list[Message]:
-    """Every record on ``topic`` (optionally only those with one of ``keys``), read from
-    the start of each partition to its end."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"check-{uuid.uuid4().hex}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            # The end of a partition is seen when a fetch comes back empty: ask
-            # the broker not to hold empty fetches for long.
-            "fetch.wait.max.ms": 50,
-        }
-    )
-    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-    wanted = {key.encode() for key in keys} if keys is not None else None
-    found: list[Message] = []
-    at_end: set[int] = set()
-    try:
-        for _ in range(120):
-            for message in consumer.consume(1000, 0.5):
-                error = message.error()
-                if error is not None:
-                    assert error.code() == KafkaError._PARTITION_EOF, error
-                    at_end.add(message.partition() or 0)
-                elif wanted is None or message.key() in wanted:
-                    found.append(message)
-            if len(at_end) == PARTITIONS:
-                return found
-    finally:
-        consumer.close()
-    raise AssertionError(f"did not reach the end of {topic}")
 
 
 def order_body(order_id: str | None = None, **changes: object) -> EventBody:

@@ -3,7 +3,7 @@
 Each test has topics of its own (a prefix) and a fresh database schema; the
 projector runs as a real process (``python -m opsflow.projector``) and the
 operator commands through the real CLI. Order histories come from
-``tests.histories``: every workflow event type, causally consistent. What a
+``tests.support.histories``: every workflow event type, causally consistent. What a
 read model should say is computed here from the histories, not by the
 projection code under test.
 """
@@ -20,7 +20,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +28,17 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
 from opsflow.contracts import Event, catalogue
 from opsflow.contracts.wire import WireCodec
 from opsflow.projections.runner import ProjectionRunner
-from opsflow.projections.status import statuses
 from opsflow.readmodels import projections
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from services.contracts import ORDERS, TOPICS
-from tests.histories import histories, publish
-from tests.stackctl import (
-    OPSFLOW,
+from tests.support.histories import histories
+from tests.support.projecting import World
+from tests.support.stack import (
     Stack,
     create_schema,
     drop_schema,
@@ -84,62 +81,6 @@ def expected_counts(orders: list[list[Event]]) -> dict[str, int]:
 
 
 # --- one test's world -------------------------------------------------------------------
-
-
-@dataclass
-class World:
-    prefix: str
-    bootstrap: str
-    registry_url: str
-    database_url: str
-    stack: Stack
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {
-            **self.stack.env,
-            "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
-            "SCHEMA_REGISTRY_URL": self.registry_url,
-            "DATABASE_URL": self.database_url,
-            "OPSFLOW_TOPIC_PREFIX": self.prefix,
-        }
-
-    @property
-    def registry(self) -> SchemaRegistryClient:
-        return SchemaRegistryClient({"url": self.registry_url})
-
-    def publish(self, orders: list[list[Event]]) -> int:
-        return publish(
-            self.bootstrap,
-            WireCodec(self.registry),
-            [e for h in orders for e in h],
-            prefix=self.prefix,
-        )
-
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*OPSFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
-
-    def count(self, table: str) -> int:
-        with db.connect(self.database_url) as conn:
-            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # type: ignore[index]
-
-    def states(self) -> dict[str, str]:
-        with db.connect(self.database_url) as conn:
-            return dict(conn.execute("SELECT order_id, state FROM orders_current").fetchall())
-
-    def wait_caught_up(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        with db.connect(self.database_url, autocommit=True) as conn:
-            while True:
-                found = statuses(
-                    conn, projections().values(), {"bootstrap.servers": self.bootstrap}
-                )
-                if all(s.lag == 0 for s in found):
-                    return
-                assert time.monotonic() < deadline, [s.as_json() for s in found]
-                time.sleep(0.5)
 
 
 @pytest.fixture

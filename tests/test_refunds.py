@@ -48,7 +48,7 @@ from services.refunds.contracts import (
     RefundReason,
     RefundRequested,
 )
-from tests.stackctl import OPSFLOW, Stack, create_schema, drop_schema
+from tests.support.stack import OPSFLOW, Stack, create_schema, drop_schema
 
 APP = "services.refunds.application:application"
 

@@ -1,6 +1,6 @@
 """``opsflow replay`` on the real stack: re-driving a range books nothing twice.
 
-The world is dispatch's (tests/test_dispatch.py): topics of its own, a fresh
+The world is dispatch's (tests/support/dispatching.py): topics of its own, a fresh
 schema, the carrier stand-in as a real HTTP server with faults switched on.
 Orders are approved and dispatched once by the real dispatch service; then the
 operator re-drives ranges of the log into dispatch with the real CLI, and the
@@ -21,9 +21,9 @@ from confluent_kafka.admin import AdminClient
 
 from opsflow.topics import dead_letter_topic, ensure_topics
 from services.contracts import DispatchExecuted, DispatchRequested
-from tests.stackctl import OPSFLOW, free_port, start_service, stop_process
-from tests.test_dispatch import World, make_orders, settled
-from tests.test_dispatch import world as world
+from tests.support.dispatching import World, make_orders, settled
+from tests.support.dispatching import world as world
+from tests.support.stack import OPSFLOW, free_port, start_service, stop_process
 
 
 def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:

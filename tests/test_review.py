@@ -16,24 +16,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient
-from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow import db, users
-from opsflow.contracts import Event
-from opsflow.contracts.wire import WireCodec
-from opsflow.producer import Producer
-from opsflow.topics import dead_letter_topic, ensure_topics
 from services.contracts import (
     DispatchExecuted,
     PolicyChecked,
@@ -46,208 +35,12 @@ from services.contracts import (
     ReviewSlaBreached,
 )
 from services.review.service import task_id_for
-from tests.stackctl import Stack, create_schema, drop_schema, free_port, start_service
-from tests.test_carrier_sim import CarrierProcess
-from tests.test_dispatch import make_orders
+from tests.support.carrier import CarrierProcess
+from tests.support.dispatching import make_orders
+from tests.support.reviewing import World, decided, make_world
+from tests.support.stack import Stack
 
 ROOT = Path(__file__).resolve().parents[1]
-TOPICS = ("orders", "policy-check", "review", "dispatch")
-
-
-@contextmanager
-def fresh_schema(stack: Stack) -> Iterator[str]:
-    """A database URL whose connections work in a new, migrated schema."""
-    base = stack.address("DATABASE_URL")
-    schema, url = create_schema(base)
-    db.migrate(url)
-    try:
-        yield url
-    finally:
-        drop_schema(base, schema)
-
-
-@dataclass
-class Person:
-    user_id: str
-    display_name: str
-    token: str
-
-    @property
-    def auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-
-@dataclass
-class World:
-    """One review service's topics, schema, people and processes."""
-
-    stack: Stack
-    prefix: str
-    database_url: str
-    producer: Producer
-    codec: WireCodec
-    logs: Path
-    people: dict[str, Person]
-    port: int = field(default_factory=free_port)
-    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def env(self, **extra: str) -> dict[str, str]:
-        return {
-            **self.stack.env,
-            **self.stack.addresses(),
-            "OPSFLOW_TOPIC_PREFIX": self.prefix,
-            "DATABASE_URL": self.database_url,
-            **extra,
-        }
-
-    def start(self, **env: str) -> subprocess.Popen[bytes]:
-        """Start the review service and wait until it is ready (topic replayed)."""
-        log = self.logs / f"review-{len(self.processes)}.log"
-        proc = start_service(
-            ["-m", "services.review"],
-            self.env(REVIEW_PORT=str(self.port), REVIEW_TEST_CLOCK="1", **env),
-            log,
-            f"{self.url}/readyz",
-        )
-        self.processes.append(proc)
-        return proc
-
-    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-        proc.send_signal(sig)
-        # uvicorn re-raises the SIGTERM it handled once it has shut down cleanly.
-        assert proc.wait(30) in (0, -sig)
-
-    def request_review(
-        self, count: int, *, codes: Callable[[int], list[str]] = lambda _i: ["AMOUNT_OVER_LIMIT"]
-    ) -> list[PolicyChecked]:
-        """Publish ``count`` NEEDS_REVIEW policy decisions (reason codes per index)."""
-        checks = []
-        for index in range(count):
-            order_id = f"ord-{uuid.uuid4().hex[:12]}"
-            reason_codes = codes(index)
-            checks.append(
-                PolicyChecked(
-                    envelope=PolicyChecked.envelope_for(
-                        key=order_id,
-                        idempotency_key=f"policy:{order_id}",
-                        producer="policy-check",
-                    ),
-                    order_id=order_id,
-                    outcome=PolicyOutcome.NEEDS_REVIEW,
-                    reason_codes=reason_codes,
-                    reasons=[Reason(code=c, message=f"{c} for {order_id}") for c in reason_codes],
-                    rules_version="v1",
-                )
-            )
-        self.producer.send_many(checks)
-        return checks
-
-    def call(self, method: str, path: str, who: str | None, **kwargs: Any) -> httpx.Response:
-        headers = self.people[who].auth if who else {}
-        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=30, **kwargs)
-
-    def queue(self, who: str = "ann", **params: Any) -> list[dict[str, Any]]:
-        response = self.call("GET", "/tasks", who, params=params)
-        assert response.status_code == 200, response.text
-        tasks: list[dict[str, Any]] = response.json()["tasks"]
-        return tasks
-
-    def tasks_for(self, checks: list[PolicyChecked], timeout: float = 60) -> dict[str, Any]:
-        """The open task of every decision, by order id, once all are listed."""
-        wanted = {c.order_id for c in checks}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = {t["order_id"]: t for t in self.queue() if t["order_id"] in wanted}
-            if len(found) == len(wanted):
-                return found
-            time.sleep(0.2)
-        raise AssertionError(f"tasks never opened: {len(wanted) - len(found)} missing")
-
-    def events(
-        self,
-        topic: str,
-        until: Callable[[list[Event]], bool],
-        timeout: float = 60,
-        quiet: float = 2,
-    ) -> list[tuple[int, Event]]:
-        """Every event on ``topic`` (read_committed) with its record timestamp, once ``until``
-        holds and nothing new arrived for ``quiet`` seconds (late repeats would show)."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.stack.address("KAFKA_BOOTSTRAP_SERVERS"),
-                "group.id": f"check-{uuid.uuid4().hex}",
-                "isolation.level": "read_committed",
-            }
-        )
-        # Assigned, not subscribed: no group join to wait for.
-        name = f"{self.prefix}{topic}"
-        partitions = consumer.list_topics(name, timeout=10).topics[name].partitions
-        consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in partitions])
-        found: list[tuple[int, Event]] = []
-        deadline, last_new = time.monotonic() + timeout, time.monotonic()
-        try:
-            while time.monotonic() < deadline:
-                batch = [m for m in consumer.consume(1000, 0.3) if m.error() is None]
-                if batch:
-                    last_new = time.monotonic()
-                    found += [(m.timestamp()[1], self.codec.decode(m.value())) for m in batch]
-                elif until([e for _, e in found]) and time.monotonic() - last_new >= quiet:
-                    return found
-        finally:
-            consumer.close()
-        raise AssertionError(f"{topic} never settled: {Counter(e.event_type for _, e in found)}")
-
-
-def _people(database_url: str) -> dict[str, Person]:
-    made = {}
-    with db.connect(database_url) as conn:
-        for name, display, role in (
-            ("ann", "Ann Reviewer", users.Role.REVIEWER),
-            ("bob", "Bob Reviewer", users.Role.REVIEWER),
-            ("sue", "Sue Supervisor", users.Role.SUPERVISOR),
-            ("otto", "Otto Operator", users.Role.OPERATOR),
-        ):
-            created = users.create_user(conn, name, role, display_name=display)
-            made[name] = Person(created.user.user_id, display, created.token)
-    return made
-
-
-@contextmanager
-def make_world(stack: Stack, logs: Path) -> Iterator[World]:
-    bootstrap = stack.address("KAFKA_BOOTSTRAP_SERVERS")
-    registry = stack.address("SCHEMA_REGISTRY_URL")
-    prefix = f"rv{uuid.uuid4().hex[:8]}."
-    names = [f"{prefix}{t}" for t in TOPICS]
-    ensure_topics(
-        AdminClient({"bootstrap.servers": bootstrap}),
-        names + [dead_letter_topic(n) for n in names],
-        partitions=4,
-    )
-    with fresh_schema(stack) as url:
-        producer = Producer(
-            "review-tests", bootstrap_servers=bootstrap, registry_url=registry, topic_prefix=prefix
-        )
-        world = World(
-            stack,
-            prefix,
-            url,
-            producer,
-            WireCodec(SchemaRegistryClient({"url": registry})),
-            logs,
-            _people(url),
-        )
-        try:
-            yield world
-        finally:
-            for proc in world.processes:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait(10)
-            producer.close()
 
 
 @pytest.fixture(scope="module")
@@ -262,10 +55,6 @@ def shared(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[W
 def world(stack: Stack, tmp_path: Path) -> Iterator[World]:
     with make_world(stack, tmp_path) as made:
         yield made
-
-
-def decided(order_ids: set[str]) -> Callable[[list[Event]], bool]:
-    return lambda events: order_ids <= {e.order_id for e in events if isinstance(e, ReviewDecided)}
 
 
 # --- the happy paths ---------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The reviewer inbox in a real browser: Debian's chromium, driven by Playwright.
 
-The review service runs as a subprocess on the real stack (``tests.test_review``'s
+The review service runs as a subprocess on the real stack (``tests.support.reviewing``'s
 world: topics of its own, a fresh schema, its people); people sign in with their
 tokens, claim and decide through the pages, and what they did is read back from
 the review topic. A screenshot of the queue is kept as a test artifact in the
@@ -19,8 +19,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from services.contracts import ReviewDecided, ReviewDecision
-from tests.stackctl import Stack
-from tests.test_review import World, decided, make_world
+from tests.support.reviewing import World, decided, make_world
+from tests.support.stack import Stack
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"

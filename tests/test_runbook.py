@@ -26,10 +26,10 @@ from confluent_kafka.admin import AdminClient
 from opsflow import db
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from services.contracts import ORDERS, TOPICS
-from tests.histories import histories
-from tests.stackctl import OPSFLOW, ROOT, Stack, free_port, start_service, stop_process
-from tests.test_carrier_sim import CarrierProcess
-from tests.test_projections import World
+from tests.support.carrier import CarrierProcess
+from tests.support.histories import histories
+from tests.support.projecting import World
+from tests.support.stack import OPSFLOW, ROOT, Stack, free_port, start_service, stop_process
 
 RUNBOOK = ROOT / "docs" / "runbook.md"
 EXAMPLE_DLQ_ID = "orders.dlq/2/15"

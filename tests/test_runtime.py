@@ -19,15 +19,13 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
-from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow import db
 from opsflow.contracts import Event
@@ -50,123 +48,16 @@ from services.contracts import (
     OrderReceived,
     PolicyChecked,
 )
-from tests.samples import sample
-from tests.stackctl import Stack, create_schema, drop_schema, free_port, stack_env
-from tests.test_carrier_sim import CarrierProcess
+from tests.support.carrier import CarrierProcess
+from tests.support.runtime import ServiceProcess, Topics, make_topics, orders, publish, start
+from tests.support.stack import Stack, create_schema, drop_schema, free_port, stack_env
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class Topics:
-    prefix: str
-    bootstrap: str
-    codec: WireCodec
-
-    @property
-    def orders(self) -> str:
-        return f"{self.prefix}orders"
-
-    @property
-    def checks(self) -> str:
-        return f"{self.prefix}policy-check"
-
-    @property
-    def dead_letters(self) -> str:
-        return f"{self.prefix}orders.dlq"
-
-
-def make_topics(bootstrap: str, registry_url: str) -> Topics:
-    """Fresh topics for one test: its own prefix on the given cluster."""
-    prefix = f"rt{uuid.uuid4().hex[:8]}."
-    ensure_topics(
-        AdminClient({"bootstrap.servers": bootstrap}),
-        [f"{prefix}orders", f"{prefix}orders.dlq", f"{prefix}policy-check"],
-        partitions=4,
-    )
-    return Topics(prefix, bootstrap, WireCodec(SchemaRegistryClient({"url": registry_url})))
 
 
 @pytest.fixture
 def topics(stack: Stack, bootstrap_servers: str, registry_url: str) -> Topics:
     return make_topics(bootstrap_servers, registry_url)
-
-
-def orders(count: int, *, notes: dict[int, str] | None = None) -> list[OrderReceived]:
-    base = sample("order.received")
-    assert isinstance(base, OrderReceived)
-    made = []
-    for i in range(count):
-        order_id = f"ord-{uuid.uuid4().hex[:12]}"
-        envelope = base.envelope.model_copy(
-            update={
-                "event_id": uuid.uuid4(),
-                "idempotency_key": f"order:{order_id}",
-                "correlation_id": order_id,
-            }
-        )
-        made.append(
-            base.model_copy(
-                update={"envelope": envelope, "order_id": order_id, "notes": (notes or {}).get(i)}
-            )
-        )
-    return made
-
-
-def publish(
-    topics: Topics,
-    events: list[OrderReceived],
-    raw: Sequence[bytes] = (),
-    headers: list[tuple[str, bytes]] | None = None,
-) -> None:
-    producer = Producer({"bootstrap.servers": topics.bootstrap, "linger.ms": 10})
-    for event in events:
-        producer.produce(
-            topics.orders,
-            key=event.order_id.encode(),
-            value=topics.codec.encode(event),
-            headers=headers,
-        )
-    for value in raw:
-        producer.produce(topics.orders, key=b"poison", value=value)
-    assert producer.flush(30) == 0
-
-
-class ServiceProcess:
-    """One instance of a runtime service (the relay unless told), as a real process."""
-
-    def __init__(
-        self,
-        stack: Stack,
-        topics: Topics,
-        log: Path,
-        *,
-        target: str = "tests.services.relay",
-        stack_env: dict[str, str] | None = None,
-        **env_extra: str,
-    ) -> None:
-        self.log = log
-        env = {
-            **stack.env,
-            **(stack.addresses() if stack_env is None else stack_env),
-            "OPSFLOW_TOPIC_PREFIX": topics.prefix,
-            **env_extra,
-        }
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opsflow.runtime", target],
-            cwd=ROOT,
-            env=env,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
 
 
 @pytest.fixture
@@ -176,14 +67,6 @@ def services(stack: Stack, topics: Topics, tmp_path: Path) -> Iterator[list[Serv
     for service in started:
         if service.proc.poll() is None:
             service.kill9()
-
-
-def start(
-    started: list[ServiceProcess], stack: Stack, topics: Topics, tmp_path: Path, **env: str
-) -> ServiceProcess:
-    service = ServiceProcess(stack, topics, tmp_path / f"service-{len(started)}.log", **env)
-    started.append(service)
-    return service
 
 
 def read_all(

@@ -15,7 +15,7 @@ import pytest
 from opsflow.errors import ConfigurationError
 from opsflow.runtime import Service
 from services.contracts import ORDERS, POLICY_CHECK, OrderReceived, PolicyChecked
-from tests.samples import sample
+from tests.support.samples import sample
 
 
 class Pool:

@@ -22,7 +22,7 @@ from confluent_kafka.admin import AdminClient
 
 from opsflow.stack.components import plan_stack
 from services.contracts import TOPICS
-from tests.stackctl import OPSFLOW, Stack, stack_env
+from tests.support.stack import OPSFLOW, Stack, stack_env
 
 # Each test starts, kills or restarts a stack of its own: the processes are under test.
 pytestmark = pytest.mark.process

@@ -15,7 +15,7 @@ from opsflow.producer import body_model
 from opsflow.testing import Env
 from services.contracts import OrderReceived, PolicyChecked, PolicyOutcome
 from services.policy_check import service
-from tests.samples import sample
+from tests.support.samples import sample
 
 
 def test_a_service_runs_in_the_test_process_and_its_output_is_waited_for(

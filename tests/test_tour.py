@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.stackctl import ROOT, Stack, stack_env
+from tests.support.stack import ROOT, Stack, stack_env
 
 # The README's tour on a stack of its own, as a newcomer runs it.
 pytestmark = pytest.mark.process

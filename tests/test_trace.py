@@ -3,7 +3,7 @@
 The pure half (the tree, the "where is it waiting" verdict) is tested with
 events built here; the command is tested as an operator runs it, against the
 session stack, in topics of this module's own (a prefix), with histories from
-``tests.histories`` plus records written here with a W3C trace context.
+``tests.support.histories`` plus records written here with a W3C trace context.
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ from services.contracts import (
     ReviewRequested,
     ReviewTier,
 )
-from tests.histories import histories, publish
-from tests.stackctl import (
+from tests.support.histories import histories, publish
+from tests.support.stack import (
     OPSFLOW,
     Stack,
     create_schema,

@@ -19,7 +19,7 @@ from opsflow.contracts import catalogue
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError
 from services.contracts import MODELS, OrderReceived
-from tests.samples import sample
+from tests.support.samples import sample
 
 
 @pytest.fixture(scope="module")

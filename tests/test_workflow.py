@@ -43,7 +43,7 @@ from services.contracts import (
     ReviewDecision,
 )
 from services.demo.orders import Category, DemoOrder, demo_orders, new_run_id
-from tests.stackctl import Stack, stack_env
+from tests.support.stack import Stack, stack_env
 
 # The whole stack as `make run` starts it, with dispatch killed mid-run.
 pytestmark = pytest.mark.process

@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.table import Table
 
 from opsflow.db import redact
-from tests.stackctl import OPSFLOW, stack_env
+from tests.support.stack import OPSFLOW, stack_env
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_DIR = Path(__file__).resolve().parents[2]

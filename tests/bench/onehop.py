@@ -64,7 +64,7 @@ from opsflow.runtime.service import BatchPolicy
 from opsflow.topics import ensure_topics
 from services.demo.orders import varied_order
 from tests.bench.harness import REPO_DIR, BenchError, Case, Metric, Ratio, StackInfo
-from tests.stackctl import STACK_VARIABLES
+from tests.support.stack import STACK_VARIABLES
 
 EVENTS = 200_000
 PARTITIONS = 6  # as TopicSettings' default, so opsflow runs as many producers as in use

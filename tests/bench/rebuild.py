@@ -21,7 +21,7 @@ Target (from the issue): at least 50,000 events/s, and a rebuild wall time of
 at most twice the COPY's plus one read of the topics, i.e.
 ``rebuild / (2 * copy + read once) <= 1``.
 
-Inputs: causally consistent histories of ~180,000 orders (``tests/histories.py``;
+Inputs: causally consistent histories of ~180,000 orders (``tests/support/histories.py``;
 every event type of the workflow, with reviews, escalations, retries, permanent
 failures and deliveries in realistic shares), about 1,000,000 events, written to
 topics of their own (a prefix) before anything is timed. The live projection is
@@ -56,8 +56,8 @@ from opsflow.readmodels import projections
 from opsflow.settings import TopicSettings
 from opsflow.topics import consumer_config, ensure_topics, partitions_of, topic_name
 from tests.bench.harness import BenchError, Case, Metric, Ratio, StackInfo
-from tests.histories import histories, publish
-from tests.stackctl import create_schema, drop_schema
+from tests.support.histories import histories, publish
+from tests.support.stack import create_schema, drop_schema
 
 EVENTS = 1_000_000
 PROJECTION = "orders_current"

@@ -44,8 +44,8 @@ from opsflow.stack.bucket import CompactionPolicy
 from opsflow.topics import end_offsets, topic_name
 from services.contracts import MODELS, PolicyOutcome
 from tests.bench.harness import BenchError, Case, Metric, StackInfo
-from tests.samples import sample
-from tests.stackctl import Stack, stack_env
+from tests.support.samples import sample
+from tests.support.stack import Stack, stack_env
 
 ORDERS = 1_000
 RATE = 100.0

@@ -34,7 +34,7 @@ from confluent_kafka import Consumer
 
 from services.demo.orders import Category, DemoOrder, demo_orders, new_run_id
 from tests.bench.harness import BenchError, Case, Metric, StackInfo
-from tests.stackctl import OPSFLOW, stack_env
+from tests.support.stack import OPSFLOW, stack_env
 
 ORDERS = 20_000
 LATENCY_ORDERS = 1_500

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import psycopg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OPSFLOW = [sys.executable, "-m", "opsflow"]
 # Variables that would make a test's stack use something other than what the
 # test asked for.
