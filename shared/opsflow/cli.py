@@ -464,15 +464,25 @@ def _reachable(kafka: dict[str, Any]) -> None:
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
+    from opsflow.topics import unreachable
+
+    servers = str(kafka.get("bootstrap.servers", ""))
+    fix = (
+        "Start it, or point KAFKA_BOOTSTRAP_SERVERS at the cluster "
+        "(`eval $(opsflow env)` for the local stack)"
+    )
+    refused = unreachable(servers)
+    if refused is not None:
+        raise ConfigurationError(
+            "KAFKA_BOOTSTRAP_SERVERS", f"no Kafka broker answers at {servers} ({refused})", fix
+        )
     try:
         AdminClient(dict(kafka)).list_topics(timeout=5)
     except KafkaException as err:
         raise ConfigurationError(
             "KAFKA_BOOTSTRAP_SERVERS",
-            f"no Kafka broker answers at {kafka.get('bootstrap.servers')} "
-            f"({err.args[0].str() if err.args else err})",
-            "Start it, or point KAFKA_BOOTSTRAP_SERVERS at the cluster "
-            "(`eval $(opsflow env)` for the local stack)",
+            f"no Kafka broker answers at {servers} ({err.args[0].str() if err.args else err})",
+            fix,
         ) from err
 
 

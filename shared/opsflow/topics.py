@@ -14,6 +14,7 @@ recovery, the dead-letter queues, trace, replay and rebuild all do.
 
 from __future__ import annotations
 
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -367,3 +368,21 @@ def _first_records(
     finally:
         consumer.unassign()
     return found
+
+
+def unreachable(servers: str) -> str | None:
+    """Why no address of ``servers`` (``[PROTOCOL://]host:port,...``) accepts a TCP
+    connection within a second; None once one does.
+
+    Asked before a client's first request: a refused connection is known at once,
+    but the Kafka client retries it until its request times out (5 s measured).
+    """
+    errors = []
+    for server in filter(None, (part.strip() for part in servers.split(","))):
+        host, _, port = server.rpartition("://")[2].rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
+                return None
+        except (OSError, ValueError) as err:
+            errors.append(f"{server}: {getattr(err, 'strerror', None) or err}")
+    return "; ".join(errors) or "no address given"

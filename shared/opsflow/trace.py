@@ -611,7 +611,7 @@ def scan(
     """
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    from opsflow.topics import ReadToEnd, reader_config
+    from opsflow.topics import ReadToEnd, reader_config, unreachable
 
     servers = str(kafka.get("bootstrap.servers", ""))
     consumer = Consumer(
@@ -628,6 +628,13 @@ def scan(
         }
     )
     try:
+        refused = unreachable(servers)
+        if refused is not None:
+            raise ConfigurationError(
+                "KAFKA_BOOTSTRAP_SERVERS",
+                f"no broker answered at {servers} ({refused})",
+                f"Check that the broker is up and the variable names it, {_ON_THE_STACK}",
+            )
         try:
             metadata = consumer.list_topics(timeout=connect_timeout_s)
         except KafkaException as err:
