@@ -20,6 +20,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ from opsflow import db
 from opsflow.contracts import Event, catalogue
 from opsflow.contracts.wire import WireCodec
 from opsflow.projections.runner import ProjectionRunner
+from opsflow.projector.service import Projector
 from opsflow.readmodels import projections
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from services.contracts import ORDERS, TOPICS
 from tests.support.histories import histories
-from tests.support.projecting import World
+from tests.support.projecting import World, projecting
 from tests.support.stack import (
     Stack,
     create_schema,
@@ -104,7 +106,15 @@ def world(
 
 
 @pytest.fixture
-def projector(world: World, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+def projector(world: World) -> Iterator[Projector]:
+    """The projector in this process: for the tests whose subject is the read models."""
+    with projecting(world) as running:
+        yield running
+
+
+@pytest.fixture
+def projector_process(world: World, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The projector as a real process: for the tests whose subject is that process."""
     port = free_port()
     proc = start_service(
         ["-m", "opsflow.projector"],
@@ -127,7 +137,7 @@ def assert_models_match(world: World, orders: list[list[Event]]) -> None:
 
 
 def test_every_read_model_rebuilt_from_the_topics_equals_the_incrementally_kept_one(
-    world: World, projector: subprocess.Popen[bytes]
+    world: World, projector: Projector
 ) -> None:
     orders = list(histories(300, run=world.prefix))
     world.publish(orders)
@@ -149,15 +159,10 @@ def test_every_read_model_rebuilt_from_the_topics_equals_the_incrementally_kept_
 
 
 def test_a_rebuild_under_live_load_and_two_projectors_lose_and_duplicate_nothing(
-    world: World, projector: subprocess.Popen[bytes], tmp_path: Path
+    world: World, projector: Projector
 ) -> None:
-    port = free_port()
-    second = start_service(
-        ["-m", "opsflow.projector"],
-        {**world.env, "OPSFLOW_METRICS_PORT": str(port)},
-        tmp_path / "second.log",
-        f"http://127.0.0.1:{port}/readyz",
-    )
+    second = ExitStack()  # a second projector, beside the fixture's
+    second.enter_context(projecting(world))
     orders = list(histories(600, run=world.prefix, seed=11))
     world.publish(orders[:200])
     world.wait_caught_up()
@@ -190,7 +195,7 @@ def test_a_rebuild_under_live_load_and_two_projectors_lose_and_duplicate_nothing
         publisher.join()
         reading.set()
         reader.join()
-        stop_process(second)
+        second.close()
     assert seen and seen[0] >= 200 and seen == sorted(seen), seen[:20]
     world.wait_caught_up()
     assert_models_match(world, orders)
@@ -214,12 +219,14 @@ def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
         orders = [h for h in histories(40, run=world.prefix, seed=5) if len(h) >= 8][:3]
         assert orders, "the seed gives histories through review and dispatch"
         codec = WireCodec(world.registry)
+        producer = Producer({"bootstrap.servers": world.bootstrap, "linger.ms": 0})
         for url, prefix in ((world.database_url, world.prefix), (other_url, backwards)):
             monkeypatch.setenv("OPSFLOW_TOPIC_PREFIX", prefix)
             runners = [
                 ProjectionRunner(
                     p,
-                    kafka={"bootstrap.servers": world.bootstrap},
+                    # Each event is awaited alone: ask the broker not to hold fetches.
+                    kafka={"bootstrap.servers": world.bootstrap, "fetch.wait.max.ms": 10},
                     registry=world.registry,
                     database_url=url,
                     max_wait_s=0.05,
@@ -231,7 +238,7 @@ def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
             try:
                 for history in orders:
                     for event in reversed(history) if prefix == backwards else history:
-                        publish_one(world, codec, event, prefix)
+                        publish_one(producer, codec, event, prefix)
                         topic = event.topic
                         for runner in runners:
                             if topic in runner.projection.topics:
@@ -254,8 +261,8 @@ def test_events_read_out_of_causal_order_give_the_same_rows_as_in_order(
         drop_schema(base, other)
 
 
-def publish_one(world: World, codec: WireCodec, event: Event, prefix: str) -> None:
-    producer = Producer({"bootstrap.servers": world.bootstrap})
+def publish_one(producer: Producer, codec: WireCodec, event: Event, prefix: str) -> None:
+    """Write one event and wait for the broker's acknowledgement."""
     producer.produce(
         topic_name(event.topic, prefix=prefix),
         key=event.order_id.encode(),
@@ -271,8 +278,9 @@ def rows(url: str, table: str, key: str) -> list[dict[str, Any]]:
 
 @pytest.mark.process
 def test_postgres_restarted_mid_projection_loses_nothing_and_the_projector_resumes_by_itself(
-    world: World, stack: Stack, projector: subprocess.Popen[bytes]
+    world: World, stack: Stack, projector_process: subprocess.Popen[bytes]
 ) -> None:
+    projector = projector_process
     postgres = stack.components().get("postgres")
     if postgres is None:
         pytest.skip("PostgreSQL is external (DATABASE_URL): this test restarts the embedded one")
@@ -298,7 +306,7 @@ def test_postgres_restarted_mid_projection_loses_nothing_and_the_projector_resum
 
 
 def test_an_order_written_with_the_older_schema_version_projects_and_rebuilds(
-    world: World, projector: subprocess.Popen[bytes]
+    world: World, projector: Projector
 ) -> None:
     (history,) = histories(1, run=world.prefix, seed=1)
     received, rest = history[0], history[1:]
@@ -336,7 +344,7 @@ def _schema(schema: dict[str, Any]) -> Any:
 
 
 def test_a_tampered_or_removed_audit_row_is_named_by_audit_verify(
-    world: World, projector: subprocess.Popen[bytes]
+    world: World, projector: Projector
 ) -> None:
     orders = list(histories(20, run=world.prefix, seed=9))
     world.publish(orders)
@@ -360,7 +368,7 @@ def test_a_tampered_or_removed_audit_row_is_named_by_audit_verify(
 
 
 def test_an_undecodable_record_is_dead_lettered_and_the_projections_go_on(
-    world: World, projector: subprocess.Popen[bytes]
+    world: World, projector: Projector
 ) -> None:
     orders = list(histories(30, run=world.prefix, seed=2))
     producer = Producer({"bootstrap.servers": world.bootstrap})

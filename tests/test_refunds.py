@@ -169,7 +169,8 @@ def test_every_refund_ends_once_and_the_partner_pays_none_twice_under_kill_9(
             for body in bodies:
                 producer.send(body, idempotency_key=body.refund_id)
                 time.sleep(0.1)
-        approval_url = refunds.status()["env"]["REFUND_APPROVAL_URL"]
+        addresses = refunds.status()["env"]
+        approval_url = addresses["REFUND_APPROVAL_URL"]
         _decide(approval_url, people, expected)
         _escalate_and_approve(approval_url, people, "rf-0999")
     finally:
@@ -188,7 +189,7 @@ def test_every_refund_ends_once_and_the_partner_pays_none_twice_under_kill_9(
     assert max(requests.values()) == 1, "one payout request per refund"
     assert any(isinstance(e, ApprovalEscalated) and e.refund_id == "rf-0999" for e in events)
 
-    payments_url = refunds.status()["env"]["PAYMENTS_URL"]
+    payments_url = addresses["PAYMENTS_URL"]
     payouts = httpx.get(f"{payments_url}/refunds", timeout=10).json()
     per_refund = Counter(p["refund_id"] for p in payouts)
     assert [r for r, count in per_refund.items() if count > 1] == [], "a refund paid twice"
@@ -349,7 +350,7 @@ def _settled(app: Refunds, expected: dict[str, str], timeout: float = 120) -> li
             time.sleep(2)
             return _read(app)
         assert time.monotonic() < deadline, f"never ended: {sorted(set(expected) - ended)}"
-        time.sleep(1)
+        time.sleep(0.2)
 
 
 def _end_of(event: Event) -> str | None:
@@ -407,4 +408,4 @@ def _projected(database_url: str, expected: dict[str, str], timeout: float = 60)
         assert time.monotonic() < deadline, {
             r: (rows.get(r), end) for r, end in expected.items() if rows.get(r) != end
         }
-        time.sleep(1)
+        time.sleep(0.2)

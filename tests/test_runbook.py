@@ -11,7 +11,10 @@ dead-letter id are filled in from that world; everything else runs verbatim.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import time
@@ -103,21 +106,49 @@ def run(env: dict[str, str], command: str) -> subprocess.CompletedProcess[str]:
             shell=True, env=env, capture_output=True, text=True, timeout=300,
         )  # fmt: skip
     if "--watch" in args:
-        # Ctrl-C reaches the command even when this suite runs with SIGINT ignored
-        # (a background job of a shell), which its children would inherit.
-        proc = subprocess.Popen(
-            args,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        time.sleep(12)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
-        return subprocess.CompletedProcess(args, proc.returncode, out, err)
+        return watch(args, env)
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+
+
+def watch(
+    args: list[str], env: dict[str, str], *, frames: int = 2
+) -> subprocess.CompletedProcess[str]:
+    """A ``--watch`` command in a terminal (a pseudo-terminal, so it draws its screen as
+    it does for the operator), stopped with Ctrl-C once it has drawn ``frames`` screens:
+    its loop has refreshed, and the interrupt reaches it there, not while it starts."""
+    leader, follower = pty.openpty()
+    # Ctrl-C reaches the command even when this suite runs with SIGINT ignored
+    # (a background job of a shell), which its children would inherit.
+    proc = subprocess.Popen(
+        args,
+        env={**env, "TERM": "xterm", "COLUMNS": "160", "LINES": "200"},
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    os.close(follower)
+    shown = b""
+    deadline = time.monotonic() + 120
+    try:
+        # Every screen ends with the table of what the application watches.
+        while shown.count(b"Dead letters and what the application watches") < frames:
+            assert time.monotonic() < deadline, f"{args}: no refresh in 120 s:\n{shown[-2000:]!r}"
+            assert proc.poll() is None, f"{args} exited {proc.returncode}:\n{shown[-2000:]!r}"
+            if select.select([leader], [], [], 0.2)[0]:
+                try:
+                    shown += os.read(leader, 65536)
+                except OSError:  # the terminal closed: the command exited
+                    continue
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(leader)
+    return subprocess.CompletedProcess(args, proc.returncode, shown.decode(errors="replace"), err)
 
 
 @pytest.mark.process

@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow.contracts import Event
@@ -241,18 +241,24 @@ def decide_reviews(url: str, token: str, orders: list[DemoOrder], *, timeout: fl
 
 def follow(env: dict[str, str], order_ids: set[str], *, timeout: float) -> dict[str, list[Event]]:
     """Every event of the orders on the workflow's topics, read until each order is in a
-    terminal state and nothing new came for 3 s."""
+    terminal state and nothing new came for 3 s.
+
+    The partitions are assigned, not subscribed to: a group join costs half a session
+    timeout on the embedded broker, and reading everything needs no group."""
     codec = WireCodec(SchemaRegistryClient({"url": env["SCHEMA_REGISTRY_URL"]}))
     consumer = Consumer(
         {
             "bootstrap.servers": env["KAFKA_BOOTSTRAP_SERVERS"],
             "group.id": f"e2e-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
             "isolation.level": "read_committed",
-            "session.timeout.ms": 6000,
+            "fetch.wait.max.ms": 50,
         }
     )
-    consumer.subscribe(list(TOPICS))
+    meta = consumer.list_topics(timeout=10).topics
+    consumer.assign(
+        [TopicPartition(t, p, OFFSET_BEGINNING) for t in TOPICS for p in meta[t].partitions]
+    )
     events: dict[str, list[Event]] = {order_id: [] for order_id in order_ids}
     deadline, last_new = time.monotonic() + timeout, time.monotonic()
     try:
@@ -279,3 +285,17 @@ def follow(env: dict[str, str], order_ids: set[str], *, timeout: float) -> dict[
     raise AssertionError(
         f"orders did not settle within {timeout:.0f}s: {waiting}; e.g. {list(stuck.items())[:5]}"
     )
+
+
+def no_proof_pending(carrier: str) -> bool:
+    """The carrier has sent (and had answered) every proof of delivery it will send."""
+    pods = httpx.get(f"{carrier}/pods", timeout=10).json()
+    return bool(pods["pending"] == 0 and pods["queued"] == 0)
+
+
+def ends(consumer: Consumer) -> dict[tuple[str, int], int]:
+    """The high watermark of every partition ``consumer`` is assigned."""
+    return {
+        (tp.topic, tp.partition): consumer.get_watermark_offsets(tp, timeout=10)[1]
+        for tp in consumer.assignment()
+    }

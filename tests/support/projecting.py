@@ -7,7 +7,10 @@ Used by the projection tests and the runbook's.
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -16,6 +19,7 @@ from opsflow import db
 from opsflow.contracts import Event
 from opsflow.contracts.wire import WireCodec
 from opsflow.projections.status import statuses
+from opsflow.projector.service import Projector
 from opsflow.readmodels import projections
 from tests.support.histories import publish
 from tests.support.stack import OPSFLOW, Stack
@@ -75,3 +79,28 @@ class World:
                     return
                 assert time.monotonic() < deadline, [s.as_json() for s in found]
                 time.sleep(0.5)
+
+
+@contextmanager
+def projecting(world: World, *, timeout: float = 60) -> Iterator[Projector]:
+    """The projector (every projection) in a thread of this process, on the world's topics
+    and schema, until the block ends; the block starts once every projection has opened.
+    For tests whose subject is the read models, not the projector's process."""
+    projector = Projector(
+        list(projections().values()),
+        kafka={"bootstrap.servers": world.bootstrap},
+        registry=world.registry,
+        database_url=world.database_url,
+    )
+    thread = threading.Thread(target=projector.run, name="projector", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not projector.health.joined:
+            assert thread.is_alive(), "the projector stopped"
+            assert time.monotonic() < deadline, f"the projector did not start in {timeout:g} s"
+            time.sleep(0.02)
+        yield projector
+    finally:
+        projector.stop()
+        thread.join(timeout)
