@@ -73,7 +73,8 @@ class LogReader:
     and where it found each partition's end (its end-of-partition events).
 
     It assigns the partitions (no group to join) and keeps its place between calls of
-    ``read_to``; ``records`` are the values read so far, by topic, in log order.
+    ``read_to``; ``records`` are the (timestamp, value) of the records read so far, by
+    topic, each partition in log order.
     """
 
     def __init__(self, bootstrap: str, topics: Iterable[str]) -> None:
@@ -84,7 +85,7 @@ class LogReader:
         self.consumer.assign([TopicPartition(t, p, OFFSET_BEGINNING) for t, p in self.partitions])
         self.last: dict[Partition, int] = {}
         self.end: dict[Partition, int] = {}
-        self.records: dict[str, list[bytes]] = {t: [] for t, _ in self.partitions}
+        self.records: dict[str, list[tuple[int, bytes]]] = {t: [] for t, _ in self.partitions}
 
     def read_to(self, ends: dict[Partition, int], timeout: float) -> bool:
         """Read until every partition's end was found at or past ``ends`` (so every record
@@ -102,7 +103,7 @@ class LogReader:
                     self.end[where] = message.offset() or 0
                     continue
                 self.last[where] = message.offset() or 0
-                self.records[where[0]].append(message.value() or b"")
+                self.records[where[0]].append((message.timestamp()[1], message.value() or b""))
         return True
 
     def ends(self) -> dict[Partition, int]:
@@ -322,7 +323,7 @@ class World:
         reader = LogReader(self.stack.address("KAFKA_BOOTSTRAP_SERVERS"), [name])
         try:
             assert reader.read_to(reader.ends(), timeout=30), f"{name} has a transaction open"
-            events = [self.codec.decode(value) for value in reader.records[name]]
+            events = [self.codec.decode(value) for _, value in reader.records[name]]
         finally:
             reader.close()
         assert until(events), (
@@ -350,11 +351,11 @@ def settled_events(
     try:
         while time.monotonic() < deadline:
             if running.finished(reader):
-                events = [codec.decode(value) for value in reader.records[name]]
+                events = [codec.decode(value) for _, value in reader.records[name]]
                 if until(events):
                     return events
             time.sleep(0.05)
-        events = [codec.decode(value) for value in reader.records[name]]
+        events = [codec.decode(value) for _, value in reader.records[name]]
     finally:
         reader.close()
     raise AssertionError(f"{name} never settled: {Counter(e.event_type for e in events)}")
@@ -378,11 +379,11 @@ def quiet_events(
             if len(reader.records[name]) > seen:
                 seen, last_new = len(reader.records[name]), time.monotonic()
                 continue
-            events = [codec.decode(value) for value in reader.records[name]]
+            events = [codec.decode(value) for _, value in reader.records[name]]
             if until(events) and time.monotonic() - last_new >= quiet:
                 return events
             time.sleep(0.1)
-        events = [codec.decode(value) for value in reader.records[name]]
+        events = [codec.decode(value) for _, value in reader.records[name]]
     finally:
         reader.close()
     raise AssertionError(f"{name} never settled: {Counter(e.event_type for e in events)}")
