@@ -20,9 +20,9 @@ from typing import Any
 
 from confluent_kafka.admin import AdminClient
 
-from opsflow.topics import Partition, dead_letter_topic, end_offsets, ensure_topics
+from opsflow.topics import Partition, dead_letter_topic, ensure_topics
 from services.contracts import DispatchExecuted, DispatchRequested
-from tests.support.dispatching import World, make_orders, settled
+from tests.support.dispatching import World, high_watermarks, make_orders, settled
 from tests.support.dispatching import world as world
 from tests.support.stack import OPSFLOW, free_port, start_service, stop_process
 
@@ -49,9 +49,9 @@ def clis(world: World, *commands: list[str]) -> list[subprocess.CompletedProcess
 
 def ends(world: World) -> dict[Partition, int]:
     """The end of every partition of the world's topics and their dead-letter topics (to
-    see that nothing was written), as fetch responses tell it (``end_offsets``)."""
+    see that nothing was written, not even into a transaction left open)."""
     names = [f"{world.prefix}{topic}" for topic in ("orders", "policy-check", "review", "dispatch")]
-    return end_offsets(
+    return high_watermarks(
         {"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS")},
         [(name, p) for name in names + [dead_letter_topic(n) for n in names] for p in range(4)],
     )

@@ -29,7 +29,7 @@ from typing import Any
 
 import httpx
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, Consumer, KafkaError, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -42,7 +42,6 @@ from opsflow.settings import KafkaSettings, RuntimeSettings
 from opsflow.topics import (
     Partition,
     dead_letter_topic,
-    end_offsets,
     ensure_topics,
     partitions_of,
     reader_config,
@@ -107,13 +106,44 @@ class LogReader:
         return True
 
     def ends(self) -> dict[Partition, int]:
-        """Every partition's end now: the offset after its last record, open
-        transactions' records and transaction markers included (fetch responses' high
-        watermarks, learnt with a fresh fetch; see ``opsflow.topics.end_offsets``)."""
-        return end_offsets(self.kafka, self.partitions)
+        """Every partition's end now (``high_watermarks``)."""
+        return high_watermarks(self.kafka, self.partitions)
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def high_watermarks(kafka: dict[str, Any], partitions: Iterable[Partition]) -> dict[Partition, int]:
+    """Each partition's end now: the offset after its last record, records of open
+    transactions and transaction markers included, so that any write moves it.
+
+    As ``opsflow.topics.end_offsets`` learns them (from a fresh fetch's response, not
+    ListOffsets, which the embedded broker answers short of the end), but read
+    ``read_uncommitted``: a ``read_committed`` reader's end is the last stable offset,
+    which a write inside an open transaction does not move.
+    """
+    parts = sorted(set(partitions))
+    consumer = Consumer(
+        {**reader_config(kafka, "ends", isolation="read_uncommitted"), "fetch.wait.max.ms": 10}
+    )
+    try:
+        consumer.list_topics(timeout=10)  # leaders known before the assignment
+        consumer.assign([TopicPartition(t, p, OFFSET_END) for t, p in parts])
+        found: dict[Partition, int] = {}
+        deadline = time.monotonic() + 10
+        while len(found) < len(parts):
+            assert time.monotonic() < deadline, (
+                f"no end learnt for {sorted(set(parts) - set(found))}"
+            )
+            consumer.consume(1000, 0.05)
+            for t, p in parts:
+                if (t, p) not in found:
+                    high = consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)[1]
+                    if high >= 0:
+                        found[(t, p)] = high
+        return found
+    finally:
+        consumer.close()
 
 
 @dataclass
@@ -159,8 +189,9 @@ class ServiceThread:
         output of them, so that it will write nothing more until a new input comes.
 
         ``reader`` reads the worker's input topics (its own outputs among them, when
-        it reads back its topic). One round: learn the ends of the inputs; read them
-        ``read_committed`` to those ends (so no transaction is open below them); then
+        it reads back its topic). One round: learn the ends of the inputs (any write
+        moves them: ``high_watermarks``); read them ``read_committed`` to those ends (so
+        no transaction is open there and every record before them is read); then
         every input partition must be the worker's, its recovery done, not waiting to
         retry, its last read record handled (the worker's position past it, read
         before and after) and no batch open; then the ends, learnt again, must not
