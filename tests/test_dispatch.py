@@ -3,7 +3,9 @@
 Each test gets its own topics, database schema and carrier stand-in (a real
 HTTP server on loopback, with its bookings in a file so they outlive nothing
 but the test). Approvals are published with the producer SDK, as the
-policy-check and review steps would write them.
+policy-check and review steps would write them. The tests whose subject is the
+process (kill -9, a clean stop) run dispatch as one; the others run its worker in a
+thread of the test process and read once it has drained its inputs.
 """
 
 from __future__ import annotations
