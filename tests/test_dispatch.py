@@ -3,7 +3,9 @@
 Each test gets its own topics, database schema and carrier stand-in (a real
 HTTP server on loopback, with its bookings in a file so they outlive nothing
 but the test). Approvals are published with the producer SDK, as the
-policy-check and review steps would write them.
+policy-check and review steps would write them. The tests whose subject is the
+process (kill -9, a clean stop) run dispatch as one; the others run its worker in a
+thread of the test process and read once it has drained its inputs.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def test_a_refused_destination_ends_in_dispatch_failed_with_the_carriers_reason(
 ) -> None:
     refused, fine = make_orders(3, country="KP"), make_orders(3)
     world.approve(refused + fine)
-    world.start_dispatch()
+    world.run_dispatch()
     events = world.dispatch_events(settled({o.order_id for o in refused + fine}))
     failed = {e.order_id: e for e in events if isinstance(e, DispatchFailed)}
     assert set(failed) == {o.order_id for o in refused}
@@ -102,7 +104,7 @@ def test_a_carrier_outage_exhausts_retries_into_dispatch_failed_not_silence(
     httpx.put(f"{world.carrier.url}/faults", json={"error_rate": 1.0}, timeout=5)
     orders = make_orders(4)
     world.approve(orders)
-    world.start_dispatch(DISPATCH_MAX_ATTEMPTS="3")
+    world.run_dispatch(DISPATCH_MAX_ATTEMPTS="3")
     events = world.dispatch_events(settled({o.order_id for o in orders}))
     failed = [e for e in events if isinstance(e, DispatchFailed)]
     assert len(failed) == 4
@@ -114,12 +116,12 @@ def test_a_carrier_outage_exhausts_retries_into_dispatch_failed_not_silence(
 def test_a_second_approval_of_a_dispatched_order_books_nothing_more(world: World) -> None:
     orders = make_orders(5)
     world.approve(orders)
-    world.start_dispatch()
+    world.run_dispatch()
     ids = {o.order_id for o in orders}
     world.dispatch_events(settled(ids))
-    # The same orders approved again under other keys (a duplicate submission).
+    # The same orders approved again under other keys (a duplicate submission); read
+    # once dispatch has handled the second approvals and committed all it wrote.
     world.approve(orders, key="again")
-    time.sleep(5)
     events = world.dispatch_events(settled(ids))
     assert Counter(e.event_type for e in events)["dispatch.requested"] == 5
     assert world.bookings()["count"] == 5

@@ -2,7 +2,8 @@
 
 The world is dispatch's (tests/support/dispatching.py): topics of its own, a fresh
 schema, the carrier stand-in as a real HTTP server with faults switched on.
-Orders are approved and dispatched once by the real dispatch service; then the
+Orders are approved and dispatched once by the real dispatch service (its worker
+in a thread of the test process, until it has handled every approval); then the
 operator re-drives ranges of the log into dispatch with the real CLI, and the
 carrier's own list of bookings says whether anything was booked twice.
 """
@@ -12,16 +13,16 @@ from __future__ import annotations
 import json
 import subprocess
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from confluent_kafka import Consumer
-from confluent_kafka import TopicPartition as KafkaPartition
 from confluent_kafka.admin import AdminClient
 
-from opsflow.topics import dead_letter_topic, ensure_topics
+from opsflow.topics import Partition, dead_letter_topic, ensure_topics
 from services.contracts import DispatchExecuted, DispatchRequested
-from tests.support.dispatching import World, make_orders, settled
+from tests.support.dispatching import World, high_watermarks, make_orders, settled
 from tests.support.dispatching import world as world
 from tests.support.stack import OPSFLOW, free_port, start_service, stop_process
 
@@ -40,22 +41,20 @@ def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*OPSFLOW, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-def ends(world: World) -> dict[tuple[str, int], int]:
-    """The end offset of every partition of the world's topics (to see that nothing was written)."""
-    consumer = Consumer(
-        {"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS"), "group.id": "ends"}
+def clis(world: World, *commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """Several ``opsflow`` commands run side by side (for commands that only read)."""
+    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
+        return list(pool.map(lambda args: cli(world, *args), commands))
+
+
+def ends(world: World) -> dict[Partition, int]:
+    """The end of every partition of the world's topics and their dead-letter topics (to
+    see that nothing was written, not even into a transaction left open)."""
+    names = [f"{world.prefix}{topic}" for topic in ("orders", "policy-check", "review", "dispatch")]
+    return high_watermarks(
+        {"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS")},
+        [(name, p) for name in names + [dead_letter_topic(n) for n in names] for p in range(4)],
     )
-    try:
-        found = {}
-        for topic in ("orders", "policy-check", "review", "dispatch"):
-            name = f"{world.prefix}{topic}"
-            for partition in consumer.list_topics(name, timeout=10).topics[name].partitions:
-                found[(name, partition)] = consumer.get_watermark_offsets(
-                    KafkaPartition(name, partition), timeout=10, cached=False
-                )[1]
-        return found
-    finally:
-        consumer.close()
 
 
 def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes_nothing(
@@ -64,17 +63,10 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     orders = make_orders(40)
     ids = {o.order_id for o in orders}
     world.approve(orders)
-    dispatch = world.start_dispatch()
-    first = world.dispatch_events(settled(ids))
-    dispatch.kill()
-    dispatch.wait(10)
-    booked_before = world.bookings()
-    executed_ids = {str(e.envelope.event_id) for e in first if isinstance(e, DispatchExecuted)}
-    requested_ids = {str(e.envelope.event_id) for e in first if isinstance(e, DispatchRequested)}
-    assert len(executed_ids) >= 38 and len(requested_ids) == 40
+    dispatch = world.run_dispatch()
 
     # The audit log (kept by the projector) is what a dry run asks for "already done";
-    # it reads every topic of record.
+    # it reads every topic of record. It starts while dispatch joins its group.
     names = [f"{world.prefix}{t}" for t in ("pod", "pod-rejects")]
     ensure_topics(
         AdminClient({"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS")}),
@@ -96,7 +88,15 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
         f"http://127.0.0.1:{port}/readyz",
     )
     try:
-        listed = {}
+        first = world.dispatch_events(settled(ids))
+        dispatch.stop()
+        booked_before = world.bookings()
+        executed_ids = {str(e.envelope.event_id) for e in first if isinstance(e, DispatchExecuted)}
+        requested_ids = {
+            str(e.envelope.event_id) for e in first if isinstance(e, DispatchRequested)
+        }
+        assert len(executed_ids) >= 38 and len(requested_ids) == 40
+        listed: dict[str, Any] = {}
         while listed.get("lag", 1) != 0:
             done = cli(world, "projections", "list", "--json")
             assert done.returncode == 0, done.stderr
@@ -104,29 +104,31 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     finally:
         stop_process(projector)
 
+    # The dry runs, side by side: none of them writes anything.
+    later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")
     before = ends(world)
-    dry = cli(world, "replay", "policy-check", "--into", "dispatch", "--dry-run", "--json")
+    dry, said, up_to_now, after = clis(
+        world,
+        ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json"],
+        ["replay", "dispatch", "--into", "dispatch", "--dry-run"],
+        ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json", "--to", later],
+        ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json", "--from", later],
+    )
+    assert ends(world) == before, "a dry run wrote to the topics"
+    assert world.bookings()["count"] == booked_before["count"]
     assert dry.returncode == 0, dry.stdout + dry.stderr
     planned = json.loads(dry.stdout)
     assert planned["dry_run"] and planned["events"] == {"policy.checked": 40}
     assert set(planned["instances"]) == ids
     assert planned["handled"] == 40 and planned["already_done"] == 40
     assert planned["outputs"] == 0
-    assert ends(world) == before, "a dry run wrote to the topics"
-    assert world.bookings()["count"] == booked_before["count"]
     # In words: the effects are sent again under the same keys, not "skipped".
-    said = cli(world, "replay", "dispatch", "--into", "dispatch", "--dry-run")
     words = " ".join(said.stdout.split())
     assert "sent again under the same idempotency keys" in words, said.stdout
     assert "are acted on if this were not a dry run" in words and "skipped" not in words
     # Up to a time after the newest record: everything (a broker may answer a time
     # lookup past the end with offset 0, which once made this replay nothing).
-    later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")
-    up_to_now = cli(world, "replay", "policy-check", "--into", "dispatch", "--dry-run", "--json",
-                    "--to", later)  # fmt: skip
     assert json.loads(up_to_now.stdout)["events"] == {"policy.checked": 40}, up_to_now.stdout
-    after = cli(world, "replay", "policy-check", "--into", "dispatch", "--dry-run", "--json",
-                "--from", later)  # fmt: skip
     assert not json.loads(after.stdout)["events"], after.stdout
 
     # The approvals again: the same dispatch.requested events (same ids) are written.
@@ -150,6 +152,7 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     assert Counter(b["order_id"] for b in booked_after["bookings"]) == Counter(
         b["order_id"] for b in booked_before["bookings"]
     )
+    # No dispatch runs now: what the replays wrote is all there is.
     events = world.dispatch_events(settled(ids))
     assert {str(e.envelope.event_id) for e in events if isinstance(e, DispatchRequested)} == (
         requested_ids

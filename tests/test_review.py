@@ -3,15 +3,14 @@
 The service runs as a subprocess (``python -m services.review``) in topics of
 its own (a prefix) and a fresh database schema; policy decisions are published
 with the producer SDK, as the policy check would write them. What the tests
-check is on the review topic (and, for an approval, on the dispatch topic),
-read ``read_committed`` the way downstream services read it.
+check is on the review topic (and, for an approval, on the dispatch topic, where
+dispatch's worker runs in a thread of the test process), read ``read_committed``
+the way downstream services read it.
 """
 
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -36,11 +35,9 @@ from services.contracts import (
 )
 from services.review.service import task_id_for
 from tests.support.carrier import CarrierProcess
-from tests.support.dispatching import make_orders
+from tests.support.dispatching import make_orders, run_dispatch, settled_events
 from tests.support.reviewing import World, decided, make_world
 from tests.support.stack import Stack
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +46,16 @@ def shared(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[W
     with make_world(stack, tmp_path_factory.mktemp("review")) as world:
         world.start()
         yield world
+
+
+@pytest.fixture
+def carrier(tmp_path: Path) -> Iterator[CarrierProcess]:
+    """The carrier stand-in dispatch books with: launched, not waited for (``ready``), so
+    it starts while the test does the review."""
+    launched = CarrierProcess(tmp_path / "carrier.log", {"CARRIER_DB": str(tmp_path / "c.db")})
+    launched.launch()
+    yield launched
+    launched.stop()
 
 
 @pytest.fixture
@@ -61,7 +68,7 @@ def world(stack: Stack, tmp_path: Path) -> Iterator[World]:
 
 
 def test_a_needs_review_decision_opens_a_task_that_is_claimed_approved_and_dispatched(
-    shared: World, tmp_path: Path
+    shared: World, carrier: CarrierProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     orders = make_orders(1)
     shared.producer.send_many(orders, idempotency_key=f"orders-{uuid.uuid4().hex}")
@@ -114,29 +121,33 @@ def test_a_needs_review_decision_opens_a_task_that_is_claimed_approved_and_dispa
     assert decision.actor.role.value == "REVIEWER"
     assert decision.envelope.causation_id == str(mine[1].envelope.event_id)
 
-    # Dispatch takes the approval on: the order is booked with the carrier.
-    carrier = CarrierProcess(tmp_path / "carrier.log", {"CARRIER_DB": str(tmp_path / "c.db")})
-    carrier.start()
-    dispatch = subprocess.Popen(
-        [sys.executable, "-m", "opsflow.runtime", "services.dispatch"],
-        cwd=ROOT,
-        env=shared.env(CARRIER_URL=carrier.url),
-        stdout=(tmp_path / "dispatch.log").open("ab"),
-        stderr=subprocess.STDOUT,
-    )
+    # Dispatch takes the approval on: the order is booked with the carrier. dispatch's
+    # worker runs in this process; read once it has handled all it was given.
     try:
-        booked = shared.events(
-            "dispatch",
-            lambda events: any(
-                isinstance(e, DispatchExecuted) and e.order_id == order.order_id for e in events
-            ),
-            quiet=0,
+        dispatch = run_dispatch(
+            monkeypatch,
+            bootstrap=shared.stack.address("KAFKA_BOOTSTRAP_SERVERS"),
+            registry_url=shared.stack.address("SCHEMA_REGISTRY_URL"),
+            prefix=shared.prefix,
+            database_url=shared.database_url,
+            carrier_url=carrier.ready().url,
         )
+        try:
+            booked = settled_events(
+                dispatch,
+                shared.stack,
+                f"{shared.prefix}dispatch",
+                shared.codec,
+                lambda events: any(
+                    isinstance(e, DispatchExecuted) and e.order_id == order.order_id for e in events
+                ),
+                timeout=60,
+            )
+        finally:
+            dispatch.stop()
     finally:
-        dispatch.kill()
-        dispatch.wait(10)
         carrier.stop()
-    assert [e.event_type for _, e in booked if e.order_id == order.order_id] == [
+    assert [e.event_type for e in booked if e.order_id == order.order_id] == [
         "dispatch.requested",
         "dispatch.executed",
     ]
@@ -310,9 +321,11 @@ def test_an_overdue_task_escalates_to_supervisors_who_alone_may_decide_it(world:
     # The supervisors' SLA passes too for the undecided one: breached, once.
     breach_at = datetime.fromisoformat(second["due_at"]) + timedelta(hours=1, seconds=1)
     world.call("PUT", "/testing/clock", None, json={"now": breach_at.isoformat()})
+    # The timers write these: a repeat would come late, so nothing new for 2 s.
     events = world.events(
         "review",
         lambda evs: any(isinstance(e, ReviewSlaBreached) for e in evs),
+        quiet=2,
     )
     kinds = Counter((e.event_type, e.order_id) for _, e in events)
     assert kinds[("review.escalated", checks[0].order_id)] == 1
@@ -345,6 +358,7 @@ def test_overdue_timers_fire_once_each_in_deadline_order_after_a_restart(
         for ts, e in world.events(
             "review",
             lambda evs: ids <= {e.order_id for e in evs if isinstance(e, ReviewEscalated)},
+            quiet=2,
         )
         if isinstance(e, ReviewEscalated)
     ]
@@ -394,7 +408,9 @@ def test_after_kill_9_with_500_open_tasks_the_queue_reads_the_same(world: World)
     world.stop(first, signal.SIGKILL)
     world.start()
     assert world.queue(status="all") == before
+    # Read once the restarted opener has committed every decision: a task opened twice
+    # (an input redone after the kill) would be in the topic by then.
     requested = world.events(
-        "review", lambda evs: sum(isinstance(e, ReviewRequested) for e in evs) >= 500, quiet=1
+        "review", lambda evs: sum(isinstance(e, ReviewRequested) for e in evs) >= 500
     )
     assert sum(isinstance(e, ReviewRequested) for _, e in requested) == 500

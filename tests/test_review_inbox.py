@@ -27,14 +27,24 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 
 
 @pytest.fixture
-def world(stack: Stack, tmp_path: Path) -> Iterator[World]:
+def world(stack: Stack, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[World]:
     with make_world(stack, tmp_path) as made:
-        made.start()
+        service = made.launch()
+        # The browser (once per module) starts while the service does.
+        request.getfixturevalue("chromium")
+        made.ready(service)
         yield made
 
 
+@pytest.fixture
+def browser(world: World, request: pytest.FixtureRequest) -> Browser:
+    """The module's browser (started by ``world``, beside the service)."""
+    launched: Browser = request.getfixturevalue("chromium")
+    return launched
+
+
 @pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
+def chromium() -> Iterator[Browser]:
     """Debian's chromium, headless; never a browser playwright downloads itself."""
     if not CHROMIUM.exists():
         pytest.fail(
@@ -70,7 +80,7 @@ def save_screenshot(page: Page, tmp_path: Path, name: str) -> None:
 
 
 def the_decision(world: World, order_id: str) -> ReviewDecided:
-    events = world.events("review", decided({order_id}), quiet=0.5)
+    events = world.events("review", decided({order_id}))
     return next(e for _, e in events if isinstance(e, ReviewDecided) and e.order_id == order_id)
 
 

@@ -32,6 +32,11 @@ class CarrierProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> CarrierProcess:
+        """Start it and wait until it answers."""
+        return self.launch().ready()
+
+    def launch(self) -> CarrierProcess:
+        """Start the process without waiting for it (``ready`` waits)."""
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "services.carrier_sim"],
@@ -40,6 +45,11 @@ class CarrierProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
+        return self
+
+    def ready(self) -> CarrierProcess:
+        """Wait until the launched process answers ``/healthz``."""
+        assert self.process is not None, "launch() it first"
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

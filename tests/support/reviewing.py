@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -25,11 +26,20 @@ from opsflow import db, users
 from opsflow.contracts import Event
 from opsflow.contracts.wire import WireCodec
 from opsflow.producer import Producer
-from opsflow.topics import dead_letter_topic, ensure_topics
+from opsflow.topics import dead_letter_topic, end_offsets, ensure_topics
 from services.contracts import PolicyChecked, PolicyOutcome, Reason, ReviewDecided
-from tests.support.stack import Stack, create_schema, drop_schema, free_port, start_service
+from tests.support.dispatching import LogReader
+from tests.support.stack import (
+    ROOT,
+    Stack,
+    create_schema,
+    drop_schema,
+    free_port,
+    stop_process,
+)
 
 TOPICS = ("orders", "policy-check", "review", "dispatch")
+PARTITIONS = 4
 
 
 @contextmanager
@@ -84,15 +94,38 @@ class World:
 
     def start(self, **env: str) -> subprocess.Popen[bytes]:
         """Start the review service and wait until it is ready (topic replayed)."""
+        return self.ready(self.launch(**env))
+
+    def launch(self, **env: str) -> subprocess.Popen[bytes]:
+        """Start the review service without waiting for it (``ready`` waits)."""
         log = self.logs / f"review-{len(self.processes)}.log"
-        proc = start_service(
-            ["-m", "services.review"],
-            self.env(REVIEW_PORT=str(self.port), REVIEW_TEST_CLOCK="1", **env),
-            log,
-            f"{self.url}/readyz",
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "services.review"],
+            cwd=ROOT,
+            env=self.env(REVIEW_PORT=str(self.port), REVIEW_TEST_CLOCK="1", **env),
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
         self.processes.append(proc)
         return proc
+
+    def ready(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        """Wait until the launched service answers ``/readyz`` (its topic replayed)."""
+        log = self.logs / f"review-{self.processes.index(proc)}.log"
+        deadline = time.monotonic() + 60
+        try:
+            while True:
+                assert proc.poll() is None, f"review exited {proc.returncode}:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"review never got ready:\n{log.read_text()}"
+                try:
+                    if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                        return proc
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+        except AssertionError:
+            stop_process(proc)
+            raise
 
     def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
         proc.send_signal(sig)
@@ -142,7 +175,8 @@ class World:
             found = {t["order_id"]: t for t in self.queue() if t["order_id"] in wanted}
             if len(found) == len(wanted):
                 return found
-            time.sleep(0.2)
+            # Each look lists every open task: look less often when there are many.
+            time.sleep(0.05 if len(wanted) <= 20 else 0.2)
         raise AssertionError(f"tasks never opened: {len(wanted) - len(found)} missing")
 
     def events(
@@ -150,34 +184,64 @@ class World:
         topic: str,
         until: Callable[[list[Event]], bool],
         timeout: float = 60,
-        quiet: float = 2,
+        quiet: float | None = None,
     ) -> list[tuple[int, Event]]:
         """Every event on ``topic`` (read_committed) with its record timestamp, once ``until``
-        holds and nothing new arrived for ``quiet`` seconds (late repeats would show)."""
-        consumer = Consumer(
-            {
-                "bootstrap.servers": self.stack.address("KAFKA_BOOTSTRAP_SERVERS"),
-                "group.id": f"check-{uuid.uuid4().hex}",
-                "isolation.level": "read_committed",
-            }
-        )
-        # Assigned, not subscribed: no group join to wait for.
+        holds for them and the events that could still be coming are in:
+
+        - ``quiet=None``: the service's task opener has handled every policy decision
+          published so far and committed its tasks (``opener_done``), and the topic is
+          read to its end. People's actions are written before the API answers, so
+          every action answered is in too; what this does not wait for is a timer.
+        - ``quiet=S``: nothing new arrived for ``S`` seconds (late repeats would show):
+          for the tests whose writers include the timers, or a process of their own.
+        """
         name = f"{self.prefix}{topic}"
-        partitions = consumer.list_topics(name, timeout=10).topics[name].partitions
-        consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in partitions])
+        reader = LogReader(self.stack.address("KAFKA_BOOTSTRAP_SERVERS"), [name])
+        deadline, last_new, seen = time.monotonic() + timeout, time.monotonic(), -1
         found: list[tuple[int, Event]] = []
-        deadline, last_new = time.monotonic() + timeout, time.monotonic()
         try:
             while time.monotonic() < deadline:
-                batch = [m for m in consumer.consume(1000, 0.3) if m.error() is None]
-                if batch:
-                    last_new = time.monotonic()
-                    found += [(m.timestamp()[1], self.codec.decode(m.value())) for m in batch]
-                elif until([e for _, e in found]) and time.monotonic() - last_new >= quiet:
+                opened = quiet is not None or self.opener_done()
+                reader.read_to(reader.ends(), timeout=1)
+                found = [
+                    (timestamp, self.codec.decode(value))
+                    for timestamp, value in reader.records[name]
+                ]
+                if len(found) != seen:
+                    seen, last_new = len(found), time.monotonic()
+                    if quiet:
+                        continue
+                settled = opened if quiet is None else time.monotonic() - last_new >= quiet
+                if settled and until([e for _, e in found]):
                     return found
+                time.sleep(0.05)
+        finally:
+            reader.close()
+        raise AssertionError(
+            f"{topic} never settled (the opener done: {self.opener_done()}): "
+            f"{Counter(e.event_type for _, e in found)}"
+        )
+
+    def opener_done(self) -> bool:
+        """Whether the task opener (the runtime worker, group ``<prefix>review``) has
+        committed its offsets at the end of every partition of the policy decisions,
+        learnt before: then every task it opens for them is committed too (the offsets
+        and its outputs commit in one transaction). Every decision published in these
+        worlds needs review, so each of the opener's transactions writes a task (the
+        embedded broker keeps no offsets of a transaction that wrote nothing: measured).
+        """
+        kafka = {"bootstrap.servers": self.stack.address("KAFKA_BOOTSTRAP_SERVERS")}
+        name = f"{self.prefix}policy-check"
+        ends = end_offsets(kafka, [(name, p) for p in range(PARTITIONS)])
+        consumer = Consumer({**kafka, "group.id": f"{self.prefix}review"})
+        try:
+            committed = consumer.committed(
+                [TopicPartition(name, p) for p in range(PARTITIONS)], timeout=10
+            )
         finally:
             consumer.close()
-        raise AssertionError(f"{topic} never settled: {Counter(e.event_type for _, e in found)}")
+        return all(tp.offset >= ends[(name, tp.partition)] for tp in committed)
 
 
 def _people(database_url: str) -> dict[str, Person]:
@@ -203,7 +267,7 @@ def make_world(stack: Stack, logs: Path) -> Iterator[World]:
     ensure_topics(
         AdminClient({"bootstrap.servers": bootstrap}),
         names + [dead_letter_topic(n) for n in names],
-        partitions=4,
+        partitions=PARTITIONS,
     )
     with fresh_schema(stack) as url:
         producer = Producer(
