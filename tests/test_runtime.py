@@ -1,9 +1,12 @@
 """The service runtime on the real stack: exactly once under kill -9, clean stops,
 takeover between instances, dead letters and retries.
 
-Each test runs the one-hop ``tests.services.relay`` service as a real process
-(``python -m opsflow.runtime``) against the session's broker and registry, in
-topics of its own (``OPSFLOW_TOPIC_PREFIX``).
+Each test runs the one-hop ``tests.services.relay`` service against the session's
+broker and registry, in topics of its own (``OPSFLOW_TOPIC_PREFIX``): as a real
+process (``python -m opsflow.runtime``) where the process is the subject (kill -9,
+SIGTERM, takeover, a stall, its metrics endpoint and logs), else as the runtime's
+worker in a thread of the test process. What a service wrote is checked once its
+consumer group has committed every input (see ``tests.support.runtime``).
 """
 
 from __future__ import annotations
