@@ -1,9 +1,10 @@
 """`opsflow dlq list | show | redrive` on the real stack, as the on-call operator runs it.
 
-The poison storm runs the one-hop ``tests.services.relay`` service as a real process
-in topics of its own; its ``bug:`` notes make it dead-letter orders until a restart
-with ``RELAY_FIXED`` "deploys the fix". The CLI runs as a subprocess with the
-environment an operator's shell has.
+The poison storm runs the one-hop ``tests.services.relay`` service (its runtime worker,
+in a thread of the test process, against the real broker) in topics of its own; its
+``bug:`` notes make it dead-letter orders until a restart with ``RELAY_FIXED``
+"deploys the fix". The CLI runs as a subprocess with the environment an operator's
+shell has.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,16 @@ from opsflow import db
 from opsflow.deadletters import REDRIVEN_FROM, dead_letter_headers
 from opsflow.errors import BadInputError
 from services.contracts import OrderReceived, PolicyChecked
-from tests.support.runtime import ServiceProcess, Topics, make_topics, orders, publish, start
+from tests.support.runtime import (
+    Topics,
+    headers_of,
+    make_topics,
+    orders,
+    publish,
+    running,
+    settled_records,
+    wait_until_processed,
+)
 from tests.support.stack import Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,15 +44,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def topics(stack: Stack, bootstrap_servers: str, registry_url: str) -> Topics:
     return make_topics(bootstrap_servers, registry_url)
-
-
-@pytest.fixture
-def relays(stack: Stack) -> Iterator[list[ServiceProcess]]:
-    started: list[ServiceProcess] = []
-    yield started
-    for service in started:
-        if service.proc.poll() is None:
-            service.kill9()
 
 
 @pytest.fixture
@@ -82,9 +82,9 @@ def opsflow_json(env: dict[str, str], *args: str) -> Any:
     return json.loads(opsflow(env, *args, "--json").stdout)
 
 
-def records_of(bootstrap: str, topic: str, count: int, *, quiet: float = 0.0) -> list[Any]:
-    """The records of ``topic`` (all partitions), once there are ``count`` and nothing more
-    arrived for ``quiet`` seconds (to catch late duplicates), read ``read_committed``."""
+def records_of(bootstrap: str, topic: str, count: int) -> list[Any]:
+    """The records of ``topic`` (all partitions) once there are ``count``, read
+    ``read_committed``."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -97,26 +97,18 @@ def records_of(bootstrap: str, topic: str, count: int, *, quiet: float = 0.0) ->
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     found: list[Any] = []
-    deadline, last_new = time.monotonic() + 120, time.monotonic()
+    deadline = time.monotonic() + 120
     try:
-        while True:
+        while len(found) < count:
             assert time.monotonic() < deadline, f"only {len(found)} of {count} on {topic}"
-            batch = [m for m in consumer.consume(1000, 0.2) if m.error() is None]
-            if batch:
-                found += batch
-                last_new = time.monotonic()
-            elif len(found) >= count and time.monotonic() - last_new >= quiet:
-                return found
+            found += [m for m in consumer.consume(1000, 0.2) if m.error() is None]
+        return found
     finally:
         consumer.close()
 
 
 def test_a_poison_storm_is_listed_fixed_and_redriven_with_every_event_processed_once(
-    stack: Stack,
-    topics: Topics,
-    relays: list[ServiceProcess],
-    operator_env: dict[str, str],
-    tmp_path: Path,
+    topics: Topics, operator_env: dict[str, str]
 ) -> None:
     good = orders(500)
     # Five of the storm hit a second bug once the first is fixed: they come back.
@@ -126,76 +118,76 @@ def test_a_poison_storm_is_listed_fixed_and_redriven_with_every_event_processed_
     # A good order after every second poison one, so the storm hits every partition.
     mixed = [e for i, p in enumerate(poison) for e in ([p, good[i // 2]] if i % 2 else [p])]
     publish(topics, mixed)
-    first = start(relays, stack, topics, tmp_path)
-    records_of(topics.bootstrap, topics.dead_letters, 1000)
+    with running(topics):
+        # Every order handled, every dead letter written.
+        wait_until_processed(topics)
 
-    listed = opsflow_json(operator_env, "dlq", "list")
-    assert listed["pending"] == 1000 and listed["redriven"] == 0
-    assert listed["groups"] == [
-        {
-            "topic": "orders",
-            "error_class": "PermanentError",
-            "consumer": "relay",
-            "pending": 1000,
-            "redriven": 0,
-        }
-    ]
-    assert {d["key"] for d in listed["dead_letters"]} == {e.order_id for e in poison}
-    assert all("relay bug storm" in d["error_message"] for d in listed["dead_letters"])
-    by_class = opsflow_json(operator_env, "dlq", "list", "--error-class", "PermanentError")
-    assert by_class["pending"] == 1000
-    table = opsflow(operator_env, "dlq", "list").stdout
-    assert "PermanentError" in table and "1000" in table and "... and 980 more" in table
+        listed = opsflow_json(operator_env, "dlq", "list")
+        assert listed["pending"] == 1000 and listed["redriven"] == 0
+        assert listed["groups"] == [
+            {
+                "topic": "orders",
+                "error_class": "PermanentError",
+                "consumer": "relay",
+                "pending": 1000,
+                "redriven": 0,
+            }
+        ]
+        assert {d["key"] for d in listed["dead_letters"]} == {e.order_id for e in poison}
+        assert all("relay bug storm" in d["error_message"] for d in listed["dead_letters"])
+        by_class = opsflow_json(operator_env, "dlq", "list", "--error-class", "PermanentError")
+        assert by_class["pending"] == 1000
+        table = opsflow(operator_env, "dlq", "list").stdout
+        assert "PermanentError" in table and "1000" in table and "... and 980 more" in table
 
-    assert first.terminate() == 0
-    start(relays, stack, topics, tmp_path, RELAY_FIXED="storm")
-    redriven = opsflow_json(operator_env, "dlq", "redrive", "--all")
-    assert len(redriven["redriven"]) == 1000 and not redriven["failed"]
-    originals = {d["id"] for d in listed["dead_letters"]}
-    assert {i for r in redriven["redriven"] for i in r["ids"]} == originals
+    # The relay stopped cleanly (the block ended without error); the fix is deployed.
+    with running(topics, RELAY_FIXED="storm"):
+        redriven = opsflow_json(operator_env, "dlq", "redrive", "--all")
+        assert len(redriven["redriven"]) == 1000 and not redriven["failed"]
+        originals = {d["id"] for d in listed["dead_letters"]}
+        assert {i for r in redriven["redriven"] for i in r["ids"]} == originals
 
-    fixed = [e for e in good + poison if e.notes != "bug:storm,deep"]
-    outputs = [
-        topics.codec.decode(msg.value())
-        for msg in records_of(topics.bootstrap, topics.checks, len(fixed), quiet=3)
-    ]
-    assert all(isinstance(out, PolicyChecked) for out in outputs)
-    causes = Counter(out.envelope.causation_id for out in outputs)
-    assert causes == Counter(str(e.envelope.event_id) for e in fixed), "each processed once"
+        # Every order, the redriven copies too, handled and its outputs written.
+        wait_until_processed(topics)
+        fixed = [e for e in good + poison if e.notes != "bug:storm,deep"]
+        outputs = [
+            topics.codec.decode(msg.value())
+            for msg in settled_records(topics.bootstrap, topics.checks)
+        ]
+        assert all(isinstance(out, PolicyChecked) for out in outputs)
+        causes = Counter(out.envelope.causation_id for out in outputs)
+        assert causes == Counter(str(e.envelope.event_id) for e in fixed), "each processed once"
 
-    dead = records_of(topics.bootstrap, topics.dead_letters, 1005, quiet=1)
-    again = [dict(m.headers()) for m in dead if REDRIVEN_FROM in dict(m.headers())]
-    assert len(again) == 5, "the ones that fail again are dead-lettered anew"
-    assert all(b"relay bug deep" in h["opsflow-error-message"] for h in again)
+        dead = [headers_of(m) for m in settled_records(topics.bootstrap, topics.dead_letters)]
+        assert len(dead) == 1005, "the storm once, and the ones that fail again once more"
+        again = [h for h in dead if REDRIVEN_FROM in h]
+        assert len(again) == 5, "the ones that fail again are dead-lettered anew"
+        assert all(b"relay bug deep" in h["opsflow-error-message"] for h in again)
 
-    planned = opsflow_json(operator_env, "dlq", "redrive", "--all", "--dry-run")
-    planned_ids = {i for r in planned["redriven"] for i in r["ids"]}
-    assert len(planned_ids) == 5 and not planned_ids & originals, "only the new dead letters"
-    told = opsflow(operator_env, "dlq", "redrive", "--all", "--dry-run").stdout
-    assert "Would redrive 5 record(s)" in told
-    one = sorted(originals)[0]
-    repeat = opsflow_json(operator_env, "dlq", "redrive", one)
-    assert repeat["redriven"] == [] and repeat["skipped"] == [one]
-    assert "redriven already" in opsflow(operator_env, "dlq", "redrive", one).stdout
+        planned = opsflow_json(operator_env, "dlq", "redrive", "--all", "--dry-run")
+        planned_ids = {i for r in planned["redriven"] for i in r["ids"]}
+        assert len(planned_ids) == 5 and not planned_ids & originals, "only the new dead letters"
+        told = opsflow(operator_env, "dlq", "redrive", "--all", "--dry-run").stdout
+        assert "Would redrive 5 record(s)" in told
+        one = sorted(originals)[0]
+        repeat = opsflow_json(operator_env, "dlq", "redrive", one)
+        assert repeat["redriven"] == [] and repeat["skipped"] == [one]
+        assert "redriven already" in opsflow(operator_env, "dlq", "redrive", one).stdout
 
-    after = opsflow_json(operator_env, "dlq", "list")
-    assert after["pending"] == 5 and after["redriven"] == 1000
-    assert all("relay bug deep" in d["error_message"] for d in after["dead_letters"])
-    second = opsflow_json(operator_env, "dlq", "redrive", "--all")
-    assert {i for r in second["redriven"] for i in r["ids"]} == planned_ids
+        after = opsflow_json(operator_env, "dlq", "list")
+        assert after["pending"] == 5 and after["redriven"] == 1000
+        assert all("relay bug deep" in d["error_message"] for d in after["dead_letters"])
+        second = opsflow_json(operator_env, "dlq", "redrive", "--all")
+        assert {i for r in second["redriven"] for i in r["ids"]} == planned_ids
 
 
 def test_show_decodes_the_value_and_names_headers_and_error(
-    stack: Stack,
-    topics: Topics,
-    relays: list[ServiceProcess],
-    operator_env: dict[str, str],
-    tmp_path: Path,
+    topics: Topics, operator_env: dict[str, str]
 ) -> None:
     rejected = orders(1, notes={0: "reject"})
     publish(topics, rejected, raw=[b"not avro at all"])
-    start(relays, stack, topics, tmp_path)
-    records_of(topics.bootstrap, topics.dead_letters, 2)
+    with running(topics):
+        wait_until_processed(topics)
     listed = opsflow_json(operator_env, "dlq", "list")["dead_letters"]
     by_key = {d["key"]: d["id"] for d in listed}
     order = rejected[0]

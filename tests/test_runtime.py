@@ -1,9 +1,12 @@
 """The service runtime on the real stack: exactly once under kill -9, clean stops,
 takeover between instances, dead letters and retries.
 
-Each test runs the one-hop ``tests.services.relay`` service as a real process
-(``python -m opsflow.runtime``) against the session's broker and registry, in
-topics of its own (``OPSFLOW_TOPIC_PREFIX``).
+Each test runs the one-hop ``tests.services.relay`` service against the session's
+broker and registry, in topics of its own (``OPSFLOW_TOPIC_PREFIX``): as a real
+process (``python -m opsflow.runtime``) where the process is the subject (kill -9,
+SIGTERM, takeover, a stall, its metrics endpoint and logs), else as the runtime's
+worker in a thread of the test process. What a service wrote is checked once its
+consumer group has committed every input (see ``tests.support.runtime``).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -49,7 +52,20 @@ from services.contracts import (
     PolicyChecked,
 )
 from tests.support.carrier import CarrierProcess
-from tests.support.runtime import ServiceProcess, Topics, make_topics, orders, publish, start
+from tests.support.runtime import (
+    ServiceProcess,
+    Topics,
+    headers_of,
+    make_topics,
+    orders,
+    publish,
+    running,
+    runtime_log,
+    settled_records,
+    start,
+    wait_for,
+    wait_until_processed,
+)
 from tests.support.stack import Stack, create_schema, drop_schema, free_port, stack_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,60 +85,14 @@ def services(stack: Stack, topics: Topics, tmp_path: Path) -> Iterator[list[Serv
             service.kill9()
 
 
-def read_all(
-    bootstrap: str, topic: str, *, at_least: int, timeout: float = 180, quiet: float = 3.0
-) -> list[tuple[bytes, bytes, dict[str, bytes]]]:
-    """Every record on ``topic`` read ``read_committed``, once at least ``at_least`` are
-    there and nothing more has arrived for ``quiet`` seconds (to catch late duplicates)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"check-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "session.timeout.ms": 6000,
-        }
-    )
-    consumer.subscribe([topic])
-    records: list[tuple[bytes, bytes, dict[str, bytes]]] = []
-    deadline, last_new = time.monotonic() + timeout, time.monotonic()
-    try:
-        while time.monotonic() < deadline:
-            batch = [m for m in consumer.consume(1000, 0.5) if m.error() is None]
-            if batch:
-                last_new = time.monotonic()
-                records += [(m.key(), m.value(), dict(m.headers() or [])) for m in batch]
-            elif len(records) >= at_least and time.monotonic() - last_new >= quiet:
-                break
-    finally:
-        consumer.close()
-    return records
-
-
-def wait_for(bootstrap: str, topic: str, count: int, timeout: float = 120) -> None:
-    """Block until ``count`` committed records are on ``topic``."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"wait-{uuid.uuid4().hex}",
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "session.timeout.ms": 6000,
-        }
-    )
-    consumer.subscribe([topic])
-    seen, deadline = 0, time.monotonic() + timeout
-    try:
-        while seen < count:
-            assert time.monotonic() < deadline, f"only {seen} of {count} records on {topic}"
-            seen += sum(1 for m in consumer.consume(1000, 0.5) if m.error() is None)
-    finally:
-        consumer.close()
-
-
-def assert_exactly_once(topics: Topics, inputs: list[OrderReceived]) -> None:
-    records = read_all(topics.bootstrap, topics.checks, at_least=len(inputs))
-    outputs = [topics.codec.decode(value) for _, value, _ in records]
+def assert_exactly_once(
+    topics: Topics, inputs: list[OrderReceived], processes: Sequence[ServiceProcess] = ()
+) -> None:
+    """Once the relay has committed every input, each input has exactly one output (no
+    input lost, none duplicated), with the output's derived idempotency key."""
+    wait_until_processed(topics, processes=processes)
+    records = settled_records(topics.bootstrap, topics.checks)
+    outputs = [topics.codec.decode(msg.value()) for msg in records]
     assert all(isinstance(out, PolicyChecked) for out in outputs)
     causes = Counter(out.envelope.causation_id for out in outputs)
     duplicated = {cause: n for cause, n in causes.items() if n > 1}
@@ -133,8 +103,9 @@ def assert_exactly_once(topics: Topics, inputs: list[OrderReceived]) -> None:
         for event in inputs
     }
     assert {out.envelope.idempotency_key for out in outputs} == expected_keys
-    for key, _, headers in records:
-        assert headers["opsflow-event-type"] == b"policy.checked" and key
+    for msg in records:
+        headers = headers_of(msg)
+        assert headers["opsflow-event-type"] == b"policy.checked" and msg.key()
 
 
 @pytest.mark.process
@@ -146,8 +117,8 @@ def test_kill_9_mid_stream_leaves_every_output_exactly_once(
     first = start(services, stack, topics, tmp_path)
     wait_for(topics.bootstrap, topics.checks, 3_000)
     first.kill9()
-    start(services, stack, topics, tmp_path)
-    assert_exactly_once(topics, inputs)
+    second = start(services, stack, topics, tmp_path)
+    assert_exactly_once(topics, inputs, [second])
 
 
 @pytest.mark.process
@@ -162,8 +133,8 @@ def test_sigterm_stops_cleanly_within_bounds_and_loses_nothing(
     assert first.terminate(timeout=30) == 0
     assert time.monotonic() - began < 30
     assert b'"message": "stopped"' in first.log.read_bytes()
-    start(services, stack, topics, tmp_path)
-    assert_exactly_once(topics, inputs)
+    second = start(services, stack, topics, tmp_path)
+    assert_exactly_once(topics, inputs, [second])
 
 
 @pytest.mark.process
@@ -173,69 +144,72 @@ def test_two_instances_split_partitions_and_the_survivor_takes_over_after_kill_9
     inputs = orders(8_000)
     one = start(services, stack, topics, tmp_path)
     two = start(services, stack, topics, tmp_path)
-    time.sleep(8)  # let both join before the stream starts
+    # Both in the group, with partitions of their own, before the stream starts.
+    one.wait_logged(b'"assigned"')
+    two.wait_logged(b'"assigned"')
     publish(topics, inputs)
     wait_for(topics.bootstrap, topics.checks, 2_000)
     assert b'"assigned"' in one.log.read_bytes() and b'"assigned"' in two.log.read_bytes()
     two.kill9()
-    assert_exactly_once(topics, inputs)
+    assert_exactly_once(topics, inputs, [one])
     assert one.proc.poll() is None, "the survivor is still running"
 
 
 def test_poison_inputs_are_dead_lettered_with_headers_while_good_ones_flow(
-    stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
+    topics: Topics,
 ) -> None:
     inputs = orders(300, notes={10: "reject", 20: "crash"})
     good = [event for event in inputs if event.notes is None]
     undecodable = b"not avro at all"
     unknown_schema = struct.pack(">bI", 0, 999_999) + b"\x00"
     publish(topics, inputs, raw=[undecodable, unknown_schema])
-    start(services, stack, topics, tmp_path)
-    assert_exactly_once(topics, good)
+    with running(topics):
+        assert_exactly_once(topics, good)
 
-    dead = read_all(topics.bootstrap, topics.dead_letters, at_least=4)
+    dead = [
+        (msg.value(), headers_of(msg))
+        for msg in settled_records(topics.bootstrap, topics.dead_letters)
+    ]
     assert len(dead) == 4
-    classes = Counter(headers["opsflow-error-class"] for _, _, headers in dead)
+    classes = Counter(headers["opsflow-error-class"] for _, headers in dead)
     assert classes == {b"BadInputError": 3, b"KeyError": 1}
-    values = {value for _, value, _ in dead}
+    values = {value for value, _ in dead}
     assert undecodable in values and unknown_schema in values
-    for _, _, headers in dead:
+    for _, headers in dead:
         assert headers["opsflow-source-topic"] == topics.orders.encode()
         assert int(headers["opsflow-source-partition"]) in range(4)
         assert int(headers["opsflow-source-offset"]) >= 0
         assert headers["opsflow-service"] == b"relay"
         assert headers["opsflow-error-message"] and headers["opsflow-failed-at"]
-    messages = b" ".join(h["opsflow-error-message"] for _, _, h in dead)
+    messages = b" ".join(h["opsflow-error-message"] for _, h in dead)
     assert b"not the magic byte 0" in messages and b"unknown schema id 999999" in messages
     assert b"asked to be rejected" in messages
 
 
-def test_a_transient_handler_error_is_retried_and_then_processed_once(
-    stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
-) -> None:
+def test_a_transient_handler_error_is_retried_and_then_processed_once(topics: Topics) -> None:
     inputs = orders(50, notes={5: "flaky:2"})
     publish(topics, inputs)
-    service = start(services, stack, topics, tmp_path)
-    assert_exactly_once(topics, inputs)
-    log = service.log.read_bytes()
-    assert log.count(b'"message": "retrying"') == 2
-    assert read_all(topics.bootstrap, topics.dead_letters, at_least=0, quiet=1) == []
+    with runtime_log("retrying") as retries, running(topics):
+        assert_exactly_once(topics, inputs)
+    flaky = str(inputs[5].envelope.event_id)
+    assert [getattr(r, "event_id", None) for r in retries] == [flaky, flaky]
+    assert settled_records(topics.bootstrap, topics.dead_letters) == []
 
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
-def test_a_trace_id_on_the_input_appears_on_every_output(
-    stack: Stack, topics: Topics, services: list[ServiceProcess], tmp_path: Path
-) -> None:
+def test_a_trace_id_on_the_input_appears_on_every_output(topics: Topics) -> None:
     inputs = orders(20)
     publish(
         topics, inputs, headers=[("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01".encode())]
     )
-    start(services, stack, topics, tmp_path)
-    records = read_all(topics.bootstrap, topics.checks, at_least=len(inputs))
+    with running(topics):
+        wait_until_processed(topics)
+    records = settled_records(topics.bootstrap, topics.checks)
     assert len(records) == len(inputs)
-    for _, _, headers in records:
+    for msg in records:
+        headers = headers_of(msg)
         version, trace_id, span_id, _ = headers["traceparent"].decode().split("-")
         assert (version, trace_id) == ("00", TRACE_ID)
         assert span_id != "00f067aa0ba902b7", "the output's parent is the processing span"
@@ -249,7 +223,7 @@ def test_metrics_health_and_json_logs_describe_what_the_service_did(
     inputs = orders(40, notes={3: "reject"})
     publish(topics, inputs)
     service = start(services, stack, topics, tmp_path, OPSFLOW_METRICS_PORT=str(port))
-    read_all(topics.bootstrap, topics.checks, at_least=39)
+    wait_until_processed(topics, processes=[service])
     base = f"http://127.0.0.1:{port}"
     assert httpx.get(f"{base}/healthz").status_code == 200
     assert httpx.get(f"{base}/readyz").status_code == 200
@@ -316,6 +290,7 @@ def test_log_scan_a_stalled_instance_resuming_after_a_takeover_writes_no_duplica
         wait_for(topics.bootstrap, topics.checks, 10, timeout=60)
     finally:
         stalled.proc.send_signal(signal.SIGCONT)
+    stalled.wait_logged(b"stood still")  # it has seen its stop before anything is read
     assert_exactly_once(topics, inputs)
     assert b"stood still" in stalled.log.read_bytes()
     assert stalled.proc.poll() is None, "the resumed instance carries on"
@@ -504,7 +479,9 @@ def test_log_scan_workflow_on_the_durable_broker_is_exactly_once_through_broker_
     schema = ""
     env: dict[str, str] = {}
     try:
-        env = durable.status()["env"]
+        status = durable.status()  # one `opsflow status` (a process, ~1.3 s) for both
+        env = status["env"]
+        broker = {row["name"]: row for row in status["components"]}["broker"]["pid"]
         assert env["OPSFLOW_DELIVERY"] == "log-scan", "the durable embedded broker asks for it"
         own = make_topics(env["KAFKA_BOOTSTRAP_SERVERS"], env["SCHEMA_REGISTRY_URL"])
         names = [f"{own.prefix}{t}" for t in ("review", "dispatch")]
@@ -553,7 +530,6 @@ def test_log_scan_workflow_on_the_durable_broker_is_exactly_once_through_broker_
         while httpx.get(bookings, timeout=10).json()["count"] < 10:
             assert time.monotonic() < deadline, "dispatch booked nothing"
             time.sleep(0.2)
-        broker = durable.components()["broker"]["pid"]
         for round_, wave in enumerate(waves[1:]):
             publish(own, wave)
             time.sleep(0.3)  # stop the broker while the services work on the wave
@@ -574,7 +550,7 @@ def test_log_scan_workflow_on_the_durable_broker_is_exactly_once_through_broker_
             done = {e.order_id for e in events if isinstance(e, DispatchExecuted | DispatchFailed)}
             if len(done) == len(inputs) or time.monotonic() > deadline:
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         checks = _read_events(own.bootstrap, own.codec, own.checks)
         ledger = httpx.get(bookings, timeout=10).json()
     finally:

@@ -10,7 +10,7 @@ import struct
 import uuid
 
 import pytest
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Producer
 from confluent_kafka.schema_registry import SchemaRegistryClient, topic_record_subject_name_strategy
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -19,6 +19,7 @@ from opsflow.contracts import catalogue
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError
 from services.contracts import MODELS, OrderReceived
+from tests.support.runtime import settled_records
 from tests.support.samples import sample
 
 
@@ -28,27 +29,14 @@ def registry(registry_url: str) -> SchemaRegistryClient:
 
 
 def _round_trip_through_broker(bootstrap: str, values: list[bytes]) -> list[bytes]:
+    """``values`` written to a new topic (one key: one partition, in order) and read back,
+    by assignment (no consumer group to join)."""
     topic = f"wire-{uuid.uuid4().hex[:10]}"
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     for value in values:
         producer.produce(topic, key=b"ord-1", value=value)
     assert producer.flush(30) == 0
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": topic,
-            "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000,
-        }
-    )
-    consumer.subscribe([topic])
-    got: list[bytes] = []
-    for _ in range(60):
-        got += [m.value() for m in consumer.consume(100, 1.0) if m.error() is None]
-        if len(got) == len(values):
-            break
-    consumer.close()
-    return got
+    return [m.value() or b"" for m in settled_records(bootstrap, topic)]
 
 
 def test_stock_deserializer_reads_every_event_type_opsflow_wrote(
