@@ -303,17 +303,21 @@ def pipeline(
         logs / "ingest.log",
         f"{env['INGEST_URL']}/readyz",
     )
-    policy = subprocess.Popen(
-        [*OPSFLOW, "run", "services.policy_check"],
-        cwd=ROOT,
-        env={**env, "POLICY_RULES_VERSION": "v1"},
-        stdout=(logs / "policy-check.log").open("wb"),
-        stderr=subprocess.STDOUT,
-    )
+    metrics_port = free_port()
     try:
-        yield Pipeline(env, prefix, bootstrap_servers, registry_url)
+        # Ready once it has joined its group: a demo with a short timeout would
+        # otherwise spend it on policy-check's start when it runs first.
+        policy = start_service(
+            ["-m", "opsflow", "run", "services.policy_check"],
+            {**env, "POLICY_RULES_VERSION": "v1", "OPSFLOW_METRICS_PORT": str(metrics_port)},
+            logs / "policy-check.log",
+            f"http://127.0.0.1:{metrics_port}/readyz",
+        )
+        try:
+            yield Pipeline(env, prefix, bootstrap_servers, registry_url)
+        finally:
+            stop_process(policy)
     finally:
-        stop_process(policy)
         stop_process(ingest)
         drop_schema(base, schema)
 

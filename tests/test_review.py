@@ -72,6 +72,7 @@ def test_a_needs_review_decision_opens_a_task_that_is_claimed_approved_and_dispa
 ) -> None:
     # A world of its own: in the module's shared one, other tests' approvals of orders
     # it never saw would keep dispatch retrying, so it would never be done.
+    world.start()
     orders = make_orders(1)
     world.producer.send_many(orders, idempotency_key=f"orders-{uuid.uuid4().hex}")
     order = orders[0]
