@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import psycopg
 import pytest
@@ -59,6 +59,93 @@ class Cluster:
     bootstrap_servers: str
     registry_url: str
     database_url: str
+
+
+class Program(Protocol):
+    """What runs in a thread here: a service's ``Worker``, the ``Projector``."""
+
+    @property
+    def health(self) -> Any: ...  # ``.joined`` once it has joined its consumer group
+
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+P = TypeVar("P", bound=Program)
+
+
+@dataclass
+class InThread(Generic[P]):
+    """A program (a service's ``Worker``, the ``Projector``) running in a thread of the
+    test process against the real broker, until ``stop``; what it raised fails the test
+    instead of being lost in the thread."""
+
+    program: P
+    thread: threading.Thread
+    failed: list[BaseException]
+
+    @classmethod
+    def start(cls, program: P, *, name: str) -> InThread[P]:
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                program.run()
+            except BaseException as err:  # reported to the test, not lost in the thread
+                failed.append(err)
+
+        thread = threading.Thread(target=run, name=f"opsflow-test-{name}", daemon=True)
+        thread.start()
+        return cls(program, thread, failed)
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def raise_failure(self) -> None:
+        if self.failed:
+            raise self.failed[0]
+
+    def wait_joined(self, timeout: float = 60) -> None:
+        """Return once the program has joined its consumer group (its partitions are
+        assigned), so what a test publishes next is read.
+
+        Raises:
+            TimeoutError: it did not join within ``timeout`` seconds (it is stopped).
+        """
+        deadline = time.monotonic() + timeout
+        while not self.program.health.joined:
+            self.raise_failure()
+            if not self.running:
+                raise RuntimeError(f"{self.thread.name} stopped before it joined its group")
+            if time.monotonic() > deadline:
+                self.program.stop()
+                raise TimeoutError(f"{self.thread.name} did not join its group in {timeout:g} s")
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 60) -> None:
+        """Stop the program (it commits what it has), wait for its thread, and raise what
+        it failed with."""
+        self.program.stop()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TimeoutError(f"{self.thread.name} did not stop within {timeout:g} s")
+        self.raise_failure()
+
+
+@contextmanager
+def in_thread(program: P, *, name: str, joined_within: float | None = 60) -> Iterator[P]:
+    """``program`` running in a thread of this process until the block ends (see
+    ``InThread``); the block starts once it has joined its group, unless
+    ``joined_within`` is None (a test that waits for what it did instead)."""
+    running = InThread.start(program, name=name)
+    try:
+        if joined_within is not None:
+            running.wait_joined(joined_within)
+        yield program
+    finally:
+        running.stop()
 
 
 @dataclass
@@ -105,31 +192,8 @@ class Env:
             kafka=self.kafka,
             registry=SchemaRegistryClient({"url": self.cluster.registry_url}),
         )
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                worker.run()
-            except BaseException as err:  # reported to the test, not lost in the thread
-                failed.append(err)
-
-        thread = threading.Thread(target=run, name=f"opsflow-test-{service.name}", daemon=True)
-        thread.start()
-        deadline = time.monotonic() + timeout
-        while not worker.health.joined:
-            if failed:
-                raise failed[0]
-            if time.monotonic() > deadline:
-                worker.stop()
-                raise TimeoutError(f"{service.name} did not join its group in {timeout:g} s")
-            time.sleep(0.02)
-        try:
+        with in_thread(worker, name=service.name, joined_within=timeout):
             yield
-        finally:
-            worker.stop()
-            thread.join(timeout)
-            if failed:
-                raise failed[0]
 
     def wait_for(
         self,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -39,6 +38,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.producer import Producer
 from opsflow.runtime import Delivery, Service, Worker
 from opsflow.settings import KafkaSettings, RuntimeSettings
+from opsflow.testing import InThread
 from opsflow.topics import (
     Partition,
     dead_letter_topic,
@@ -146,17 +146,13 @@ def high_watermarks(kafka: dict[str, Any], partitions: Iterable[Partition]) -> d
         consumer.close()
 
 
-@dataclass
-class ServiceThread:
+class ServiceThread(InThread[Worker]):
     """A runtime service's ``Worker`` in a thread of the test process, against the real
-    broker (its codec, lineage and Kafka transactions as in production)."""
-
-    worker: Worker
-    thread: threading.Thread
-    failed: list[BaseException]
+    broker (its codec, lineage and Kafka transactions as in production), that can tell
+    when it has finished what it was given (``finished``)."""
 
     @classmethod
-    def start(cls, service: Service, kafka: dict[str, Any], registry_url: str) -> ServiceThread:
+    def serve(cls, service: Service, kafka: dict[str, Any], registry_url: str) -> ServiceThread:
         """Build the worker (its topics' prefix is ``OPSFLOW_TOPIC_PREFIX`` now) and run it."""
         worker = Worker(
             service,
@@ -164,25 +160,12 @@ class ServiceThread:
             registry=SchemaRegistryClient({"url": registry_url}),
             delivery=Delivery(RuntimeSettings().delivery),
         )
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                worker.run()
-            except BaseException as err:  # reported to the test, not lost in the thread
-                failed.append(err)
-
-        thread = threading.Thread(target=run, name=f"test-{service.name}", daemon=True)
-        thread.start()
-        return cls(worker, thread, failed)
+        started = InThread.start(worker, name=service.name)
+        return cls(started.program, started.thread, started.failed)
 
     @property
-    def running(self) -> bool:
-        return self.thread.is_alive()
-
-    def raise_failure(self) -> None:
-        if self.failed:
-            raise AssertionError(f"{self.worker.service.name} failed") from self.failed[0]
+    def worker(self) -> Worker:
+        return self.program
 
     def finished(self, reader: LogReader) -> bool:
         """Whether the worker has handled every record of its inputs and committed every
@@ -220,13 +203,6 @@ class ServiceThread:
                 return False
         return reader.ends() == before
 
-    def stop(self, timeout: float = 60) -> None:
-        """Stop the worker (it commits what it has) and wait for its thread."""
-        self.worker.stop()
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), f"{self.worker.service.name} did not stop"
-        self.raise_failure()
-
 
 def run_dispatch(
     monkeypatch: pytest.MonkeyPatch,
@@ -258,7 +234,7 @@ def run_dispatch(
         monkeypatch.setenv(name, value)
     # Read once at import in the process; read again here with this test's variables.
     monkeypatch.setattr(dispatch, "SETTINGS", DispatchSettings())
-    return ServiceThread.start(dispatch.service, KafkaSettings().client_config(), registry_url)
+    return ServiceThread.serve(dispatch.service, KafkaSettings().client_config(), registry_url)
 
 
 @dataclass

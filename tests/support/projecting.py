@@ -7,7 +7,6 @@ Used by the projection tests and the runbook's.
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.projections.status import statuses
 from opsflow.projector.service import Projector
 from opsflow.readmodels import projections
+from opsflow.testing import in_thread
 from tests.support.histories import publish
 from tests.support.stack import OPSFLOW, Stack
 
@@ -92,15 +92,5 @@ def projecting(world: World, *, timeout: float = 60) -> Iterator[Projector]:
         registry=world.registry,
         database_url=world.database_url,
     )
-    thread = threading.Thread(target=projector.run, name="projector", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout
-    try:
-        while not projector.health.joined:
-            assert thread.is_alive(), "the projector stopped"
-            assert time.monotonic() < deadline, f"the projector did not start in {timeout:g} s"
-            time.sleep(0.02)
+    with in_thread(projector, name="projector", joined_within=timeout):
         yield projector
-    finally:
-        projector.stop()
-        thread.join(timeout)

@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -45,6 +44,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from opsflow.contracts.wire import WireCodec
 from opsflow.runtime import Delivery, Service, Worker, load_service
 from opsflow.settings import KafkaSettings
+from opsflow.testing import in_thread
 from opsflow.topics import ensure_topics, reader_config
 from services.contracts import OrderReceived
 from tests.support.samples import sample
@@ -189,7 +189,6 @@ def running(
     service: Service | None = None,
     *,
     delivery: Delivery = Delivery.TRANSACTIONS,
-    timeout: float = 60,
     **env: str,
 ) -> Iterator[Worker]:
     """``service`` (the relay unless told) run by the runtime's ``Worker`` in a thread of
@@ -208,24 +207,8 @@ def running(
             registry=SchemaRegistryClient({"url": topics.registry_url}),
             delivery=delivery,
         )
-        failed: list[BaseException] = []
-
-        def run() -> None:
-            try:
-                worker.run()
-            except BaseException as err:  # reported to the test, not lost in the thread
-                failed.append(err)
-
-        thread = threading.Thread(target=run, name=f"test-{chosen.name}", daemon=True)
-        thread.start()
-        try:
+        with in_thread(worker, name=chosen.name, joined_within=None):
             yield worker
-        finally:
-            worker.stop()
-            thread.join(timeout)
-        assert not thread.is_alive(), f"{chosen.name} did not stop within {timeout:g} s"
-        if failed:
-            raise failed[0]
 
 
 @contextmanager
