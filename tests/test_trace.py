@@ -14,8 +14,10 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -710,12 +712,9 @@ class Indexed:
         return data
 
 
-@pytest.fixture(scope="module")
-def indexed(
-    stack: Stack,
-    bootstrap_servers: str,
-    registry_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
+@contextmanager
+def indexed_world(
+    stack: Stack, bootstrap_servers: str, registry_url: str, logs: Path, *, neighbours_of: int
 ) -> Iterator[Indexed]:
     prefix = f"trix-{uuid.uuid4().hex[:8]}."
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
@@ -723,7 +722,7 @@ def indexed(
     ensure_topics(admin, names + [dead_letter_topic(n) for n in names], partitions=1)
     codec = WireCodec(SchemaRegistryClient({"url": registry_url}))
     history, _ = _escalated_history("ix")
-    neighbours = list(histories(1500, seed=12, run="nb"))
+    neighbours = list(histories(neighbours_of, seed=12, run="nb"))
     # The order first, then its neighbours: its records sit at the start of each partition,
     # and a full scan reads thousands of records where the index reads a handful.
     records = publish(bootstrap_servers, codec, history, prefix=prefix)
@@ -742,7 +741,7 @@ def indexed(
         "OPSFLOW_PROJECTIONS": "audit_log",
     }
     port = free_port()
-    log = tmp_path_factory.mktemp("indexed") / "projector.log"
+    log = logs / "projector.log"
     projector = start_service(
         ["-m", "opsflow.projector"],
         {**env, "OPSFLOW_METRICS_PORT": str(port)},
@@ -763,8 +762,33 @@ def indexed(
     finally:
         stop_process(projector)
     world = World(prefix, {k: v for k, v in env.items() if k != "DATABASE_URL"}, history, [], [])
-    yield Indexed(world, url, history, len(neighbours), records)
-    drop_schema(base, schema)
+    try:
+        yield Indexed(world, url, history, len(neighbours), records)
+    finally:
+        drop_schema(base, schema)
+
+
+@pytest.fixture(scope="module")
+def indexed(
+    stack: Stack,
+    bootstrap_servers: str,
+    registry_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Indexed]:
+    """One order among 1,500, for the tests that only read."""
+    logs = tmp_path_factory.mktemp("indexed")
+    with indexed_world(stack, bootstrap_servers, registry_url, logs, neighbours_of=1500) as made:
+        yield made
+
+
+@pytest.fixture
+def indexed_alone(
+    stack: Stack, bootstrap_servers: str, registry_url: str, tmp_path: Path
+) -> Iterator[Indexed]:
+    """A world of its own with a few neighbours, for a test that writes past the index
+    (the shared one's tests count what is on its topics)."""
+    with indexed_world(stack, bootstrap_servers, registry_url, tmp_path, neighbours_of=20) as made:
+        yield made
 
 
 def test_with_the_audit_log_trace_reads_only_the_orders_records_and_shows_the_same_history(
@@ -791,8 +815,9 @@ def test_with_the_audit_log_trace_reads_only_the_orders_records_and_shows_the_sa
 
 
 def test_records_past_the_projections_position_are_read_from_the_log_and_the_lag_said(
-    indexed: Indexed, bootstrap_servers: str, registry_url: str
+    indexed_alone: Indexed, bootstrap_servers: str, registry_url: str
 ) -> None:
+    indexed = indexed_alone
     """Written after the projector stopped: a new order, and a copy of an indexed event."""
     codec = WireCodec(SchemaRegistryClient({"url": registry_url}))
     late = escalated_review(f"late-{uuid.uuid4().hex[:6]}", datetime.now(UTC)).events
