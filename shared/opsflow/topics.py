@@ -371,8 +371,9 @@ def _first_records(
 
 
 def unreachable(servers: str) -> str | None:
-    """Why no address of ``servers`` (``[PROTOCOL://]host:port,...``) accepts a TCP
-    connection within a second; None once one does.
+    """Why no address of ``servers`` (``[PROTOCOL://]host:port,...``) can be reached: each
+    refused the connection or does not resolve. None once one accepts, or is merely
+    slow to answer (the Kafka client's own timeout decides then).
 
     Asked before a client's first request: a refused connection is known at once,
     but the Kafka client retries it until its request times out (5 s measured).
@@ -383,6 +384,8 @@ def unreachable(servers: str) -> str | None:
         try:
             with socket.create_connection((host.strip("[]"), int(port)), timeout=1):
                 return None
+        except TimeoutError:
+            return None
         except (OSError, ValueError) as err:
             errors.append(f"{server}: {getattr(err, 'strerror', None) or err}")
     return "; ".join(errors) or "no address given"
