@@ -3,8 +3,9 @@
 The poison storm runs the one-hop ``tests.services.relay`` service (its runtime worker,
 in a thread of the test process, against the real broker) in topics of its own; its
 ``bug:`` notes make it dead-letter orders until a restart with ``RELAY_FIXED``
-"deploys the fix". The CLI runs as a subprocess with the environment an operator's
-shell has.
+"deploys the fix". The commands run in the test process (``opsflow.testing.command``)
+with the environment an operator's shell has; the unreachable broker is a real
+``opsflow`` process.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from opsflow import db
 from opsflow.deadletters import REDRIVEN_FROM, dead_letter_headers
 from opsflow.errors import BadInputError
+from opsflow.testing import CommandResult, command
 from services.contracts import OrderReceived, PolicyChecked
 from tests.support.runtime import (
     Topics,
@@ -61,16 +63,8 @@ def operator_env(
     }
 
 
-def opsflow(env: dict[str, str], *args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "opsflow", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def opsflow(env: dict[str, str], *args: str, code: int = 0) -> CommandResult:
+    result = command(*args, env=env)
     assert result.returncode == code, (
         f"opsflow {' '.join(args)} exited {result.returncode}, not {code}\n"
         f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
@@ -300,7 +294,16 @@ def test_an_unreachable_broker_is_one_line_naming_the_address_and_variable() -> 
         "DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none",
     }
     began = time.monotonic()
-    result = opsflow(env, "dlq", "list", code=2)
+    result = subprocess.run(
+        [sys.executable, "-m", "opsflow", "dlq", "list"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2, result
     assert time.monotonic() - began < 20
     assert address in result.stderr and "KAFKA_BOOTSTRAP_SERVERS" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 2

@@ -4,30 +4,32 @@ The world is dispatch's (tests/support/dispatching.py): topics of its own, a fre
 schema, the carrier stand-in as a real HTTP server with faults switched on.
 Orders are approved and dispatched once by the real dispatch service (its worker
 in a thread of the test process, until it has handled every approval); then the
-operator re-drives ranges of the log into dispatch with the real CLI, and the
-carrier's own list of bookings says whether anything was booked twice.
+operator re-drives ranges of the log into dispatch with the real command (run in
+the test process), and the carrier's own list of bookings says whether anything
+was booked twice.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from opsflow.projector.service import Projector
+from opsflow.readmodels import projections
+from opsflow.testing import CommandResult, command, in_thread
 from opsflow.topics import Partition, dead_letter_topic, ensure_topics
 from services.contracts import DispatchExecuted, DispatchRequested
 from tests.support.dispatching import World, high_watermarks, make_orders, settled
 from tests.support.dispatching import world as world
-from tests.support.stack import OPSFLOW, free_port, start_service, stop_process
 
 
-def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
+def cli(world: World, *args: str) -> CommandResult:
     env = {
         **world.stack.env,
         **world.stack.addresses(),
@@ -38,13 +40,7 @@ def cli(world: World, *args: str) -> subprocess.CompletedProcess[str]:
         "DISPATCH_BACKOFF_MAX_S": "0.5",
         "DISPATCH_TIMEOUT_S": "1",
     }
-    return subprocess.run([*OPSFLOW, *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def clis(world: World, *commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    """Several ``opsflow`` commands run side by side (for commands that only read)."""
-    with ThreadPoolExecutor(max_workers=len(commands)) as pool:
-        return list(pool.map(lambda args: cli(world, *args), commands))
+    return command(*args, env=env)
 
 
 def ends(world: World) -> dict[Partition, int]:
@@ -65,29 +61,22 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
     world.approve(orders)
     dispatch = world.run_dispatch()
 
-    # The audit log (kept by the projector) is what a dry run asks for "already done";
-    # it reads every topic of record. It starts while dispatch joins its group.
+    # The audit log (kept by the projector, in a thread) is what a dry run asks for
+    # "already done"; it reads every topic of record.
+    bootstrap = world.stack.address("KAFKA_BOOTSTRAP_SERVERS")
     names = [f"{world.prefix}{t}" for t in ("pod", "pod-rejects")]
     ensure_topics(
-        AdminClient({"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS")}),
+        AdminClient({"bootstrap.servers": bootstrap}),
         names + [dead_letter_topic(n) for n in names],
         partitions=4,
     )
-    port = free_port()
-    projector = start_service(
-        ["-m", "opsflow.projector"],
-        {
-            **world.stack.env,
-            **world.stack.addresses(),
-            "OPSFLOW_TOPIC_PREFIX": world.prefix,
-            "DATABASE_URL": world.database_url,
-            "OPSFLOW_METRICS_PORT": str(port),
-            "OPSFLOW_PROJECTIONS": "audit_log",
-        },
-        tmp_path / "projector.log",
-        f"http://127.0.0.1:{port}/readyz",
+    projector = Projector(
+        [projections()["audit_log"]],
+        kafka={"bootstrap.servers": bootstrap},
+        registry=SchemaRegistryClient({"url": world.stack.address("SCHEMA_REGISTRY_URL")}),
+        database_url=world.database_url,
     )
-    try:
+    with in_thread(projector, name="projector"):
         first = world.dispatch_events(settled(ids))
         dispatch.stop()
         booked_before = world.bookings()
@@ -101,18 +90,27 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
             done = cli(world, "projections", "list", "--json")
             assert done.returncode == 0, done.stderr
             listed = {r["name"]: r for r in json.loads(done.stdout)}["audit_log"]
-    finally:
-        stop_process(projector)
 
-    # The dry runs, side by side: none of them writes anything.
+    # The dry runs: none of them writes anything.
     later = (datetime.now(UTC) + timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%S")
     before = ends(world)
-    dry, said, up_to_now, after = clis(
-        world,
-        ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json"],
-        ["replay", "dispatch", "--into", "dispatch", "--dry-run"],
-        ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json", "--to", later],
-        ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json", "--from", later],
+    dry, said, up_to_now, after = (
+        cli(world, *args)
+        for args in (
+            ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json"],
+            ["replay", "dispatch", "--into", "dispatch", "--dry-run"],
+            ["replay", "policy-check", "--into", "dispatch", "--dry-run", "--json", "--to", later],
+            [
+                "replay",
+                "policy-check",
+                "--into",
+                "dispatch",
+                "--dry-run",
+                "--json",
+                "--from",
+                later,
+            ],  # noqa: E501
+        )
     )
     assert ends(world) == before, "a dry run wrote to the topics"
     assert world.bookings()["count"] == booked_before["count"]

@@ -1328,7 +1328,9 @@ def add_application_commands(args: list[str]) -> None:
         return  # `opsflow status`, `trace`... still work; the error is theirs to tell
     for target in commands:
         command = load_command(target)
-        app.command(command.__name__.replace("_", "-"))(command)
+        name = command.__name__.replace("_", "-")
+        if name not in own:  # already added by an earlier call in this process
+            app.command(name)(command)
 
 
 def main() -> None:

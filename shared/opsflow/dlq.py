@@ -311,10 +311,7 @@ class DeadLetterQueues:
                 if name in metadata.topics
                 for partition in sorted(metadata.topics[name].partitions)
             }
-            # consume() waits its whole timeout unless the batch fills, and a dead-letter
-            # queue rarely fills one: at 0.1 s, two such waits were 0.2 of the 0.7 s
-            # `opsflow dlq list` spent in-process on empty queues (profiled).
-            reading = ReadToEnd(consumer, starts, timeout_s=120, wait_s=0.02)
+            reading = ReadToEnd(consumer, starts, timeout_s=120)
             letters = [_letter(msg) for msg in reading]
         finally:
             consumer.close()

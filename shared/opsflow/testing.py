@@ -22,7 +22,11 @@ ask for its fixtures:
   the real broker (the runtime's codec, envelopes, lineage and Kafka
   transactions, as in production) until the block ends; ``publish`` sends an
   event or an event body with the producer SDK; ``wait_for`` reads the
-  committed events of a type from its topic until enough have arrived.
+  committed events of a type from its topic until enough have arrived;
+  ``command`` runs an ``opsflow`` command (the application's own too) against them.
+- ``command(*args, env=...)``: any ``opsflow`` command run in the test process,
+  its output and exit code returned as a subprocess would give them, without
+  the second or so a new interpreter spends importing opsflow.
 
 The application is the one every ``opsflow`` command finds (``OPSFLOW_APP`` or
 the installed entry points).
@@ -30,14 +34,15 @@ the installed entry points).
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -246,9 +251,60 @@ class Env:
             consumer.close()
         return found
 
+    def command(self, *args: str) -> CommandResult:
+        """Run ``opsflow ARGS`` against this test's topics and schema (see ``command``)."""
+        return command(*args)
+
     def close(self) -> None:
         if self._producer is not None:
             self._producer.close()
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """How an ``opsflow`` command run by ``command`` exited and what it printed."""
+
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+_one_command = threading.Lock()
+
+
+def command(*args: str, env: Mapping[str, str] | None = None) -> CommandResult:
+    """Run ``opsflow ARGS`` in this process, as the ``opsflow`` command runs it: the
+    same parsing, the application's commands, the same one-line errors and exit codes.
+
+    A test of an operator command then costs what the command does, not the start
+    of an interpreter that imports opsflow again (about a second each, measured).
+    Standard output, standard error and the environment belong to the process, so
+    commands run one at a time; a test's services may run in threads meanwhile.
+
+    Args:
+        env: variables set for the command on top of this process's; the
+            environment is as it was once the command returns.
+    """
+    from opsflow import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with _one_command:
+        saved_environ, saved_argv = dict(os.environ), sys.argv
+        os.environ.update(env or {})
+        sys.argv = ["opsflow", *args]
+        code = 0
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                cli.main()
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+        finally:
+            sys.argv = saved_argv
+            for name in set(os.environ) - set(saved_environ):
+                del os.environ[name]
+            os.environ.update(saved_environ)
+    return CommandResult(args, code, out.getvalue(), err.getvalue())
 
 
 def _started_cluster(data_dir: Path) -> tuple[Cluster, Callable[[], None]]:

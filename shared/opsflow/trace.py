@@ -667,16 +667,13 @@ def scan(
         read = behind = 0
         for plan in plans.values():
             plan.expect = plan.target
-        # A short wait: consume() waits its whole timeout unless the batch fills, and
-        # the few records of one instance never fill it (0.5 s took 0.5 s a call). A
-        # partition ends at its end (librdkafka drops what it fetched before a seek,
+        # A partition ends at its end (librdkafka drops what it fetched before a seek,
         # end events included): an indexed offset not read by then is not in the log.
         for msg in ReadToEnd(
             consumer,
             {where: plan.target for where, plan in plans.items()},
             timeout_s=read_timeout_s,
             batch=2000,
-            wait_s=0.02,
         ):
             tp = (msg.topic() or "", msg.partition() or 0)
             plan = plans[tp]

@@ -55,7 +55,7 @@ from services.contracts import (
 )
 from tests.support.carrier import CarrierProcess
 from tests.support.samples import sample
-from tests.support.stack import ROOT, Stack
+from tests.support.stack import QUICK_JOIN, ROOT, Stack
 
 TOPICS = ("orders", "policy-check", "review", "dispatch")
 # What the in-process dispatch gets from the environment, as the process would.
@@ -234,7 +234,9 @@ def run_dispatch(
         monkeypatch.setenv(name, value)
     # Read once at import in the process; read again here with this test's variables.
     monkeypatch.setattr(dispatch, "SETTINGS", DispatchSettings())
-    return ServiceThread.serve(dispatch.service, KafkaSettings().client_config(), registry_url)
+    return ServiceThread.serve(
+        dispatch.service, {**KafkaSettings().client_config(), **QUICK_JOIN}, registry_url
+    )
 
 
 @dataclass

@@ -48,7 +48,7 @@ from opsflow.testing import in_thread
 from opsflow.topics import ensure_topics, reader_config
 from services.contracts import OrderReceived
 from tests.support.samples import sample
-from tests.support.stack import ROOT, Stack
+from tests.support.stack import QUICK_JOIN, ROOT, Stack
 
 
 @dataclass
@@ -203,7 +203,11 @@ def running(
     with mock.patch.dict(os.environ, {"OPSFLOW_TOPIC_PREFIX": topics.prefix, **env}):
         worker = Worker(
             chosen,
-            kafka={**KafkaSettings().client_config(), "bootstrap.servers": topics.bootstrap},
+            kafka={
+                **KafkaSettings().client_config(),
+                **QUICK_JOIN,
+                "bootstrap.servers": topics.bootstrap,
+            },
             registry=SchemaRegistryClient({"url": topics.registry_url}),
             delivery=delivery,
         )
