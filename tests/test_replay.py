@@ -109,7 +109,7 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
                 "--json",
                 "--from",
                 later,
-            ],  # noqa: E501
+            ],
         )
     )
     assert ends(world) == before, "a dry run wrote to the topics"
