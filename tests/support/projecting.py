@@ -6,7 +6,6 @@ Used by the projection tests and the runbook's.
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,9 +19,9 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.projections.status import statuses
 from opsflow.projector.service import Projector
 from opsflow.readmodels import projections
-from opsflow.testing import in_thread
+from opsflow.testing import CommandResult, command, in_thread
 from tests.support.histories import publish
-from tests.support.stack import OPSFLOW, Stack
+from tests.support.stack import Stack
 
 
 @dataclass
@@ -55,10 +54,9 @@ class World:
             prefix=self.prefix,
         )
 
-    def cli(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [*OPSFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout
-        )
+    def cli(self, *args: str) -> CommandResult:
+        """``opsflow ARGS`` run in the test process against the world's topics and schema."""
+        return command(*args, env=self.env)
 
     def count(self, table: str) -> int:
         with db.connect(self.database_url) as conn:

@@ -48,6 +48,10 @@ Progress = Callable[[int, int], None]
 REBUILD_BATCH = 20_000
 # Processes replaying the bulk of the topics (see ``rebuild``).
 REBUILD_WORKERS = 2
+# Fewer records than this are replayed in this process alone: each worker process is
+# a new interpreter importing opsflow (about a second, measured), more than a
+# process replays this many in.
+PARALLEL_FROM = 50_000
 # When this few records are left to replay, the rest is done inside the swap.
 SWAP_LAG = 5_000
 
@@ -114,10 +118,12 @@ def rebuild(
     verify: bool = False,
     progress: Progress | None = None,
     workers: int = REBUILD_WORKERS,
+    parallel_from: int = PARALLEL_FROM,
 ) -> RebuildResult:
     """Rebuild ``projection`` from its topics and swap it in (see the module docstring).
 
-    ``workers`` > 1 replays the bulk of the topics in that many processes, each
+    ``workers`` > 1 replays the bulk of the topics in that many processes (when there
+    are ``parallel_from`` records or more), each
     with the same partitions of every topic (an instance's events are in the same
     partition of each topic, so they never write the same rows); the catch-up
     and the swap are then done here.
@@ -149,7 +155,7 @@ def rebuild(
     try:
         ends = runner.high_watermarks()
         total = sum(ends.values())
-        if workers > 1:
+        if workers > 1 and total >= parallel_from:
             _replay_in_parallel(runner, ends, workers, registry, progress)
         while True:
             while not runner.caught_up(ends):
