@@ -24,6 +24,7 @@ from opsflow.projector.service import Projector
 from opsflow.readmodels import projections
 from opsflow.testing import CommandResult, command, in_thread
 from opsflow.topics import Partition, dead_letter_topic, ensure_topics
+import services.dispatch
 from services.contracts import DispatchExecuted, DispatchRequested
 from tests.support.dispatching import World, high_watermarks, make_orders, settled
 from tests.support.dispatching import world as world
@@ -141,6 +142,9 @@ def test_replaying_ranges_into_dispatch_books_nothing_twice_and_a_dry_run_writes
         *[arg for order_id in some for arg in ("--key", order_id)],
     )  # fmt: skip
     assert rebook.returncode == 0, rebook.stdout + rebook.stderr
+    # Its dependencies (the database pool, the carrier's client) were closed at the
+    # end, as when dispatch stops: a service run next in this process makes its own.
+    assert services.dispatch.service.stop_hooks == []
     report = json.loads(rebook.stdout)
     assert set(report["instances"]) == set(some)
 

@@ -249,26 +249,33 @@ class Replay:
             if model.topic in service.produces
         ]
         seen = 0
-        for msg in messages:
-            seen += 1
-            try:
-                event = codec.decode(msg.value())
-            except BadInputError:
-                report.undecodable += 1
-                continue
-            report.events[event.event_type] += 1
-            report.instances.add(event.key)
-            if event.event_type not in service.handlers:
-                continue
-            report.handled += 1
-            if self._already_done(service, event, produced_types):
-                report.already_done += 1
-            if producer is not None:
-                report.outputs += await self._drive(service, codec, producer, msg, event, report)
-            if progress:
-                progress(seen, total)
-        if producer is not None and producer.flush(60) > 0:
-            raise OpsflowError("the broker did not acknowledge every replayed output")
+        try:
+            for msg in messages:
+                seen += 1
+                try:
+                    event = codec.decode(msg.value())
+                except BadInputError:
+                    report.undecodable += 1
+                    continue
+                report.events[event.event_type] += 1
+                report.instances.add(event.key)
+                if event.event_type not in service.handlers:
+                    continue
+                report.handled += 1
+                if self._already_done(service, event, produced_types):
+                    report.already_done += 1
+                if producer is not None:
+                    report.outputs += await self._drive(
+                        service, codec, producer, msg, event, report
+                    )
+                if progress:
+                    progress(seen, total)
+            if producer is not None and producer.flush(60) > 0:
+                raise OpsflowError("the broker did not acknowledge every replayed output")
+        finally:
+            # Its dependencies (pools, partners' clients) close on the loop they were
+            # made on, as when the service stops; run again, it makes them afresh.
+            await service.stop_async()
 
     async def _drive(
         self,

@@ -30,6 +30,7 @@ from opsflow.topics import dead_letter_topic, end_offsets, ensure_topics
 from services.contracts import PolicyChecked, PolicyOutcome, Reason, ReviewDecided
 from tests.support.dispatching import LogReader
 from tests.support.stack import (
+    QUICK_JOIN_ENV,
     ROOT,
     Stack,
     create_schema,
@@ -87,6 +88,7 @@ class World:
         return {
             **self.stack.env,
             **self.stack.addresses(),
+            **QUICK_JOIN_ENV,
             "OPSFLOW_TOPIC_PREFIX": self.prefix,
             "DATABASE_URL": self.database_url,
             **extra,
