@@ -20,11 +20,11 @@ from typing import Any
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+import services.dispatch
 from opsflow.projector.service import Projector
 from opsflow.readmodels import projections
 from opsflow.testing import CommandResult, command, in_thread
 from opsflow.topics import Partition, dead_letter_topic, ensure_topics
-import services.dispatch
 from services.contracts import DispatchExecuted, DispatchRequested
 from tests.support.dispatching import World, high_watermarks, make_orders, settled
 from tests.support.dispatching import world as world
