@@ -63,6 +63,7 @@ from services.policy_check.rules import RULES_DIR, load_rules
 from tests.support.samples import ORDER, envelope, sample
 from tests.support.stack import (
     OPSFLOW,
+    QUICK_JOIN_ENV,
     Stack,
     create_schema,
     drop_schema,
@@ -292,6 +293,7 @@ def pipeline(
     env = {
         **stack.env,
         **stack.addresses(),
+        **QUICK_JOIN_ENV,
         "DATABASE_URL": database_url,
         "OPSFLOW_TOPIC_PREFIX": prefix,
         "INGEST_URL": f"http://127.0.0.1:{port}",

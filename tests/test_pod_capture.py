@@ -32,6 +32,7 @@ from opsflow.db import migrate
 from opsflow.producer import Producer, body_model, event_id_for
 from services.contracts import DispatchExecuted, PodCaptured, PodRejected, PodRejectionCode
 from tests.support.stack import (
+    QUICK_JOIN_ENV,
     Stack,
     create_schema,
     drop_schema,
@@ -129,6 +130,7 @@ def pods(
     env = {
         **stack.env,
         **stack.addresses(),
+        **QUICK_JOIN_ENV,
         "DATABASE_URL": database_url,
         "OPSFLOW_TOPIC_PREFIX": prefix,
     }

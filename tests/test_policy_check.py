@@ -37,7 +37,7 @@ from services.contracts import (
 from services.policy_check import service
 from services.policy_check.rules import RULES_DIR, RuleSet, load_rules, rules_file
 from tests.support.runtime import Topics, make_topics, settled_records, wait_until_processed
-from tests.support.stack import ROOT, Stack
+from tests.support.stack import QUICK_JOIN_ENV, ROOT, Stack
 
 T0 = datetime(2025, 3, 14, 9, 0, tzinfo=UTC)
 V1 = load_rules(RULES_DIR / "v1.yaml")
@@ -386,6 +386,7 @@ def run_service(stack: Stack, tmp_path: Path) -> Iterator[Any]:
         env = {
             **stack.env,
             **stack.addresses(),
+            **QUICK_JOIN_ENV,
             "OPSFLOW_TOPIC_PREFIX": topics.prefix,
             "POLICY_RULES_VERSION": "v1",
         }
