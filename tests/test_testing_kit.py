@@ -8,6 +8,9 @@ own, with the runtime's envelopes and lineage.
 
 from __future__ import annotations
 
+import json
+import os
+
 import psycopg
 import pytest
 
@@ -52,3 +55,21 @@ def test_each_test_gets_its_own_prefix_and_a_migrated_schema_of_its_own(
 def test_waiting_for_what_never_comes_says_how_much_came(opsflow_env: Env) -> None:
     with pytest.raises(TimeoutError, match=r"0 of 1 policy\.checked events"):
         opsflow_env.wait_for(PolicyChecked, timeout=0.5)
+
+
+def test_an_opsflow_command_runs_in_the_test_process_on_the_tests_own_topics(
+    opsflow_env: Env,
+) -> None:
+    order = sample("order.received")
+    opsflow_env.publish(order)
+    before = dict(os.environ)
+    planned = opsflow_env.command(
+        "replay", "orders", "--into", "policy-check", "--dry-run", "--json"
+    )
+    assert planned.returncode == 0, planned.stderr
+    report = json.loads(planned.stdout)
+    assert report["events"] == {"order.received": 1} and report["instances"] == [order.order_id]
+
+    typo = opsflow_env.command("replay", "orders", "--into", "policy-chek")
+    assert typo.returncode == 2 and "did you mean 'policy-check'" in typo.stderr
+    assert dict(os.environ) == before, "a command leaves the environment as it found it"
