@@ -12,6 +12,7 @@ consumer group has committed every input (see ``tests.support.runtime``).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -36,6 +37,7 @@ from opsflow.contracts.lineage import derive_idempotency_key
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import RetryableError
 from opsflow.runtime import recovery
+from opsflow.settings import for_producer
 from opsflow.topics import (
     ReadToEnd,
     consumer_config,
@@ -582,3 +584,31 @@ def test_log_scan_workflow_on_the_durable_broker_is_exactly_once_through_broker_
     assert all(n == 1 for n in booked.values()), "one booking per order at the carrier"
     executed = {e.order_id for e in outcomes if isinstance(e, DispatchExecuted)}
     assert executed <= set(booked), "every executed dispatch has its booking"
+
+
+def test_each_client_takes_only_the_shared_kafka_settings_of_its_kind(
+    bootstrap_servers: str,
+) -> None:
+    # KAFKA_* settings reach every client; each kind must take only its own, or
+    # librdkafka warns at every start (CONFWARN) in every service's log.
+    shared = {
+        "bootstrap.servers": bootstrap_servers,
+        "linger.ms": 20,
+        "fetch.wait.max.ms": 20,
+        "session.timeout.ms": 2000,
+    }
+    said: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    logger = logging.getLogger(f"librdkafka-{uuid.uuid4().hex}")
+    logger.addHandler(Collect())
+    consumer = Consumer({**reader_config(shared, "settings"), "logger": logger})
+    consumer.poll(0.1)
+    consumer.close()
+    producer = Producer({**for_producer(shared), "logger": logger})
+    producer.poll(0.1)
+    assert producer.flush(5) == 0
+    assert not [line for line in said if "CONFWARN" in line], said

@@ -9,8 +9,9 @@ exports the variable to everything it supervises.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +42,47 @@ class KafkaSettings(BaseSettings):
         if self.bootstrap_servers:
             config["bootstrap.servers"] = self.bootstrap_servers
         return config
+
+
+# librdkafka properties only one kind of client takes (its CONFIGURATION.md, "C/P"
+# column): given the other kind, librdkafka logs a CONFWARN line at every start.
+# The KAFKA_* settings are shared by every client, so each takes its own (see
+# ``for_consumer`` and ``for_producer``).
+_CONSUMER_ONLY = frozenset(
+    {
+        "group.id", "group.instance.id", "group.protocol", "group.remote.assignor",
+        "partition.assignment.strategy", "session.timeout.ms", "heartbeat.interval.ms",
+        "coordinator.query.interval.ms", "max.poll.interval.ms", "enable.auto.commit",
+        "auto.commit.interval.ms", "enable.auto.offset.store", "queued.min.messages",
+        "queued.max.messages.kbytes", "fetch.wait.max.ms", "fetch.queue.backoff.ms",
+        "fetch.message.max.bytes", "max.partition.fetch.bytes", "fetch.max.bytes",
+        "fetch.min.bytes", "fetch.error.backoff.ms", "isolation.level",
+        "enable.partition.eof", "check.crcs", "auto.offset.reset",
+        "consume.callback.max.messages",
+    }
+)  # fmt: skip
+_PRODUCER_ONLY = frozenset(
+    {
+        "transactional.id", "transaction.timeout.ms", "enable.idempotence",
+        "enable.gapless.guarantee", "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes", "queue.buffering.max.ms", "linger.ms",
+        "message.send.max.retries", "retries", "queue.buffering.backpressure.threshold",
+        "compression.codec", "compression.type", "compression.level", "batch.num.messages",
+        "batch.size", "delivery.report.only.error", "sticky.partitioning.linger.ms",
+        "request.required.acks", "acks", "request.timeout.ms", "message.timeout.ms",
+        "delivery.timeout.ms", "partitioner",
+    }
+)  # fmt: skip
+
+
+def for_consumer(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the properties only producers take."""
+    return {k: v for k, v in config.items() if k not in _PRODUCER_ONLY}
+
+
+def for_producer(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` without the properties only consumers take."""
+    return {k: v for k, v in config.items() if k not in _CONSUMER_ONLY}
 
 
 class DatabaseSettings(BaseSettings):

@@ -31,7 +31,7 @@ from confluent_kafka import (
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from opsflow.errors import RetryableError
-from opsflow.settings import TopicSettings
+from opsflow.settings import TopicSettings, for_consumer
 
 Partition = tuple[str, int]
 """A partition as (Kafka topic name, partition number)."""
@@ -126,7 +126,7 @@ def reader_config(
     that must win goes after it: ``{"fetch.wait.max.ms": 50, **reader_config(...)}``.
     """
     return {
-        **kafka,
+        **for_consumer(kafka),
         "group.id": f"opsflow-{label}-{uuid.uuid4().hex}",
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",

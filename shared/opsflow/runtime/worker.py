@@ -44,7 +44,7 @@ from opsflow.errors import RetryableError
 from opsflow.runtime import observability, recovery
 from opsflow.runtime.delivery import DeliveryStrategy, LogScanDelivery, TransactionalDelivery
 from opsflow.runtime.service import Delivery, Service
-from opsflow.settings import TopicSettings
+from opsflow.settings import TopicSettings, for_consumer, for_producer
 from opsflow.topics import dead_letter_topic, topic_name
 
 log = logging.getLogger("opsflow.runtime")
@@ -157,7 +157,7 @@ def _consumer_config(kafka: dict[str, Any], group: str) -> dict[str, Any]:
         # leaves room under load. `opsflow up` sets 20 ms (KAFKA_FETCH_WAIT_MAX_MS)
         # on its memory store, which reads at once.
         "fetch.wait.max.ms": 100,
-        **kafka,
+        **for_consumer(kafka),
         "group.id": group,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -289,9 +289,9 @@ class Worker:
         self._cancel = threading.Event()
         # Every stall of the process is logged; log-scan delivery also fences itself on it.
         self.stalls = StallWatch()
-        # Producers take the shared settings minus the consumer-only fetch ones
+        # Producers take the shared settings minus the consumer-only ones
         # (``KAFKA_FETCH_WAIT_MAX_MS`` and the like), which they would warn about.
-        producing = {k: v for k, v in kafka.items() if not k.startswith("fetch.")}
+        producing = for_producer(kafka)
         self.delivery: DeliveryStrategy = (
             LogScanDelivery(
                 consumer=self.consumer,
