@@ -198,6 +198,18 @@ def test_a_transient_handler_error_is_retried_and_then_processed_once(topics: To
     assert settled_records(topics.bootstrap, topics.dead_letters) == []
 
 
+def test_a_database_out_of_reach_is_retried_not_dead_lettered(topics: Topics) -> None:
+    # As when PostgreSQL restarts under a service: the input did nothing wrong.
+    inputs = orders(30, notes={4: "nodb:2"})
+    publish(topics, inputs)
+    closed = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    with runtime_log("retrying") as retries, running(topics, RELAY_NO_DATABASE=closed):
+        assert_exactly_once(topics, inputs)
+    waiting = str(inputs[4].envelope.event_id)
+    assert [getattr(r, "event_id", None) for r in retries] == [waiting, waiting]
+    assert settled_records(topics.bootstrap, topics.dead_letters) == []
+
+
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 

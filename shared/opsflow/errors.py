@@ -8,6 +8,8 @@ names the setting (usually an environment variable) and what to do about it.
 
 from __future__ import annotations
 
+import sys
+
 
 class OpsflowError(Exception):
     """Root of every error opsflow raises on purpose."""
@@ -43,3 +45,21 @@ class ConfigurationError(OpsflowError):
         self.problem = problem
         self.hint = hint
         super().__init__(f"{variable}: {problem}. {hint}")
+
+
+def transient(err: BaseException) -> bool:
+    """Whether the same work may succeed if tried again later.
+
+    A ``RetryableError``, and the failures of a counterpart rather than of the
+    input: PostgreSQL restarting, unreachable or dropping the connection
+    (``psycopg.OperationalError``, the pool's timeout among them), a socket
+    refused or reset (``ConnectionError``), a timeout. A worker retries these
+    with backoff (the partition waits, nothing is lost) instead of
+    dead-lettering an input that did nothing wrong; an error that belongs to
+    the input (a constraint, a bad value, a bug) is not transient.
+    """
+    if isinstance(err, RetryableError | ConnectionError | TimeoutError):
+        return True
+    # Only psycopg raises psycopg's errors: not imported, not one of them.
+    psycopg = sys.modules.get("psycopg")
+    return psycopg is not None and isinstance(err, psycopg.OperationalError)

@@ -2,7 +2,9 @@
 
 Orders whose notes ask for it misbehave, so tests can drive each failure path:
 ``reject`` raises bad input, ``crash`` raises a bug, ``flaky:N`` fails N times
-transiently before it works, and ``bug:A,B`` hits bug ``A`` (a ``PermanentError``
+transiently before it works, ``nodb:N`` fails N times to reach a database (a
+real connection refused by the closed port ``RELAY_NO_DATABASE`` names, as when
+PostgreSQL restarts), and ``bug:A,B`` hits bug ``A`` (a ``PermanentError``
 naming it), or ``B`` once ``A`` is fixed: ``RELAY_FIXED=A`` (comma separated) is the
 release that fixes ``A``, so a test can dead-letter a storm, "deploy the fix" and
 redrive it. ``slow:S`` takes S seconds before answering (a worker busy in its
@@ -14,6 +16,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+
+import psycopg
 
 from opsflow.errors import BadInputError, PermanentError, RetryableError
 from opsflow.runtime import Service
@@ -33,6 +37,10 @@ def relay(order: OrderReceived) -> PolicyChecked:
     if note.startswith("flaky:") and _failures[order.order_id] < int(note.split(":")[1]):
         _failures[order.order_id] += 1
         raise RetryableError(f"transient trouble #{_failures[order.order_id]}")
+    if note.startswith("nodb:") and _failures[order.order_id] < int(note.split(":")[1]):
+        _failures[order.order_id] += 1
+        with psycopg.connect(os.environ["RELAY_NO_DATABASE"], connect_timeout=2):
+            pass
     if note.startswith("slow:"):
         time.sleep(float(note.removeprefix("slow:")))
     if note.startswith("bug:"):

@@ -11,7 +11,9 @@ them again (see ``recovery``). Partitions are committed on revocation and
 dropped, without commit, when lost.
 
 Failures: a transient error (``RetryableError``: registry or broker trouble, or
-a handler saying "try again") commits what came before, pauses only that
+a handler saying "try again"; and a counterpart failing, such as PostgreSQL
+restarting or a refused connection: ``opsflow.errors.transient``) commits what
+came before, pauses only that
 partition and retries the same input with backoff; the rest keep flowing. Any
 other failure of one input (undecodable bytes, an unknown schema, a handler
 rejecting the event, a bug) dead-letters it to ``<topic>.dlq`` in the same
@@ -40,7 +42,7 @@ from opsflow.contracts import Envelope, Event
 from opsflow.contracts.lineage import caused_by
 from opsflow.contracts.wire import WireCodec
 from opsflow.deadletters import dead_letter_headers
-from opsflow.errors import RetryableError
+from opsflow.errors import RetryableError, transient
 from opsflow.runtime import observability, recovery
 from opsflow.runtime.delivery import DeliveryStrategy, LogScanDelivery, TransactionalDelivery
 from opsflow.runtime.service import Delivery, Service
@@ -629,7 +631,7 @@ class Worker:
         metrics = self.metrics.topic(msg.topic)
         if isinstance(outcome, Exception):
             metrics.failed.inc()
-            if isinstance(outcome, RetryableError):
+            if transient(outcome):
                 part.attempts += 1
                 if not self.service.retry.exhausted(part.attempts):
                     self._retry_later(part, msg, outcome, span)
@@ -691,7 +693,7 @@ class Worker:
         )
         return _Output(dead_letter_topic(msg.topic), msg.key, msg.value, headers, "dlq")
 
-    def _retry_later(self, part: _Partition, msg: _Input, err: RetryableError, span: Span) -> None:
+    def _retry_later(self, part: _Partition, msg: _Input, err: Exception, span: Span) -> None:
         self._commit([part])
         self.metrics.topic(msg.topic).retries.inc()
         delay = self.service.retry.delay(part.attempts)
