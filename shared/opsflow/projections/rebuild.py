@@ -122,11 +122,10 @@ def rebuild(
 ) -> RebuildResult:
     """Rebuild ``projection`` from its topics and swap it in (see the module docstring).
 
-    ``workers`` > 1 replays the bulk of the topics in that many processes (when there
-    are ``parallel_from`` records or more), each
-    with the same partitions of every topic (an instance's events are in the same
-    partition of each topic, so they never write the same rows); the catch-up
-    and the swap are then done here.
+    ``workers`` > 1 replays the bulk of the topics in that many processes when
+    there are ``parallel_from`` records or more, each with the same partitions of
+    every topic (an instance's events are in the same partition of each topic, so
+    they never write the same rows); the catch-up and the swap are then done here.
     """
     started = time.monotonic()
     shadow = projection.shadow_tables()

@@ -13,8 +13,8 @@ dropped, without commit, when lost.
 Failures: a transient error (``RetryableError``: registry or broker trouble, or
 a handler saying "try again"; and a counterpart failing, such as PostgreSQL
 restarting or a refused connection: ``opsflow.errors.transient``) commits what
-came before, pauses only that
-partition and retries the same input with backoff; the rest keep flowing. Any
+came before, pauses only that partition and retries the same input with
+backoff; the rest keep flowing. Any
 other failure of one input (undecodable bytes, an unknown schema, a handler
 rejecting the event, a bug) dead-letters it to ``<topic>.dlq`` in the same
 transaction, with its original key, bytes and headers describing the error,
