@@ -371,14 +371,14 @@ def publish(directory: Path, event_type: str, schema: dict[str, Any]) -> int:
 
 
 def test_evolution_gate_fails_on_a_new_required_field_without_default(schemas_copy: Path) -> None:
-    schema = copy.deepcopy(CATALOGUE["policy.checked"].latest_schema)
+    schema = copy.deepcopy(CATALOGUE["dispatch.failed"].latest_schema)
     schema["fields"].append({"name": "risk_score", "type": "long", "doc": "Score."})
-    publish(schemas_copy, "policy.checked", schema)
+    publish(schemas_copy, "dispatch.failed", schema)
 
     problems = check_evolution(schemas_copy)
 
     assert problems
-    assert all(p.startswith("policy.checked v2 (against v1): ") for p in problems)
+    assert all(p.startswith("dispatch.failed v2 (against v1): ") for p in problems)
     assert "reader_field_missing_default_value (risk_score)" in problems[0]
 
 

@@ -18,13 +18,17 @@ import httpx
 import pytest
 
 from opsflow.contracts import Event
+from opsflow.runtime import RetryPolicy
+from opsflow.topics import dead_letter_topic
 from services.contracts import (
     DispatchExecuted,
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
+    PolicyChecked,
+    PolicyOutcome,
 )
-from tests.support.dispatching import World, make_orders, settled
+from tests.support.dispatching import LogReader, World, make_orders, settled
 from tests.support.dispatching import world as world
 
 
@@ -111,6 +115,53 @@ def test_a_carrier_outage_exhausts_retries_into_dispatch_failed_not_silence(
     assert all(f.retries_exhausted and f.attempt == 3 for f in failed)
     assert all(f.failure_class is DispatchFailureClass.TRANSIENT for f in failed)
     assert world.bookings()["count"] == 0
+
+
+def test_an_approval_is_booked_from_itself_and_one_without_a_known_destination_dead_letters(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dispatch reads no orders: the approval carries the destination. An approval that
+    does not (a v1 record) of an order dispatch never saw waits a bounded while, then
+    goes to the dead-letter topic with the reason, and the partition goes on."""
+    import services.dispatch
+
+    monkeypatch.setattr(
+        services.dispatch.service, "retry", RetryPolicy(initial_s=0.05, max_waits=3)
+    )
+    carried, unknown = make_orders(4), make_orders(1)[0]
+    checks = [
+        PolicyChecked(
+            envelope=PolicyChecked.envelope_for(
+                key=o.order_id, idempotency_key=f"policy:{o.order_id}", producer="policy-check"
+            ),
+            order_id=o.order_id,
+            outcome=PolicyOutcome.AUTO_APPROVED,
+            reason_codes=[],
+            reasons=[],
+            rules_version="v1",
+            destination=None if o is unknown else o.destination,
+        )
+        for o in [unknown, *carried]
+    ]
+    world.producer.send_many(checks)  # and no order.received at all
+    world.run_dispatch()
+    events = world.dispatch_events(settled({o.order_id for o in carried}))
+    assert {e.order_id for e in events if isinstance(e, DispatchExecuted)} == {
+        o.order_id for o in carried
+    }
+    assert unknown.order_id not in {e.order_id for e in events}
+    assert {e.order_id: e.destination for e in events if isinstance(e, DispatchRequested)} == {
+        o.order_id: o.destination for o in carried
+    }
+    assert world.bookings()["count"] == len(carried)
+    dlq = dead_letter_topic(f"{world.prefix}policy-check")
+    reader = LogReader(world.stack.address("KAFKA_BOOTSTRAP_SERVERS"), [dlq])
+    try:
+        assert reader.read_to(reader.ends(), timeout=30)
+        [(_, value)] = reader.records[dlq]
+    finally:
+        reader.close()
+    assert world.codec.decode(value).order_id == unknown.order_id
 
 
 def test_a_second_approval_of_a_dispatched_order_books_nothing_more(world: World) -> None:

@@ -91,6 +91,7 @@ def test_a_needs_review_decision_opens_a_task_that_is_claimed_approved_and_dispa
             Reason(code="AMOUNT_OVER_LIMIT", message="Amount over 1,000.00"),
         ],
         rules_version="v1",
+        destination=order.destination,
     )
     world.producer.send(check)
     task = world.tasks_for([check])[order.order_id]

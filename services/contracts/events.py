@@ -137,16 +137,17 @@ class OrderReceived(OrderEvent):
 
 
 class PolicyChecked(OrderEvent):
-    """``policy.checked`` v1: the policy rules judged an order."""
+    """``policy.checked`` v2: the policy rules judged an order."""
 
     event_type: ClassVar[str] = "policy.checked"
-    contract_version: ClassVar[int] = 1
+    contract_version: ClassVar[int] = 2
     topic: ClassVar[Topic] = POLICY_CHECK
 
     outcome: PolicyOutcome
     reason_codes: list[str]
     reasons: list[Reason]
     rules_version: str
+    destination: Address | None = None
 
 
 class ReviewRequested(OrderEvent):

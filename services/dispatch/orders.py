@@ -1,20 +1,24 @@
 """What dispatch remembers in PostgreSQL: each order's destination and its one dispatch.
 
-Approvals (``policy.checked``, ``review.decided``) do not carry the
-destination, so dispatch keeps it from ``order.received``. Writes are
-idempotent (``ON CONFLICT``), so retries and replays change nothing.
+``policy.checked`` carries the destination (since its v2); a reviewer's
+approval (``review.decided``) does not, so dispatch keeps it from the order's
+``policy.checked`` until the decision comes. The column ``received_event_id``
+names the event the destination came from: ``order.received`` in rows written
+before policy.checked v2, ``policy.checked`` since. Writes are idempotent
+(``ON CONFLICT``), so retries and replays change nothing.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+from uuid import UUID
 
 from psycopg_pool import AsyncConnectionPool
 
-from opsflow.errors import ConfigurationError, RetryableError
+from opsflow.errors import AwaitingError, ConfigurationError
 from opsflow.settings import DatabaseSettings
-from services.contracts import Address, OrderReceived
+from services.contracts import Address
 
 
 class Orders:
@@ -44,36 +48,54 @@ class Orders:
             self._opened = True
         return self._pool
 
-    async def remember(self, order: OrderReceived) -> None:
-        """Keep the order's destination (the first record of an order id wins)."""
+    async def remember(self, order_id: str, destination: Address, event_id: UUID) -> None:
+        """Keep the order's destination for a later approval (the first record wins)."""
         pool = await self._ready()
         async with pool.connection() as conn:
             await conn.execute(
                 "INSERT INTO dispatch_orders (order_id, destination, received_event_id)"
                 " VALUES (%s, %s, %s) ON CONFLICT (order_id) DO NOTHING",
-                (order.order_id, json.dumps(order.destination.to_avro()), order.envelope.event_id),
+                (order_id, json.dumps(destination.to_avro()), event_id),
             )
 
-    async def claim(self, order_id: str, dispatch_key: str) -> Address | None:
+    async def claim(
+        self, order_id: str, dispatch_key: str, known: tuple[Address, UUID] | None = None
+    ) -> Address | None:
         """Claim the order's one dispatch for ``dispatch_key``; its destination if granted.
 
         Granted when no dispatch was claimed yet, or when this very key claimed
         it (a retry or replay). None: another approval already dispatched it.
+        ``known``: the destination and the id of the event that carried it, when
+        the approval carries it (one statement then remembers and claims).
 
         Raises:
-            RetryableError: the order itself has not been seen yet (it is on
-                another topic, read concurrently): try again shortly.
+            AwaitingError: the destination is not known yet (a reviewer's
+                approval read before its order's ``policy.checked``, or an
+                approval of an order never seen): tried again shortly, and
+                dead-lettered with this reason if it never comes.
         """
         pool = await self._ready()
+        params: dict[str, object] = {"key": dispatch_key, "order": order_id}
+        if known is None:
+            claim = (
+                "UPDATE dispatch_orders SET dispatch_key = %(key)s, claimed_at = now()"
+                " WHERE order_id = %(order)s AND dispatch_key IS NULL"
+                " RETURNING dispatch_key, destination"
+            )
+        else:
+            claim = (
+                "INSERT INTO dispatch_orders"
+                " (order_id, destination, received_event_id, dispatch_key, claimed_at)"
+                " VALUES (%(order)s, %(destination)s, %(event)s, %(key)s, now())"
+                " ON CONFLICT (order_id) DO UPDATE"
+                " SET dispatch_key = EXCLUDED.dispatch_key, claimed_at = EXCLUDED.claimed_at"
+                " WHERE dispatch_orders.dispatch_key IS NULL"
+                " RETURNING dispatch_key, destination"
+            )
+            params["destination"] = json.dumps(known[0].to_avro())
+            params["event"] = known[1]
         async with pool.connection() as conn:
-            row: Any = await (
-                await conn.execute(
-                    "UPDATE dispatch_orders SET dispatch_key = %(key)s, claimed_at = now()"
-                    " WHERE order_id = %(order)s AND dispatch_key IS NULL"
-                    " RETURNING dispatch_key, destination",
-                    {"key": dispatch_key, "order": order_id},
-                )
-            ).fetchone()
+            row: Any = await (await conn.execute(claim, params)).fetchone()
             if row is None:
                 row = await (
                     await conn.execute(
@@ -82,6 +104,9 @@ class Orders:
                     )
                 ).fetchone()
         if row is None:
-            raise RetryableError(f"order {order_id} approved before dispatch saw it; retrying")
+            raise AwaitingError(
+                f"order {order_id} approved, but dispatch has not seen its destination"
+                " (no policy.checked carrying it)"
+            )
         key, destination = row
         return Address.model_validate(destination) if key == dispatch_key else None

@@ -1,13 +1,15 @@
 """dispatch: approved orders become carrier bookings, each recorded before and after.
 
-Three steps, each a handler, each replay-safe:
+Two steps, each a handler, each replay-safe:
 
-1. ``order.received``: remember the destination (approvals do not carry it).
-2. An approval (``policy.checked`` auto-approved, or ``review.decided``
+1. An approval (``policy.checked`` auto-approved, or ``review.decided``
    approved): claim the order's one dispatch and emit ``dispatch.requested``.
    Log before effect: the request is committed to the dispatch topic before
-   anyone calls the carrier.
-3. ``dispatch.requested`` (read back from the dispatch topic): book the
+   anyone calls the carrier. ``policy.checked`` carries the order's
+   destination, so an auto-approved order is claimed from that one record
+   (dispatch does not read the orders topic: no join to wait for); one sent to
+   review leaves its destination in the table for the reviewer's approval.
+2. ``dispatch.requested`` (read back from the dispatch topic): book the
    carrier with the request's idempotency key and emit ``dispatch.executed``
    with the booking reference, or ``dispatch.failed`` with the reason
    (permanent refusal, or retries exhausted): the exception path the operator
@@ -23,19 +25,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from uuid import UUID
 
 from opsflow.contracts.lineage import current
 from opsflow.runtime import Service
 from services.contracts import (
     DISPATCH,
-    ORDERS,
     POLICY_CHECK,
     REVIEW,
+    Address,
     DispatchExecuted,
     DispatchFailed,
     DispatchFailureClass,
     DispatchRequested,
-    OrderReceived,
     PolicyChecked,
     PolicyOutcome,
     ReviewDecided,
@@ -51,7 +53,7 @@ SETTINGS = DispatchSettings()
 
 service = Service(
     "dispatch",
-    consumes=[ORDERS, POLICY_CHECK, REVIEW, DISPATCH],
+    consumes=[POLICY_CHECK, REVIEW, DISPATCH],
     produces=[DISPATCH],
     concurrency=SETTINGS.concurrency,
 )
@@ -83,15 +85,15 @@ async def carrier() -> AsyncIterator[Carrier]:
 
 
 @service.handler
-async def remember(order: OrderReceived, orders: Orders) -> None:
-    await orders.remember(order)
-
-
-@service.handler
 async def approved_by_policy(check: PolicyChecked, orders: Orders) -> DispatchRequested | None:
-    if check.outcome is not PolicyOutcome.AUTO_APPROVED:
-        return None
-    return await _request(check.order_id, orders)
+    # A v1 record carries no destination: the table has it if the dispatch of
+    # that time, which read the orders topic, kept it (README: upgrading).
+    known = None if check.destination is None else (check.destination, check.envelope.event_id)
+    if check.outcome is PolicyOutcome.AUTO_APPROVED:
+        return await _request(check.order_id, orders, known)
+    if check.outcome is PolicyOutcome.NEEDS_REVIEW and known is not None:
+        await orders.remember(check.order_id, *known)
+    return None
 
 
 @service.handler
@@ -101,12 +103,15 @@ async def approved_by_reviewer(decision: ReviewDecided, orders: Orders) -> Dispa
     return await _request(decision.order_id, orders)
 
 
-async def _request(order_id: str, orders: Orders) -> DispatchRequested | None:
+async def _request(
+    order_id: str, orders: Orders, known: tuple[Address, UUID] | None = None
+) -> DispatchRequested | None:
     """Claim the order's dispatch under the request's key (known before the event
     exists), then emit the request; None when the order was dispatched already."""
     lineage = current()
     assert lineage is not None, "handlers run inside the runtime's lineage"
-    destination = await orders.claim(order_id, lineage.next_key(DispatchRequested.event_type))
+    key = lineage.next_key(DispatchRequested.event_type)
+    destination = await orders.claim(order_id, key, known)
     if destination is None:
         log.warning(
             "already dispatched: approval ignored",

@@ -53,4 +53,5 @@ def check(order: OrderReceived) -> PolicyChecked:
         reason_codes=verdict.reason_codes,
         reasons=[Reason(code=r.code, message=r.message) for r in verdict.reasons],
         rules_version=RULES.version,
+        destination=order.destination,
     )

@@ -23,6 +23,17 @@ class RetryableError(OpsflowError):
     retryable = True
 
 
+class AwaitingError(RetryableError):
+    """The input needs a record not seen yet: an earlier event of its instance on
+    another topic, read concurrently, usually arrives a moment later.
+
+    Retried like any transient failure, but not for ever: a predecessor that
+    never comes (lost upstream, a forged or mistyped reference) must not stall
+    its partition, so the worker dead-letters the input with this reason once
+    the service's ``RetryPolicy.max_waits`` tries are used up.
+    """
+
+
 class PermanentError(OpsflowError):
     """A failure that trying again cannot fix."""
 

@@ -290,7 +290,8 @@ class World:
         return running
 
     def approve(self, orders: list[OrderReceived], *, key: str = "policy") -> None:
-        """Publish the orders and an auto-approval of each, as policy-check would."""
+        """Publish the orders and an auto-approval of each, as policy-check would (dispatch
+        reads only the approval; the orders are there for the tests that trace or replay)."""
         self.producer.send_many(orders, idempotency_key=f"orders-{uuid.uuid4().hex}")
         checks = [
             PolicyChecked(
@@ -305,6 +306,7 @@ class World:
                 reason_codes=[],
                 reasons=[],
                 rules_version="v1",
+                destination=o.destination,
             )
             for o in orders
         ]

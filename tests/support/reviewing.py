@@ -29,6 +29,7 @@ from opsflow.producer import Producer
 from opsflow.topics import dead_letter_topic, end_offsets, ensure_topics
 from services.contracts import PolicyChecked, PolicyOutcome, Reason, ReviewDecided
 from tests.support.dispatching import LogReader
+from tests.support.samples import ADDRESS
 from tests.support.stack import (
     QUICK_JOIN_ENV,
     ROOT,
@@ -154,6 +155,7 @@ class World:
                     reason_codes=reason_codes,
                     reasons=[Reason(code=c, message=f"{c} for {order_id}") for c in reason_codes],
                     rules_version="v1",
+                    destination=ADDRESS,
                 )
             )
         self.producer.send_many(checks)

@@ -89,6 +89,7 @@ def sample(event_type: str) -> Event:
             reason_codes=["AMOUNT_OVER_LIMIT"],
             reasons=REASONS,
             rules_version="2025.03.1",
+            destination=ADDRESS,
         ),
         "review.requested": ReviewRequested(
             **common,

@@ -39,7 +39,7 @@ import aiohttp
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from opsflow.errors import RetryableError
+from opsflow.errors import AwaitingError
 
 # Statuses worth asking again: the partner may answer differently next time.
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -194,8 +194,9 @@ class Claims:
         or a replay); None when another request claimed it.
 
         Raises:
-            RetryableError: nothing was remembered for the instance yet (its earlier
-                event is on another topic, read concurrently): try again shortly.
+            AwaitingError: nothing was remembered for the instance yet (its earlier
+                event is on another topic, read concurrently): tried again shortly,
+                and dead-lettered with this reason if it never comes.
         """
         pool = await self._ready()
         async with pool.connection() as conn:
@@ -216,6 +217,6 @@ class Claims:
                     )
                 ).fetchone()
         if row is None:
-            raise RetryableError(f"{self.step}: {key} triggered before it was seen; retrying")
+            raise AwaitingError(f"{self.step}: {key} triggered before its earlier event was seen")
         claimed_by, details = row
         return dict(details) if claimed_by == request_key else None

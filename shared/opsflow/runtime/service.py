@@ -47,7 +47,7 @@ from enum import StrEnum
 from typing import Any, Union
 
 from opsflow.contracts import Event, Topic
-from opsflow.errors import ConfigurationError, PermanentError
+from opsflow.errors import AwaitingError, ConfigurationError, PermanentError
 
 HandlerResult = Event | Iterable[Event] | None
 Handler = Callable[..., HandlerResult] | Callable[..., Awaitable[HandlerResult]]
@@ -101,7 +101,9 @@ class RetryPolicy:
     """Backoff for transient failures: exponential, capped, with jitter.
 
     ``max_attempts=None`` retries until it works (the partition waits, nothing
-    is lost); a number dead-letters the input once it is reached.
+    is lost); a number dead-letters the input once it is reached. An input
+    awaiting a record not seen yet (``AwaitingError``) is tried at most
+    ``max_waits`` times (with the defaults, about 25 s), then dead-lettered.
     """
 
     initial_s: float = 0.2
@@ -109,6 +111,7 @@ class RetryPolicy:
     multiplier: float = 2.0
     jitter: float = 0.2
     max_attempts: int | None = None
+    max_waits: int = 8
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before try number ``attempt + 1`` (attempt counts from 1)."""
@@ -116,7 +119,10 @@ class RetryPolicy:
         spread = base * self.jitter
         return max(0.0, base + (rng or random).uniform(-spread, spread))
 
-    def exhausted(self, attempt: int) -> bool:
+    def exhausted(self, attempt: int, err: BaseException) -> bool:
+        """Whether ``err``, failing try number ``attempt``, is not to be tried again."""
+        if isinstance(err, AwaitingError) and attempt >= self.max_waits:
+            return True
         return self.max_attempts is not None and attempt >= self.max_attempts
 
 

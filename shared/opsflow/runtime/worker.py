@@ -633,7 +633,7 @@ class Worker:
             metrics.failed.inc()
             if transient(outcome):
                 part.attempts += 1
-                if not self.service.retry.exhausted(part.attempts):
+                if not self.service.retry.exhausted(part.attempts, outcome):
                     self._retry_later(part, msg, outcome, span)
                     return
                 outcome = [self._dead_letter(msg, outcome, span, attempts=part.attempts)]
