@@ -24,13 +24,21 @@ application = Application(
     # The repository's schemas/ folder, beside this package.
     schemas=Path(__file__).resolve().parents[1] / "schemas",
     programs=(
-        Program("ingest", module="services.ingest", port_env="INGEST_PORT", url_env="INGEST_URL"),
+        Program(
+            "ingest",
+            module="services.ingest",
+            port_env="INGEST_PORT",
+            url_env="INGEST_URL",
+            # Every type an external producer may send has its route there.
+            gateway_for=tuple(e.event_type for e in EVENTS if e.emitted_by.external),
+        ),
         Program(
             "pod-webhook",
             module="services.pod_capture",
             port_env="POD_PORT",
             url_env="POD_CAPTURE_URL",
             off_path=True,
+            gateway_for=("pod.captured", "pod.rejected"),
         ),
         # The review desk's API runs the worker that opens its tasks.
         Program(

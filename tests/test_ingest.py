@@ -155,16 +155,77 @@ def test_a_posted_order_is_on_its_topic_decodable_by_the_stock_deserializer(
     )
 
 
-def test_any_event_type_is_accepted_at_its_own_path_and_written_to_its_topic(
+def test_an_event_type_is_accepted_at_its_own_path_and_written_to_its_topic(
     ingest: Ingest,
 ) -> None:
-    body = sample("review.claimed").model_dump(mode="json", exclude={"envelope"})
-    response = ingest.post("/events/review.claimed", body)
+    body = order()
+    response = ingest.post("/events/order.received", body)
 
     assert response.status_code == 202, response.text
-    assert response.json()["topic"] == f"{ingest.prefix}review"
-    assert response.json()["event_type"] == "review.claimed"
+    assert response.json()["topic"] == f"{ingest.prefix}orders"
+    assert response.json()["event_type"] == "order.received"
     assert_problem(ingest.post("/events/review.nonsense", body), 404)
+
+
+def test_a_shops_key_cannot_approve_an_order_or_report_a_delivery_nor_slip_one_into_a_batch(
+    ingest: Ingest,
+) -> None:
+    """Each event type declares who may emit it: a decision only the review desk, a
+    proof of delivery only the carrier. A shop's key gets 403 naming the type."""
+    decision = sample("review.decided").model_dump(mode="json", exclude={"envelope"})
+    pod = sample("pod.captured").model_dump(mode="json", exclude={"envelope"})
+    approved = assert_problem(ingest.post("/events/review.decided", decision), 403)
+    delivered = assert_problem(ingest.post("/events/pod.captured", pod), 403)
+    smuggled = order()
+    batch = {
+        "events": [
+            {"event_type": "order.received", "event": smuggled},
+            {"event_type": "review.decided", "event": decision},
+        ]
+    }
+    in_batch = assert_problem(ingest.post("/events:batch", batch), 403)
+
+    assert "review.decided" in approved["detail"] and "service review" in approved["detail"]
+    assert "pod.captured" in delivered["detail"] and "'shop'" in delivered["detail"]
+    assert [e["field"] for e in in_batch["errors"]] == ["events.1.event_type"]
+    assert ingest.written([smuggled["order_id"]]) == 0, "a refused batch writes nothing"
+    assert ingest.written([decision["order_id"], pod["order_id"]]) == 0
+
+
+def test_a_keys_scope_narrows_what_its_producer_may_send_and_no_key_speaks_for_a_service(
+    ingest: Ingest,
+) -> None:
+    rejects_only = ingest.keys("create", "--producer", "carrier", "--events", "pod.rejected")
+    pod = sample("pod.captured").model_dump(mode="json", exclude={"envelope"})
+    out_of_scope = assert_problem(
+        ingest.post("/events/pod.captured", pod, key=rejects_only.stdout.strip()), 403
+    )
+    for_a_service = ingest.stack.run(
+        "keys", "create", "--producer", "review", DATABASE_URL=ingest.database_url, check=False
+    )
+    beyond_declared = ingest.stack.run(
+        "keys",
+        "create",
+        "--producer",
+        "shop",
+        "--events",
+        "order.received,dispatch.executed",
+        DATABASE_URL=ingest.database_url,
+        check=False,
+    )
+
+    assert "may send pod.rejected" in rejects_only.stderr
+    assert "scoped to pod.rejected, not pod.captured" in out_of_scope["detail"]
+    assert for_a_service.returncode != 0
+    assert "'review' is a service of the application" in for_a_service.stderr
+    assert beyond_declared.returncode != 0
+    assert "may not emit dispatch.executed" in beyond_declared.stderr
+    listed = json.loads(ingest.keys("list", "--json").stdout)
+    assert {(k["producer"], tuple(k["events"] or ())) for k in listed} >= {
+        ("carrier", ("pod.rejected",)),
+        ("shop", ()),
+    }
+    assert not any(k["producer"] in ("review",) for k in listed)
 
 
 def test_a_repeat_with_the_same_key_and_body_returns_the_first_answer_and_writes_nothing(

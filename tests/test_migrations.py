@@ -56,11 +56,13 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             " VALUES ('o-1', '{}', gen_random_uuid())"
         )
         # The schema and the bookkeeping as they were: opsflow's versions 1 to 8 (the
-        # audit log's instance column still named order_id, no effect claims), no owners.
+        # audit log's instance column still named order_id, no effect claims, no key
+        # scopes), no owners.
         for table, index in (("audit_log", "audit_log"), ("audit_copies", "audit_copies")):
             conn.execute(f"ALTER TABLE {table} RENAME COLUMN instance_key TO order_id")
             conn.execute(f"ALTER INDEX {index}_instance RENAME TO {index}_order")
         conn.execute("DROP TABLE effect_claims")
+        conn.execute("ALTER TABLE opsflow_api_keys DROP COLUMN events")
         conn.execute("DROP TABLE opsflow_migrations")
         conn.execute(
             "CREATE TABLE opsflow_migrations (version integer PRIMARY KEY, name text NOT NULL,"
@@ -71,7 +73,7 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             "FROM generate_series(1, 8) AS v"
         )
     adopted = db.migrate(database_url)
-    new = [(db.OPSFLOW, 9), (db.OPSFLOW, 10)]
+    new = [(db.OPSFLOW, 9), (db.OPSFLOW, 10), (db.OPSFLOW, 11)]
     assert adopted == new + [(o, v) for o, v in _shipped() if o == "orders"], (
         "opsflow's new ones run; the application's recorded, not run"
     )
@@ -82,4 +84,4 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             "SELECT owner, count(*) FROM opsflow_migrations GROUP BY owner ORDER BY owner"
         ).fetchall()
     assert kept == [("o-1",)]
-    assert owners == [(db.OPSFLOW, 10), ("orders", 3)]
+    assert owners == [(db.OPSFLOW, 11), ("orders", 3)]

@@ -26,6 +26,7 @@ import psycopg
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
+from opsflow.apikeys import create_key
 from opsflow.contracts import Event
 from opsflow.contracts.wire import WireCodec
 from opsflow.db import migrate
@@ -45,7 +46,7 @@ from tests.support.topics import fresh_topics, records_on
 ROOT = Path(__file__).resolve().parents[1]
 PROBLEM = "application/problem+json"
 CARRIER = "simcarrier"
-CALLER = "simcarrier-pods"  # the producer of the webhook's API key
+CALLER = "carrier"  # the producer of the webhook's API key: the one pod.captured names
 MATCH_WAIT_S = 3.0
 MAX_BODY = 4096
 
@@ -89,6 +90,12 @@ class Pods:
         keys = None if order_id is None else [order_id]
         records = records_on(self.bootstrap, f"{self.prefix}{topic}", keys=keys)
         return [self.codec.decode(record.value()) for record in records]
+
+
+def pods_key(pods: Pods, producer: str) -> str:
+    """A fresh, valid API key of ``producer``."""
+    with psycopg.connect(pods.database_url) as conn:
+        return create_key(conn, producer).secret
 
 
 def pod_of(dispatch: dict[str, Any], **changes: Any) -> dict[str, Any]:
@@ -287,13 +294,19 @@ def test_a_pod_of_an_unknown_booking_gets_404_is_recorded_and_is_captured_if_dis
     assert again.json()["event_id"] == str(event.envelope.event_id)
 
 
-def test_a_pod_naming_another_order_or_carrier_gets_409_and_is_recorded(pods: Pods) -> None:
+def test_a_pod_naming_another_order_or_carrier_gets_409_that_reveals_neither_and_is_recorded(
+    pods: Pods,
+) -> None:
     dispatch = pods.dispatch()
     other_order = f"ord-{uuid.uuid4().hex[:12]}"
     wrong_order = assert_problem(pods.post(pod_of(dispatch, order_id=other_order)), 409)
     wrong_carrier = assert_problem(pods.post(pod_of(dispatch, carrier="othercarrier")), 409)
 
-    assert dispatch["order_id"] in wrong_order["detail"]
+    # The answers name only what the caller sent: not the order or carrier the booking
+    # belongs to, so a caller cannot probe other orders through the webhook.
+    assert dispatch["order_id"] not in wrong_order["detail"]
+    assert CARRIER not in wrong_carrier["detail"]
+    assert other_order in wrong_order["detail"]
     assert [e["field"] for e in wrong_order["errors"]] == ["order_id"]
     assert [e["field"] for e in wrong_carrier["errors"]] == ["carrier"]
     (not_dispatched,) = pods.events("pod-rejects", other_order)
@@ -348,6 +361,20 @@ def test_pods_without_a_valid_key_get_401_and_are_not_recorded(pods: Pods) -> No
     for refused in (missing, wrong):
         assert_problem(refused, 401)
         assert refused.headers["www-authenticate"].startswith('Bearer realm="opsflow pod-capture"')
+    assert pods.events("pod-rejects", dispatch["order_id"]) == []
+    assert pods.events("pod", dispatch["order_id"]) == []
+
+
+def test_a_valid_key_that_is_not_the_carriers_gets_403_and_nothing_is_recorded(
+    pods: Pods,
+) -> None:
+    dispatch = pods.dispatch()
+    shop = pods_key(pods, "shop")
+    refused = assert_problem(pods.post(pod_of(dispatch), key=shop), 403)
+    malformed = assert_problem(pods.post({"order_id": dispatch["order_id"]}, key=shop), 403)
+
+    assert "pod.captured" in refused["detail"] and "'shop'" in refused["detail"]
+    assert malformed["detail"] == refused["detail"]
     assert pods.events("pod-rejects", dispatch["order_id"]) == []
     assert pods.events("pod", dispatch["order_id"]) == []
 

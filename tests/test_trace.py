@@ -86,7 +86,7 @@ class Chain:
         envelope = model.envelope_for(
             key=self.order_id,
             idempotency_key=f"{model.event_type}:{self.order_id}:{len(self.events)}",
-            producer="trace-test",
+            producer=model.emitted_by.example,
             caused_by=last.envelope if last else None,
             occurred_at=at,
         )
@@ -570,7 +570,7 @@ def test_trace_of_an_order_through_review_and_escalation_shows_every_step_with_i
     assert len(step_lines) == len(history), result.stdout
     for line, event in zip(step_lines, history, strict=True):
         assert f"  {event.event_type}  " in line, (line, event.event_type)
-        assert "by history" in line
+        assert f"by {event.envelope.producer}" in line
         actor = getattr(event, "actor", None)
         if actor is not None:
             assert f"{actor.display_name} ({actor.role.value.lower()})" in line
@@ -593,7 +593,7 @@ def test_trace_of_an_order_through_review_and_escalation_shows_every_step_with_i
     actors = {e["event_type"]: e["actor"] for e in events if e["actor"]}
     assert actors["review.decided"]["display_name"] == "Grace Supervisor"
     assert actors["review.released"]["role"] == "REVIEWER"
-    assert {e["producer"] for e in events} == {"history"}
+    assert [e["producer"] for e in events] == [e.envelope.producer for e in history]
     assert (data["state"], data["waiting"], data["path"]) == ("delivered", None, "full-scan")
 
 

@@ -12,7 +12,16 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import ClassVar
 
-from opsflow.contracts import AvroInt, AvroLong, AvroRecord, Event, TimestampMillis, Topic
+from opsflow.contracts import (
+    ANY_PRODUCER,
+    AvroInt,
+    AvroLong,
+    AvroRecord,
+    Emitters,
+    Event,
+    TimestampMillis,
+    Topic,
+)
 from services.contracts.topics import DISPATCH, ORDERS, POD, POD_REJECTS, POLICY_CHECK, REVIEW
 
 # --- enums (values are the Avro symbols, in schema order) -------------------------------
@@ -123,6 +132,7 @@ class OrderReceived(OrderEvent):
     event_type: ClassVar[str] = "order.received"
     contract_version: ClassVar[int] = 2
     topic: ClassVar[Topic] = ORDERS
+    emitted_by: ClassVar[Emitters] = Emitters(external=ANY_PRODUCER)
 
     customer_id: str
     customer_name: str
@@ -142,6 +152,7 @@ class PolicyChecked(OrderEvent):
     event_type: ClassVar[str] = "policy.checked"
     contract_version: ClassVar[int] = 2
     topic: ClassVar[Topic] = POLICY_CHECK
+    emitted_by: ClassVar[Emitters] = Emitters(services={"policy-check"})
 
     outcome: PolicyOutcome
     reason_codes: list[str]
@@ -156,6 +167,7 @@ class ReviewRequested(OrderEvent):
     event_type: ClassVar[str] = "review.requested"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REVIEW
+    emitted_by: ClassVar[Emitters] = Emitters(services={"review"})
 
     task_id: str
     tier: ReviewTier
@@ -170,6 +182,7 @@ class ReviewClaimed(OrderEvent):
     event_type: ClassVar[str] = "review.claimed"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REVIEW
+    emitted_by: ClassVar[Emitters] = Emitters(services={"review"})
 
     task_id: str
     actor: Actor
@@ -182,6 +195,7 @@ class ReviewReleased(OrderEvent):
     event_type: ClassVar[str] = "review.released"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REVIEW
+    emitted_by: ClassVar[Emitters] = Emitters(services={"review"})
 
     task_id: str
     actor: Actor
@@ -195,6 +209,7 @@ class ReviewDecided(OrderEvent):
     event_type: ClassVar[str] = "review.decided"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REVIEW
+    emitted_by: ClassVar[Emitters] = Emitters(services={"review"})
 
     task_id: str
     actor: Actor
@@ -209,6 +224,7 @@ class ReviewEscalated(OrderEvent):
     event_type: ClassVar[str] = "review.escalated"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REVIEW
+    emitted_by: ClassVar[Emitters] = Emitters(services={"review"})
 
     task_id: str
     previous_tier: ReviewTier
@@ -223,6 +239,7 @@ class ReviewSlaBreached(OrderEvent):
     event_type: ClassVar[str] = "review.sla_breached"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REVIEW
+    emitted_by: ClassVar[Emitters] = Emitters(services={"review"})
 
     task_id: str
     tier: ReviewTier
@@ -235,6 +252,7 @@ class DispatchRequested(OrderEvent):
     event_type: ClassVar[str] = "dispatch.requested"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = DISPATCH
+    emitted_by: ClassVar[Emitters] = Emitters(services={"dispatch"})
 
     dispatch_id: str
     carrier: str
@@ -248,6 +266,7 @@ class DispatchExecuted(OrderEvent):
     event_type: ClassVar[str] = "dispatch.executed"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = DISPATCH
+    emitted_by: ClassVar[Emitters] = Emitters(services={"dispatch"})
 
     dispatch_id: str
     carrier: str
@@ -263,6 +282,7 @@ class DispatchFailed(OrderEvent):
     event_type: ClassVar[str] = "dispatch.failed"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = DISPATCH
+    emitted_by: ClassVar[Emitters] = Emitters(services={"dispatch"})
 
     dispatch_id: str
     carrier: str
@@ -279,6 +299,7 @@ class PodCaptured(OrderEvent):
     event_type: ClassVar[str] = "pod.captured"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = POD
+    emitted_by: ClassVar[Emitters] = Emitters(external={"carrier"})
 
     carrier: str
     booking_reference: str
@@ -294,6 +315,7 @@ class PodRejected(OrderEvent):
     event_type: ClassVar[str] = "pod.rejected"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = POD_REJECTS
+    emitted_by: ClassVar[Emitters] = Emitters(external={"carrier"})
 
     carrier: str | None = None
     booking_reference: str | None = None

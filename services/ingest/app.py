@@ -31,7 +31,7 @@ from opsflow.web import (
 )
 from services.contracts import MODELS
 from services.ingest.config import IngestSettings
-from services.ingest.handler import EVENT_BODIES, Accepted, BatchAccepted, Ingest
+from services.ingest.handler import EVENT_BODIES, EXTERNAL_BODIES, Accepted, BatchAccepted, Ingest
 from services.ingest.idempotency import Answer, IdempotencyStore, KeyInUse
 from services.ingest.problems import IDEMPOTENCY_KEY_IN_USE
 
@@ -42,6 +42,8 @@ event id derived from your `Idempotency-Key`). A 202 means the broker has
 acknowledged the event.
 
 Authenticate with `Authorization: Bearer <key>` (`opsflow keys create --producer NAME`).
+A key sends only the event types its producer is declared for, narrowed by the
+key's scope (`--events`); anything else is a 403 naming the event type.
 Send `Idempotency-Key` to make retries safe: the same key and body answer with
 the first response and write nothing; the same key with another body is a 422.
 Errors are RFC 9457 problem details (`application/problem+json`).
@@ -50,6 +52,8 @@ Errors are RFC 9457 problem details (`application/problem+json`).
 _RESPONSE_TEXT = {
     400: "The body is not valid JSON.",
     401: "No API key, or an unknown or revoked one.",
+    403: "The key may not send this event type: its producer is not declared for it "
+    "(the type's `emitted_by`), or the key's scope leaves it out; nothing was written.",
     409: "A request with the same Idempotency-Key is still in progress; retry shortly.",
     413: "The body is larger than the service takes.",
     415: "The body is not declared as JSON.",
@@ -59,7 +63,7 @@ _RESPONSE_TEXT = {
     "`results`) part was written. Retry with the same Idempotency-Key.",
 }
 _TOO_LARGE_HINT = "send fewer events per request"
-_PROBLEMS = problem_responses(400, 401, 409, 413, 415, 422, 503, descriptions=_RESPONSE_TEXT)
+_PROBLEMS = problem_responses(400, 401, 403, 409, 413, 415, 422, 503, descriptions=_RESPONSE_TEXT)
 
 IdempotencyKey = Annotated[
     str | None,
@@ -99,7 +103,7 @@ def create_app(
             body = await read_body(request, settings.max_body_bytes, hint=_TOO_LARGE_HINT)
             answer = await run_in_threadpool(
                 ingest.publish,
-                producer=key.producer,
+                key=key,
                 event_type=event_type,
                 body=body,
                 idempotency_key=idempotency_key,
@@ -108,7 +112,8 @@ def create_app(
 
         return publish
 
-    for event_type, body_model in EVENT_BODIES.items():
+    # Only what some external producer may send has a route (and an OpenAPI entry).
+    for event_type, body_model in EXTERNAL_BODIES.items():
         app.post(
             f"/events/{event_type}",
             status_code=202,
@@ -151,17 +156,24 @@ def create_app(
         body = await read_body(request, settings.max_body_bytes, hint=_TOO_LARGE_HINT)
         answer = await run_in_threadpool(
             ingest.publish_batch,
-            producer=key.producer,
+            key=key,
             body=body,
             idempotency_key=idempotency_key,
         )
         return _answer(answer)
 
     @app.post("/events/{event_type}", include_in_schema=False)
-    async def unknown_event_type(event_type: str) -> Response:
+    async def not_sent_from_outside(event_type: str, key: Caller) -> Response:
+        if event_type in EVENT_BODIES:
+            emitters = EVENT_BODIES[event_type].event_model.emitted_by
+            raise ProblemError(
+                403,
+                f"{event_type} is written by {emitters.describe()} only; no API key may send it",
+                title="Event type not allowed for this key",
+            )
         raise ProblemError(
             404,
-            f"no event type {event_type!r}; known types: {', '.join(EVENT_BODIES)}",
+            f"no event type {event_type!r}; types sent here: {', '.join(EXTERNAL_BODIES)}",
         )
 
     add_health_routes(app, pool=pool, producer=producer)

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
+from opsflow.apikeys import ApiKey
 from opsflow.producer import (
     DeliveryError,
     DeliveryReport,
@@ -39,6 +40,8 @@ from services.ingest.problems import (
 BATCH_ROUTE = "events:batch"
 # What each event type's body looks like without its envelope, which ingest adds.
 EVENT_BODIES = event_bodies(EVENTS)
+# The event types some external producer may send (``Event.emitted_by``).
+EXTERNAL_BODIES = {t: b for t, b in EVENT_BODIES.items() if b.event_model.emitted_by.external}
 
 
 class Accepted(BaseModel):
@@ -115,14 +118,17 @@ class Ingest:
         self.batch_model = batch_model(max_batch_events)
 
     def publish(
-        self, *, producer: str, event_type: str, body: bytes, idempotency_key: str | None
+        self, *, key: ApiKey, event_type: str, body: bytes, idempotency_key: str | None
     ) -> Answer:
         """Write one event (a JSON body of ``event_type``), once per idempotency key.
 
         Raises:
-            ProblemError: the body is not the event's JSON, the key was used with
-                another request, or the broker did not acknowledge the event.
+            ProblemError: the key may not send the event type (403), the body is
+                not the event's JSON, the key was used with another request, or
+                the broker did not acknowledge the event.
         """
+        _authorise(key, event_type)
+        producer = key.producer
         event = parse_json(EVENT_BODIES[event_type], body)
 
         def write(key: str) -> Answer:
@@ -136,12 +142,13 @@ class Ingest:
 
         return self._once(producer, event_type, body, idempotency_key, write)
 
-    def publish_batch(self, *, producer: str, body: bytes, idempotency_key: str | None) -> Answer:
+    def publish_batch(self, *, key: ApiKey, body: bytes, idempotency_key: str | None) -> Answer:
         """Write a batch: every event is checked first, then all are written and awaited.
 
         Raises:
             ProblemError: as for ``publish``; a refused batch writes nothing.
         """
+        producer = key.producer
         # The batch model is made at start-up (its length limit is a setting),
         # so its fields are not known to the type checker.
         batch: Any = parse_json(
@@ -150,6 +157,8 @@ class Ingest:
             readable=functools.partial(_batch_errors, max_events=self.max_batch_events),
         )
         events: list[EventBody] = [item.event for item in batch.events]
+        for index, event in enumerate(events):
+            _authorise(key, event.event_model.event_type, f"events.{index}.event_type")
 
         def write(key: str) -> Answer:
             try:
@@ -194,6 +203,24 @@ class Ingest:
                 title="Idempotency-Key reused with another request",
                 errors=[FieldError(field="Idempotency-Key", message=str(err))],
             ) from err
+
+
+def _authorise(key: ApiKey, event_type: str, field: str = "") -> None:
+    """Refuse, with 403 naming the event type, what the key may not send.
+
+    Raises:
+        ProblemError: 403, the key's producer is not declared for the event type
+            or the key's scope leaves it out.
+    """
+    model = EVENT_BODIES[event_type].event_model
+    if not key.may_send(model):
+        reason = key.refusal(model)
+        raise ProblemError(
+            403,
+            f"{reason}; nothing was written",
+            title="Event type not allowed for this key",
+            errors=[FieldError(field=field, message=reason)] if field else None,
+        )
 
 
 def _batch_errors(errors: list[Any], max_events: int) -> list[Any]:

@@ -31,6 +31,7 @@ from opsflow.web import (
     read_limited,
     request_body,
 )
+from services.contracts import PodCaptured
 from services.pod_capture.config import PodSettings
 from services.pod_capture.pods import Captured, PodCapture, PodReport
 from services.pod_capture.store import CaptureInProgress
@@ -56,6 +57,7 @@ Errors are RFC 9457 problem details (`application/problem+json`).
 _RESPONSE_TEXT = {
     400: "The body is not valid JSON; recorded as pod.rejected.",
     401: "No API key, or an unknown or revoked one; nothing is recorded.",
+    403: "The key is not the carrier's (not one that may send pod.captured); nothing is recorded.",
     404: "No dispatched order has this booking reference; recorded as pod.rejected, and "
     "kept: captured if the booking's dispatch is recorded later.",
     409: "The booking was dispatched for another order or carrier; recorded as pod.rejected.",
@@ -66,7 +68,9 @@ _RESPONSE_TEXT = {
     503: "The broker, registry or database is unavailable and nothing was recorded, or "
     "another request is capturing the same booking: send the POD again.",
 }
-_PROBLEMS = problem_responses(400, 401, 404, 409, 413, 415, 422, 503, descriptions=_RESPONSE_TEXT)
+_PROBLEMS = problem_responses(
+    400, 401, 403, 404, 409, 413, 415, 422, 503, descriptions=_RESPONSE_TEXT
+)
 
 Caller = Annotated[ApiKey, Depends(ApiKeyAuth("opsflow pod-capture"))]
 
@@ -116,6 +120,14 @@ def create_app(settings: PodSettings, *, pool: ConnectionPool[Any], producer: Pr
         openapi_extra=request_body(PodReport.__name__),
     )
     async def capture(request: Request, key: Caller) -> Response:
+        # Only a key that may report deliveries (the carrier's) gets further, so
+        # nobody else learns anything from the answers about bookings or orders.
+        if not key.may_send(PodCaptured):
+            raise ProblemError(
+                403,
+                f"{key.refusal(PodCaptured)}; only the carrier's key may deliver proofs",
+                title="Not the carrier's key",
+            )
         body = await read_limited(
             request, settings.max_body_bytes, hint="a POD is a few hundred bytes"
         )

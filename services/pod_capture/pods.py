@@ -49,7 +49,6 @@ from services.pod_capture.store import (
     CaptureLog,
     Dispatch,
     Unmatched,
-    bookings_of,
     find_dispatch,
     forget_unmatched,
     keep_unmatched,
@@ -200,7 +199,7 @@ class PodCapture:
         if dispatch is None:
             await run_in_threadpool(self._keep, producer, pod)
             await self._refuse(
-                producer, body, facts, PodRejectionCode.UNKNOWN_BOOKING, await self._unknown(pod)
+                producer, body, facts, PodRejectionCode.UNKNOWN_BOOKING, self._unknown(pod)
             )
         mismatch = _mismatch_of(pod, dispatch)
         if mismatch is not None:
@@ -288,21 +287,13 @@ class PodCapture:
         with self.pool.connection() as conn:
             return find_dispatch(conn, booking_reference)
 
-    async def _unknown(self, pod: PodReport) -> ProblemError:
-        def others() -> list[str]:
-            with self.pool.connection() as conn:
-                return bookings_of(conn, pod.order_id)
-
-        known = await run_in_threadpool(others)
-        hint = (
-            f"; order {pod.order_id} was dispatched with booking {', '.join(known)}"
-            if known
-            else f"; order {pod.order_id} has no dispatch either"
-        )
+    def _unknown(self, pod: PodReport) -> ProblemError:
+        # Nothing about the order's other bookings: the answer says only what the
+        # caller sent was not found, so it cannot be used to probe other orders.
         return ProblemError(
             404,
             f"no dispatched order has booking reference {pod.booking_reference} "
-            f"(waited {self.match_wait_s:g} s for its dispatch record){hint}. The POD is "
+            f"(waited {self.match_wait_s:g} s for its dispatch record). The POD is "
             f"kept: it is captured if the booking's dispatch is recorded within "
             f"{self.unmatched_keep_s:g} s",
             type=UNKNOWN_BOOKING,
@@ -396,14 +387,12 @@ def _mismatch_of(
     if dispatch.order_id != pod.order_id:
         return PodRejectionCode.NOT_DISPATCHED, _mismatch(
             "order_id",
-            f"booking {pod.booking_reference} was dispatched for order "
-            f"{dispatch.order_id}, not {pod.order_id}",
+            f"booking {pod.booking_reference} was not dispatched for order {pod.order_id}",
         )
     if dispatch.carrier != pod.carrier:
         return PodRejectionCode.OTHER, _mismatch(
             "carrier",
-            f"booking {pod.booking_reference} was made with carrier "
-            f"{dispatch.carrier}, not {pod.carrier}",
+            f"booking {pod.booking_reference} was not made with carrier {pod.carrier}",
         )
     return None
 

@@ -61,16 +61,6 @@ def find_dispatch(conn: psycopg.Connection[Any], booking_reference: str) -> Disp
     return Dispatch(*row) if row else None
 
 
-def bookings_of(conn: psycopg.Connection[Any], order_id: str) -> list[str]:
-    """The booking references ``order_id`` was dispatched under (for a helpful refusal)."""
-    rows = conn.execute(
-        "SELECT booking_reference FROM pod_capture_dispatches WHERE order_id = %s"
-        " ORDER BY recorded_at LIMIT 5",
-        (order_id,),
-    ).fetchall()
-    return [row[0] for row in rows]
-
-
 @dataclass(frozen=True)
 class Unmatched:
     """A POD refused because its booking was unknown, kept for a late dispatch record."""

@@ -14,7 +14,16 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import ClassVar
 
-from opsflow.contracts import AvroInt, AvroLong, AvroRecord, Event, TimestampMillis, Topic
+from opsflow.contracts import (
+    ANY_PRODUCER,
+    AvroInt,
+    AvroLong,
+    AvroRecord,
+    Emitters,
+    Event,
+    TimestampMillis,
+    Topic,
+)
 
 REQUESTS = Topic("refund-requests", key="refund_id")
 CHECKS = Topic("refund-checks", key="refund_id")
@@ -89,6 +98,7 @@ class RefundRequested(RefundEvent):
     event_type: ClassVar[str] = "refund.requested"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REQUESTS
+    emitted_by: ClassVar[Emitters] = Emitters(external=ANY_PRODUCER)
 
     order_id: str
     customer_id: str
@@ -106,6 +116,7 @@ class RefundChecked(RefundEvent):
     event_type: ClassVar[str] = "refund.checked"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = CHECKS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-check"})
 
     outcome: CheckOutcome
     reason_codes: list[str]
@@ -122,6 +133,7 @@ class ApprovalRequested(RefundEvent):
     event_type: ClassVar[str] = "refund.approval_requested"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = APPROVALS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-approval"})
 
     task_id: str
     tier: ApprovalTier
@@ -136,6 +148,7 @@ class ApprovalClaimed(RefundEvent):
     event_type: ClassVar[str] = "refund.approval_claimed"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = APPROVALS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-approval"})
 
     task_id: str
     actor: Actor
@@ -148,6 +161,7 @@ class ApprovalReleased(RefundEvent):
     event_type: ClassVar[str] = "refund.approval_released"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = APPROVALS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-approval"})
 
     task_id: str
     actor: Actor
@@ -161,6 +175,7 @@ class ApprovalDecided(RefundEvent):
     event_type: ClassVar[str] = "refund.approval_decided"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = APPROVALS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-approval"})
 
     task_id: str
     actor: Actor
@@ -175,6 +190,7 @@ class ApprovalEscalated(RefundEvent):
     event_type: ClassVar[str] = "refund.approval_escalated"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = APPROVALS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-approval"})
 
     task_id: str
     previous_tier: ApprovalTier
@@ -189,6 +205,7 @@ class ApprovalSlaBreached(RefundEvent):
     event_type: ClassVar[str] = "refund.approval_sla_breached"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = APPROVALS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-approval"})
 
     task_id: str
     tier: ApprovalTier
@@ -202,6 +219,7 @@ class PayoutRequested(RefundEvent):
     event_type: ClassVar[str] = "refund.payout_requested"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = PAYOUTS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-payout"})
 
     customer_id: str
     amount_minor: AvroLong
@@ -214,6 +232,7 @@ class RefundPaid(RefundEvent):
     event_type: ClassVar[str] = "refund.paid"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = PAYOUTS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-payout"})
 
     payout_reference: str
     amount_minor: AvroLong
@@ -227,6 +246,7 @@ class PayoutFailed(RefundEvent):
     event_type: ClassVar[str] = "refund.payout_failed"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = PAYOUTS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"refund-payout"})
 
     reason: str
     permanent: bool

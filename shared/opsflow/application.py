@@ -91,6 +91,10 @@ class Program:
             (a partner stand-in calling the application's webhooks).
         off_path: it may fall behind the workflow when cores are busy (a
             webhook intake, an auditor): it runs at a lower CPU priority.
+        gateway_for: the event types it writes on behalf of external producers
+            (an intake such as ingest, which authenticates their API keys): what
+            ``opsflow acls`` lets its principal write. What a program writes as
+            itself follows from its service and the events' ``emitted_by``.
     """
 
     name: str
@@ -102,6 +106,7 @@ class Program:
     stand_in: bool = False
     api_key_env: str | None = None
     off_path: bool = False
+    gateway_for: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         where = f"program {self.name!r}"

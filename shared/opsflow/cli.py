@@ -276,14 +276,32 @@ def keys_create(
     producer: Annotated[
         str, typer.Option("--producer", help="Producer name written into its events.")
     ],
+    events: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--events",
+            help="An event type the key may send (repeat, or separate with commas). "
+            "Default: every type the application declares the producer may emit.",
+        ),
+    ] = None,
 ) -> None:
-    """Create a key for PRODUCER and print it; it is shown this once and cannot be recovered."""
-    from opsflow import apikeys, db
+    """Create a key for PRODUCER and print it; it is shown this once and cannot be recovered.
 
+    A key may send only what its producer is declared for (each event type's
+    `emitted_by`); a service's name cannot have a key.
+    """
+    from opsflow import apikeys, db
+    from opsflow.application import load_application
+
+    models = {model.event_type: model for model in load_application().events}
+    wanted = None if events is None else [e for item in events for e in item.split(",") if e]
+    scope = apikeys.check_scope(producer, wanted, models)
     with db.connect(_keys_database_url()) as conn:
-        created = apikeys.create_key(conn, producer)
+        created = apikeys.create_key(conn, producer, scope)
+    allowed = scope or [t for t, m in models.items() if created.key.may_send(m)]
     errors.print(
-        f"Created key {created.key.key_id} for producer {created.key.producer}. "
+        f"Created key {created.key.key_id} for producer {created.key.producer}, which may"
+        f" send {', '.join(allowed)}. "
         "It is shown only now: store it where the producer reads it.",
         highlight=False,
         soft_wrap=True,
@@ -307,17 +325,20 @@ def keys_list(
                 "producer": key.producer,
                 "created_at": key.created_at.isoformat(),
                 "revoked_at": key.revoked_at.isoformat() if key.revoked_at else None,
+                "events": key.events,
             }
             for key in keys
         ]
         print(json.dumps(rows))
         return
     table = Table(title="API keys")
-    for column in ("key id", "producer", "created", "revoked"):
+    for column in ("key id", "producer", "may send", "created", "revoked"):
         table.add_column(column)
     for key in keys:
         revoked = f"[red]{key.revoked_at:%Y-%m-%d %H:%M:%S}[/]" if key.revoked_at else "-"
-        table.add_row(key.key_id, key.producer, f"{key.created_at:%Y-%m-%d %H:%M:%S}", revoked)
+        scope = ", ".join(key.events) if key.events is not None else "all declared"
+        created = f"{key.created_at:%Y-%m-%d %H:%M:%S}"
+        table.add_row(key.key_id, key.producer, scope, created, revoked)
     console.print(table)
 
 
@@ -722,6 +743,40 @@ def _projection_names() -> list[str]:
     from opsflow.readmodels import projections
 
     return list(projections())
+
+
+@app.command("acls")
+def acls(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Print the Kafka ACLs that enforce at the broker who may read and write what.
+
+    One principal per program (User:<program>), plus the projector, provisioning and
+    the operator's commands: the topics each reads and writes, its consumer group and
+    its transactional ids, as `kafka-acls.sh` commands (KAFKA_ADMIN_CONFIG: the admin
+    client's properties file). Topic and group names carry OPSFLOW_TOPIC_PREFIX.
+    """
+    from opsflow.acls import acls_for
+    from opsflow.application import load_application
+
+    application = load_application()
+    rules = acls_for(application)
+    if as_json:
+        print(json.dumps([rule.as_json() for rule in rules], indent=2))
+        return
+    external = sorted({m.topic.value for m in application.events if m.emitted_by.external})
+    print(f"# Kafka ACLs of application {application.name!r} (opsflow acls)")
+    principal = None
+    for rule in rules:
+        if rule.principal != principal:
+            principal = rule.principal
+            print(f"\n# {principal}")
+        print(rule.command())
+    print(
+        "\n# A producer sending with the SDK straight to Kafka (not through a gateway)"
+        " needs a principal of its own with Write and Describe on the topics of the"
+        f" types it is declared for, among: {', '.join(external)}"
+    )
 
 
 @app.command("trace")

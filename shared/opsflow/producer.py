@@ -516,6 +516,8 @@ class Producer:
                     item, producer=producer, idempotency_key=key, occurred_at=occurred_at
                 )
             )
+            # Consumers would dead-letter it: say so here, to the one who sent it.
+            self._codec.contracts.check_producer(event.event_type, event.envelope.producer)
             try:
                 value = self._codec.encode(event)
                 record_key = event.key.encode("utf-8")

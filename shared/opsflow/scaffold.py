@@ -116,7 +116,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from opsflow.contracts import Event, Topic
+from opsflow.contracts import ANY_PRODUCER, Emitters, Event, Topic
 
 REQUESTS = Topic("$requests", key="request_id")
 RESULTS = Topic("$results", key="request_id")
@@ -128,6 +128,8 @@ class Requested(Event):
     event_type: ClassVar[str] = "$name.requested"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = REQUESTS
+    # Sent from outside, by any producer with an API key for it.
+    emitted_by: ClassVar[Emitters] = Emitters(external=ANY_PRODUCER)
 
     request_id: str
     name: str
@@ -139,6 +141,7 @@ class Greeted(Event):
     event_type: ClassVar[str] = "$name.greeted"
     contract_version: ClassVar[int] = 1
     topic: ClassVar[Topic] = RESULTS
+    emitted_by: ClassVar[Emitters] = Emitters(services={"$name"})
 
     request_id: str
     greeting: str

@@ -182,7 +182,10 @@ class Env:
                 registry_url=self.cluster.registry_url,
                 topic_prefix=self.prefix,
             )
-        self._producer.send(event, idempotency_key=idempotency_key)
+        # A body is sent in the name of a producer its event type's declaration allows.
+        model = getattr(type(event), "event_model", None)
+        on_behalf_of = None if model is None else model.emitted_by.example
+        self._producer.send(event, idempotency_key=idempotency_key, on_behalf_of=on_behalf_of)
 
     @contextmanager
     def running(self, service: Any, *, timeout: float = 60) -> Iterator[None]:

@@ -62,7 +62,7 @@ class _History:
         envelope = model.envelope_for(
             key=self.order_id,
             idempotency_key=f"{model.event_type}:{self.order_id}:{len(self.events)}",
-            producer="history",
+            producer=model.emitted_by.example,
             caused_by=self.last.envelope if self.last else None,
             occurred_at=self.at,
         )

@@ -56,7 +56,7 @@ def envelope(model: type[Event], n: int) -> Envelope:
         occurred_at=T0 + timedelta(minutes=n),
         correlation_id=ORDER,
         causation_id=str(uuid.UUID(int=n - 1)),
-        producer="contract-tests",
+        producer=model.emitted_by.example,
         contract_version=model.contract_version,
     )
 

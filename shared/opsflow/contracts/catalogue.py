@@ -21,6 +21,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from opsflow.contracts.emitters import ForbiddenProducerError
 from opsflow.contracts.events import Event
 from opsflow.contracts.topics import Topic, subject_name
 from opsflow.errors import BadInputError, ConfigurationError
@@ -167,6 +168,21 @@ class Catalogue(Mapping[str, EventType]):
         self.envelope_schema = envelope
         self._types = MappingProxyType({t.name: t for t in types})
         self._by_record = MappingProxyType({t.record_name: t for t in types})
+        self.services: frozenset[str] = frozenset().union(
+            *(t.model.emitted_by.services for t in types)
+        )
+        """Every service that writes one of the event types (see ``Emitters``)."""
+
+    def check_producer(self, event_type: str, producer: str) -> None:
+        """Refuse a record of ``event_type`` whose envelope names ``producer``, when its
+        declaration (``Event.emitted_by``) does not allow that producer.
+
+        Raises:
+            ForbiddenProducerError: the producer may not emit the event type.
+        """
+        emitters = self._types[event_type].model.emitted_by
+        if not emitters.allows(producer, self.services):
+            raise ForbiddenProducerError(event_type, producer, emitters)
 
     def __getitem__(self, name: str) -> EventType:
         return self._types[name]

@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from pydantic import model_validator
 
+from opsflow.contracts.emitters import Emitters
 from opsflow.contracts.envelope import Envelope
 from opsflow.contracts.lineage import current as current_lineage
 from opsflow.contracts.record import AvroRecord
@@ -27,14 +28,16 @@ class Event(AvroRecord):
     """Base of every event: the envelope first, then the event's own fields.
 
     Subclasses set ``event_type`` (the schema directory name), ``contract_version``
-    (the schema version the model mirrors, written into new envelopes) and
+    (the schema version the model mirrors, written into new envelopes),
     ``topic`` (the topic that carries it, whose ``key`` field every event on it
-    has: its value keys the record on Kafka and is the envelope's correlation id).
+    has: its value keys the record on Kafka and is the envelope's correlation id)
+    and ``emitted_by`` (who may write it; see ``opsflow.contracts.emitters``).
     """
 
     event_type: ClassVar[str]
     contract_version: ClassVar[int]
     topic: ClassVar[Topic]
+    emitted_by: ClassVar[Emitters]
 
     envelope: Envelope
 
@@ -49,6 +52,13 @@ class Event(AvroRecord):
         if not isinstance(topic, Topic):
             raise ConfigurationError(
                 f"event class {cls.__name__}", f"has topic {topic!r}", "Give it an opsflow Topic."
+            )
+        if not isinstance(getattr(cls, "emitted_by", None), Emitters):
+            raise ConfigurationError(
+                f"event class {cls.__name__}",
+                "does not say who may emit it",
+                "Add `emitted_by: ClassVar[Emitters] = Emitters(services={...})` naming the"
+                " services that write it (or `external=` the producers that send it).",
             )
         field = cls.model_fields.get(topic.key)
         if field is None or field.annotation is not str:

@@ -154,6 +154,8 @@ def _event_section(event: EventType) -> str:
         f"{_cell(str(event.latest_schema.get('doc', '')))}\n\n"
         f"- topic `{event.topic.value}`, key: the `{event.topic.key}` field\n"
         f"- record `{event.record_name}`, subject `{event.subject}`\n"
+        f"- emitted by: {event.model.emitted_by.describe()}; consumers dead-letter a"
+        " record whose envelope names another producer\n"
         f"- published versions: {versions}; fields below are v{event.latest_version}'s\n\n"
         f"{_TABLE_HEAD}\n{rows}\n"
     )

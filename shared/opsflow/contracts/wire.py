@@ -43,7 +43,7 @@ class WireCodec:
 
     def __init__(self, registry: SchemaRegistryClient, contracts: Catalogue | None = None) -> None:
         self._registry = registry
-        self._contracts = contracts or catalogue()
+        self.contracts = contracts or catalogue()
         self._latest: dict[str, tuple[int, Any]] = {}
         self._writers: dict[int, tuple[EventType, Any]] = {}
 
@@ -70,7 +70,7 @@ class WireCodec:
             parsed = json.loads(schema.schema_str)
             name = record_full_name(parsed)
             try:
-                event_type = self._contracts.by_record_name(name)
+                event_type = self.contracts.by_record_name(name)
             except KeyError as err:
                 raise BadInputError(
                     f"schema id {schema_id} is record {name}, which no contract defines"
@@ -81,7 +81,7 @@ class WireCodec:
 
     def encode(self, event: Event) -> bytes:
         """The event's record value: header, then the body written with the latest schema."""
-        event_type = self._contracts[event.event_type]
+        event_type = self.contracts[event.event_type]
         schema_id, parsed = self._latest_schema(event_type)
         buffer = io.BytesIO()
         buffer.write(_HEADER.pack(MAGIC_BYTE, schema_id))

@@ -169,6 +169,8 @@ class RecordDecoder:
             raise BadInputError(
                 f"{event_type} body does not match schema id {schema_id}: {err}"
             ) from err
+        # A record its declaration does not let that producer write is not projected.
+        self._contracts.check_producer(event_type, data["envelope"]["producer"])  # type: ignore[call-overload,index]
         return EventRecord(
             event_type,
             data,  # type: ignore[arg-type]

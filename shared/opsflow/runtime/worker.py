@@ -614,6 +614,7 @@ class Worker:
     def _decode(self, msg: _Input, span: Span) -> Event:
         event = self.codec.decode(msg.value)
         msg.envelope = envelope = event.envelope
+        self.codec.contracts.check_producer(event.event_type, envelope.producer)
         if span.is_recording():
             span.set_attribute("messaging.message.id", str(envelope.event_id))
             span.set_attribute("opsflow.correlation_id", envelope.correlation_id)
