@@ -29,7 +29,7 @@ def test_migrations_apply_opsflows_then_the_applications_once_each_in_order(
     assert db.migrate(database_url) == shipped
     assert db.migrate(database_url) == [], "a second start finds nothing to do"
     with psycopg.connect(database_url) as conn:  # the application's tables are there
-        conn.execute("SELECT o.order_id FROM orders_current o, dispatch_orders d LIMIT 0")
+        conn.execute("SELECT o.order_id FROM orders_current o, pod_capture_dispatches d LIMIT 0")
 
 
 def test_processes_starting_at_once_do_not_race_on_migrations(database_url: str) -> None:
@@ -51,13 +51,17 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
     read models' tables, recorded by version alone: those become the application's."""
     db.migrate(database_url)
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(
-            "INSERT INTO dispatch_orders (order_id, destination, received_event_id)"
-            " VALUES ('o-1', '{}', gen_random_uuid())"
-        )
         # The schema and the bookkeeping as they were: opsflow's versions 1 to 8 (the
         # audit log's instance column still named order_id, no effect claims, no key
-        # scopes), no owners.
+        # scopes, dispatch's own table), no owners.
+        conn.execute(
+            "CREATE TABLE dispatch_orders (order_id text PRIMARY KEY, destination jsonb NOT NULL,"
+            " received_event_id uuid NOT NULL, dispatch_key text, claimed_at timestamptz)"
+        )
+        conn.execute(
+            "INSERT INTO dispatch_orders (order_id, destination, received_event_id)"
+            """ VALUES ('o-1', '{"city": "Hamburg"}', gen_random_uuid())"""
+        )
         for table, index in (("audit_log", "audit_log"), ("audit_copies", "audit_copies")):
             conn.execute(f"ALTER TABLE {table} RENAME COLUMN instance_key TO order_id")
             conn.execute(f"ALTER INDEX {index}_instance RENAME TO {index}_order")
@@ -75,13 +79,15 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
     adopted = db.migrate(database_url)
     new = [(db.OPSFLOW, 9), (db.OPSFLOW, 10), (db.OPSFLOW, 11)]
     assert adopted == new + [(o, v) for o, v in _shipped() if o == "orders"], (
-        "opsflow's new ones run; the application's recorded, not run"
+        "opsflow's new ones run; the application's from opsflow recorded, its new one run"
     )
     assert db.migrate(database_url) == []
     with psycopg.connect(database_url) as conn:
-        kept = conn.execute("SELECT order_id FROM dispatch_orders").fetchall()
+        kept = conn.execute(
+            "SELECT instance_key, details FROM effect_claims WHERE step = 'dispatch'"
+        ).fetchall()
         owners = conn.execute(
             "SELECT owner, count(*) FROM opsflow_migrations GROUP BY owner ORDER BY owner"
         ).fetchall()
-    assert kept == [("o-1",)]
-    assert owners == [(db.OPSFLOW, 11), ("orders", 3)]
+    assert kept == [("o-1", {"destination": {"city": "Hamburg"}})], "dispatch's rows moved"
+    assert owners == [(db.OPSFLOW, 11), ("orders", 4)]

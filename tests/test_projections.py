@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import signal
 import subprocess
 import threading
@@ -41,6 +42,7 @@ from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from services.contracts import ORDERS, TOPICS
 from tests.support.histories import histories
 from tests.support.projecting import World, projecting
+from tests.support.samples import sample
 from tests.support.stack import (
     Stack,
     create_schema,
@@ -418,3 +420,36 @@ def test_an_undecodable_record_is_dead_lettered_and_the_projections_go_on(
     ]  # fmt: skip
     assert all(h["opsflow-error-class"] == b"BadInputError" for h in letters)
     assert all(h["opsflow-source-topic"] == orders_topic.encode() for h in letters)
+
+
+def test_a_record_too_large_for_an_index_is_dead_lettered_and_the_projections_go_on(
+    world: World, projector: Projector
+) -> None:
+    """An order id of 12,000 random characters is valid Avro, but no btree index takes
+    it: PostgreSQL's "index row size exceeds" (SQLSTATE 54000, filed by psycopg with
+    the server's failures) is the record's fault. It is dead-lettered by each
+    projection that cannot take it, and the others' records are applied."""
+    orders = list(histories(20, run=world.prefix, seed=3))
+    huge = sample("order.received").model_copy(update={"order_id": secrets.token_urlsafe(9000)})
+    codec = WireCodec(world.registry)
+    producer = Producer({"bootstrap.servers": world.bootstrap})
+    publish_one(producer, codec, huge, world.prefix)
+    world.publish(orders)
+    world.wait_caught_up()
+    assert_models_match(world, orders)
+
+    orders_topic = topic_name(ORDERS, prefix=world.prefix)
+    consumer = Consumer({"bootstrap.servers": world.bootstrap, "group.id": uuid.uuid4().hex})
+    consumer.assign([TopicPartition(dead_letter_topic(orders_topic), p, 0) for p in range(3)])
+    letters: list[dict[str, bytes]] = []
+    deadline = time.monotonic() + 30
+    while len(letters) < 2 and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            assert msg.key() == huge.order_id.encode()
+            letters.append(dict(msg.headers() or []))  # type: ignore[arg-type]
+    consumer.close()
+    assert sorted(h["opsflow-service"] for h in letters) == [
+        b"projection:audit_log", b"projection:orders_current",
+    ]  # fmt: skip
+    assert all(h["opsflow-error-class"] == b"ProgramLimitExceeded" for h in letters)

@@ -10,28 +10,47 @@ that take the envelope's word out of it on a real cluster.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+import secrets
+from collections import Counter, defaultdict
 
+import psycopg
 import pytest
 from confluent_kafka import Producer as KafkaProducer
 
 from opsflow import testing
 from opsflow.contracts import ForbiddenProducerError
+from opsflow.errors import transient
 from opsflow.producer import Producer, body_model
 from opsflow.topics import dead_letter_topic
 from services.application import application
-from services.contracts import EVENTS, Address, DispatchExecuted, PolicyChecked, PolicyOutcome
+from services.contracts import (
+    EVENTS,
+    Actor,
+    ActorRole,
+    Address,
+    DispatchExecuted,
+    PolicyChecked,
+    PolicyOutcome,
+    ReviewDecided,
+    ReviewDecision,
+    ReviewTier,
+)
 from tests.support.dispatching import LogReader, World, make_orders, settled
 from tests.support.dispatching import world as world
 
 
-def forged_approval(order_id: str, destination: Address, producer: str) -> PolicyChecked:
+def policy_check(
+    order_id: str,
+    destination: Address,
+    producer: str,
+    outcome: PolicyOutcome = PolicyOutcome.AUTO_APPROVED,
+) -> PolicyChecked:
     return PolicyChecked(
         envelope=PolicyChecked.envelope_for(
-            key=order_id, idempotency_key=f"forged:{order_id}", producer=producer
+            key=order_id, idempotency_key=f"{producer}:{order_id}", producer=producer
         ),
         order_id=order_id,
-        outcome=PolicyOutcome.AUTO_APPROVED,
+        outcome=outcome,
         reason_codes=[],
         reasons=[],
         rules_version="v1",
@@ -48,7 +67,7 @@ def test_an_approval_forged_onto_the_topic_by_a_shop_is_dead_lettered_and_books_
     forged, *genuine = make_orders(3)
     kafka = KafkaProducer({"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS")})
     topic = f"{world.prefix}policy-check"
-    record = forged_approval(forged.order_id, forged.destination, producer="shop")
+    record = policy_check(forged.order_id, forged.destination, producer="shop")
     kafka.produce(topic, world.codec.encode(record), forged.order_id.encode())
     assert kafka.flush(10) == 0
     world.approve(genuine)
@@ -68,6 +87,67 @@ def test_an_approval_forged_onto_the_topic_by_a_shop_is_dead_lettered_and_books_
     finally:
         reader.close()
     assert world.codec.decode(value).order_id == forged.order_id
+
+
+def decision(order_id: str, verdict: ReviewDecision, n: int) -> ReviewDecided:
+    return ReviewDecided(
+        envelope=ReviewDecided.envelope_for(
+            key=order_id, idempotency_key=f"decided:{order_id}:{n}", producer="review"
+        ),
+        order_id=order_id,
+        task_id=f"task-{order_id}",
+        actor=Actor(user_id="ada", display_name="Ada Reviewer", role=ActorRole.REVIEWER),
+        tier=ReviewTier.REVIEWER,
+        decision=verdict,
+        reason=f"decision {n}",
+    )
+
+
+def test_a_later_decision_contradicting_the_first_changes_nothing_and_is_dead_lettered(
+    world: World,
+) -> None:
+    """Whatever arrives on the topic, the effect follows each order's first decision:
+    an approval after a reviewer's refusal books nothing, a refusal after the booking
+    unbooks nothing, and both go to the dead-letter topic saying so."""
+    refused, booked, approved_twice = make_orders(3)
+    world.producer.send_many(
+        [
+            policy_check(
+                refused.order_id, refused.destination, "policy-check", PolicyOutcome.NEEDS_REVIEW
+            ),
+            decision(refused.order_id, ReviewDecision.REJECTED, 1),
+            decision(refused.order_id, ReviewDecision.APPROVED, 2),
+        ]
+    )
+    world.approve([booked, approved_twice])
+    world.run_dispatch()
+    events = world.dispatch_events(settled({booked.order_id, approved_twice.order_id}))
+    world.producer.send_many(
+        [
+            decision(booked.order_id, ReviewDecision.REJECTED, 3),
+            decision(approved_twice.order_id, ReviewDecision.APPROVED, 4),
+        ]
+    )
+    events = world.dispatch_events(settled({booked.order_id, approved_twice.order_id}))
+
+    assert refused.order_id not in {e.order_id for e in events}
+    assert Counter(e.event_type for e in events) == {
+        "dispatch.requested": 2,
+        "dispatch.executed": 2,
+    }
+    assert world.bookings()["count"] == 2
+    dlq = dead_letter_topic(f"{world.prefix}review")
+    reader = LogReader(world.stack.address("KAFKA_BOOTSTRAP_SERVERS"), [dlq])
+    try:
+        assert reader.read_to(reader.ends(), timeout=30)
+        dead = [world.codec.decode(value) for _, value in reader.records[dlq]]
+    finally:
+        reader.close()
+    # The repeated approval of an order already booked is a duplicate, not a
+    # contradiction: ignored, not dead-lettered.
+    assert sorted((e.order_id, e.reason) for e in dead) == sorted(
+        [(refused.order_id, "decision 2"), (booked.order_id, "decision 3")]
+    )
 
 
 def test_the_sdk_refuses_to_send_an_event_its_producer_may_not_emit(
@@ -111,3 +191,16 @@ def test_at_the_broker_only_the_declared_writer_of_each_event_type_may_write_its
     assert writers["dispatch"] == {"dispatch"}
     assert writers["orders"] == {"ingest"}
     assert writers["pod"] == {"ingest", "pod-webhook"}
+
+
+def test_a_value_too_large_for_an_index_is_the_records_fault_not_a_reason_to_retry(
+    database_url: str,
+) -> None:
+    """psycopg files PostgreSQL's "index row size exceeds" with the server's failures
+    (OperationalError); retried like them, it would stall its partition for ever."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("CREATE TABLE keyed (k text PRIMARY KEY)")
+        with pytest.raises(psycopg.errors.ProgramLimitExceeded) as raised:
+            conn.execute("INSERT INTO keyed VALUES (%s)", (secrets.token_urlsafe(9000),))
+    assert isinstance(raised.value, psycopg.OperationalError)
+    assert not transient(raised.value)

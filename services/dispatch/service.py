@@ -2,13 +2,15 @@
 
 Two steps, each a handler, each replay-safe:
 
-1. An approval (``policy.checked`` auto-approved, or ``review.decided``
-   approved): claim the order's one dispatch and emit ``dispatch.requested``.
-   Log before effect: the request is committed to the dispatch topic before
-   anyone calls the carrier. ``policy.checked`` carries the order's
-   destination, so an auto-approved order is claimed from that one record
-   (dispatch does not read the orders topic: no join to wait for); one sent to
-   review leaves its destination in the table for the reviewer's approval.
+1. A decision (``policy.checked``, or a reviewer's ``review.decided``):
+   an approval claims the order's one dispatch and emits ``dispatch.requested``;
+   a refusal is recorded as the order's decision. Log before effect: the request
+   is committed to the dispatch topic before anyone calls the carrier.
+   ``policy.checked`` carries the order's destination, so an auto-approved
+   order is claimed from that one record (dispatch does not read the orders
+   topic: no join to wait for); one sent to review leaves its destination for
+   the reviewer's approval. The first decision stands (``opsflow.nodes.effect.
+   Claims``): a later, contradicting one is dead-lettered with the reason.
 2. ``dispatch.requested`` (read back from the dispatch topic): book the
    carrier with the request's idempotency key and emit ``dispatch.executed``
    with the booking reference, or ``dispatch.failed`` with the reason
@@ -25,10 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from uuid import UUID
+from typing import Any
 
 from opsflow.contracts.lineage import current
+from opsflow.errors import ConfigurationError
+from opsflow.nodes.effect import Claims
 from opsflow.runtime import Service
+from opsflow.settings import DatabaseSettings
 from services.contracts import (
     DISPATCH,
     POLICY_CHECK,
@@ -45,7 +50,6 @@ from services.contracts import (
 )
 from services.dispatch.carrier import Booking, Carrier
 from services.dispatch.config import DispatchSettings
-from services.dispatch.orders import Orders
 
 log = logging.getLogger("services.dispatch")
 
@@ -60,14 +64,20 @@ service = Service(
 
 
 @service.dependency
-async def orders() -> AsyncIterator[Orders]:
-    """The database pool, closed on the loop that opened it when the service stops
-    (left open, it reports errors on stderr at exit)."""
-    pool = Orders(size=min(SETTINGS.concurrency, 16))
+async def claims() -> AsyncIterator[Claims]:
+    """The orders' decisions and destinations (``effect_claims``), over a pool closed on
+    the loop that opened it when the service stops (left open, it reports errors on
+    stderr at exit)."""
+    url = DatabaseSettings().database_url
+    if not url:
+        raise ConfigurationError(
+            "DATABASE_URL", "is not set", "Set it, or run dispatch under `opsflow up`."
+        )
+    found = Claims(service.name, url, size=min(SETTINGS.concurrency, 16))
     try:
-        yield pool
+        yield found
     finally:
-        await pool.close()
+        await found.close()
 
 
 @service.dependency
@@ -85,34 +95,37 @@ async def carrier() -> AsyncIterator[Carrier]:
 
 
 @service.handler
-async def approved_by_policy(check: PolicyChecked, orders: Orders) -> DispatchRequested | None:
-    # A v1 record carries no destination: the table has it if the dispatch of
-    # that time, which read the orders topic, kept it (README: upgrading).
-    known = None if check.destination is None else (check.destination, check.envelope.event_id)
-    if check.outcome is PolicyOutcome.AUTO_APPROVED:
-        return await _request(check.order_id, orders, known)
-    if check.outcome is PolicyOutcome.NEEDS_REVIEW and known is not None:
-        await orders.remember(check.order_id, *known)
+async def decided_by_policy(check: PolicyChecked, claims: Claims) -> DispatchRequested | None:
+    # A v1 record carries no destination: it is there if the dispatch of that time,
+    # which read the orders topic, kept it (README: upgrading).
+    details = None if check.destination is None else {"destination": check.destination.to_avro()}
+    match check.outcome:
+        case PolicyOutcome.AUTO_APPROVED:
+            return await _request(check.order_id, claims, details)
+        case PolicyOutcome.NEEDS_REVIEW if details is not None:
+            await claims.remember(check.order_id, details)
+        case PolicyOutcome.REJECTED:
+            await claims.decline(check.order_id, check.envelope.idempotency_key)
     return None
 
 
 @service.handler
-async def approved_by_reviewer(decision: ReviewDecided, orders: Orders) -> DispatchRequested | None:
-    if decision.decision is not ReviewDecision.APPROVED:
-        return None
-    return await _request(decision.order_id, orders)
+async def decided_by_reviewer(decision: ReviewDecided, claims: Claims) -> DispatchRequested | None:
+    if decision.decision is ReviewDecision.APPROVED:
+        return await _request(decision.order_id, claims)
+    await claims.decline(decision.order_id, decision.envelope.idempotency_key)
+    return None
 
 
 async def _request(
-    order_id: str, orders: Orders, known: tuple[Address, UUID] | None = None
+    order_id: str, claims: Claims, details: dict[str, Any] | None = None
 ) -> DispatchRequested | None:
     """Claim the order's dispatch under the request's key (known before the event
     exists), then emit the request; None when the order was dispatched already."""
     lineage = current()
     assert lineage is not None, "handlers run inside the runtime's lineage"
-    key = lineage.next_key(DispatchRequested.event_type)
-    destination = await orders.claim(order_id, key, known)
-    if destination is None:
+    claimed = await claims.claim(order_id, lineage.next_key(DispatchRequested.event_type), details)
+    if claimed is None:
         log.warning(
             "already dispatched: approval ignored",
             extra={"order_id": order_id, "correlation_id": order_id},
@@ -123,7 +136,7 @@ async def _request(
         dispatch_id=f"dsp-{order_id}",
         carrier=SETTINGS.carrier,
         attempt=1,
-        destination=destination,
+        destination=Address.model_validate(claimed["destination"]),
     )
 
 

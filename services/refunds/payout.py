@@ -105,16 +105,20 @@ async def checked(check: RefundChecked, claims: Claims) -> PayoutRequested | Non
             "currency": check.currency,
         },
     )
-    if check.outcome is not CheckOutcome.AUTO_APPROVED:
-        return None
-    return await _request(check.refund_id, claims)
+    if check.outcome is CheckOutcome.AUTO_APPROVED:
+        return await _request(check.refund_id, claims)
+    if check.outcome is CheckOutcome.REJECTED:
+        await claims.decline(check.refund_id, check.envelope.idempotency_key)
+    return None
 
 
 @service.handler
 async def decided(decision: ApprovalDecided, claims: Claims) -> PayoutRequested | None:
-    if decision.decision is not Decision.APPROVED:
-        return None
-    return await _request(decision.refund_id, claims)
+    # The refund's first decision stands: a later, contradicting one is dead-lettered.
+    if decision.decision is Decision.APPROVED:
+        return await _request(decision.refund_id, claims)
+    await claims.decline(decision.refund_id, decision.envelope.idempotency_key)
+    return None
 
 
 async def _request(refund_id: str, claims: Claims) -> PayoutRequested | None:

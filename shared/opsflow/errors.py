@@ -63,8 +63,9 @@ def transient(err: BaseException) -> bool:
 
     A ``RetryableError``, and the failures of a counterpart rather than of the
     input: PostgreSQL restarting, unreachable or dropping the connection
-    (``psycopg.OperationalError``, the pool's timeout among them), a socket
-    refused or reset (``ConnectionError``), a timeout. A worker retries these
+    (``psycopg.OperationalError``, the pool's timeout among them, but not a
+    value too large for an index), a socket refused or reset
+    (``ConnectionError``), a timeout. A worker retries these
     with backoff (the partition waits, nothing is lost) instead of
     dead-lettering an input that did nothing wrong; an error that belongs to
     the input (a constraint, a bad value, a bug) is not transient.
@@ -73,4 +74,8 @@ def transient(err: BaseException) -> bool:
         return True
     # Only psycopg raises psycopg's errors: not imported, not one of them.
     psycopg = sys.modules.get("psycopg")
-    return psycopg is not None and isinstance(err, psycopg.OperationalError)
+    if psycopg is None or not isinstance(err, psycopg.OperationalError):
+        return False
+    # A value too large for an index (SQLSTATE class 54) is the input's, however
+    # often it is tried: psycopg files it with the counterpart's failures.
+    return not isinstance(err, psycopg.errors.ProgramLimitExceeded)

@@ -21,9 +21,12 @@ The client is aiohttp's: httpx's pool checks every pooled connection on each
 request, which made the calls the larger part of an effect step's CPU on two
 cores (measured on the reference application's bookings).
 
-``Claims`` keeps the step to one effect per workflow instance: a second
-trigger (a duplicate approval under another key) causes nothing, a replay of
-the first is let through with its same key.
+``Claims`` keeps the step to one effect per workflow instance, following the
+instance's first decision: a second approval (a duplicate under another key)
+causes nothing, a replay of the first is let through with its same key, and
+a decision contradicting the first (an approval after a refusal, a refusal
+after the effect was requested) changes nothing and is dead-lettered with the
+reason (``ContradictingDecisionError``), where the operator sees it.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ import aiohttp
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from opsflow.errors import AwaitingError
+from opsflow.errors import AwaitingError, PermanentError
+
+# What marks an instance's refusal in ``effect_claims.request_key``, before the key of
+# the refusing decision.
+DECLINED = "declined:"
 
 # Statuses worth asking again: the partner may answer differently next time.
 TRANSIENT_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
@@ -149,14 +156,21 @@ def _detail(answer: bytes, phrase: str) -> str:
     return str(body)[:500]
 
 
+class ContradictingDecisionError(PermanentError):
+    """A decision about a workflow instance that contradicts its first one (approved
+    after a refusal, or refused after its effect was requested): the first stands."""
+
+
 class Claims:
-    """One effect per workflow instance and step: the ``effect_claims`` table, over a pool
-    opened on the loop that uses it (a service dependency makes and closes it).
+    """One effect per workflow instance and step, after its first decision: the
+    ``effect_claims`` table, over a pool opened on the loop that uses it (a service
+    dependency makes and closes it).
 
     The event that triggers an effect (an approval) often lacks what the effect
     needs (an amount, an address), which came with an earlier event of the
     instance: ``remember`` keeps it, ``claim`` hands it over to the one request
-    key that may act. Writes are idempotent, so retries and replays change nothing.
+    key that may act, ``decline`` records a refusal as the instance's decision.
+    Writes are idempotent, so retries and replays change nothing.
     """
 
     def __init__(self, step: str, database_url: str, *, size: int = 8) -> None:
@@ -188,26 +202,72 @@ class Claims:
                 (self.step, key, Jsonb(dict(details))),
             )
 
-    async def claim(self, key: str, request_key: str) -> dict[str, Any] | None:
-        """Claim instance ``key``'s one effect for ``request_key``: what was remembered for
-        it if granted (nobody claimed it yet, or this very request key did: a retry
-        or a replay); None when another request claimed it.
+    async def claim(
+        self, key: str, request_key: str, details: Mapping[str, Any] | None = None
+    ) -> dict[str, Any] | None:
+        """Claim instance ``key``'s one effect for ``request_key``: what the effect needs
+        if granted (nobody decided the instance yet, or this very request key did: a
+        retry or a replay); None when another approval claimed it already.
+
+        ``details``: what the effect needs, when the approval carries it (remembered
+        and claimed in one statement; what was remembered first still wins).
 
         Raises:
             AwaitingError: nothing was remembered for the instance yet (its earlier
                 event is on another topic, read concurrently): tried again shortly,
                 and dead-lettered with this reason if it never comes.
+            ContradictingDecisionError: the instance was declined first.
         """
+        holder, found = await self._decide(key, request_key, details)
+        if holder == request_key:
+            return found
+        if holder.startswith(DECLINED):
+            raise ContradictingDecisionError(
+                f"{self.step}: {key} approved after it was declined (by"
+                f" {holder.removeprefix(DECLINED)}); the refusal stands, nothing is done"
+            )
+        return None
+
+    async def decline(self, key: str, decision_key: str) -> None:
+        """Record the refusal ``decision_key`` (the refusing event's idempotency key) as
+        instance ``key``'s decision, unless it was decided before: a later approval
+        then causes nothing. A repeated refusal changes nothing.
+
+        Raises:
+            ContradictingDecisionError: the instance's effect was requested first.
+        """
+        holder, _ = await self._decide(key, DECLINED + decision_key, {})
+        if not holder.startswith(DECLINED):
+            raise ContradictingDecisionError(
+                f"{self.step}: {key} declined after its effect was requested ({holder});"
+                " the request stands"
+            )
+
+    async def _decide(
+        self, key: str, decision: str, details: Mapping[str, Any] | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Make ``decision`` the instance's unless it has one: (its decision, details)."""
         pool = await self._ready()
+        params: dict[str, object] = {"step": self.step, "key": key, "decision": decision}
+        if details is None:
+            take = (
+                "UPDATE effect_claims SET request_key = %(decision)s, claimed_at = now()"
+                " WHERE step = %(step)s AND instance_key = %(key)s AND request_key IS NULL"
+                " RETURNING request_key, details"
+            )
+        else:
+            take = (
+                "INSERT INTO effect_claims"
+                " (step, instance_key, details, request_key, claimed_at)"
+                " VALUES (%(step)s, %(key)s, %(details)s, %(decision)s, now())"
+                " ON CONFLICT (step, instance_key) DO UPDATE"
+                " SET request_key = EXCLUDED.request_key, claimed_at = EXCLUDED.claimed_at"
+                " WHERE effect_claims.request_key IS NULL"
+                " RETURNING request_key, details"
+            )
+            params["details"] = Jsonb(dict(details))
         async with pool.connection() as conn:
-            row: Any = await (
-                await conn.execute(
-                    "UPDATE effect_claims SET request_key = %(req)s, claimed_at = now()"
-                    " WHERE step = %(step)s AND instance_key = %(key)s AND request_key IS NULL"
-                    " RETURNING request_key, details",
-                    {"req": request_key, "step": self.step, "key": key},
-                )
-            ).fetchone()
+            row: Any = await (await conn.execute(take, params)).fetchone()
             if row is None:
                 row = await (
                     await conn.execute(
@@ -218,5 +278,4 @@ class Claims:
                 ).fetchone()
         if row is None:
             raise AwaitingError(f"{self.step}: {key} triggered before its earlier event was seen")
-        claimed_by, details = row
-        return dict(details) if claimed_by == request_key else None
+        return row[0], dict(row[1])

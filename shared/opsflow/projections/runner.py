@@ -434,6 +434,8 @@ class ProjectionRunner:
 def _about_a_record(err: Exception) -> bool:
     """Whether a failed batch may be the fault of one of its records (a bug in the
     projection or data it cannot take) rather than of the system around it."""
-    if isinstance(err, psycopg.DataError | psycopg.IntegrityError):
-        return True
+    if isinstance(
+        err, psycopg.DataError | psycopg.IntegrityError | psycopg.errors.ProgramLimitExceeded
+    ):
+        return True  # a value the tables cannot take (too long for an index, say)
     return not isinstance(err, psycopg.Error | RetryableError | Fenced)
