@@ -314,6 +314,32 @@ def test_an_invalid_order_gets_422_naming_every_wrong_field_and_writes_nothing(
     assert ingest.written([body["order_id"]]) == 0
 
 
+def test_an_order_out_of_bounds_gets_422_naming_the_field_and_writes_nothing(
+    ingest: Ingest,
+) -> None:
+    """Every string at most 1,000 characters, no control characters but tab and line
+    breaks, every list at most 1,000 items (docs/contracts.md, "bounds")."""
+    long_name = order(customer_name="x" * 1001)
+    bell = order()
+    bell["destination"]["city"] = "Ham\x07burg"
+    many = order()
+    many["items"] = [many["items"][0]] * 1001
+    fine = order(notes="Leave at reception.\nRing twice.\tThanks")
+    refused = {
+        "customer_name": assert_problem(ingest.post("/orders", long_name), 422),
+        "destination.city": assert_problem(ingest.post("/orders", bell), 422),
+        "items": assert_problem(ingest.post("/orders", many), 422),
+    }
+
+    for field, problem in refused.items():
+        assert [e["field"] for e in problem["errors"]] == [field], problem
+    assert "1000 characters" in refused["customer_name"]["errors"][0]["message"]
+    assert "U+0007" in refused["destination.city"]["errors"][0]["message"]
+    assert "1001 items" in refused["items"]["errors"][0]["message"]
+    assert ingest.written([b["order_id"] for b in (long_name, bell, many)]) == 0
+    assert ingest.post("/orders", fine).status_code == 202
+
+
 def test_a_body_that_is_not_json_gets_400_and_one_not_declared_as_json_gets_415(
     ingest: Ingest,
 ) -> None:

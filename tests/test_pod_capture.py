@@ -328,7 +328,7 @@ def test_a_malformed_pod_gets_a_problem_naming_its_fields_and_is_recorded_with_i
     problem = assert_problem(pods.post(body), 422)
     broken = httpx.post(
         f"{pods.url}/pods",
-        content=b'{"order_id": "' + order_id.encode() + b'", ',
+        content=b'{"order_id": "' + order_id.encode() + b'", \x00\x1b[2J',
         headers={"Authorization": f"Bearer {pods.key}", "Content-Type": "application/json"},
     )
     form = httpx.post(
@@ -348,7 +348,9 @@ def test_a_malformed_pod_gets_a_problem_naming_its_fields_and_is_recorded_with_i
     assert [e.reason_code for e in invalid] == [PodRejectionCode.MALFORMED]
     assert invalid[0].raw_payload == raw.decode()
     assert "received_by" in invalid[0].reason and invalid[0].booking_reference == "BK-1"
-    assert '{"order_id": "' + order_id + '", ' in payloads
+    # Its control characters (a NUL, a terminal escape) are kept as U+FFFD, so the record
+    # cannot garble a terminal or a log that shows it.
+    assert '{"order_id": "' + order_id + '", \ufffd\ufffd[2J' in payloads
     assert f"order_id={order_id}&note=form" in payloads
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from enum import StrEnum
 from types import MappingProxyType
-from typing import ClassVar
+from typing import Annotated, ClassVar
+
+from pydantic import Field
 
 from opsflow.contracts import (
     ANY_PRODUCER,
@@ -321,7 +323,8 @@ class PodRejected(OrderEvent):
     booking_reference: str | None = None
     reason_code: PodRejectionCode
     reason: str
-    raw_payload: str
+    # The refused body as text: up to 16 KiB and a note on how long it was.
+    raw_payload: Annotated[str, Field(max_length=20_000)]
 
 
 EVENTS: tuple[type[OrderEvent], ...] = (

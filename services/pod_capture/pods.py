@@ -39,6 +39,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from opsflow.contracts.bounds import CONTROL, MAX_TEXT
 from opsflow.contracts.record import TimestampMillis
 from opsflow.errors import RetryableError
 from opsflow.producer import Producer, body_model
@@ -82,7 +83,7 @@ def _valid_unicode(value: str) -> bool:
 # Strings need no Unicode check of their own: pydantic's JSON parser refuses
 # lone surrogates ("\ud800"), which no Avro string could hold, as invalid JSON.
 Reference = Annotated[str, Field(min_length=1, max_length=200)]
-Link = Annotated[str, Field(min_length=1, max_length=2000)]
+Link = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 
 
 class PodReport(BaseModel):
@@ -126,12 +127,19 @@ def rejection_key(code: PodRejectionCode, body: bytes) -> str:
 
 
 def raw_payload(body: bytes) -> str:
-    """The body as text for ``pod.rejected``: undecodable bytes replaced, and cut at
-    ``RAW_PAYLOAD_MAX_BYTES`` with a note saying how long it was."""
+    """The body as text for ``pod.rejected``: undecodable bytes and control characters
+    replaced (U+FFFD), and cut at ``RAW_PAYLOAD_MAX_BYTES`` with a note saying how long
+    it was."""
+    text = body[:RAW_PAYLOAD_MAX_BYTES].decode("utf-8", errors="replace")
+    text = CONTROL.sub("\ufffd", text)
     if len(body) <= RAW_PAYLOAD_MAX_BYTES:
-        return body.decode("utf-8", errors="replace")
-    kept = body[:RAW_PAYLOAD_MAX_BYTES].decode("utf-8", errors="replace")
-    return f"{kept}... [truncated: {len(body)} bytes in all]"
+        return text
+    return f"{text}... [truncated: {len(body)} bytes in all]"
+
+
+def rejection_reason(detail: str) -> str:
+    """A refusal's explanation as ``pod.rejected`` keeps it: within a string's bounds."""
+    return detail if len(detail) <= MAX_TEXT else f"{detail[: MAX_TEXT - 15]}... [truncated]"
 
 
 def _salvage(body: bytes) -> dict[str, str]:
@@ -238,7 +246,7 @@ class PodCapture:
                     "a kept POD does not match its late dispatch; it stays refused",
                     extra={
                         "booking_reference": pod.booking_reference,
-                        "reason": mismatch[1].problem.detail,
+                        "reason": rejection_reason(mismatch[1].problem.detail),
                     },
                 )
                 continue
@@ -359,7 +367,7 @@ class PodCapture:
                 "carrier": facts.get("carrier"),
                 "booking_reference": facts.get("booking_reference"),
                 "reason_code": code,
-                "reason": problem.problem.detail,
+                "reason": rejection_reason(problem.problem.detail),
                 "raw_payload": raw_payload(body),
             }
         )

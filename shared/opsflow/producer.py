@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict
 from opsflow.apikeys import check_producer_name
 from opsflow.application import load_application
 from opsflow.contracts import Envelope, Event
+from opsflow.contracts.bounds import MAX_TEXT, violation
 from opsflow.contracts.lineage import EVENT_ID_NAMESPACE
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, RetryableError
@@ -69,7 +70,7 @@ class EventBody(BaseModel):
     and rules minus ``envelope``.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", str_max_length=MAX_TEXT)
 
     event_model: ClassVar[type[Event]]
 
@@ -144,7 +145,8 @@ class DeliveryReport:
 
 
 class EventRejected(BadInputError):
-    """An event cannot be written (too large, or not encodable); nothing of the call was.
+    """An event cannot be written (too large, out of bounds, or not encodable); nothing of
+    the call was.
 
     Attributes:
         index: the event's position in the call.
@@ -518,6 +520,9 @@ class Producer:
             )
             # Consumers would dead-letter it: say so here, to the one who sent it.
             self._codec.contracts.check_producer(event.event_type, event.envelope.producer)
+            out_of_bounds = violation(event)
+            if out_of_bounds is not None:
+                raise EventRejected(index, *out_of_bounds)
             try:
                 value = self._codec.encode(event)
                 record_key = event.key.encode("utf-8")

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Self
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
+from opsflow.contracts.bounds import MAX_TEXT
+
 
 def utc_millis(value: datetime) -> datetime:
     """Normalise to what ``timestamp-millis`` can carry, so a model equals itself after a trip
@@ -41,10 +43,13 @@ class AvroRecord(BaseModel):
     schema order.
 
     Frozen because an event is a fact that happened; ``extra="forbid"`` so a field that
-    exists only on one side of the contract is an error, not silently dropped.
+    exists only on one side of the contract is an error, not silently dropped; strings
+    of at most ``MAX_TEXT`` characters unless a field says more.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Strings are bounded (see ``opsflow.contracts.bounds``); a field says more with
+    # ``Annotated[str, Field(max_length=N)]``.
+    model_config = ConfigDict(frozen=True, extra="forbid", str_max_length=MAX_TEXT)
 
     def to_avro(self) -> dict[str, Any]:
         """The record as the datum fastavro writes with this record's latest schema.

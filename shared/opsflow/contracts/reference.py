@@ -19,6 +19,7 @@ import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from opsflow.contracts.bounds import MAX_ITEMS, MAX_TEXT
 from opsflow.contracts.catalogue import Catalogue, EventType, catalogue, record_full_name
 from opsflow.contracts.evolution import REPLAY_LEVEL
 from opsflow.contracts.headers import (
@@ -156,8 +157,25 @@ def _event_section(event: EventType) -> str:
         f"- record `{event.record_name}`, subject `{event.subject}`\n"
         f"- emitted by: {event.model.emitted_by.describe()}; consumers dead-letter a"
         " record whose envelope names another producer\n"
+        f"- bounds: {_bounds(event)}\n"
         f"- published versions: {versions}; fields below are v{event.latest_version}'s\n\n"
         f"{_TABLE_HEAD}\n{rows}\n"
+    )
+
+
+def _bounds(event: EventType) -> str:
+    """The bounds of the event's values (``opsflow.contracts.bounds``), with the fields
+    that allow longer strings."""
+    longer = []
+    for name, info in event.model.model_fields.items():
+        lengths = [getattr(m, "max_length", None) for m in info.metadata]
+        limit = next((n for n in lengths if isinstance(n, int)), None)
+        if limit is not None:
+            longer.append(f"`{name}` {limit:,}")
+    more = f" ({', '.join(longer)})" if longer else ""
+    return (
+        f"every string at most {MAX_TEXT:,} characters{more}, without control characters"
+        f" but tab, line feed and carriage return; every list at most {MAX_ITEMS:,} items"
     )
 
 

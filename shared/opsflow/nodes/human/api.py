@@ -27,6 +27,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from opsflow.contracts.bounds import MAX_TEXT
 from opsflow.nodes.human.clock import Clock
 from opsflow.nodes.human.desk import Desk
 from opsflow.nodes.human.feed import Feed
@@ -94,7 +95,7 @@ class DecisionBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
 class ReleaseBody(BaseModel):
@@ -102,7 +103,7 @@ class ReleaseBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    reason: str | None = Field(default=None, max_length=2000)
+    reason: str | None = Field(default=None, max_length=MAX_TEXT)
 
 
 class ClockBody(BaseModel):
