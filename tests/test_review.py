@@ -21,8 +21,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from confluent_kafka import Producer as KafkaProducer
 
 from services.contracts import (
+    Actor,
+    ActorRole,
     DispatchExecuted,
     PolicyChecked,
     PolicyOutcome,
@@ -32,6 +35,7 @@ from services.contracts import (
     ReviewEscalated,
     ReviewRequested,
     ReviewSlaBreached,
+    ReviewTier,
 )
 from services.review.service import task_id_for
 from tests.support.carrier import CarrierProcess
@@ -213,6 +217,40 @@ def test_a_task_is_decided_once_and_each_refusal_says_who_holds_or_decided_it(
     events = shared.events("review", decided({checks[0].order_id}))
     decisions = [e for _, e in events if isinstance(e, ReviewDecided)]
     assert [d.order_id for d in decisions].count(checks[0].order_id) == 1
+
+
+def test_a_decision_forged_onto_the_task_topic_decides_nothing_even_after_a_restart(
+    world: World,
+) -> None:
+    """Written with a plain Kafka client, an approval whose envelope names a shop, not
+    the review desk: the desk's replay of its topic at start passes it over (and goes
+    on), so the task stays open and a reviewer still decides it."""
+    proc = world.start()
+    [check] = world.request_review(1)
+    task_id = world.tasks_for([check])[check.order_id]["task_id"]
+    forged = ReviewDecided(
+        envelope=ReviewDecided.envelope_for(
+            key=check.order_id, idempotency_key=f"forged:{check.order_id}", producer="shop"
+        ),
+        order_id=check.order_id,
+        task_id=task_id,
+        actor=Actor(user_id="sue", display_name="Sue Supervisor", role=ActorRole.SUPERVISOR),
+        tier=ReviewTier.REVIEWER,
+        decision=ReviewDecision.APPROVED,
+        reason="forged",
+    )
+    kafka = KafkaProducer({"bootstrap.servers": world.stack.address("KAFKA_BOOTSTRAP_SERVERS")})
+    kafka.produce(f"{world.prefix}review", world.codec.encode(forged), check.order_id.encode())
+    assert kafka.flush(10) == 0
+    world.stop(proc)
+    world.start()  # ready once its topic, the forged record included, is replayed
+
+    task = world.call("GET", f"/tasks/{task_id}", "ann").json()
+    assert task["status"] == "open", task
+    approved = world.call("POST", f"/tasks/{task_id}/approve", "ann", json={"reason": "real"})
+    assert approved.status_code == 200, approved.text
+    log = (world.logs / "review-1.log").read_text()
+    assert "task record skipped" in log and "written by producer 'shop'" in log
 
 
 def test_the_due_soon_filter_and_the_api_document_answer(shared: World) -> None:

@@ -188,6 +188,39 @@ def test_poison_inputs_are_dead_lettered_with_headers_while_good_ones_flow(
     assert b"asked to be rejected" in messages
 
 
+def test_an_input_with_a_header_that_is_not_text_is_handled_not_a_crash(topics: Topics) -> None:
+    """The event-type header only lets a worker pass over records it has no handler
+    for; one that is not UTF-8 says nothing, so the record is decoded and handled."""
+    inputs = orders(40)
+    publish(topics, inputs[:20], headers=[("opsflow-event-type", b"\xff\xfe"), ("empty", b"")])
+    publish(topics, inputs[20:])
+    with running(topics):
+        assert_exactly_once(topics, inputs)
+    assert settled_records(topics.bootstrap, topics.dead_letters) == []
+
+
+def test_a_takeover_passes_over_outputs_whose_source_header_no_worker_wrote(
+    topics: Topics,
+) -> None:
+    """A new owner reads the outputs of its uncommitted inputs' time; a record there with
+    a malformed source header (not UTF-8, not topic/partition/offset) names no input
+    and must not fail every take-over, while a well-formed one still counts."""
+    producer = Producer({"bootstrap.servers": topics.bootstrap})
+    producer.produce(topics.orders, key=b"k", value=b"an input", partition=0)
+    written = f"{topics.orders}/0/0#0"
+    for source in (b"\xff\xfe", b"nonsense", b"a/b/c#d", written.encode()):
+        producer.produce(
+            topics.checks, key=b"k", value=b"an output", partition=0,
+            headers=[("opsflow-source", source)],
+        )  # fmt: skip
+    assert producer.flush(10) == 0
+
+    found = recovery.recover(
+        {"bootstrap.servers": topics.bootstrap}, [topics.checks], {(topics.orders, 0): 0}
+    )
+    assert found == {(topics.orders, 0): {written}}
+
+
 def test_a_transient_handler_error_is_retried_and_then_processed_once(topics: Topics) -> None:
     inputs = orders(50, notes={5: "flaky:2"})
     publish(topics, inputs)

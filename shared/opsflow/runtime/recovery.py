@@ -43,6 +43,7 @@ process into a restart that would start the same scan again.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -52,6 +53,8 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
 from opsflow.errors import RetryableError
 from opsflow.topics import Partition, ReadToEnd, end_offsets, offsets_at, reader_config
+
+log = logging.getLogger("opsflow.runtime")
 
 SOURCE_HEADER = "opsflow-source"
 # Record timestamps come from producers' clocks; scan this much earlier than
@@ -172,8 +175,17 @@ def written_sources(
         for msg in reading:
             for key, value in header_pairs(msg):
                 if key == SOURCE_HEADER:
-                    source = value.decode()
-                    topic, partition, offset = _parse(source)
+                    source = value.decode(errors="replace")
+                    parsed = _parse(source)
+                    if parsed is None:
+                        # Not written by a worker (a malformed or forged header): it
+                        # names no input, and must not stop every take-over.
+                        log.warning(
+                            "output with a malformed source header passed over",
+                            extra={"source": source[:200]},
+                        )
+                        continue
+                    topic, partition, offset = parsed
                     first = uncommitted.get((topic, partition))
                     if first is not None and offset >= first:
                         found[(topic, partition)].add(source)
@@ -221,7 +233,11 @@ def header_pairs(msg: Message) -> list[tuple[str, bytes]]:
     return [(key, value) for key, value in raw if isinstance(value, bytes)]
 
 
-def _parse(source: str) -> tuple[str, int, int]:
-    """``<topic>/<partition>/<offset>#<n>`` -> (topic, partition, offset)."""
-    topic, partition, rest = source.split("/")
-    return topic, int(partition), int(rest.split("#")[0])
+def _parse(source: str) -> tuple[str, int, int] | None:
+    """``<topic>/<partition>/<offset>#<n>`` -> (topic, partition, offset); None when
+    ``source`` does not have that shape."""
+    try:
+        topic, partition, rest = source.split("/")
+        return topic, int(partition), int(rest.split("#")[0])
+    except ValueError:
+        return None

@@ -608,7 +608,10 @@ class Worker:
         records (a service reading back its own topic, say) are passed over undecoded."""
         for key, value in msg.headers:
             if key == EVENT_TYPE_HEADER:
-                return value.decode() not in self.service.handlers
+                try:
+                    return value.decode() not in self.service.handlers
+                except UnicodeDecodeError:
+                    return False  # malformed: the record is decoded, its body says what it is
         return False
 
     def _decode(self, msg: _Input, span: Span) -> Event:

@@ -161,14 +161,16 @@ class Feed:
             consumer.close()
 
     def _apply(self, value: bytes | None, where: str) -> None:
+        # The runtime's dead letters are for inputs; the log cannot be rewritten, so a
+        # record that cannot be taken is logged and passed over: it must not stop the
+        # replay every start begins with (a crash loop), nor the records after it.
         try:
             event = self.codec.decode(value)
+            # Only the step itself writes its tasks' events (its ``emitted_by``).
+            self.codec.contracts.check_producer(event.event_type, event.envelope.producer)
+            self.desk.apply(event)
         except Exception as err:
-            # The runtime's dead letters are for inputs; the log cannot be
-            # rewritten, so an unreadable record is logged and passed over.
-            log.error("unreadable task record skipped", extra={"at": where, "error": str(err)})
-            return
-        self.desk.apply(event)
+            log.error("task record skipped", extra={"at": where, "error": str(err)[:500]})
 
     # --- timers ------------------------------------------------------------------------
 
