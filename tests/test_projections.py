@@ -385,6 +385,22 @@ def test_a_tampered_or_removed_audit_row_is_named_by_audit_verify(
     assert "row 7 is missing" in removed.stdout, removed.stdout
 
 
+def dead_letters(world: World, topic: str, count: int) -> list[tuple[bytes, dict[str, bytes]]]:
+    """The first ``count`` records (value, headers) dead-lettered from ``topic``."""
+    consumer = Consumer({"bootstrap.servers": world.bootstrap, "group.id": uuid.uuid4().hex})
+    consumer.assign([TopicPartition(dead_letter_topic(topic), p, 0) for p in range(3)])
+    letters: list[tuple[bytes, dict[str, bytes]]] = []
+    deadline = time.monotonic() + 30
+    try:
+        while len(letters) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                letters.append((msg.value(), dict(msg.headers() or [])))  # type: ignore[arg-type]
+    finally:
+        consumer.close()
+    return letters
+
+
 def test_an_undecodable_record_is_dead_lettered_and_the_projections_go_on(
     world: World, projector: Projector
 ) -> None:
@@ -397,29 +413,14 @@ def test_an_undecodable_record_is_dead_lettered_and_the_projections_go_on(
     world.wait_caught_up()
     assert_models_match(world, orders)
 
-    consumer = Consumer(
-        {
-            "bootstrap.servers": world.bootstrap,
-            "group.id": uuid.uuid4().hex,
-            "enable.auto.commit": False,
-        }
-    )
-    dlq = dead_letter_topic(orders_topic)
-    consumer.assign([TopicPartition(dlq, p, 0) for p in range(3)])
-    letters: list[dict[str, bytes]] = []
-    deadline = time.monotonic() + 30
     # orders_current and audit_log both read the orders topic: one letter each.
-    while len(letters) < 2 and time.monotonic() < deadline:
-        msg = consumer.poll(0.5)
-        if msg is not None and msg.error() is None:
-            assert msg.value() == b"not avro at all"
-            letters.append(dict(msg.headers() or []))  # type: ignore[arg-type]
-    consumer.close()
-    assert sorted(h["opsflow-service"] for h in letters) == [
+    letters = dead_letters(world, orders_topic, 2)
+    assert all(value == b"not avro at all" for value, _ in letters)
+    assert sorted(h["opsflow-service"] for _, h in letters) == [
         b"projection:audit_log", b"projection:orders_current",
     ]  # fmt: skip
-    assert all(h["opsflow-error-class"] == b"BadInputError" for h in letters)
-    assert all(h["opsflow-source-topic"] == orders_topic.encode() for h in letters)
+    assert all(h["opsflow-error-class"] == b"BadInputError" for _, h in letters)
+    assert all(h["opsflow-source-topic"] == orders_topic.encode() for _, h in letters)
 
 
 def test_a_record_too_large_for_an_index_is_dead_lettered_and_the_projections_go_on(
@@ -438,18 +439,9 @@ def test_a_record_too_large_for_an_index_is_dead_lettered_and_the_projections_go
     world.wait_caught_up()
     assert_models_match(world, orders)
 
-    orders_topic = topic_name(ORDERS, prefix=world.prefix)
-    consumer = Consumer({"bootstrap.servers": world.bootstrap, "group.id": uuid.uuid4().hex})
-    consumer.assign([TopicPartition(dead_letter_topic(orders_topic), p, 0) for p in range(3)])
-    letters: list[dict[str, bytes]] = []
-    deadline = time.monotonic() + 30
-    while len(letters) < 2 and time.monotonic() < deadline:
-        msg = consumer.poll(0.5)
-        if msg is not None and msg.error() is None:
-            assert msg.key() == huge.order_id.encode()
-            letters.append(dict(msg.headers() or []))  # type: ignore[arg-type]
-    consumer.close()
-    assert sorted(h["opsflow-service"] for h in letters) == [
+    letters = dead_letters(world, topic_name(ORDERS, prefix=world.prefix), 2)
+    assert all(value == codec.encode(huge) for value, _ in letters)
+    assert sorted(h["opsflow-service"] for _, h in letters) == [
         b"projection:audit_log", b"projection:orders_current",
     ]  # fmt: skip
-    assert all(h["opsflow-error-class"] == b"ProgramLimitExceeded" for h in letters)
+    assert all(h["opsflow-error-class"] == b"ProgramLimitExceeded" for _, h in letters)

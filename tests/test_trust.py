@@ -23,7 +23,6 @@ from opsflow import testing
 from opsflow.contracts import ForbiddenProducerError
 from opsflow.errors import transient
 from opsflow.producer import Producer, body_model
-from opsflow.topics import dead_letter_topic
 from services.application import application
 from services.contracts import (
     EVENTS,
@@ -37,7 +36,7 @@ from services.contracts import (
     ReviewDecision,
     ReviewTier,
 )
-from tests.support.dispatching import LogReader, World, make_orders, settled
+from tests.support.dispatching import World, make_orders, settled
 from tests.support.dispatching import world as world
 
 
@@ -81,14 +80,8 @@ def test_an_approval_forged_onto_the_topic_by_a_shop_is_dead_lettered_and_books_
     }
     assert forged.order_id not in {e.order_id for e in events}
     assert world.bookings()["count"] == len(genuine)
-    dlq = dead_letter_topic(topic)
-    reader = LogReader(world.stack.address("KAFKA_BOOTSTRAP_SERVERS"), [dlq])
-    try:
-        assert reader.read_to(reader.ends(), timeout=30)
-        [(_, value)] = reader.records[dlq]
-    finally:
-        reader.close()
-    assert world.codec.decode(value).order_id == forged.order_id
+    [dead] = world.dead_letters("policy-check")
+    assert dead.order_id == forged.order_id  # type: ignore[attr-defined]
 
 
 def decision(order_id: str, verdict: ReviewDecision, n: int) -> ReviewDecided:
@@ -138,13 +131,7 @@ def test_a_later_decision_contradicting_the_first_changes_nothing_and_is_dead_le
         "dispatch.executed": 2,
     }
     assert world.bookings()["count"] == 2
-    dlq = dead_letter_topic(f"{world.prefix}review")
-    reader = LogReader(world.stack.address("KAFKA_BOOTSTRAP_SERVERS"), [dlq])
-    try:
-        assert reader.read_to(reader.ends(), timeout=30)
-        dead = [world.codec.decode(value) for _, value in reader.records[dlq]]
-    finally:
-        reader.close()
+    dead = world.dead_letters("review")
     # The repeated approval of an order already booked is a duplicate, not a
     # contradiction: ignored, not dead-lettered.
     assert sorted((e.order_id, e.reason) for e in dead) == sorted(

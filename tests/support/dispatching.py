@@ -342,6 +342,16 @@ class World:
         )
         return events
 
+    def dead_letters(self, topic: str) -> list[Event]:
+        """The records dead-lettered from the world's ``topic`` (no prefix), decoded."""
+        dlq = dead_letter_topic(f"{self.prefix}{topic}")
+        reader = LogReader(self.stack.address("KAFKA_BOOTSTRAP_SERVERS"), [dlq])
+        try:
+            assert reader.read_to(reader.ends(), timeout=30), f"{dlq} has a transaction open"
+            return [self.codec.decode(value) for _, value in reader.records[dlq]]
+        finally:
+            reader.close()
+
     def bookings(self) -> dict[str, Any]:
         return dict(httpx.get(f"{self.carrier.url}/bookings", timeout=10).json())
 
