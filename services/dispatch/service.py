@@ -30,10 +30,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from opsflow.contracts.lineage import current
-from opsflow.errors import ConfigurationError
 from opsflow.nodes.effect import Claims
 from opsflow.runtime import Service
-from opsflow.settings import DatabaseSettings
 from services.contracts import (
     DISPATCH,
     POLICY_CHECK,
@@ -68,16 +66,8 @@ async def claims() -> AsyncIterator[Claims]:
     """The orders' decisions and destinations (``effect_claims``), over a pool closed on
     the loop that opened it when the service stops (left open, it reports errors on
     stderr at exit)."""
-    url = DatabaseSettings().database_url
-    if not url:
-        raise ConfigurationError(
-            "DATABASE_URL", "is not set", "Set it, or run dispatch under `opsflow up`."
-        )
-    found = Claims(service.name, url, size=min(SETTINGS.concurrency, 16))
-    try:
+    async with Claims.from_settings(service.name, size=min(SETTINGS.concurrency, 16)) as found:
         yield found
-    finally:
-        await found.close()
 
 
 @service.dependency

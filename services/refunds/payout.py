@@ -25,10 +25,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsflow.contracts.lineage import current
-from opsflow.errors import ConfigurationError
 from opsflow.nodes.effect import Claims, Partner, Refused, Retry
 from opsflow.runtime import Service
-from opsflow.settings import DatabaseSettings
 from services.refunds.contracts import (
     APPROVALS,
     CHECKS,
@@ -70,14 +68,8 @@ service = Service(
 
 @service.dependency
 async def claims() -> AsyncIterator[Claims]:
-    url = DatabaseSettings().database_url
-    if not url:
-        raise ConfigurationError("DATABASE_URL", "is not set", "Set it, or run under `opsflow up`.")
-    found = Claims(service.name, url, size=min(SETTINGS.concurrency, 8))
-    try:
+    async with Claims.from_settings(service.name, size=min(SETTINGS.concurrency, 8)) as found:
         yield found
-    finally:
-        await found.close()
 
 
 @service.dependency

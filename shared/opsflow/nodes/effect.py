@@ -42,7 +42,8 @@ import aiohttp
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from opsflow.errors import AwaitingError, PermanentError
+from opsflow.errors import AwaitingError, ConfigurationError, PermanentError
+from opsflow.settings import DatabaseSettings
 
 # What marks an instance's refusal in ``effect_claims.request_key``, before the key of
 # the refusing decision.
@@ -180,6 +181,28 @@ class Claims:
             database_url, min_size=1, max_size=size, open=False, kwargs={"autocommit": True}
         )
         self._opened = False
+
+    @classmethod
+    def from_settings(cls, step: str, *, size: int = 8) -> Claims:
+        """The step's claims in ``DATABASE_URL``'s database; use it as an async context
+        manager in a service dependency, so the pool is closed on the loop that
+        opened it when the service stops.
+
+        Raises:
+            ConfigurationError: ``DATABASE_URL`` is not set.
+        """
+        url = DatabaseSettings().database_url
+        if not url:
+            raise ConfigurationError(
+                "DATABASE_URL", "is not set", f"Set it, or run {step} under `opsflow up`."
+            )
+        return cls(step, url, size=size)
+
+    async def __aenter__(self) -> Claims:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
 
     async def _ready(self) -> AsyncConnectionPool[Any]:
         if not self._opened:
