@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import pydantic
 import pytest
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -159,8 +160,13 @@ def test_an_event_with_its_own_envelope_is_sent_as_it_is(sdk: Sdk) -> None:
 def test_an_event_that_cannot_be_encoded_fails_the_call_before_anything_is_written(
     sdk: Sdk,
 ) -> None:
+    lone_surrogate = "Grace \ud800 Hopper"  # not Unicode text: no UTF-8 for it
+    with pytest.raises(pydantic.ValidationError) as invalid:
+        order_body(customer_name=lone_surrogate)
+    assert invalid.value.errors()[0]["loc"] == ("customer_name",)
+    # Built without validation (model_copy does not validate), the SDK still refuses it.
     good = order_body()
-    bad = order_body(customer_name="Grace \ud800 Hopper")  # a lone surrogate: not UTF-8
+    bad = order_body().model_copy(update={"customer_name": lone_surrogate})
     with sdk.producer() as producer, pytest.raises(EventRejected) as refused:
         producer.send_many([good, bad])
 
