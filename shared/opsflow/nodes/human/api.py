@@ -307,7 +307,7 @@ def create_app(
     feed = Feed(
         desk,
         kafka=KafkaSettings().client_config(),
-        registry=SchemaRegistryClient({"url": RegistrySettings().schema_registry_url}),
+        registry=SchemaRegistryClient(RegistrySettings().client_config()),
     )
 
     @asynccontextmanager
