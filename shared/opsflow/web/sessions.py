@@ -85,8 +85,8 @@ def start_session(
 ) -> str:
     """Start a session for ``user`` on ``scope``'s pages and return its id, for the cookie.
 
-    The scope's sessions that are over are deleted on the way, so the table holds
-    only live ones and those not yet looked at since they ended.
+    The scope's sessions past their limits are deleted on the way, so the table does
+    not grow with every sign-in.
 
     Raises:
         ConfigurationError: the database has no sessions table (migrations not applied).

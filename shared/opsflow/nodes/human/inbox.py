@@ -73,7 +73,8 @@ PREFIX = "/inbox"
 _TEMPLATES = Path(__file__).with_name("templates")
 _FORM_LIMIT = 16 * 1024
 _SESSION_OVER = (
-    "your session has ended (signed out, unused for too long, or too old); sign in again"
+    "your session has ended (signed out, unused for too long, too old, or your access was "
+    "revoked); sign in again"
 )
 _FOREIGN_POST = (
     "this form was not sent from this inbox's own pages (the browser named no origin, or "
