@@ -6,18 +6,26 @@ and SCHEMA_REGISTRY_URL when they are set, so the same suite runs against
 production counterparts (e.g. DATABASE_URL at a local PostgreSQL server);
 otherwise it runs against the embedded broker, PostgreSQL and registry.
 Tests keep out of each other's way with their own topics, subjects, consumer
-groups and database schemas.
+groups and database schemas. The inbox's browser tests share Debian's chromium
+(``chromium``, once per module).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from opsflow.testing import Cluster
 from tests.support.stack import Stack, create_schema, drop_schema
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+CHROMIUM = Path("/usr/bin/chromium")
 
 # Both applications are installed; the suite's tests are about the reference one
 # unless they say otherwise (test_refunds.py, the combination's tests).
@@ -68,3 +76,20 @@ def database_url(stack: Stack) -> Iterator[str]:
     schema, url = create_schema(base)
     yield url
     drop_schema(base, schema)
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Browser]:
+    """Debian's chromium, headless, for the inbox's browser tests; never a browser
+    playwright downloads itself (imported here: most modules need no browser)."""
+    from playwright.sync_api import sync_playwright
+
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"{CHROMIUM} is missing: `make setup` installs Debian's chromium package "
+            "(apt-get install --no-install-recommends chromium)"
+        )
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True)
+        yield launched
+        launched.close()

@@ -109,6 +109,13 @@ def test_the_built_package_is_the_library_and_the_command_without_test_or_bench_
     packages = {name.split("/")[0] for name in names if not name.startswith("opsflow-")}
     assert packages == {"opsflow"}, "no reference application, tests or benches inside"
     assert {"opsflow/contracts/envelope.avsc", "opsflow/py.typed"} <= set(names)
+    # The inbox's pages, its stylesheet (served by the service: its CSP allows no other)
+    # and the sessions' table.
+    assert {
+        "opsflow/nodes/human/templates/base.html",
+        "opsflow/nodes/human/templates/inbox.css",
+        "opsflow/migrations/0012_sessions.sql",
+    } <= set(names)
     assert "opsflow = opsflow.cli:main" in scripts.decode()
     assert "opsflow.applications" not in scripts.decode(), "the library declares no workflow"
     required = [

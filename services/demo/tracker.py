@@ -35,6 +35,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from opsflow.contracts import Event
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, RetryableError
+from opsflow.settings import RegistrySettings
 from opsflow.topics import end_offsets, offsets_at, topic_name
 from services.contracts import (
     TOPICS,
@@ -219,7 +220,7 @@ class Tracker:
         self._kafka = dict(kafka)
         self._bootstrap = str(kafka.get("bootstrap.servers", ""))
         self._registry_url = registry_url
-        self._registry = SchemaRegistryClient({"url": registry_url})
+        self._registry = SchemaRegistryClient(RegistrySettings().client_config(registry_url))
         self._codec = WireCodec(self._registry)
         self._consumer = Consumer(
             {

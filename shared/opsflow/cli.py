@@ -460,11 +460,11 @@ def _cluster(*, database_optional: bool = False) -> tuple[dict[str, object], obj
 
     from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings
 
-    kafka, registry = KafkaSettings(), RegistrySettings().schema_registry_url
+    kafka, registry = KafkaSettings(), RegistrySettings()
     database_url = DatabaseSettings().database_url
     for variable, value in (
         ("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers),
-        ("SCHEMA_REGISTRY_URL", registry),
+        ("SCHEMA_REGISTRY_URL", registry.schema_registry_url),
         ("DATABASE_URL", database_url or database_optional),
     ):
         if not value:
@@ -477,7 +477,7 @@ def _cluster(*, database_optional: bool = False) -> tuple[dict[str, object], obj
             )
     config: dict[str, object] = {"log_level": 0, **kafka.client_config()}
     _reachable(config)
-    return config, SchemaRegistryClient({"url": registry}), database_url or ""
+    return config, SchemaRegistryClient(registry.client_config()), database_url or ""
 
 
 def _reachable(kafka: dict[str, Any]) -> None:
@@ -803,7 +803,8 @@ def trace_instance(
     from opsflow.errors import RetryableError
     from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
 
-    kafka_settings, registry_url = KafkaSettings(), RegistrySettings().schema_registry_url
+    kafka_settings, registry = KafkaSettings(), RegistrySettings()
+    registry_url = registry.schema_registry_url
     for variable, value in (
         ("KAFKA_BOOTSTRAP_SERVERS", kafka_settings.bootstrap_servers),
         ("SCHEMA_REGISTRY_URL", registry_url),
@@ -822,7 +823,7 @@ def trace_instance(
 
         from opsflow.contracts.wire import WireCodec
 
-        return WireCodec(SchemaRegistryClient({"url": str(registry_url)}))
+        return WireCodec(SchemaRegistryClient(registry.client_config()))
 
     prefix = TopicSettings().prefix
     index: trace.Index | None = None

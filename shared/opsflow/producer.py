@@ -287,7 +287,7 @@ class Producer:
                     "is not set, so events cannot be encoded",
                     "Set it to the registry's http://host:port, or run under `opsflow up`",
                 )
-            registry = SchemaRegistryClient({"url": url})
+            registry = SchemaRegistryClient(RegistrySettings().client_config(url))
         self._codec = WireCodec(registry)
         self._prefix = TopicSettings().prefix if topic_prefix is None else topic_prefix
         self._topics: dict[str, str] = {}

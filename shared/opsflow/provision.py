@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from opsflow import db
 from opsflow.application import load_application
@@ -37,12 +38,24 @@ SETTINGS = (KafkaSettings, DatabaseSettings, RegistrySettings, TopicSettings)
 
 
 def _retry(what: str, action: Callable[[], T], *, timeout: float = 90.0) -> T:
-    """Retry ``action`` while its component is still starting up."""
+    """Retry ``action`` while its component is still starting up; a registry that refuses
+    the credentials is not starting up, and fails at once.
+
+    Raises:
+        ConfigurationError: the registry answered 401 or 403.
+        OpsflowError: ``action`` still failed after ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
             return action()
         except Exception as err:
+            if isinstance(err, SchemaRegistryError) and err.http_status_code in (401, 403):
+                raise ConfigurationError(
+                    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                    f"the schema registry refused the credentials ({err.http_status_code})",
+                    "Set it to the USER:PASSWORD the registry expects",
+                ) from err
             if time.monotonic() > deadline:
                 raise OpsflowError(f"{what} failed: {err}") from err
             time.sleep(1.0)
@@ -88,7 +101,7 @@ def provision() -> None:
     created = _retry("topic creation", lambda: _create_topics(admin))
     print(f"topics created: {created or 'none (all exist)'}")
 
-    client = SchemaRegistryClient({"url": registry_url})
+    client = SchemaRegistryClient(RegistrySettings().client_config(registry_url))
     for event in catalogue().values():
         for number, parsed in sorted(event.versions.items()):
             subject, schema = event.subject, Schema(json.dumps(parsed), "AVRO")

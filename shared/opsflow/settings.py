@@ -12,9 +12,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from opsflow.errors import ConfigurationError
 
 # librdkafka properties that opsflow sets itself; KAFKA_* variables may override them.
 _KAFKA_PREFIX = "KAFKA_"
@@ -94,11 +97,106 @@ class DatabaseSettings(BaseSettings):
 
 
 class RegistrySettings(BaseSettings):
-    """The Confluent-compatible schema registry."""
+    """The Confluent-compatible schema registry, as its clients reach it.
+
+    ``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO`` (``USER:PASSWORD``) is sent as HTTP
+    basic authentication, Confluent's ``basic.auth.user.info``: kept apart from
+    the URL because URLs end up in messages and logs (credentials in the URL,
+    ``http://user:pass@host``, still work as confluent-kafka reads them).
+    """
 
     model_config = SettingsConfigDict(extra="ignore")
 
     schema_registry_url: str | None = None
+    # Empty: the registry is used without authentication.
+    schema_registry_basic_auth_user_info: SecretStr = SecretStr("")
+
+    def client_config(self, url: str | None = None) -> dict[str, str]:
+        """The configuration of a ``SchemaRegistryClient``: the registry at ``url``
+        (``SCHEMA_REGISTRY_URL`` if omitted), with the credentials, when set.
+
+        Raises:
+            ConfigurationError: no URL; or credentials that are not ``USER:PASSWORD``,
+                or given both here and in the URL (the client refuses two).
+        """
+        url = url or self.schema_registry_url
+        if not url:
+            raise ConfigurationError(
+                "SCHEMA_REGISTRY_URL",
+                "not set",
+                "Set it to the registry's http://host:port, or run under `opsflow up`",
+            )
+        config = {"url": url}
+        credentials = self.credentials()
+        if credentials is not None:
+            if urlsplit(url).username is not None:
+                raise ConfigurationError(
+                    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                    "is set, and SCHEMA_REGISTRY_URL carries credentials too",
+                    "Remove the user and password from SCHEMA_REGISTRY_URL",
+                )
+            config["basic.auth.user.info"] = ":".join(credentials)
+        return config
+
+    def credentials(self) -> tuple[str, str] | None:
+        """The user and password to send, or None when the registry is used without.
+
+        Raises:
+            ConfigurationError: the variable is not ``USER:PASSWORD``.
+        """
+        user_info = self.schema_registry_basic_auth_user_info.get_secret_value()
+        if not user_info:
+            return None
+        user, colon, password = user_info.partition(":")
+        if not (user and colon):
+            raise ConfigurationError(
+                "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                "is not USER:PASSWORD",
+                "Set it to the registry's user and password, separated by a colon",
+            )
+        return user, password
+
+
+class RegistryServerSettings(BaseSettings):
+    """opsflow's own registry service (``python -m opsflow.registry``).
+
+    Attributes:
+        host / port: where it listens (loopback, and Confluent's port, by default).
+        basic_auth_user_info: ``USER:PASSWORD``; when set, every request but the
+            root's liveness probe must carry these as HTTP basic credentials
+            (401 with a ``Basic`` challenge otherwise), as Confluent's registry
+            does with ``authentication.method=BASIC``. Clients send them from
+            ``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO``. Unset or empty: no
+            authentication (the embedded stack's loopback registry).
+        max_body_bytes: the largest request body (413 above); the reference
+            application's largest schema is under 7 KB.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="OPSFLOW_REGISTRY_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8081, ge=1, le=65535)
+    basic_auth_user_info: SecretStr = SecretStr("")
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+
+    def credentials(self) -> tuple[str, str] | None:
+        """The user and password clients must send, or None for no authentication.
+
+        Raises:
+            ConfigurationError: the variable is not ``USER:PASSWORD`` in printable ASCII
+                (HTTP basic credentials are decoded as ASCII); its value is not shown.
+        """
+        user_info = self.basic_auth_user_info.get_secret_value()
+        if not user_info:
+            return None
+        user, colon, password = user_info.partition(":")
+        if not (user and colon and password and user_info.isascii() and user_info.isprintable()):
+            raise ConfigurationError(
+                "OPSFLOW_REGISTRY_BASIC_AUTH_USER_INFO",
+                "is not USER:PASSWORD (both non-empty, printable ASCII)",
+                "Set it to the user and password clients must send, or unset it",
+            )
+        return user, password
 
 
 class StackSettings(BaseSettings):

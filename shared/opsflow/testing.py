@@ -51,6 +51,7 @@ import psycopg
 import pytest
 
 from opsflow.contracts import Event
+from opsflow.settings import RegistrySettings
 
 E = TypeVar("E", bound=Event)
 
@@ -198,7 +199,9 @@ class Env:
         worker = Worker(
             service,
             kafka=self.kafka,
-            registry=SchemaRegistryClient({"url": self.cluster.registry_url}),
+            registry=SchemaRegistryClient(
+                RegistrySettings().client_config(self.cluster.registry_url)
+            ),
         )
         with in_thread(worker, name=service.name, joined_within=timeout):
             yield
@@ -222,7 +225,9 @@ class Env:
 
         from opsflow.contracts.wire import WireCodec
 
-        codec = WireCodec(SchemaRegistryClient({"url": self.cluster.registry_url}))
+        codec = WireCodec(
+            SchemaRegistryClient(RegistrySettings().client_config(self.cluster.registry_url))
+        )
         name = self.topic(kind.topic.value)
         consumer = Consumer(
             {

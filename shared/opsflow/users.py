@@ -67,9 +67,16 @@ class CreatedUser:
     token: str
 
 
-def _user(row: tuple[Any, ...]) -> User:
+def user_of_row(row: tuple[Any, ...]) -> User:
+    """The user a row of ``user_columns`` holds."""
     user_id, name, display_name, role, created_at, revoked_at = row
     return User(user_id, name, display_name, Role(role), created_at, revoked_at)
+
+
+def user_columns(table: str) -> str:
+    """The columns ``user_of_row`` reads, qualified by ``table`` (a name or an alias), for a
+    query that joins the users table (``opsflow.web.sessions``)."""
+    return ", ".join(f"{table}.{column.strip()}" for column in _COLUMNS.split(","))
 
 
 def create_user(
@@ -109,7 +116,7 @@ def create_user(
         raise BadInputError(f"a user named {name!r} exists already") from err
     conn.commit()
     assert row is not None
-    return CreatedUser(_user(row), token)
+    return CreatedUser(user_of_row(row), token)
 
 
 def list_users(conn: psycopg.Connection[Any]) -> list[User]:
@@ -119,12 +126,13 @@ def list_users(conn: psycopg.Connection[Any]) -> list[User]:
             f"SELECT {_COLUMNS} FROM opsflow_users ORDER BY created_at, user_id"
         ).fetchall()
     conn.commit()
-    return [_user(row) for row in rows]
+    return [user_of_row(row) for row in rows]
 
 
 def revoke_user(conn: psycopg.Connection[Any], name: str) -> User:
-    """Revoke a user's token at once (by name or user id); a second revocation keeps the first
-    time.
+    """Revoke a user at once (by name or user id): their token, and every session they signed in
+    to a page with (``opsflow.web.sessions`` checks the user on each request); a second
+    revocation keeps the first time.
 
     Raises:
         BadInputError: no user has this name or id.
@@ -138,7 +146,7 @@ def revoke_user(conn: psycopg.Connection[Any], name: str) -> User:
     conn.commit()
     if row is None:
         raise BadInputError(f"no user is named {name!r}; `opsflow users list` shows them")
-    return _user(row)
+    return user_of_row(row)
 
 
 def verify_token(conn: psycopg.Connection[Any], presented: str) -> User | None:
@@ -153,4 +161,4 @@ def verify_token(conn: psycopg.Connection[Any], presented: str) -> User | None:
             f"SELECT {_COLUMNS} FROM opsflow_users WHERE token_hash = %s AND revoked_at IS NULL",
             (hash_token(presented),),
         ).fetchone()
-    return _user(row) if row else None
+    return user_of_row(row) if row else None

@@ -116,10 +116,21 @@ class WireCodec:
 
 
 def _call(method: Any, *args: Any) -> Any:
-    """Call the registry, telling a refusal (bad input) from an outage (retry)."""
+    """Call the registry, telling a refusal (bad input) from an outage (retry).
+
+    A registry that refuses opsflow's credentials (401, 403) is an outage too, not
+    bad input: every record would otherwise be dead-lettered as "unknown schema
+    id" until someone fixed ``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO``; retried,
+    the partition waits and nothing is lost.
+    """
     try:
         return method(*args)
     except SchemaRegistryError as err:
+        if err.http_status_code in (401, 403):
+            raise RetryableError(
+                f"the schema registry refused the credentials ({err.http_status_code} "
+                f"{err.error_message}); check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"
+            ) from err
         if err.http_status_code >= 500:
             raise RetryableError(f"schema registry error: {err.error_message}") from err
         raise

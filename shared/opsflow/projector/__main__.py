@@ -19,11 +19,11 @@ from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, 
 
 def main() -> None:
     logs.configure("projector")
-    kafka, registry = KafkaSettings(), RegistrySettings().schema_registry_url
+    kafka, registry = KafkaSettings(), RegistrySettings()
     database_url = DatabaseSettings().database_url
     for variable, value in (
         ("KAFKA_BOOTSTRAP_SERVERS", kafka.bootstrap_servers),
-        ("SCHEMA_REGISTRY_URL", registry),
+        ("SCHEMA_REGISTRY_URL", registry.schema_registry_url),
         ("DATABASE_URL", database_url),
     ):
         if not value:
@@ -31,7 +31,7 @@ def main() -> None:
     projector = Projector(
         selected(os.environ.get("OPSFLOW_PROJECTIONS")),
         kafka=kafka.client_config(),
-        registry=SchemaRegistryClient({"url": registry}),
+        registry=SchemaRegistryClient(registry.client_config()),
         database_url=database_url,  # type: ignore[arg-type]
     )
     server = observability.serve(

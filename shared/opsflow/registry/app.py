@@ -5,11 +5,21 @@ written against Confluent's server, so every response here keeps its paths,
 JSON shapes, media type and ``{"error_code", "message"}`` errors; the rules
 themselves live in ``store``. Only AVRO is served: other schema types and
 schema references are refused with 42201 rather than half supported.
+
+What a client sends is bounded before it is believed: with credentials
+configured, every request but the root's needs them as HTTP basic
+authentication (401 with a ``Basic`` challenge, like Confluent's server with
+``authentication.method=BASIC``), checked before the body is read; a body
+larger than the limit is refused while it arrives (413); a body that is not
+JSON, not a JSON object, or nested too deeply to parse (JSON's parser recurses,
+so ten thousand ``[`` would otherwise end in a ``RecursionError``) is a 400 or
+422, in Confluent's ``{"error_code", "message"}`` shape like every error here.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, TypeVar
@@ -18,6 +28,7 @@ import psycopg
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBasic
 from psycopg_pool import ConnectionPool
 from starlette.exceptions import HTTPException
 
@@ -31,6 +42,8 @@ from opsflow.registry.store import (
     parse_level,
     parse_version,
 )
+from opsflow.web.body import read_limited
+from opsflow.web.problems import ProblemError
 
 MEDIA_TYPE = "application/vnd.schemaregistry.v1+json"
 
@@ -53,14 +66,53 @@ def _store(request: Request) -> SchemaStore:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    """The JSON object sent, whatever Content-Type was declared (Confluent accepts several)."""
+    """The JSON object sent, whatever Content-Type was declared (Confluent accepts several).
+
+    Raises:
+        RegistryError: 413 above the body limit; 400 for what is not JSON or is nested
+            too deeply to parse; 422 for JSON that is not an object.
+    """
+    limit: int = request.app.state.max_body_bytes
     try:
-        body = json.loads(await request.body())
+        raw = await read_limited(request, limit)
+    except ProblemError as err:
+        raise RegistryError(413, 413, f"The request body exceeds {limit} bytes") from err
+    try:
+        body = json.loads(raw)
     except ValueError as err:
         raise RegistryError(400, 400, f"Unparseable JSON body: {err}") from err
+    except RecursionError:
+        raise RegistryError(400, 400, "Unparseable JSON body: nested too deeply") from None
     if not isinstance(body, dict):
         raise RegistryError(422, 422, "The request body must be a JSON object")
     return body
+
+
+_basic = HTTPBasic(realm="opsflow schema registry")
+
+
+async def _authorized(request: Request) -> None:
+    """Let the request through when no credentials are configured, or it carries them.
+
+    The header is not even read without configured credentials. Both parts are
+    compared in constant time, so the answer's timing does not tell how much of a
+    guess was right.
+
+    Raises:
+        HTTPException: 401 with the ``Basic`` challenge: no credentials, malformed
+            ones (FastAPI's ``HTTPBasic`` parses the header), or wrong ones.
+    """
+    expected: tuple[bytes, bytes] | None = request.app.state.credentials
+    if expected is None:
+        return
+    credentials = await _basic(request)
+    assert credentials is not None  # HTTPBasic raises rather than answer None
+    user = secrets.compare_digest(credentials.username.encode(), expected[0])
+    password = secrets.compare_digest(credentials.password.encode(), expected[1])
+    if not (user and password):
+        raise HTTPException(
+            401, "Unauthorized", headers=_basic.make_not_authenticated_error().headers
+        )
 
 
 def _schema_text(body: Annotated[dict[str, Any], Depends(_body)]) -> str:
@@ -118,12 +170,14 @@ def _compatibility(messages: list[str], verbose: bool) -> dict[str, Any]:
     return result
 
 
-router = APIRouter()
+# Everything but the root needs the credentials, when there are some.
+router = APIRouter(dependencies=[Depends(_authorized)])
+open_router = APIRouter()
 
 
-@router.get("/")
+@open_router.get("/")
 def root() -> dict[str, str]:
-    """Confluent's no-op root, used as a liveness probe."""
+    """Confluent's no-op root, used as a liveness probe: open, it tells nothing."""
     return {}
 
 
@@ -297,8 +351,19 @@ def delete_subject_config(subject: str, store: Store) -> dict[str, str]:
     return {"compatibilityLevel": store.delete_level(subject)}
 
 
-def create_app(database_url: str) -> FastAPI:
-    """Build the registry on ``database_url``; it migrates and opens its pool at startup."""
+def create_app(
+    database_url: str,
+    *,
+    credentials: tuple[str, str] | None = None,
+    max_body_bytes: int = 1024 * 1024,
+) -> FastAPI:
+    """Build the registry on ``database_url``; it migrates and opens its pool at startup.
+
+    Args:
+        credentials: the user and password every request but the root's must carry
+            as HTTP basic authentication; None for none.
+        max_body_bytes: the largest request body accepted (413 above).
+    """
     # Connections are checked when taken: one broken by a PostgreSQL restart is
     # replaced, not handed to a request that would then answer 500.
     pool: Pool = ConnectionPool(
@@ -328,6 +393,11 @@ def create_app(database_url: str) -> FastAPI:
         redoc_url=None,
         openapi_url=None,
     )
+    app.state.max_body_bytes = max_body_bytes
+    app.state.credentials = (
+        (credentials[0].encode(), credentials[1].encode()) if credentials else None
+    )
+    app.include_router(open_router)
     app.include_router(router)
 
     @app.exception_handler(RegistryError)
@@ -337,7 +407,9 @@ def create_app(database_url: str) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
         # Jersey's wording for unmatched paths and methods, e.g. "HTTP 404 Not Found".
-        return _error(exc.status_code, exc.status_code, f"HTTP {exc.status_code} {exc.detail}")
+        response = _error(exc.status_code, exc.status_code, f"HTTP {exc.status_code} {exc.detail}")
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
@@ -345,6 +417,11 @@ def create_app(database_url: str) -> FastAPI:
             f"{'.'.join(str(part) for part in e['loc'])}: {e['msg']}" for e in exc.errors()
         )
         return _error(422, 422, problems)
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(request: Request, exc: RecursionError) -> Response:
+        # A schema nested deeper than the parsers recurse; _body catches the body's own.
+        return _error(422, 42201, "Invalid schema: nested too deeply")
 
     @app.exception_handler(psycopg.Error)  # PoolTimeout included
     async def store_error(request: Request, exc: Exception) -> Response:

@@ -38,14 +38,14 @@ def run(service: Service) -> None:
     """Run ``service`` until SIGTERM or SIGINT, then finish cleanly (exit status 0)."""
     logs.configure(service.name)
     kafka = KafkaSettings()
-    registry = RegistrySettings().schema_registry_url
+    registry = RegistrySettings()
     if not kafka.bootstrap_servers:
         raise ConfigurationError(
             "KAFKA_BOOTSTRAP_SERVERS",
             "is not set",
             "Set it, or run the service under `opsflow up`.",
         )
-    if not registry:
+    if not registry.schema_registry_url:
         raise ConfigurationError(
             "SCHEMA_REGISTRY_URL", "is not set", "Set it, or run the service under `opsflow up`."
         )
@@ -53,7 +53,7 @@ def run(service: Service) -> None:
     worker = Worker(
         service,
         kafka=kafka.client_config(),
-        registry=SchemaRegistryClient({"url": registry}),
+        registry=SchemaRegistryClient(registry.client_config()),
         delivery=Delivery(settings.delivery),
     )
 

@@ -12,7 +12,7 @@ import psycopg
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
-from opsflow.settings import KafkaSettings
+from opsflow.settings import KafkaSettings, RegistrySettings
 
 # A probe expects connection failures; librdkafka would print each one to
 # stderr, so its log goes here and the probe reports one summary instead.
@@ -68,7 +68,9 @@ def postgres_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
 def registry_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
     """List the subjects, the cheapest call every Confluent-compatible registry has."""
     try:
-        response = probe_client().get(f"{url.rstrip('/')}/subjects", timeout=timeout)
+        response = probe_client().get(
+            f"{url.rstrip('/')}/subjects", timeout=timeout, auth=RegistrySettings().credentials()
+        )
         response.raise_for_status()
     except httpx.HTTPError as err:
         return False, str(err) or type(err).__name__

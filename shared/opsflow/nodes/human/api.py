@@ -7,6 +7,14 @@ task as it is after the action (see ``desk``). People authenticate with
 reviewers act on reviewer-tier tasks, supervisors on any task, operators may
 only look. Errors are RFC 9457 problems (``opsflow.web``). The routes answer
 from the in-memory table, so an HTML page can sit on the same ``desk`` calls.
+
+The service's origin holds people's inbox sessions, so it runs no script but
+its own (none) and every response carries ``opsflow.web.headers``' policy.
+That is why FastAPI's ``/docs`` and ``/redoc`` are off: they load Swagger UI
+and ReDoc from a CDN, a third-party script that would act as whoever is signed
+in. Serving those bundles from an installed package would still need an
+inline script (a hole in the policy) on the same origin; ``/openapi.json``
+remains, for any OpenAPI viewer or client generator run elsewhere.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from opsflow.settings import KafkaSettings, RegistrySettings
 from opsflow.users import Role, User, verify_token
 from opsflow.web import (
     ProblemError,
+    SecurityHeaders,
     check_ready,
     install_openapi,
     install_problem_handlers,
@@ -56,6 +65,7 @@ from opsflow.web import (
     read_limited,
     request_body,
 )
+from opsflow.web.sessions import SessionLimits
 
 _DESCRIPTION = """\
 The {name} queue: {subject}s that wait for a person. List the queue,
@@ -67,6 +77,8 @@ saying who holds or decided it. Tasks past their SLA move to supervisors.
 
 Authenticate with `Authorization: Bearer <token>` (`opsflow users create NAME
 --role reviewer|supervisor|operator`). Errors are RFC 9457 problem details.
+This document is served as `/openapi.json` only: the service serves no
+documentation page (see the module docstring).
 """
 
 _BODY_LIMIT = 16 * 1024
@@ -295,7 +307,7 @@ def create_app(
     feed = Feed(
         desk,
         kafka=KafkaSettings().client_config(),
-        registry=SchemaRegistryClient({"url": RegistrySettings().schema_registry_url}),
+        registry=SchemaRegistryClient(RegistrySettings().client_config()),
     )
 
     @asynccontextmanager
@@ -308,8 +320,14 @@ def create_app(
 
     description = _DESCRIPTION.format(name=spec.name, subject=spec.subject, topic=spec.topic.value)
     app = FastAPI(
-        title=f"opsflow {spec.name}", version="1", description=description, lifespan=lifespan
+        title=f"opsflow {spec.name}",
+        version="1",
+        description=description,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
     )
+    app.add_middleware(SecurityHeaders)
     app.state.pool = pool
     app.state.desk = desk
     app.state.spec = spec
@@ -471,7 +489,11 @@ def create_app(
     # The inbox pages, over this desk (imported here: inbox builds on this module).
     from opsflow.nodes.human.inbox import inbox_router
 
-    app.include_router(inbox_router(desk, view, ready=ready))
+    limits = SessionLimits(
+        idle=timedelta(seconds=settings.session_idle_s),
+        absolute=timedelta(seconds=settings.session_max_s),
+    )
+    app.include_router(inbox_router(desk, view, ready=ready, limits=limits))
     install_problem_handlers(app)
     for error, status in ((TaskNotFound, 404), (TaskConflict, 409), (NotAllowed, 403)):
         app.add_exception_handler(error, _problem(status))

@@ -1,19 +1,26 @@
 """A human step's inbox: server-rendered pages over the same desk and checks as the API.
 
 A person signs in by pasting their token (``opsflow users create NAME --role
-...``); it is kept in an ``HttpOnly``, ``SameSite=Strict`` cookie scoped to
-``/inbox`` and checked on every request exactly as the API checks a bearer
-token (``api.authenticated``, ``api.actor_of``), so a revoked token stops
-working at once and an operator may look but not act. Every action goes
-through the ``Desk`` like the API's, and whether a button is shown is asked
-of the same ``TaskTable`` rules that would refuse the action (see
-``_options``), so the page and the API cannot disagree. A refusal (401, 403,
-404, 409, 422, 503) is shown on the page with the API's message and status.
+...``), checked exactly as the API checks a bearer token (``api.authenticated``);
+the inbox then starts a server-side session (``opsflow.web.sessions``) and the
+cookie holds only its id (``HttpOnly``, ``SameSite=Strict``, ``Secure`` over
+https, path ``/inbox``), never the token. A session ends after
+``<PREFIX>SESSION_IDLE_S`` without a request or ``<PREFIX>SESSION_MAX_S``
+after sign-in, at sign-out, and at once when the user is revoked; its cookie,
+and any copy of it, then only leads back to the sign-in page. Every action
+goes through the ``Desk`` like the API's (``api.actor_of``: an operator may
+look but not act), and whether a button is shown is asked of the same
+``TaskTable`` rules that would refuse the action (see ``_options``), so the
+page and the API cannot disagree. A refusal (401, 403, 404, 409, 422, 503) is
+shown on the page with the API's message and status.
 
-CSRF: every change is a POST form and the cookie is ``SameSite=Strict``, so
-a browser never sends it with a request started by another site (not even a
-top-level form post); GET requests change nothing. That is the whole defence,
-and it is enough for browsers that honour SameSite (all current ones).
+CSRF: every change is a POST form; GET requests change nothing. A POST is
+refused (403) unless the browser says it comes from this server's own pages
+(``Origin``, or ``Referer``) and, once signed in, unless it sends back the
+session's CSRF token, which every form carries in a hidden field. The cookie's
+``SameSite=Strict`` stays as a third line. The pages run no script and load
+nothing from elsewhere: the service's ``Content-Security-Policy``
+(``opsflow.web.headers``) allows their one stylesheet, served here.
 
 Forms are ``application/x-www-form-urlencoded`` with a field or two, parsed
 with the standard library (``urllib.parse``) rather than adding
@@ -22,6 +29,7 @@ python-multipart for file uploads the inbox never takes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,6 +42,7 @@ from fastapi.responses import RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -50,16 +59,44 @@ from opsflow.nodes.human.tasks import (
 )
 from opsflow.users import User
 from opsflow.web import ProblemError, read_limited
+from opsflow.web.sessions import (
+    Session,
+    SessionLimits,
+    csrf_token_matches,
+    end_session,
+    from_this_origin,
+    resume_session,
+    start_session,
+)
 
 PREFIX = "/inbox"
+_TEMPLATES = Path(__file__).with_name("templates")
 _FORM_LIMIT = 16 * 1024
+_SESSION_OVER = (
+    "your session has ended (signed out, unused for too long, too old, or your access was "
+    "revoked); sign in again"
+)
+_FOREIGN_POST = (
+    "this form was not sent from this inbox's own pages (the browser named no origin, or "
+    "another one); open the inbox and try again"
+)
+_NO_CSRF_TOKEN = (
+    "this form did not carry the token of your session (a page from before you signed in "
+    "again, or a form from elsewhere); reload the page and try again"
+)
 _REFUSALS: dict[type[Exception], int] = {TaskNotFound: 404, TaskConflict: 409, NotAllowed: 403}
 # What every page may use; a page passes what it has.
-_DEFAULTS: dict[str, Any] = {"prefix": PREFIX, "user": None, "error": None, "rows": []}
+_DEFAULTS: dict[str, Any] = {
+    "prefix": PREFIX,
+    "user": None,
+    "csrf": None,
+    "error": None,
+    "rows": [],
+}
 
 _templates = Jinja2Templates(
     env=Environment(
-        loader=FileSystemLoader(Path(__file__).with_name("templates")),
+        loader=FileSystemLoader(_TEMPLATES),
         autoescape=True,  # every value on the page comes from events or people
         undefined=StrictUndefined,  # a misspelt name fails the page, not shows blank
     )
@@ -173,8 +210,8 @@ async def _form(request: Request) -> dict[str, str]:
     return {name: values[0] for name, values in fields.items()}
 
 
-def _user_of(request: Request, token: str | None) -> User:
-    """The signed-in user, checked as the API checks a bearer token.
+def _user_of(request: Request, token: str) -> User:
+    """The user holding ``token``, checked as the API checks a bearer token.
 
     Raises:
         ProblemError: 401 for no token, or an unknown or revoked one.
@@ -184,16 +221,19 @@ def _user_of(request: Request, token: str | None) -> User:
     return authenticated(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
 
 
-def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRouter:
+def inbox_router(
+    desk: Desk, view: Views, *, ready: Callable[[], None], limits: SessionLimits
+) -> APIRouter:
     """The inbox's pages under ``/inbox``, acting on ``desk``.
 
     Args:
         desk: the service's desk (the API's own).
         view: the API's views of a task.
         ready: raises the API's 503 while the step's topic is still being read.
+        limits: how long a session lasts.
     """
     spec = desk.spec
-    cookie = f"opsflow_{spec.name.replace('-', '_')}_token"
+    cookie = f"opsflow_{spec.name.replace('-', '_')}_session"
     decisions = {"approve": spec.approved, "reject": spec.rejected}
     # What every page of this step shows: its name, what its tasks are about, the key.
     step = {
@@ -202,6 +242,7 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
         "key_field": spec.key_field,
         "topic": spec.topic.value,
     }
+    stylesheet = _TEMPLATES.joinpath("inbox.css").read_text("utf-8")
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
     def render(request: Request, name: str, *, status: int = 200, **context: Any) -> Response:
@@ -218,16 +259,64 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
             response.delete_cookie(cookie, path=PREFIX)
         return response
 
-    async def signed_in(request: Request) -> User:
-        user: User = await run_in_threadpool(_user_of, request, request.cookies.get(cookie))
-        return user
+    def pool(request: Request) -> ConnectionPool[Any]:
+        found: ConnectionPool[Any] = request.app.state.pool
+        return found
+
+    def resume(request: Request, session_id: str) -> Session | None:
+        with pool(request).connection() as conn:
+            return resume_session(conn, session_id, scope=spec.name, limits=limits)
+
+    def start(request: Request, user: User) -> str:
+        with pool(request).connection() as conn:
+            return start_session(conn, user, scope=spec.name, limits=limits)
+
+    def end(request: Request, session_id: str) -> None:
+        with pool(request).connection() as conn:
+            end_session(conn, session_id)
+
+    async def signed_in(request: Request) -> Session:
+        """The request's live session.
+
+        Raises:
+            ProblemError: 401 when there is none, or it is over.
+        """
+        session_id = request.cookies.get(cookie)
+        if not session_id:
+            raise ProblemError(401, "sign in with your token")
+        session = await run_in_threadpool(resume, request, session_id)
+        if session is None:
+            raise ProblemError(401, _SESSION_OVER)
+        return session
+
+    def refused_post(request: Request) -> Response | None:
+        """The 403 for a POST another site's page may have sent; None when it is ours."""
+        if from_this_origin(request):
+            return None
+        return render(request, "queue.html", status=403, error=_FOREIGN_POST)
+
+    def refused(request: Request, session: Session, status: int, message: str) -> Response:
+        """A refusal shown on the signed-in person's queue page (without its rows)."""
+        return render(
+            request,
+            "queue.html",
+            status=status,
+            user=session.user,
+            csrf=session.csrf_token,
+            error=message,
+        )
 
     def task_page(
-        request: Request, user: User, task_id: str, *, status: int = 200, error: str | None = None
+        request: Request,
+        session: Session,
+        task_id: str,
+        *,
+        status: int = 200,
+        error: str | None = None,
     ) -> Response:
         now = desk.clock.now()
         try:
-            actor: Actor | None = actor_of(spec, user)
+            actor: Actor | None = actor_of(spec, session.user)
         except ProblemError:
             actor = None
 
@@ -239,7 +328,8 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
             request,
             "task.html",
             status=status,
-            user=user,
+            user=session.user,
+            csrf=session.csrf_token,
             error=error,
             task=task,
             options=options,
@@ -248,6 +338,10 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
             now=now,
         )
 
+    @router.get("/inbox.css")
+    async def css() -> Response:
+        return Response(stylesheet, media_type="text/css")
+
     @router.get("")
     async def queue(
         request: Request, status: Literal["open", "decided", "all"] = "open"
@@ -255,20 +349,28 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
         if not request.cookies.get(cookie):
             return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
         try:
-            user = await signed_in(request)
+            session = await signed_in(request)
+        except ProblemError as err:
+            return sign_in_page(request, 401, err.problem.detail)
+        try:
             ready()
         except ProblemError as err:
-            code, message = _refusal(err) or (500, str(err))
-            if code == 401:
-                return sign_in_page(request, code, message)
-            return render(request, "queue.html", status=code, error=message)
+            return refused(request, session, err.problem.status, err.problem.detail)
         now = desk.clock.now()
         tasks = desk.queue(QueueFilter(status=status), view.task)
         # A decided task has no time left to show.
         rows = [
             (task, time_left(task.due_at, now) if task.status == "open" else "") for task in tasks
         ]
-        return render(request, "queue.html", user=user, rows=rows, now=now, status_filter=status)
+        return render(
+            request,
+            "queue.html",
+            user=session.user,
+            csrf=session.csrf_token,
+            rows=rows,
+            now=now,
+            status_filter=status,
+        )
 
     @router.get("/sign-in")
     async def sign_in_form(request: Request) -> Response:
@@ -276,15 +378,23 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
 
     @router.post("/sign-in")
     async def sign_in(request: Request) -> Response:
+        # Checked here too: another site must not sign a browser in as someone else.
+        if (refusal := refused_post(request)) is not None:
+            return refusal
         token = (await _form(request)).get("token", "").strip()
         try:
-            await run_in_threadpool(_user_of, request, token)
+            user = await run_in_threadpool(_user_of, request, token)
         except ProblemError as err:
             return sign_in_page(request, 401, err.problem.detail)
+        if previous := request.cookies.get(cookie):
+            await run_in_threadpool(end, request, previous)
+        session_id = await run_in_threadpool(start, request, user)
         response = RedirectResponse(PREFIX, status_code=303)
         response.set_cookie(
             cookie,
-            token,
+            session_id,
+            # The browser forgets it when the server would refuse it anyway.
+            max_age=math.ceil(limits.absolute.total_seconds()),
             path=PREFIX,
             httponly=True,
             samesite="strict",
@@ -294,35 +404,53 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
 
     @router.post("/sign-out")
     async def sign_out(request: Request) -> Response:
+        if (refusal := refused_post(request)) is not None:
+            return refusal
+        session_id = request.cookies.get(cookie)
+        session = await run_in_threadpool(resume, request, session_id) if session_id else None
+        if session_id and session is not None:
+            if not csrf_token_matches(session, (await _form(request)).get("csrf_token")):
+                return refused(request, session, 403, _NO_CSRF_TOKEN)
+            await run_in_threadpool(end, request, session_id)
         response = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
-        response.delete_cookie(cookie, path=PREFIX, httponly=True, samesite="strict")
+        response.delete_cookie(
+            cookie,
+            path=PREFIX,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+        )
         return response
 
     @router.get("/tasks/{task_id}")
     async def task(request: Request, task_id: str) -> Response:
         try:
-            user = await signed_in(request)
+            session = await signed_in(request)
         except ProblemError as err:
             return sign_in_page(request, 401, err.problem.detail)
         try:
             ready()
-            return task_page(request, user, task_id)
+            return task_page(request, session, task_id)
         except (ProblemError, TaskNotFound) as err:
             code, message = _refusal(err) or (500, str(err))
-            return render(request, "queue.html", status=code, user=user, error=message)
+            return refused(request, session, code, message)
 
     @router.post("/tasks/{task_id}/{action}")
     async def act(
         request: Request, task_id: str, action: Literal["claim", "release", "decide"]
     ) -> Response:
+        if (refusal := refused_post(request)) is not None:
+            return refusal
         try:
-            user = await signed_in(request)
+            session = await signed_in(request)
         except ProblemError as err:
             return sign_in_page(request, 401, err.problem.detail)
         form = await _form(request)
+        if not csrf_token_matches(session, form.get("csrf_token")):
+            return refused(request, session, 403, _NO_CSRF_TOKEN)
         try:
             ready()
-            actor = actor_of(spec, user)
+            actor = actor_of(spec, session.user)
             if action == "claim":
                 await run_in_threadpool(desk.claim, task_id, actor, view.task)
             elif action == "release":
@@ -338,9 +466,9 @@ def inbox_router(desk: Desk, view: Views, *, ready: Callable[[], None]) -> APIRo
         except (ProblemError, ValidationError, TaskNotFound, TaskConflict, NotAllowed) as err:
             code, message = _refusal(err) or (500, str(err))
             try:
-                return task_page(request, user, task_id, status=code, error=message)
+                return task_page(request, session, task_id, status=code, error=message)
             except TaskNotFound:
-                return render(request, "queue.html", status=code, user=user, error=message)
+                return refused(request, session, code, message)
         # Post/redirect/get: a reload does not repeat the action.
         return RedirectResponse(f"{PREFIX}/tasks/{quote(task_id, safe='')}", status_code=303)
 

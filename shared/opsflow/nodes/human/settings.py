@@ -34,6 +34,11 @@ class HumanTaskSettings(BaseSettings):
             demos move time forward with it).
         test_clock: serve ``PUT /testing/clock`` to set the time while running;
             for tests only, never in production.
+        session_idle_s / session_max_s: an inbox session ends after this long
+            without a request (30 min: a person reading a long case keeps it),
+            or this long after sign-in however busy (8 h: a working day), as
+            OWASP's session guidance suggests for an application of this risk.
+            Wall-clock time: ``clock_offset_s`` and the test clock do not move it.
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +48,8 @@ class HumanTaskSettings(BaseSettings):
     due_soon_s: float = Field(default=900.0, gt=0)
     clock_offset_s: float = 0.0
     test_clock: bool = False
+    session_idle_s: float = Field(default=30 * 60, gt=0)
+    session_max_s: float = Field(default=8 * 3600, gt=0)
 
     @classmethod
     def prefix(cls) -> str:
