@@ -99,6 +99,10 @@ class RegistrySettings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore")
 
     schema_registry_url: str | None = None
+    # Whether a process registers an event type's latest schema on first use (see
+    # ``opsflow.contracts.wire.WireCodec``). Off in production: only provisioning
+    # writes to the registry, and the services need no write rights on it.
+    schema_registry_auto_register: bool = True
 
 
 class StackSettings(BaseSettings):
