@@ -110,6 +110,10 @@ class RegistrySettings(BaseSettings):
     schema_registry_url: str | None = None
     # Empty: the registry is used without authentication.
     schema_registry_basic_auth_user_info: SecretStr = SecretStr("")
+    # Whether a process registers an event type's latest schema on first use (see
+    # ``opsflow.contracts.wire.WireCodec``). Off in production: only provisioning
+    # writes to the registry, and the services need no write rights on it.
+    schema_registry_auto_register: bool = True
 
     def client_config(self, url: str | None = None) -> dict[str, str]:
         """The configuration of a ``SchemaRegistryClient``: the registry at ``url``

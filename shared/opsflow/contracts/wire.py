@@ -9,6 +9,14 @@ Decoding resolves the writer's schema (fetched by id, once) against the
 latest schema of the event type, so records written with any earlier
 published version come back as the current model: the replay guarantee.
 
+Encoding writes with the latest schema of the event type under its subject.
+By default the codec registers that schema on first use (idempotent), which
+suits the embedded stack and tests. With ``SCHEMA_REGISTRY_AUTO_REGISTER=false``
+it only looks the schema up: provisioning is then the one writer of the
+registry, the services need no write rights on it, and a process whose
+contracts were never provisioned says so instead of registering them behind
+the operator's back.
+
 fastavro does the Avro work; schema ids are cached per codec, so the registry
 is asked once per schema, not once per record.
 """
@@ -28,6 +36,7 @@ from confluent_kafka.schema_registry.error import SchemaRegistryError
 from opsflow.contracts.catalogue import Catalogue, EventType, catalogue, record_full_name
 from opsflow.contracts.events import Event
 from opsflow.errors import BadInputError, RetryableError
+from opsflow.settings import RegistrySettings
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
@@ -35,6 +44,9 @@ _HEADER = struct.Struct(">bI")
 
 class WireCodec:
     """Encodes events to and decodes them from Confluent-framed Avro.
+
+    Whether it registers the latest schemas or only looks them up is
+    ``SCHEMA_REGISTRY_AUTO_REGISTER`` (``RegistrySettings``), read once here.
 
     Args:
         registry: a client of any Confluent-compatible schema registry.
@@ -44,21 +56,45 @@ class WireCodec:
     def __init__(self, registry: SchemaRegistryClient, contracts: Catalogue | None = None) -> None:
         self._registry = registry
         self.contracts = contracts or catalogue()
+        self._auto_register = RegistrySettings().schema_registry_auto_register
         self._latest: dict[str, tuple[int, Any]] = {}
         self._writers: dict[int, tuple[EventType, Any]] = {}
 
     def _latest_schema(self, event_type: EventType) -> tuple[int, Any]:
         cached = self._latest.get(event_type.name)
         if cached is None:
-            text = json.dumps(event_type.latest_schema)
-            # Registering is idempotent: it returns the existing id when the
-            # schema is already under the subject (as after provisioning).
-            schema_id = _call(
-                self._registry.register_schema, event_type.subject, Schema(text, "AVRO")
-            )
+            schema = Schema(json.dumps(event_type.latest_schema), "AVRO")
+            if self._auto_register:
+                # Registering is idempotent: it returns the existing id when the
+                # schema is already under the subject (as after provisioning).
+                schema_id = _call(self._registry.register_schema, event_type.subject, schema)
+            else:
+                schema_id = self._registered_id(event_type, schema)
             cached = (schema_id, fastavro.parse_schema(event_type.latest_schema))
             self._latest[event_type.name] = cached
         return cached
+
+    def _registered_id(self, event_type: EventType, schema: Schema) -> int:
+        """The id provisioning gave the latest schema of ``event_type``; never registers.
+
+        Raises:
+            RetryableError: the subject does not hold that schema (no subject, or only
+                older versions). Retryable, not bad input: the record is fine and goes
+                through once provisioning has run, without restarting anything.
+        """
+        try:
+            found = _call(self._registry.lookup_schema, event_type.subject, schema)
+        except SchemaRegistryError as err:
+            if err.http_status_code != 404:
+                raise
+            raise RetryableError(
+                f"schema registry: subject {event_type.subject} does not hold "
+                f"{event_type.name} v{event_type.latest_version} ({err.error_message}) and "
+                "SCHEMA_REGISTRY_AUTO_REGISTER is off: run provisioning "
+                "(python -m opsflow.provision) with this release's schemas"
+            ) from err
+        schema_id: int = found.schema_id
+        return schema_id
 
     def _writer_schema(self, schema_id: int) -> tuple[EventType, Any]:
         cached = self._writers.get(schema_id)
