@@ -57,7 +57,7 @@ class AccessKey:
     """An S3 access key: the id names it, the secret signs with it."""
 
     id: str
-    secret: str = ""
+    secret: str
 
     def __repr__(self) -> str:
         return f"AccessKey(id={self.id!r}, secret=***)"
@@ -90,7 +90,7 @@ def canonical_query(raw_query: str) -> str:
     for part in raw_query.split("&"):
         if part:
             name, _, value = part.partition("=")
-            pairs.append((quote(unquote(name), safe="~"), quote(unquote(value), safe="~")))
+            pairs.append((quote(unquote(name), safe=""), quote(unquote(value), safe="")))
     return "&".join(f"{name}={value}" for name, value in sorted(pairs))
 
 
@@ -116,7 +116,7 @@ def signature(
     canonical = "\n".join(
         [
             method,
-            quote(path, safe="/~"),
+            quote(path, safe="/"),
             canonical_query(raw_query),
             "".join(f"{name}:{' '.join(value.split())}\n" for name, value in headers),
             ";".join(name for name, _ in headers),

@@ -201,8 +201,13 @@ def stop(plan: StackPlan, *, timeout: float = 60.0) -> None:
     """Stop every program and supervisord, then make sure nothing of the stack is left."""
     pid = supervisord_pid(plan)
     if pid is not None:
-        with contextlib.suppress(OSError, xmlrpc.client.Error):
+        try:
             rpc(plan).supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            # It does not answer, or refuses the password (credentials.json was made
+            # anew while it ran): SIGTERM stops it and its programs as cleanly.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).wait(timeout)
     kill_leftovers(plan)
