@@ -3,12 +3,14 @@
 A store and a broker of their own run here (the store is what is under test,
 with compaction made eager: batches may merge after half a second, the newest
 four of each partition are kept), and stock confluent-kafka clients write and
-read through the broker over real connections.
+read through the broker over real connections. The broker signs its requests
+with a key made for the module; the tests' own requests are signed with it too.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -25,9 +27,16 @@ from confluent_kafka import Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from opsflow.stack import compaction
+from opsflow.stack.sigv4 import AccessKey, SigV4Auth
 from tests.support.stack import free_port
 
 BUCKET = "opsflow"
+KEY = AccessKey("opsflow", secrets.token_urlsafe(32))
+KEY_ENV = {"AWS_ACCESS_KEY_ID": KEY.id, "AWS_SECRET_ACCESS_KEY": KEY.secret}
+
+
+def signed_client() -> httpx.Client:
+    return httpx.Client(auth=SigV4Auth(KEY), timeout=5)
 
 
 @dataclass
@@ -54,17 +63,19 @@ class DurableBroker:
                 *("--port", str(self.store_port)),
                 *("--compact-after", str(compact_after), "--keep-newest", "4"),
                 *("--settle-after", str(settle_after)),
-            ]
+            ],
+            env={**os.environ, **KEY_ENV},
         )
-        _wait_for(lambda: httpx.get(self.store_url, timeout=1).status_code == 200)
+        with signed_client() as http:
+            _wait_for(lambda: http.get(self.store_url).status_code == 200)
 
     def start(self) -> None:
         self.start_store()
-        httpx.put(f"{self.store_url}/{BUCKET}", timeout=5)
+        with signed_client() as http:
+            http.put(f"{self.store_url}/{BUCKET}")
         env = {
             **os.environ,
-            "AWS_ACCESS_KEY_ID": "opsflow",
-            "AWS_SECRET_ACCESS_KEY": "opsflow",
+            **KEY_ENV,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT": self.store_url,
             "AWS_ALLOW_HTTP": "true",
@@ -241,7 +252,8 @@ def test_compaction_merges_small_batches_and_every_record_reads_back_the_same(
     # A fetch that listed the batches before they merged reads an empty placeholder
     # spanning the same offsets in the place of each one merged away.
     folder = durable.batches(topic)[0].parent.relative_to(durable.root / BUCKET)
-    placeholder = httpx.get(f"{durable.store_url}/{BUCKET}/{folder}/{merged_away[-1]}")
+    with signed_client() as http:
+        placeholder = http.get(f"{durable.store_url}/{BUCKET}/{folder}/{merged_away[-1]}")
     assert placeholder.status_code == 200
     header = compaction.BatchHeader.parse(placeholder.content)
     assert header.record_count == 0 and header.mergeable is False
@@ -332,7 +344,7 @@ def test_a_restart_drops_batches_a_merge_left_behind(durable: DurableBroker) -> 
 def test_store_answers_s3_conditional_writes_reads_and_listings(durable: DurableBroker) -> None:
     url = f"{durable.store_url}/{BUCKET}"
     prefix = f"check-{uuid.uuid4().hex[:6]}"
-    with httpx.Client(timeout=5) as http:
+    with signed_client() as http:
         created = http.put(f"{url}/{prefix}/a.json", content=b"one", headers={"If-None-Match": "*"})
         assert created.status_code == 200
         etag = created.headers["etag"]
@@ -380,12 +392,13 @@ def test_a_torn_write_of_a_small_object_leaves_its_previous_version(
     that does not check out at start is passed over for the other, older one."""
     key = f"torn-{uuid.uuid4().hex[:6]}/state.json"
     url = f"{durable.store_url}/{BUCKET}/{key}"
-    for version in (b'{"v": 1}', b'{"v": 2}', b'{"v": 3}'):
-        assert httpx.put(url, content=version, timeout=5).status_code == 200
-    durable.stop_store()
-    newest = durable.root / BUCKET / f"{key}.slot-b"  # the third write's slot
-    newest.write_bytes(newest.read_bytes()[:-3])
-    durable.start_store()
-    assert httpx.get(url, timeout=5).content == b'{"v": 2}'
-    assert httpx.put(url, content=b'{"v": 4}', timeout=5).status_code == 200
-    assert httpx.get(url, timeout=5).content == b'{"v": 4}'
+    with signed_client() as http:
+        for version in (b'{"v": 1}', b'{"v": 2}', b'{"v": 3}'):
+            assert http.put(url, content=version).status_code == 200
+        durable.stop_store()
+        newest = durable.root / BUCKET / f"{key}.slot-b"  # the third write's slot
+        newest.write_bytes(newest.read_bytes()[:-3])
+        durable.start_store()
+        assert http.get(url).content == b'{"v": 2}'
+        assert http.put(url, content=b'{"v": 4}').status_code == 200
+        assert http.get(url).content == b'{"v": 4}'

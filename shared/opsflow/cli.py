@@ -232,7 +232,12 @@ def _overview_tables(found: Any) -> list[Any]:
 
 @app.command()
 def env() -> None:
-    """Print `export` lines that point a shell at the running stack."""
+    """Print `export` lines that point a shell at the running stack.
+
+    They hold no secret: DATABASE_URL names the stack's password file
+    (`?passfile=`, in the data directory, readable by you only) instead of the
+    password, and psql and every libpq client take it as it is.
+    """
     plan = stack.running_plan()
     if plan is None:
         raise OpsflowError("the stack is not running; start it with `opsflow up --detach`")

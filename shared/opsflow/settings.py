@@ -237,7 +237,9 @@ class RuntimeSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OPSFLOW_", extra="ignore")
 
-    # /metrics, /healthz and /readyz; 0 takes a free port (logged at start).
+    # /metrics, /healthz and /readyz; 0 takes a free port (logged at start). Loopback
+    # unless configured (0.0.0.0 in a container, for a scraper outside it).
+    metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=0, ge=0, le=65535)
     # "transactions" (Kafka transactions) or "log-scan" (see opsflow.runtime.Delivery);
     # `opsflow up` sets log-scan for its durable embedded broker.

@@ -34,8 +34,9 @@ def main() -> None:
         registry=SchemaRegistryClient(registry.client_config()),
         database_url=database_url,  # type: ignore[arg-type]
     )
+    settings = RuntimeSettings()
     server = observability.serve(
-        projector.metrics, projector.health, RuntimeSettings().metrics_port
+        projector.metrics, projector.health, host=settings.metrics_host, port=settings.metrics_port
     )
     logging.getLogger("opsflow.projector").info(
         "serving metrics", extra={"metrics_port": server.server_address[1]}

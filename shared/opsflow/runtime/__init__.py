@@ -57,7 +57,9 @@ def run(service: Service) -> None:
         delivery=Delivery(settings.delivery),
     )
 
-    server = observability.serve(worker.metrics, worker.health, settings.metrics_port)
+    server = observability.serve(
+        worker.metrics, worker.health, host=settings.metrics_host, port=settings.metrics_port
+    )
     logging.getLogger("opsflow.runtime").info(
         "serving metrics", extra={"metrics_port": server.server_address[1]}
     )

@@ -8,8 +8,9 @@
   ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set. Without an exporter they are not
   recorded (recording spans nobody reads cost a fifth of a service's CPU in
   ``make bench``), but trace ids still exist and reach the logs and headers.
-- Metrics: Prometheus, on ``OPSFLOW_METRICS_PORT`` (``/metrics``), next to
-  ``/healthz`` (the loop is turning) and ``/readyz`` (it has joined its group).
+- Metrics: Prometheus, on ``OPSFLOW_METRICS_HOST:OPSFLOW_METRICS_PORT``
+  (``/metrics``; loopback unless configured), next to ``/healthz`` (the loop is
+  turning) and ``/readyz`` (it has joined its group).
 """
 
 from __future__ import annotations
@@ -106,7 +107,7 @@ class Health:
         return time.monotonic() - self.last_turn < self.stale_after_s
 
 
-def serve(metrics: Metrics, health: Health, port: int) -> ThreadingHTTPServer:
+def serve(metrics: Metrics, health: Health, *, host: str, port: int) -> ThreadingHTTPServer:
     """Serve ``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread; returns the server."""
 
     class Handler(BaseHTTPRequestHandler):
@@ -132,7 +133,7 @@ def serve(metrics: Metrics, health: Health, port: int) -> ThreadingHTTPServer:
         def log_message(self, *args: Any) -> None:
             pass  # scrapes every few seconds would drown the service's own log
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return server
 

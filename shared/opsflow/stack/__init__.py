@@ -19,6 +19,7 @@ from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.settings import StackSettings
 from opsflow.stack import supervisor
 from opsflow.stack.components import StackPlan, plan_stack
+from opsflow.stack.credentials import Credentials
 from opsflow.stack.health import check
 
 # Which variable selects each external counterpart, and what to tell a user
@@ -174,6 +175,8 @@ def up(*, foreground: bool) -> tuple[StackPlan, subprocess.Popen[bytes] | None]:
     previous = StackPlan.load(data_dir())
     if previous is not None:
         supervisor.kill_leftovers(previous)
+    # First: it makes the data directory private before anything is written there.
+    Credentials.of(data_dir())
     plan = plan_stack()
     check_external(plan)
     plan.save()

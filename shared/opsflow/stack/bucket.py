@@ -31,7 +31,12 @@ write is answered once the file is renamed into place: it survives kill -9 of
 the store or the broker (the page cache keeps it), not a power loss (no fsync,
 like a single Kafka broker with its default flush settings).
 
-Run as ``python -m opsflow.stack.bucket DATA_ROOT --port N``.
+Only the broker may use it: every request must be signed (AWS Signature
+Version 4, ``opsflow.stack.sigv4``) with the access key the store is given in
+``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``, the variables the broker
+signs with; anything else is answered 403.
+
+Run as ``python -m opsflow.stack.bucket DATA_ROOT --port N`` with those two set.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import hashlib
 import os
 import re
 import struct
+import sys
 import tempfile
 import time
 import zlib
@@ -61,6 +67,7 @@ import uvicorn
 from sortedcontainers import SortedList
 
 from opsflow.stack import compaction
+from opsflow.stack.sigv4 import AccessKey, Refused, Verifier
 
 _NAMESPACE = "http://s3.amazonaws.com/doc/2006-03-01/"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -578,12 +585,15 @@ class Request:
 
     def __init__(self, scope: Scope, body: bytes) -> None:
         self.method: str = scope["method"]
-        path: str = scope["path"]
-        self.bucket, _, self.key = path.lstrip("/").partition("/")
-        self.query = dict(parse_qsl(scope["query_string"].decode("latin-1"), True))
-        self.headers: dict[str, str] = {
-            name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]
-        }
+        self.path: str = scope["path"]
+        self.bucket, _, self.key = self.path.lstrip("/").partition("/")
+        self.raw_query: str = scope["query_string"].decode("latin-1")
+        self.query = dict(parse_qsl(self.raw_query, True))
+        # As sent, repeated names included: the signature covers them so.
+        self.header_list = [
+            (name.decode("latin-1"), value.decode("latin-1")) for name, value in scope["headers"]
+        ]
+        self.headers: dict[str, str] = dict(self.header_list)
         self.body = body
 
     def header(self, name: str) -> str:
@@ -610,10 +620,11 @@ def _xml(body: str) -> Response:
 
 
 class S3App:
-    """The ASGI application: the S3 calls the broker makes, and nothing else."""
+    """The ASGI application: the S3 calls the broker makes, and nothing else, signed."""
 
-    def __init__(self, store: ObjectStore) -> None:
+    def __init__(self, store: ObjectStore, verifier: Verifier) -> None:
         self.store = store
+        self.verifier = verifier
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -667,8 +678,16 @@ class S3App:
         return err.status, [(b"content-type", b"application/xml")], body.encode()
 
     def handle(self, request: Request) -> Response:
-        if request.header("content-encoding") == "aws-chunked":
-            raise S3Error(501, "NotImplemented", "aws-chunked uploads are not supported.")
+        try:
+            self.verifier.verify(
+                method=request.method,
+                path=request.path,
+                raw_query=request.raw_query,
+                headers=request.header_list,
+                body=request.body,
+            )
+        except Refused as refused:
+            raise S3Error(403, refused.code, refused.message) from refused
         method, bucket_name, key = request.method, request.bucket, request.key
         if not bucket_name:
             if method == "GET":
@@ -806,6 +825,14 @@ def main() -> None:
         help="seconds after which merged batches merge again into larger ones",
     )
     args = parser.parse_args()
+    key = AccessKey(
+        os.environ.get("AWS_ACCESS_KEY_ID", ""), os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    )
+    if not key.id or not key.secret:
+        sys.exit(
+            "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set: the store takes only "
+            "requests signed with them (give the broker the same two)"
+        )
     data_root = args.data_root.resolve()
     data_root.mkdir(parents=True, exist_ok=True)
     policy = CompactionPolicy(
@@ -813,7 +840,7 @@ def main() -> None:
     )
     store = ObjectStore(data_root, compaction=policy)
     uvicorn.run(
-        S3App(store),
+        S3App(store, Verifier(key)),
         host=args.host,
         port=args.port,
         loop="uvloop",

@@ -34,6 +34,7 @@ from pathlib import Path
 from opsflow.application import load_application
 from opsflow.errors import ConfigurationError
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, StackSettings
+from opsflow.stack.credentials import database_url, private_dir, write_private
 
 LOOPBACK = "127.0.0.1"
 # The runtime services' fetch wait on the memory broker: end-to-end p99 of the reference demo
@@ -111,11 +112,14 @@ class StackPlan:
         return next((c for c in self.components if c.name == name), None)
 
     def save(self) -> None:
-        """Record the plan so later commands (status, down, tests) find the running stack."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        """Record the plan so later commands (status, down, tests) find the running stack.
+
+        It holds addresses, never a secret (``opsflow.stack.credentials``).
+        """
+        private_dir(self.data_dir)
         data = asdict(self)
         data["data_dir"] = str(self.data_dir)
-        self.state_file.write_text(json.dumps(data, indent=2))
+        write_private(self.state_file, json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, data_dir: Path) -> StackPlan | None:
@@ -265,7 +269,7 @@ def plan_stack(settings: StackSettings | None = None) -> StackPlan:
         db_waits: tuple[int, ...] = ()
     else:
         pg_port = ports.choose("postgres", settings.postgres_port, "OPSFLOW_POSTGRES_PORT")
-        url = f"postgresql://postgres@{LOOPBACK}:{pg_port}/postgres"
+        url = database_url(data_dir, LOOPBACK, pg_port)
         components.append(Component("postgres", pg_port, url, 10))
         env["DATABASE_URL"] = url
         db_waits = (pg_port,)
@@ -336,7 +340,7 @@ def _services(
         fill = {**env, "program_dir": str(data_dir / program.name)}
         for variable, value in program.env.items():
             if "{program_dir}" in value:
-                (data_dir / program.name).mkdir(parents=True, exist_ok=True)
+                private_dir(data_dir / program.name)
             own[variable] = os.environ.get(variable) or value.format_map(fill)
         found.append(
             Component(

@@ -78,12 +78,18 @@ def registry_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
 
 
 def bucket_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:
-    """The local S3 server lists its buckets."""
+    """The broker's object store answers, and refuses a request not signed with its key.
+
+    The probe holds no key: the store's refusal is its sign of life, and proves
+    that it checks signatures.
+    """
     try:
-        probe_client().get(url, timeout=timeout).raise_for_status()
+        response = probe_client().get(url, timeout=timeout)
     except httpx.HTTPError as err:
         return False, str(err) or type(err).__name__
-    return True, "serving"
+    if response.status_code != 403 or b"<Code>AccessDenied</Code>" not in response.content:
+        return False, f"answered an unsigned request with {response.status_code}"
+    return True, "serving signed requests only"
 
 
 def service_healthy(url: str, *, timeout: float = 3.0) -> tuple[bool, str]:

