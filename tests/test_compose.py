@@ -192,7 +192,7 @@ def test_every_opsflow_process_has_a_readyz_healthcheck_on_the_port_it_serves() 
 
     # The probe can fail: run it against a runtime service's own health server.
     health = Health()
-    server = serve(Metrics("probe"), health, 0)
+    server = serve(Metrics("probe"), health, host="127.0.0.1", port=0)
     try:
         url = f"http://localhost:{server.server_address[1]}/readyz"
         test = next(iter(processes.values()))["healthcheck"]["test"]
