@@ -550,6 +550,18 @@ def _stack_overrides(cases: Sequence[type[Case]]) -> dict[str, str]:
     return merged
 
 
+def _portable(command: Sequence[str]) -> list[str]:
+    """``command`` with its interpreter relative to the checkout (else its file name)."""
+    if not command:
+        return []
+    interpreter = Path(command[0])
+    try:
+        shown = str(interpreter.relative_to(Path.cwd()))
+    except ValueError:
+        shown = ".venv/bin/python" if interpreter.parent.name == "bin" else interpreter.name
+    return [shown, *command[1:]]
+
+
 def write_results(document: dict[str, Any], started: datetime) -> Path:
     """Write ``results/<UTC timestamp>.json``, never overwriting an earlier run's file."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -614,9 +626,10 @@ def run(
     document = {
         "started_at": started.isoformat(),
         "seconds": round(time.perf_counter() - clock, 2),
-        "command": list(command),
-        "command_line": shlex.join(command),
-        "cwd": os.getcwd(),
+        # Run from the checkout: the interpreter as the README names it, and no path
+        # of the machine the figures were measured on.
+        "command": _portable(command),
+        "command_line": shlex.join(_portable(command)),
         "repeat": repeat,
         "events": events,
         "machine": machine,
