@@ -199,6 +199,18 @@ def test_an_input_with_a_header_that_is_not_text_is_handled_not_a_crash(topics: 
     assert settled_records(topics.bootstrap, topics.dead_letters) == []
 
 
+def test_batches_without_outputs_are_committed_each_time(topics: Topics) -> None:
+    """Records no handler takes (as after a take-over, inputs whose outputs a previous
+    owner wrote) make batches without outputs; each such batch moves the group's
+    offset, not only the first one a producer commits."""
+    passed_over = [("opsflow-event-type", b"not.for.the.relay")]
+    with running(topics):
+        for _ in range(3):
+            publish(topics, orders(10), headers=passed_over)
+            wait_until_processed(topics, timeout=30)
+    assert settled_records(topics.bootstrap, topics.checks) == []
+
+
 def test_a_takeover_passes_over_outputs_whose_source_header_no_worker_wrote(
     topics: Topics,
 ) -> None:
