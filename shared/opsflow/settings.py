@@ -8,7 +8,10 @@ exports the variable to everything it supervises.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +22,55 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsflow.errors import ConfigurationError
 
-# librdkafka properties that opsflow sets itself; KAFKA_* variables may override them.
 _KAFKA_PREFIX = "KAFKA_"
+
+# KAFKA_* variables other programs put in the environment, never librdkafka's:
+# Kubernetes' service links of a Service named ``kafka`` or ``kafka-<anything>``
+# (KAFKA_PORT, KAFKA_SERVICE_HOST, KAFKA_PORT_9092_TCP_ADDR, ...: set in every pod
+# of the namespace unless ``enableServiceLinks: false``), and the variables Apache
+# Kafka's shell scripts read (where an operator runs ``kafka-acls.sh``).
+_SERVICE_LINK = re.compile(
+    r"KAFKA(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
+_KAFKA_SCRIPTS = frozenset(
+    {
+        "KAFKA_HOME", "KAFKA_OPTS", "KAFKA_HEAP_OPTS", "KAFKA_JVM_PERFORMANCE_OPTS",
+        "KAFKA_GC_LOG_OPTS", "KAFKA_JMX_OPTS", "KAFKA_LOG4J_OPTS",
+        # The admin client's properties file in the commands `opsflow acls` prints.
+        "KAFKA_ADMIN_CONFIG",
+    }
+)  # fmt: skip
+# Configuration keys confluent-kafka takes for itself (Python objects, not strings).
+_PYTHON_KEYS = frozenset({"logger", "error_cb", "throttle_cb", "stats_cb", "oauth_cb"})
+# A name librdkafka has no property for: set after the probed one, it fails the
+# probe whenever the probed name was accepted.
+_NO_SUCH_PROPERTY = "opsflow.no.such.property"
+_warned: set[str] = set()
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def is_librdkafka_property(name: str) -> bool:
+    """Whether the installed librdkafka has a configuration property ``name``.
+
+    Asked of librdkafka itself rather than of a copied list, so it follows the
+    installed version: setting a property it does not have fails with "No such
+    configuration property" before any client exists. The probe sets ``name``
+    (to an empty value, so no plugin is loaded and no file read), then a name no
+    version has, whose failure proves ``name`` was accepted; about 5 µs.
+    """
+    from confluent_kafka import KafkaException, Producer
+
+    if name in _PYTHON_KEYS:
+        return False
+    try:
+        Producer({name: "", _NO_SUCH_PROPERTY: ""})
+    except KafkaException as err:
+        return bool(err.args[0].str() != f'No such configuration property: "{name}"')
+    except (TypeError, ValueError):
+        return False
+    return True  # not reached: the second property always fails
 
 
 class KafkaSettings(BaseSettings):
@@ -28,7 +78,10 @@ class KafkaSettings(BaseSettings):
 
     Every other ``KAFKA_<NAME>`` variable is passed to librdkafka as the
     property ``<name>`` with underscores turned into dots, e.g.
-    ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes ``security.protocol``.
+    ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes ``security.protocol`` and
+    ``KAFKA_SASL_OAUTHBEARER_CLIENT_ID`` ``sasl.oauthbearer.client.id`` (a
+    property whose name keeps an underscore, ``log_level``, is found too).
+    Only librdkafka's own properties are passed (see ``client_config``).
     """
 
     model_config = SettingsConfigDict(env_prefix="KAFKA_", extra="ignore")
@@ -36,12 +89,50 @@ class KafkaSettings(BaseSettings):
     bootstrap_servers: str | None = None
 
     def client_config(self) -> dict[str, str | int | float | bool]:
-        """The librdkafka configuration shared by producers, consumers and admin clients."""
-        config: dict[str, str | int | float | bool] = {
-            key[len(_KAFKA_PREFIX) :].lower().replace("_", "."): value
-            for key, value in os.environ.items()
-            if key.startswith(_KAFKA_PREFIX) and key != "KAFKA_BOOTSTRAP_SERVERS"
-        }
+        """The librdkafka configuration shared by producers, consumers and admin clients.
+
+        A ``KAFKA_*`` variable that is no librdkafka property is ignored, with one
+        warning line naming it, when another program is known to set it (Kubernetes'
+        service links of a Service called ``kafka``, Apache Kafka's scripts): a pod
+        must not stop because a Service has the cluster's name. Any other one is
+        refused: it is most likely a misspelt property, and dropping it silently
+        could mean a client that connects without the security it was meant to have.
+
+        Raises:
+            ConfigurationError: naming every ``KAFKA_*`` variable that is neither a
+                librdkafka property nor one another program sets.
+        """
+        config: dict[str, str | int | float | bool] = {}
+        ignored: list[str] = []
+        unknown: list[str] = []
+        for key, value in sorted(os.environ.items()):
+            if not key.startswith(_KAFKA_PREFIX) or key == "KAFKA_BOOTSTRAP_SERVERS":
+                continue
+            name = key[len(_KAFKA_PREFIX) :].lower()
+            if is_librdkafka_property(name.replace("_", ".")):
+                config[name.replace("_", ".")] = value
+            elif is_librdkafka_property(name):
+                config[name] = value
+            elif _SERVICE_LINK.fullmatch(key) or key in _KAFKA_SCRIPTS:
+                ignored.append(key)
+            else:
+                unknown.append(key)
+        if unknown:
+            properties = [key[len(_KAFKA_PREFIX) :].lower().replace("_", ".") for key in unknown]
+            raise ConfigurationError(
+                ", ".join(unknown),
+                f"librdkafka has no such configuration property ({', '.join(properties)})",
+                "Correct the name (a KAFKA_ variable is a property of librdkafka's "
+                "CONFIGURATION.md in capitals, dots as underscores: sasl.mechanism is "
+                "KAFKA_SASL_MECHANISM) or unset it",
+            )
+        if ignored and not _warned.issuperset(ignored):
+            _warned.update(ignored)
+            log.warning(
+                "ignoring %s: not librdkafka properties (Kubernetes service links or "
+                "Apache Kafka's scripts' variables)",
+                ", ".join(ignored),
+            )
         if self.bootstrap_servers:
             config["bootstrap.servers"] = self.bootstrap_servers
         return config
