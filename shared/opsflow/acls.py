@@ -21,15 +21,25 @@ own (``User:<program>``) allowed exactly what it does:
 
 Writing with idempotence needs nothing more on Kafka 3.0 and later (KIP-679:
 ``IdempotentWrite`` is implied by ``Write`` on the topic).
+
+A principal is what the broker makes of how a client authenticated: the SASL
+user name (PLAIN, SCRAM), the token's subject (OAUTHBEARER; ``sub`` unless the
+broker is told another claim), the certificate's subject (mTLS; the whole
+distinguished name unless ``ssl.principal.mapping`` shortens it), or a service
+account id on Confluent Cloud. ``principal_format`` says how a program's name
+becomes its principal (``User:{program}`` when each program authenticates as a
+user of its own name); ``principals`` names those that follow no pattern.
 """
 
 from __future__ import annotations
 
 import shlex
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from opsflow.application import Application
+from opsflow.errors import ConfigurationError
 from opsflow.runtime import load_service
 from opsflow.topics import dead_letter_topic, topic_name
 
@@ -79,10 +89,54 @@ def _topics(names: set[str], principal: str, operations: tuple[str, ...]) -> lis
     return [Acl(principal, "topic", name, "literal", operations) for name in sorted(names)]
 
 
-def acls_for(application: Application, *, prefix: str | None = None) -> list[Acl]:
+DEFAULT_PRINCIPAL_FORMAT = "User:{program}"
+
+
+def principal_namer(
+    names: list[str], principal_format: str, principals: Mapping[str, str]
+) -> dict[str, str]:
+    """The principal of each of ``names`` (programs, and the projector, provisioning
+    and operator): from ``principals`` when named there, else ``principal_format``.
+
+    Raises:
+        ConfigurationError: a format without ``{program}`` or not ``Type:name``; a
+            principal given for a name that has none.
+    """
+    head, colon, tail = principal_format.partition(":")
+    if not (head and colon and tail) or "{program}" not in principal_format:
+        raise ConfigurationError(
+            "--principal-format",
+            f"{principal_format!r} is not TYPE:NAME with {{program}} in it",
+            "Give e.g. User:{program}, User:opsflow-{program} or User:CN={program}.example.com",
+        )
+    unknown = sorted(set(principals) - set(names))
+    if unknown:
+        raise ConfigurationError(
+            "--principal",
+            f"no program called {', '.join(unknown)}",
+            f"Name one of: {', '.join(names)}",
+        )
+    return {
+        name: principals.get(name) or principal_format.replace("{program}", name) for name in names
+    }
+
+
+def acls_for(
+    application: Application,
+    *,
+    prefix: str | None = None,
+    principal_format: str = DEFAULT_PRINCIPAL_FORMAT,
+    principals: Mapping[str, str] | None = None,
+) -> list[Acl]:
     """Every ACL the application's principals need (topic and group names with
-    ``prefix``, ``OPSFLOW_TOPIC_PREFIX`` by default, as the programs use them)."""
+    ``prefix``, ``OPSFLOW_TOPIC_PREFIX`` by default, as the programs use them), each
+    program's principal named by ``principal_format`` or ``principals`` (see
+    ``principal_namer``)."""
     events = {model.event_type: model for model in application.events}
+    on_cluster = [program.name for program in application.programs if not program.stand_in]
+    principal_of = principal_namer(
+        [*on_cluster, PROJECTOR, PROVISION, OPERATOR], principal_format, principals or {}
+    )
 
     def name(topic: str) -> str:
         return topic_name(topic, prefix=prefix)
@@ -91,7 +145,7 @@ def acls_for(application: Application, *, prefix: str | None = None) -> list[Acl
     for program in application.programs:
         if program.stand_in:
             continue  # an external partner's stand-in: not on the cluster
-        principal = f"User:{program.name}"
+        principal = principal_of[program.name]
         names = {program.name}
         reads: set[str] = set()
         if program.service:
@@ -119,15 +173,15 @@ def acls_for(application: Application, *, prefix: str | None = None) -> list[Acl
         found += _topics(writes - reads, principal, ("Write", "Describe"))
 
     every = {name(topic.value) for topic in application.topics}
-    principal = f"User:{PROJECTOR}"
+    principal = principal_of[PROJECTOR]
     found += _topics(every, principal, ("Read", "Describe"))
     found += _topics({dead_letter_topic(t) for t in every}, principal, ("Write", "Describe"))
-    principal = f"User:{PROVISION}"
+    principal = principal_of[PROVISION]
     found.append(Acl(principal, "cluster", "kafka-cluster", "literal", ("Create",)))
     found.append(
         Acl(principal, "topic", "*", "literal", ("Describe", "DescribeConfigs", "AlterConfigs"))
     )
-    principal = f"User:{OPERATOR}"
+    principal = principal_of[OPERATOR]
     found.append(Acl(principal, "topic", "*", "literal", ("Read", "Write", "Describe")))
     found.append(Acl(principal, "group", "*", "literal", ("Read", "Describe")))
     return found

@@ -753,29 +753,53 @@ def _projection_names() -> list[str]:
 @app.command("acls")
 def acls(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    principal_format: Annotated[
+        str,
+        typer.Option(
+            help="How a program's name becomes its principal: the SASL user name, the "
+            "OAuth token's subject or the client certificate's subject it authenticates "
+            "with (e.g. User:opsflow-{program}, User:CN={program}.example.com).",
+        ),
+    ] = "User:{program}",
+    principal: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PROGRAM=PRINCIPAL for one that follows no pattern (a Confluent Cloud "
+            "service account: projector=User:sa-abc123); repeat for each.",
+        ),
+    ] = None,
 ) -> None:
     """Print the Kafka ACLs that enforce at the broker who may read and write what.
 
-    One principal per program (User:<program>), plus the projector, provisioning and
-    the operator's commands: the topics each reads and writes, its consumer group and
-    its transactional ids, as `kafka-acls.sh` commands (KAFKA_ADMIN_CONFIG: the admin
+    One principal per program (User:<program> unless --principal-format or
+    --principal say otherwise), plus the projector, provisioning and the operator's
+    commands: the topics each reads and writes, its consumer group and its
+    transactional ids, as `kafka-acls.sh` commands (KAFKA_ADMIN_CONFIG: the admin
     client's properties file). Topic and group names carry OPSFLOW_TOPIC_PREFIX.
     """
     from opsflow.acls import acls_for
     from opsflow.application import load_application
 
+    named: dict[str, str] = {}
+    for given in principal or []:
+        program, equals, value = given.partition("=")
+        if not (program and equals and ":" in value):
+            raise ConfigurationError(
+                "--principal", f"{given!r} is not PROGRAM=TYPE:NAME", "Give e.g. ingest=User:sa-1"
+            )
+        named[program] = value
     application = load_application()
-    rules = acls_for(application)
+    rules = acls_for(application, principal_format=principal_format, principals=named)
     if as_json:
         print(json.dumps([rule.as_json() for rule in rules], indent=2))
         return
     external = sorted({m.topic.value for m in application.events if m.emitted_by.external})
     print(f"# Kafka ACLs of application {application.name!r} (opsflow acls)")
-    principal = None
+    current = None
     for rule in rules:
-        if rule.principal != principal:
-            principal = rule.principal
-            print(f"\n# {principal}")
+        if rule.principal != current:
+            current = rule.principal
+            print(f"\n# {current}")
         print(rule.command())
     print(
         "\n# A producer sending with the SDK straight to Kafka (not through a gateway)"

@@ -52,9 +52,9 @@ def _retry(what: str, action: Callable[[], T], *, timeout: float = 90.0) -> T:
         except Exception as err:
             if isinstance(err, SchemaRegistryError) and err.http_status_code in (401, 403):
                 raise ConfigurationError(
-                    "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+                    RegistrySettings().auth_variable(),
                     f"the schema registry refused the credentials ({err.http_status_code})",
-                    "Set it to the USER:PASSWORD the registry expects",
+                    "Set the credentials the registry expects",
                 ) from err
             if time.monotonic() > deadline:
                 raise OpsflowError(f"{what} failed: {err}") from err

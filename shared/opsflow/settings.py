@@ -8,7 +8,11 @@ exports the variable to everything it supervises.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import re
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -19,8 +23,55 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from opsflow.errors import ConfigurationError
 
-# librdkafka properties that opsflow sets itself; KAFKA_* variables may override them.
 _KAFKA_PREFIX = "KAFKA_"
+
+# KAFKA_* variables other programs put in the environment, never librdkafka's:
+# Kubernetes' service links of a Service named ``kafka`` or ``kafka-<anything>``
+# (KAFKA_PORT, KAFKA_SERVICE_HOST, KAFKA_PORT_9092_TCP_ADDR, ...: set in every pod
+# of the namespace unless ``enableServiceLinks: false``), and the variables Apache
+# Kafka's shell scripts read (where an operator runs ``kafka-acls.sh``).
+_SERVICE_LINK = re.compile(
+    r"KAFKA(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?"
+    r"|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
+_KAFKA_SCRIPTS = frozenset(
+    {
+        "KAFKA_HOME", "KAFKA_OPTS", "KAFKA_HEAP_OPTS", "KAFKA_JVM_PERFORMANCE_OPTS",
+        "KAFKA_GC_LOG_OPTS", "KAFKA_JMX_OPTS", "KAFKA_LOG4J_OPTS",
+        # The admin client's properties file in the commands `opsflow acls` prints.
+        "KAFKA_ADMIN_CONFIG",
+    }
+)  # fmt: skip
+# Configuration keys confluent-kafka takes for itself (Python objects, not strings).
+_PYTHON_KEYS = frozenset({"logger", "error_cb", "throttle_cb", "stats_cb", "oauth_cb"})
+# A name librdkafka has no property for: set after the probed one, it fails the
+# probe whenever the probed name was accepted.
+_NO_SUCH_PROPERTY = "opsflow.no.such.property"
+_warned: set[str] = set()
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def is_librdkafka_property(name: str) -> bool:
+    """Whether the installed librdkafka has a configuration property ``name``.
+
+    Asked of librdkafka itself rather than of a copied list, so it follows the
+    installed version: setting a property it does not have fails with "No such
+    configuration property" before any client exists. The probe sets ``name``
+    (to an empty value, so no plugin is loaded and no file read), then a name no
+    version has, whose failure proves ``name`` was accepted; about 5 µs.
+    """
+    from confluent_kafka import KafkaException, Producer
+
+    if name in _PYTHON_KEYS:
+        return False
+    try:
+        Producer({name: "", _NO_SUCH_PROPERTY: ""})
+    except KafkaException as err:
+        return bool(err.args[0].str() != f'No such configuration property: "{name}"')
+    except (TypeError, ValueError):
+        return False
+    return True  # not reached: the second property always fails
 
 
 class KafkaSettings(BaseSettings):
@@ -28,7 +79,10 @@ class KafkaSettings(BaseSettings):
 
     Every other ``KAFKA_<NAME>`` variable is passed to librdkafka as the
     property ``<name>`` with underscores turned into dots, e.g.
-    ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes ``security.protocol``.
+    ``KAFKA_SECURITY_PROTOCOL=SASL_SSL`` becomes ``security.protocol`` and
+    ``KAFKA_SASL_OAUTHBEARER_CLIENT_ID`` ``sasl.oauthbearer.client.id`` (a
+    property whose name keeps an underscore, ``log_level``, is found too).
+    Only librdkafka's own properties are passed (see ``client_config``).
     """
 
     model_config = SettingsConfigDict(env_prefix="KAFKA_", extra="ignore")
@@ -36,12 +90,50 @@ class KafkaSettings(BaseSettings):
     bootstrap_servers: str | None = None
 
     def client_config(self) -> dict[str, str | int | float | bool]:
-        """The librdkafka configuration shared by producers, consumers and admin clients."""
-        config: dict[str, str | int | float | bool] = {
-            key[len(_KAFKA_PREFIX) :].lower().replace("_", "."): value
-            for key, value in os.environ.items()
-            if key.startswith(_KAFKA_PREFIX) and key != "KAFKA_BOOTSTRAP_SERVERS"
-        }
+        """The librdkafka configuration shared by producers, consumers and admin clients.
+
+        A ``KAFKA_*`` variable that is no librdkafka property is ignored, with one
+        warning line naming it, when another program is known to set it (Kubernetes'
+        service links of a Service called ``kafka``, Apache Kafka's scripts): a pod
+        must not stop because a Service has the cluster's name. Any other one is
+        refused: it is most likely a misspelt property, and dropping it silently
+        could mean a client that connects without the security it was meant to have.
+
+        Raises:
+            ConfigurationError: naming every ``KAFKA_*`` variable that is neither a
+                librdkafka property nor one another program sets.
+        """
+        config: dict[str, str | int | float | bool] = {}
+        ignored: list[str] = []
+        unknown: list[str] = []
+        for key, value in sorted(os.environ.items()):
+            if not key.startswith(_KAFKA_PREFIX) or key == "KAFKA_BOOTSTRAP_SERVERS":
+                continue
+            name = key[len(_KAFKA_PREFIX) :].lower()
+            if is_librdkafka_property(name.replace("_", ".")):
+                config[name.replace("_", ".")] = value
+            elif is_librdkafka_property(name):
+                config[name] = value
+            elif _SERVICE_LINK.fullmatch(key) or key in _KAFKA_SCRIPTS:
+                ignored.append(key)
+            else:
+                unknown.append(key)
+        if unknown:
+            properties = [key[len(_KAFKA_PREFIX) :].lower().replace("_", ".") for key in unknown]
+            raise ConfigurationError(
+                ", ".join(unknown),
+                f"librdkafka has no such configuration property ({', '.join(properties)})",
+                "Correct the name (a KAFKA_ variable is a property of librdkafka's "
+                "CONFIGURATION.md in capitals, dots as underscores: sasl.mechanism is "
+                "KAFKA_SASL_MECHANISM) or unset it",
+            )
+        if ignored and not _warned.issuperset(ignored):
+            _warned.update(ignored)
+            log.warning(
+                "ignoring %s: not librdkafka properties (Kubernetes service links or "
+                "Apache Kafka's scripts' variables)",
+                ", ".join(ignored),
+            )
         if self.bootstrap_servers:
             config["bootstrap.servers"] = self.bootstrap_servers
         return config
@@ -99,10 +191,23 @@ class DatabaseSettings(BaseSettings):
 class RegistrySettings(BaseSettings):
     """The Confluent-compatible schema registry, as its clients reach it.
 
-    ``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO`` (``USER:PASSWORD``) is sent as HTTP
-    basic authentication, Confluent's ``basic.auth.user.info``: kept apart from
-    the URL because URLs end up in messages and logs (credentials in the URL,
-    ``http://user:pass@host``, still work as confluent-kafka reads them).
+    Every ``SchemaRegistryClient`` opsflow makes is configured by ``client_config``,
+    from these variables (Confluent's client properties, prefixed and in capitals):
+
+    - ``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO`` (``USER:PASSWORD``): HTTP basic
+      authentication, ``basic.auth.user.info``; kept apart from the URL because URLs
+      end up in messages and logs (credentials in the URL, ``http://user:pass@host``,
+      still work as confluent-kafka reads them).
+    - ``SCHEMA_REGISTRY_BEARER_AUTH_CREDENTIALS_SOURCE``: ``STATIC_TOKEN`` sends
+      ``SCHEMA_REGISTRY_BEARER_AUTH_TOKEN`` as a bearer token; ``OAUTHBEARER``
+      fetches one from ``..._ISSUER_ENDPOINT_URL`` with ``..._CLIENT_ID``,
+      ``..._CLIENT_SECRET`` and ``..._SCOPE`` (OAuth client credentials) and renews
+      it before it expires. ``..._LOGICAL_CLUSTER`` and ``..._IDENTITY_POOL_ID``
+      are Confluent Cloud's (its registry's ``lsrc-`` id, its identity pool).
+    - ``SCHEMA_REGISTRY_SSL_CA_LOCATION``: the CA file (or directory) that signed
+      the registry's certificate, when it is not a public one; with
+      ``SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION``, ``..._SSL_KEY_LOCATION`` and
+      ``..._SSL_KEY_PASSWORD`` the client authenticates with a certificate (mTLS).
     """
 
     model_config = SettingsConfigDict(extra="ignore")
@@ -110,6 +215,20 @@ class RegistrySettings(BaseSettings):
     schema_registry_url: str | None = None
     # Empty: the registry is used without authentication.
     schema_registry_basic_auth_user_info: SecretStr = SecretStr("")
+    # Empty: no bearer token is sent.
+    schema_registry_bearer_auth_credentials_source: str = ""
+    schema_registry_bearer_auth_token: SecretStr = SecretStr("")
+    schema_registry_bearer_auth_logical_cluster: str = ""
+    schema_registry_bearer_auth_identity_pool_id: str = ""
+    schema_registry_bearer_auth_issuer_endpoint_url: str = ""
+    schema_registry_bearer_auth_client_id: str = ""
+    schema_registry_bearer_auth_client_secret: SecretStr = SecretStr("")
+    schema_registry_bearer_auth_scope: str = ""
+    # Empty: the registry's certificate is checked against the public CAs (certifi).
+    schema_registry_ssl_ca_location: str = ""
+    schema_registry_ssl_certificate_location: str = ""
+    schema_registry_ssl_key_location: str = ""
+    schema_registry_ssl_key_password: SecretStr = SecretStr("")
     # Whether a process registers an event type's latest schema on first use (see
     # ``opsflow.contracts.wire.WireCodec``). Off in production: only provisioning
     # writes to the registry, and the services need no write rights on it.
@@ -117,11 +236,13 @@ class RegistrySettings(BaseSettings):
 
     def client_config(self, url: str | None = None) -> dict[str, str]:
         """The configuration of a ``SchemaRegistryClient``: the registry at ``url``
-        (``SCHEMA_REGISTRY_URL`` if omitted), with the credentials, when set.
+        (``SCHEMA_REGISTRY_URL`` if omitted), with the credentials and TLS files set.
 
         Raises:
-            ConfigurationError: no URL; or credentials that are not ``USER:PASSWORD``,
-                or given both here and in the URL (the client refuses two).
+            ConfigurationError: no URL; credentials that are not ``USER:PASSWORD``, or
+                given both here and in the URL (the client refuses two); basic and
+                bearer authentication both; a bearer source without what it needs; a
+                TLS file that does not exist, or a key without its certificate.
         """
         url = url or self.schema_registry_url
         if not url:
@@ -140,7 +261,127 @@ class RegistrySettings(BaseSettings):
                     "Remove the user and password from SCHEMA_REGISTRY_URL",
                 )
             config["basic.auth.user.info"] = ":".join(credentials)
+        bearer = self._bearer()
+        if bearer and (credentials is not None or urlsplit(url).username is not None):
+            raise ConfigurationError(
+                "SCHEMA_REGISTRY_BEARER_AUTH_CREDENTIALS_SOURCE",
+                "is set, and basic credentials too (both would be the Authorization header)",
+                "Unset SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO (and credentials in the URL), "
+                "or the bearer variables",
+            )
+        return {**config, **bearer, **self._tls()}
+
+    def _bearer(self) -> dict[str, str]:
+        """``bearer.auth.*`` properties, or none when no bearer token is configured."""
+        prefix = "SCHEMA_REGISTRY_BEARER_AUTH_"
+        values = {
+            "token": self.schema_registry_bearer_auth_token.get_secret_value(),
+            "logical.cluster": self.schema_registry_bearer_auth_logical_cluster,
+            "identity.pool.id": self.schema_registry_bearer_auth_identity_pool_id,
+            "issuer.endpoint.url": self.schema_registry_bearer_auth_issuer_endpoint_url,
+            "client.id": self.schema_registry_bearer_auth_client_id,
+            "client.secret": self.schema_registry_bearer_auth_client_secret.get_secret_value(),
+            "scope": self.schema_registry_bearer_auth_scope,
+        }
+        source = self.schema_registry_bearer_auth_credentials_source.strip().upper()
+        if not source:
+            for name, value in values.items():
+                if value:
+                    variable = prefix + name.upper().replace(".", "_")
+                    raise ConfigurationError(
+                        variable,
+                        "is set, but SCHEMA_REGISTRY_BEARER_AUTH_CREDENTIALS_SOURCE is not",
+                        "Set that to STATIC_TOKEN or OAUTHBEARER, or unset this one",
+                    )
+            return {}
+        needed = {"STATIC_TOKEN": ("token",),
+                  "OAUTHBEARER": ("issuer.endpoint.url", "client.id", "client.secret")}  # fmt: skip
+        if source not in needed:
+            raise ConfigurationError(
+                prefix + "CREDENTIALS_SOURCE",
+                f"is {source!r}",
+                "Set it to STATIC_TOKEN (a token of your own) or OAUTHBEARER (fetched from "
+                "an OAuth issuer with a client id and secret), or unset it",
+            )
+        for name in needed[source]:
+            if not values[name]:
+                raise ConfigurationError(
+                    prefix + name.upper().replace(".", "_"),
+                    f"not set, and {source} bearer authentication needs it",
+                    "Set it, or choose another SCHEMA_REGISTRY_BEARER_AUTH_CREDENTIALS_SOURCE",
+                )
+        wanted = {
+            "STATIC_TOKEN": ("token", "logical.cluster", "identity.pool.id"),
+            "OAUTHBEARER": ("issuer.endpoint.url", "client.id", "client.secret", "scope",
+                            "logical.cluster", "identity.pool.id"),
+        }[source]  # fmt: skip
+        # The client requires a logical cluster (Confluent Cloud's routing header) and
+        # a scope; other registries ignore an empty one.
+        config = {"bearer.auth.credentials.source": source}
+        for name in wanted:
+            if values[name] or name in ("logical.cluster", "scope"):
+                config[f"bearer.auth.{name}"] = values[name]
         return config
+
+    def _tls(self) -> dict[str, str]:
+        """``ssl.*`` properties of the files that exist; a missing file is refused here,
+        at start, rather than as an error about some other file on the first request."""
+        files = {
+            "ssl.ca.location": ("SCHEMA_REGISTRY_SSL_CA_LOCATION",
+                                self.schema_registry_ssl_ca_location),
+            "ssl.certificate.location": ("SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION",
+                                         self.schema_registry_ssl_certificate_location),
+            "ssl.key.location": ("SCHEMA_REGISTRY_SSL_KEY_LOCATION",
+                                 self.schema_registry_ssl_key_location),
+        }  # fmt: skip
+        config: dict[str, str] = {}
+        for name, (variable, value) in files.items():
+            if value:
+                if not Path(value).exists():
+                    raise ConfigurationError(
+                        variable, f"{value} does not exist", "Point it at a PEM file, or unset it"
+                    )
+                config[name] = value
+        password = self.schema_registry_ssl_key_password.get_secret_value()
+        if password:
+            config["ssl.key.password"] = password
+        if "ssl.certificate.location" not in config and ("ssl.key.location" in config or password):
+            raise ConfigurationError(
+                "SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION",
+                "not set, and a client key is",
+                "Set it to the client certificate that goes with the key, or unset the key",
+            )
+        return config
+
+    def describe_failure(self, err: BaseException) -> str:
+        """One line on a request to the registry that failed before any answer, naming
+        the variable to check when it is about TLS (the registry's certificate, or the
+        client's) rather than about the network."""
+        chain: list[BaseException] = []
+        cause: BaseException | None = err
+        while cause is not None and cause not in chain:
+            chain.append(cause)
+            cause = cause.__cause__ or cause.__context__
+        if any(isinstance(e, ssl.SSLCertVerificationError) for e in chain):
+            return (
+                f"the registry's certificate is not trusted ({err}); set "
+                "SCHEMA_REGISTRY_SSL_CA_LOCATION to the CA that signed it"
+            )
+        if any(isinstance(e, ssl.SSLError) for e in chain):
+            return (
+                f"TLS with the registry failed ({err}); check SCHEMA_REGISTRY_URL (https?) "
+                "and SCHEMA_REGISTRY_SSL_* (a client certificate it expects?)"
+            )
+        return f"schema registry unreachable: {err}"
+
+    def auth_variable(self) -> str:
+        """The variable that holds the credentials sent, for messages about a refusal."""
+        source = self.schema_registry_bearer_auth_credentials_source.strip().upper()
+        if source == "STATIC_TOKEN":
+            return "SCHEMA_REGISTRY_BEARER_AUTH_TOKEN"
+        if source:
+            return "SCHEMA_REGISTRY_BEARER_AUTH_CLIENT_ID/_CLIENT_SECRET"
+        return "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"
 
     def credentials(self) -> tuple[str, str] | None:
         """The user and password to send, or None when the registry is used without.

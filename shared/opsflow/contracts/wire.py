@@ -156,8 +156,9 @@ def _call(method: Any, *args: Any) -> Any:
 
     A registry that refuses opsflow's credentials (401, 403) is an outage too, not
     bad input: every record would otherwise be dead-lettered as "unknown schema
-    id" until someone fixed ``SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO``; retried,
-    the partition waits and nothing is lost.
+    id" until someone fixed the credentials (``RegistrySettings.auth_variable``);
+    retried, the partition waits and nothing is lost. So is a registry whose
+    certificate is not trusted (``SCHEMA_REGISTRY_SSL_CA_LOCATION``).
     """
     try:
         return method(*args)
@@ -165,10 +166,10 @@ def _call(method: Any, *args: Any) -> Any:
         if err.http_status_code in (401, 403):
             raise RetryableError(
                 f"the schema registry refused the credentials ({err.http_status_code} "
-                f"{err.error_message}); check SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"
+                f"{err.error_message}); check {RegistrySettings().auth_variable()}"
             ) from err
         if err.http_status_code >= 500:
             raise RetryableError(f"schema registry error: {err.error_message}") from err
         raise
     except Exception as err:  # connection errors come from the HTTP library underneath
-        raise RetryableError(f"schema registry unreachable: {err}") from err
+        raise RetryableError(RegistrySettings().describe_failure(err)) from err
