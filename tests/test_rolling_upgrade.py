@@ -29,7 +29,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 
 from opsflow.contracts.wire import WireCodec
 from tests.support.runtime import Topics, settled_records, wait_until_processed
-from tests.support.stack import ROOT, Stack, create_schema, drop_schema
+from tests.support.stack import QUICK_JOIN_ENV, ROOT, Stack, create_schema, drop_schema
 
 pytestmark = pytest.mark.process
 
@@ -77,6 +77,7 @@ class Release:
             "PYTHONPATH": os.pathsep.join([str(folder), str(ROOT), str(ROOT / "shared")]),
             "OPSFLOW_APP": f"{app}.application:application",
         }
+        self.started: list[subprocess.Popen[bytes]] = []
 
     def run(self, *args: str) -> str:
         done = subprocess.run(
@@ -86,9 +87,11 @@ class Release:
         return done.stdout
 
     def start(self, log: Path, *args: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, *args], env=self.env, stdout=log.open("ab"), stderr=subprocess.STDOUT
         )
+        self.started.append(proc)
+        return proc
 
 
 def _second_release(first: Path, second: Path, app: str) -> None:
@@ -106,7 +109,8 @@ def _second_release(first: Path, second: Path, app: str) -> None:
     v1 = f'event_type: ClassVar[str] = "{app}.greeted"\n    contract_version: ClassVar[int] = 1'
     assert v1 in text
     text = text.replace(v1, v1.replace("= 1", "= 2"))
-    text = text.replace("    greeting: str\n", "    greeting: str\n    language: str | None = None\n")
+    field = "    greeting: str\n"
+    text = text.replace(field, f"{field}    language: str | None = None\n")
     contracts.write_text(text)
     service = package / "service.py"
     answer = "Greeted(request_id=request.request_id, greeting=greeting)"
@@ -122,6 +126,7 @@ def releases(stack: Stack, tmp_path: Path) -> Iterator[tuple[Release, Release]]:
     env = {
         **os.environ,
         **stack.addresses(),
+        **QUICK_JOIN_ENV,
         "DATABASE_URL": database,
         "OPSFLOW_TOPIC_PREFIX": f"{app}.",
         # As on a cluster: provisioning registers schemas, services only look them up.
@@ -134,7 +139,12 @@ def releases(stack: Stack, tmp_path: Path) -> Iterator[tuple[Release, Release]]:
         env=env, check=True, capture_output=True, timeout=60,
     )  # fmt: skip
     _second_release(first / app, second / app, app)
-    yield Release(first / app, app, env), Release(second / app, app, env)
+    both = Release(first / app, app, env), Release(second / app, app, env)
+    yield both
+    for proc in both[0].started + both[1].started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     drop_schema(base, schema)
 
 
@@ -157,12 +167,11 @@ def test_a_rolling_upgrade_under_traffic_answers_every_request_once_in_either_re
         [sys.executable, "-c", _SEND.format(app=app), str(stop)],
         env=old.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    running: list[subprocess.Popen[bytes]] = []
     try:
-        for n in range(2):
-            log = tmp_path / f"old-{n}.log"
-            running.append(old.start(log, "-m", "opsflow.runtime", f"{app}.service"))
-            _assigned(log, running[-1])
+        logs = [tmp_path / f"old-{n}.log" for n in range(2)]
+        running = [old.start(log, "-m", "opsflow.runtime", f"{app}.service") for log in logs]
+        for log, proc in zip(logs, running, strict=True):
+            _assigned(log, proc)
         # The new release's schemas first, then its instances, one old one out per new one in.
         new.run("-m", "opsflow.provision")
         for n in range(2):
