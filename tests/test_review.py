@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -41,7 +42,7 @@ from services.review.service import task_id_for
 from tests.support.carrier import CarrierProcess
 from tests.support.dispatching import make_orders, run_dispatch, settled_events
 from tests.support.reviewing import World, decided, make_world
-from tests.support.stack import Stack
+from tests.support.stack import Stack, free_port
 
 
 @pytest.fixture(scope="module")
@@ -455,3 +456,115 @@ def test_after_kill_9_with_500_open_tasks_the_queue_reads_the_same(world: World)
         "review", lambda evs: sum(isinstance(e, ReviewRequested) for e in evs) >= 500
     )
     assert sum(isinstance(e, ReviewRequested) for _, e in requested) == 500
+
+
+@pytest.mark.process
+def test_two_instances_share_the_tasks_and_after_kill_9_the_survivor_decides_and_fires_once(
+    world: World, tmp_path: Path
+) -> None:
+    sla = tmp_path / "sla.yaml"
+    sla.write_text("reviewer_minutes: 120\nsupervisor_minutes: 600\nreasons: {SLA_10: 10}\n")
+    other = free_port()
+    a = world.launch(REVIEW_SLA_FILE=str(sla))
+    b = world.launch(port=other, REVIEW_SLA_FILE=str(sla))
+    world.ready(a)
+    world.ready(b, port=other)
+    urls = {"a": world.url, "b": f"http://127.0.0.1:{other}"}
+
+    def call(on: str, method: str, path: str, who: str | None, **kw: Any) -> httpx.Response:
+        headers = world.people[who].auth if who else {}
+        return httpx.request(method, f"{urls[on]}{path}", headers=headers, timeout=30, **kw)
+
+    checks = world.request_review(
+        90, codes=lambda i: ["SLA_10" if i % 3 == 0 else "AMOUNT_OVER_LIMIT"]
+    )
+    overdue, regular = checks[::3], [c for i, c in enumerate(checks) if i % 3]
+    tasks = {order_id: task["task_id"] for order_id, task in world.tasks_for(checks).items()}
+    deadline = time.monotonic() + 20
+    while len(call("b", "GET", "/tasks", "ann").json()["tasks"]) < len(checks):
+        assert time.monotonic() < deadline, "instance b never listed every task"
+        time.sleep(0.05)
+
+    # Racing decisions on one task, on the two instances: one wins, the other is refused
+    # as on one instance, naming the winner.
+    acknowledged: dict[str, tuple[str, str]] = {}  # task id -> (user id, decision)
+    refusals: dict[str, list[str]] = {}
+    start = threading.Barrier(60)
+
+    def decide(on: str, who: str, verb: str, task_id: str) -> None:
+        start.wait()
+        answer = call(on, "POST", f"/tasks/{task_id}/{verb}", who, json={"reason": who})
+        if answer.status_code == 200:
+            assert task_id not in acknowledged, f"{task_id} decided twice"
+            body = answer.json()
+            acknowledged[task_id] = (body["decided_by"]["user_id"], body["status"])
+        else:
+            assert answer.status_code == 409, answer.text
+            refusals.setdefault(task_id, []).append(answer.json()["detail"])
+
+    racers = [
+        threading.Thread(target=decide, args=args)
+        for check in regular[:30]
+        for args in (
+            ("a", "ann", "approve", tasks[check.order_id]),
+            ("b", "bob", "reject", tasks[check.order_id]),
+        )
+    ]
+    for thread in racers:
+        thread.start()
+    for thread in racers:
+        thread.join()
+    raced = {tasks[c.order_id] for c in regular[:30]}
+    assert set(acknowledged) == raced and set(refusals) == raced
+    names = {world.people[p].user_id: world.people[p].display_name for p in ("ann", "bob")}
+    for task_id, (user_id, status) in acknowledged.items():
+        [detail] = refusals[task_id]
+        assert f"already {status} by {names[user_id]}" in detail, detail
+
+    # Ann claims on a; b's clock and then a's pass the 10-minute SLA; a is killed while
+    # the timers of both fire.
+    claimed = [tasks[c.order_id] for c in regular[30:]]
+    for task_id in claimed:
+        assert call("a", "POST", f"/tasks/{task_id}/claim", "ann").status_code == 200
+    due = max(datetime.fromisoformat(t["due_at"]) for t in world.queue(reason="SLA_10"))
+    later = {"now": (due + timedelta(seconds=1)).isoformat()}
+    assert call("b", "PUT", "/testing/clock", None, json=later).status_code == 200
+    assert call("a", "PUT", "/testing/clock", None, json=later).status_code == 200
+    while not call("a", "GET", "/tasks", "sue", params={"tier": "SUPERVISOR"}).json()["tasks"]:
+        time.sleep(0.005)
+    world.stop(a, signal.SIGKILL)
+
+    # The survivor serves a's tasks: ann decides what she claimed there, Sue some
+    # escalated ones.
+    for task_id in claimed:
+        answer = call("b", "POST", f"/tasks/{task_id}/approve", "ann", json={"reason": "ok"})
+        assert answer.status_code == 200, answer.text
+        acknowledged[task_id] = (world.people["ann"].user_id, "approved")
+    for check in overdue[:10]:
+        task_id = tasks[check.order_id]
+        answer = call("b", "POST", f"/tasks/{task_id}/reject", "sue", json={"reason": "late"})
+        assert answer.status_code == 200, answer.text
+        acknowledged[task_id] = (world.people["sue"].user_id, "rejected")
+
+    late = {c.order_id for c in overdue}
+    events = [
+        e
+        for _, e in world.events(
+            "review",
+            lambda evs: late <= {e.order_id for e in evs if isinstance(e, ReviewEscalated)},
+            quiet=2,
+        )
+    ]
+    decisions = [e for e in events if isinstance(e, ReviewDecided)]
+    assert Counter(e.task_id for e in decisions) == dict.fromkeys(acknowledged, 1)
+    assert {
+        e.task_id: (e.actor.user_id, e.decision.value.lower()) for e in decisions
+    } == acknowledged
+    escalations = Counter(e.order_id for e in events if isinstance(e, ReviewEscalated))
+    assert escalations == dict.fromkeys(late, 1)
+    assert not any(isinstance(e, ReviewSlaBreached) for e in events)
+    # And the survivor's table is the log's.
+    listed = call("b", "GET", "/tasks", "sue", params={"status": "decided"}).json()["tasks"]
+    assert {t["task_id"]: t["status"] for t in listed} == {
+        task_id: status for task_id, (_, status) in acknowledged.items()
+    }

@@ -46,6 +46,10 @@ T = TypeVar("T")
 # instance wrote (milliseconds, usually; seconds while a killed instance's open
 # transaction holds read_committed readers back until its partitions are taken over).
 CATCH_UP_S = 15.0
+# How long a turn that finds the last event recorded and not marked written waits for
+# the reader to bring it before writing it again: its writer was killed, perhaps just
+# after the broker took it.
+UNWRITTEN_GRACE_S = 2.0
 
 
 class ActionPending(RetryableError):
@@ -216,13 +220,15 @@ class Desk:
 
     # --- turns -------------------------------------------------------------------------
 
-    def _catch_up(self, turn: Turn) -> bool:
-        """Bring the table up to the task's recorded last event; whether the task has one.
+    def _catch_up(self, turn: Turn) -> None:
+        """Bring the table up to the task's recorded last event, if it has one.
 
         Every event before the recorded one is in the log (its turn saw it written), so
         the reader brings them: wait for it. The recorded one is too once it is marked
-        written; if not, its writer stopped before the acknowledgement, so it is
-        written here (again, perhaps: the same id) and applied.
+        written. If not, its writer stopped before marking it: if the reader does not
+        bring it within ``UNWRITTEN_GRACE_S`` (the writer died after the broker's
+        acknowledgement), it never reached the log, so it is written here (the same id)
+        and applied.
 
         Raises:
             RetryableError: the reader did not bring the task's events in time, or the
@@ -230,32 +236,33 @@ class Desk:
         """
         last = turn.last
         if last is None:
-            return False
+            return
         needed = last.version if last.written else last.version - 1
-        deadline = time.monotonic() + CATCH_UP_S
+        if not self._await_version(turn.task_id, needed, CATCH_UP_S):
+            raise RetryableError(
+                f"this instance has not read task {turn.task_id}'s latest events yet"
+            )
+        if last.written:
+            return
+        if not self._await_version(turn.task_id, last.version, UNWRITTEN_GRACE_S):
+            self._send(last)
+            log.warning(
+                "recorded task event written again",
+                extra={"event_type": last.event.event_type, "task_id": turn.task_id},
+            )
+        turn.written()
+        self.apply(last.event)
+
+    def _await_version(self, task_id: str, version: int, timeout: float) -> bool:
+        """Whether the table has (or gets within ``timeout``) ``version`` of the task."""
+        deadline = time.monotonic() + timeout
         with self._table_lock:
-            while self._version(turn.task_id) < needed:
+            while (task := self._table.tasks.get(task_id)) is None or task.version < version:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise RetryableError(
-                        f"this instance has not read task {turn.task_id}'s latest events yet"
-                    )
+                    return False
                 self._table_lock.wait(left)
-            applied = self._version(turn.task_id) >= last.version
-        if not last.written:
-            if not applied:
-                self._send(last)
-                log.warning(
-                    "recorded task event written again",
-                    extra={"event_type": last.event.event_type, "task_id": turn.task_id},
-                )
-            turn.written()
-            self.apply(last.event)
         return True
-
-    def _version(self, task_id: str) -> int:
-        task = self._table.tasks.get(task_id)
-        return 0 if task is None else task.version
 
     def _write(self, turn: Turn, event: Event, version: int) -> None:
         """Record the event, write it and wait for the broker, then apply it (see the
