@@ -23,7 +23,9 @@ from typing import Any
 import httpx
 import pytest
 from confluent_kafka import Producer as KafkaProducer
+from psycopg.types.json import Jsonb
 
+from opsflow import db
 from services.contracts import (
     Actor,
     ActorRole,
@@ -298,6 +300,61 @@ def test_concurrent_decisions_on_one_task_let_exactly_one_through(shared: World)
     assert (
         sum(isinstance(e, ReviewDecided) and e.order_id == check.order_id for _, e in events) == 1
     )
+
+
+def test_a_decision_recorded_by_an_instance_killed_before_writing_it_is_written_once(
+    shared: World,
+) -> None:
+    """What an instance killed between recording a decision and the broker's
+    acknowledgement leaves: the row in ``task_transitions``, not marked written, and no
+    record. The next action on the task writes it before deciding (and is refused,
+    naming its decider); on a task nobody touches, the timers' round writes it."""
+    checks = shared.request_review(2)
+    tasks = shared.tasks_for(checks)
+    ann = shared.people["ann"]
+    recorded = {}
+    with db.connect(shared.database_url) as conn:
+        for check in checks:
+            task_id = tasks[check.order_id]["task_id"]
+            event = ReviewDecided(
+                envelope=ReviewDecided.envelope_for(
+                    key=check.order_id,
+                    idempotency_key=f"review:{task_id}:1:decided:{ann.user_id}",
+                    producer="review",
+                ),
+                order_id=check.order_id,
+                task_id=task_id,
+                actor=Actor(
+                    user_id=ann.user_id, display_name=ann.display_name, role=ActorRole.REVIEWER
+                ),
+                tier=ReviewTier.REVIEWER,
+                decision=ReviewDecision.REJECTED,
+                reason="recorded, then killed",
+            )
+            conn.execute(
+                "INSERT INTO task_transitions (topic, task_id, version, event_type, event, written)"
+                " VALUES (%s, %s, 2, 'review.decided', %s, false)",
+                (f"{shared.prefix}review", task_id, Jsonb(event.model_dump(mode="json"))),
+            )
+            recorded[task_id] = event.envelope.event_id
+        conn.commit()
+    touched, untouched = recorded
+    refused = shared.call("POST", f"/tasks/{touched}/approve", "bob", json={"reason": "mine"})
+    assert refused.status_code == 409, refused.text
+    assert f"already rejected by {ann.display_name}" in refused.json()["detail"]
+    deadline = time.monotonic() + 20
+    while shared.call("GET", f"/tasks/{untouched}", "ann").json()["status"] != "rejected":
+        assert time.monotonic() < deadline, "the recorded decision was never written"
+        time.sleep(0.1)
+    events = shared.events("review", decided({c.order_id for c in checks}), quiet=2)
+    written = [e for _, e in events if isinstance(e, ReviewDecided) and e.task_id in recorded]
+    assert sorted(e.envelope.event_id for e in written) == sorted(recorded.values())
+    with db.connect(shared.database_url) as conn:
+        rows = conn.execute(
+            "SELECT task_id, written FROM task_transitions WHERE task_id = ANY(%s)",
+            (list(recorded),),
+        ).fetchall()
+    assert dict(rows) == dict.fromkeys(recorded, True)
 
 
 # --- who may act -------------------------------------------------------------------------
