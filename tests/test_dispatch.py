@@ -39,23 +39,29 @@ def outcomes(events: list[Event]) -> dict[str, list[Event]]:
 
 
 @pytest.mark.process
-def test_dispatch_books_every_approved_order_once_at_the_carrier_after_kill_9(
+def test_two_dispatch_instances_book_every_approved_order_once_and_one_survives_kill_9(
     world: World,
 ) -> None:
     orders = make_orders(600)
     ids = {o.order_id for o in orders}
     world.approve(orders)
-    first = world.start_dispatch()
-    # Kill it in the middle of booking: some orders booked, some not yet.
+    # Two instances share the partitions (one consumer group); one is killed in the
+    # middle of booking (some orders booked, some not yet) and the other takes over
+    # its partitions: no restart.
+    first, second = world.start_dispatch(), world.start_dispatch()
+    logs = [world.logs / f"dispatch-{n}.log" for n in (0, 1)]
     deadline = time.monotonic() + 90
-    while world.bookings()["count"] < 150:
+    # Until both hold partitions and some orders are booked.
+    while world.bookings()["count"] < 150 or not all(
+        b'"assigned"' in log.read_bytes() for log in logs
+    ):
         assert time.monotonic() < deadline, "dispatch booked nothing"
-        assert first.poll() is None, (world.logs / "dispatch-0.log").read_text()[-3000:]
+        for proc, log in zip((first, second), logs, strict=True):
+            assert proc.poll() is None, log.read_text()[-3000:]
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     first.wait(10)
     assert world.bookings()["count"] < len(orders), "killed too late to prove anything"
-    world.start_dispatch()
 
     events = world.dispatch_events(settled(ids))
     per_order = outcomes(events)
@@ -81,6 +87,7 @@ def test_dispatch_books_every_approved_order_once_at_the_carrier_after_kill_9(
         assert booking["order_id"] == order_id
         assert booking["idempotency_key"] == requests[order_id].envelope.idempotency_key
         assert done.envelope.causation_id == str(requests[order_id].envelope.event_id)
+    assert second.poll() is None, "the survivor is still running"
 
 
 def test_a_refused_destination_ends_in_dispatch_failed_with_the_carriers_reason(

@@ -53,7 +53,7 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
     with psycopg.connect(database_url, autocommit=True) as conn:
         # The schema and the bookkeeping as they were: opsflow's versions 1 to 8 (the
         # audit log's instance column still named order_id, no effect claims, no key
-        # scopes, no sessions, dispatch's own table), no owners.
+        # scopes, no sessions, no task transitions, dispatch's own table), no owners.
         conn.execute(
             "CREATE TABLE dispatch_orders (order_id text PRIMARY KEY, destination jsonb NOT NULL,"
             " received_event_id uuid NOT NULL, dispatch_key text, claimed_at timestamptz)"
@@ -67,6 +67,7 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             conn.execute(f"ALTER INDEX {index}_instance RENAME TO {index}_order")
         conn.execute("DROP TABLE effect_claims")
         conn.execute("DROP TABLE opsflow_sessions")
+        conn.execute("DROP TABLE task_transitions")
         conn.execute("ALTER TABLE opsflow_api_keys DROP COLUMN events")
         conn.execute("DROP TABLE opsflow_migrations")
         conn.execute(
@@ -78,7 +79,7 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             "FROM generate_series(1, 8) AS v"
         )
     adopted = db.migrate(database_url)
-    new = [(db.OPSFLOW, 9), (db.OPSFLOW, 10), (db.OPSFLOW, 11), (db.OPSFLOW, 12)]
+    new = [(db.OPSFLOW, v) for v in range(9, 14)]
     assert adopted == new + [(o, v) for o, v in _shipped() if o == "orders"], (
         "opsflow's new ones run; the application's from opsflow recorded, its new one run"
     )
@@ -91,4 +92,4 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             "SELECT owner, count(*) FROM opsflow_migrations GROUP BY owner ORDER BY owner"
         ).fetchall()
     assert kept == [("o-1", {"destination": {"city": "Hamburg"}})], "dispatch's rows moved"
-    assert owners == [(db.OPSFLOW, 12), ("orders", 4)]
+    assert owners == [(db.OPSFLOW, 13), ("orders", 4)]

@@ -323,6 +323,40 @@ def test_postgres_restarted_mid_projection_loses_nothing_and_the_projector_resum
     assert intact.returncode == 0, intact.stdout + intact.stderr
 
 
+@pytest.mark.process
+def test_two_projector_processes_one_killed_mid_stream_keep_models_equal_to_a_rebuild(
+    world: World, tmp_path: Path, projector_process: subprocess.Popen[bytes]
+) -> None:
+    port = free_port()
+    second = start_service(
+        ["-m", "opsflow.projector"],
+        {**world.env, "OPSFLOW_METRICS_PORT": str(port)},
+        tmp_path / "projector-2.log",
+        f"http://127.0.0.1:{port}/readyz",
+    )
+    try:
+        orders = list(histories(1000, run=world.prefix, seed=5))
+        total = expected_counts(orders)["audit_log"]
+        world.publish(orders)
+        deadline = time.monotonic() + 60
+        while world.count("audit_log") < total // 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        # Both write (each batch fenced on the stored position); one dies mid-stream.
+        projector_process.send_signal(signal.SIGKILL)
+        projector_process.wait(10)
+        assert world.count("audit_log") < total, "killed too late to prove anything"
+        world.wait_caught_up()
+        assert second.poll() is None, "the survivor is still running"
+    finally:
+        stop_process(second)
+    assert_models_match(world, orders)
+    for name in ("orders_current", "audit_log"):
+        done = world.cli("projections", "rebuild", name, "--verify")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "verified: the rebuilt model equals the incrementally kept one" in done.stdout
+
+
 def test_an_order_written_with_the_older_schema_version_projects_and_rebuilds(
     world: World, projector: Projector
 ) -> None:

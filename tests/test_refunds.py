@@ -6,7 +6,8 @@ step, the human task, the effect step with its payment partner stand-in, the
 projector. Refund requests are sent with the SDK; people decide the ones the
 rules send to them over the human task's API (one after the agents' SLA has
 passed, by the finance lead); meanwhile the effect step is killed with
-SIGKILL again and again. Every refund must reach exactly one terminal state,
+SIGKILL again and again, beside a second instance of it that is not (the two
+share its partitions). Every refund must reach exactly one terminal state,
 and the partner must hold no duplicate payout.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -48,7 +51,7 @@ from services.refunds.contracts import (
     RefundReason,
     RefundRequested,
 )
-from tests.support.stack import OPSFLOW, Stack, create_schema, drop_schema
+from tests.support.stack import OPSFLOW, Stack, create_schema, drop_schema, stop_process
 
 APP = "services.refunds.application:application"
 
@@ -62,8 +65,6 @@ class Refunds:
     database_url: str
 
     def run(self, *args: str, check: bool = True) -> str:
-        import subprocess
-
         result = subprocess.run(
             [*OPSFLOW, *args], env=self.env, capture_output=True, text=True, timeout=240
         )
@@ -114,6 +115,20 @@ def refunds(stack: Stack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
         drop_schema(base, schema)
 
 
+@pytest.fixture
+def second_payout(refunds: Refunds, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A second instance of the payout step, beside the one `opsflow up` supervises: the
+    two share its partitions (one consumer group)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "opsflow.runtime", "services.refunds.payout:service"],
+        env={**refunds.env, **refunds.status()["env"]},
+        stdout=(tmp_path / "payout-2.log").open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    yield proc
+    stop_process(proc)
+
+
 def _request(n: int, amount: int, currency: str, reason: RefundReason, days_ago: int) -> Any:
     now = datetime.now(UTC)
     return body_model(RefundRequested)(
@@ -143,7 +158,7 @@ _PLAN: list[tuple[str, int, str, RefundReason, int, str]] = [
 
 @pytest.mark.process
 def test_every_refund_ends_once_and_the_partner_pays_none_twice_under_kill_9(
-    refunds: Refunds, stack: Stack
+    refunds: Refunds, stack: Stack, tmp_path: Path, second_payout: subprocess.Popen[bytes]
 ) -> None:
     people = _people(refunds.database_url)
     expected: dict[str, str] = {}
@@ -176,6 +191,8 @@ def test_every_refund_ends_once_and_the_partner_pays_none_twice_under_kill_9(
     finally:
         killer.stop()
     assert killer.kills >= 4, f"the effect step was killed {killer.kills} times"
+    # The second instance was never killed: it shared the work and took over at each kill.
+    assert second_payout.poll() is None, (tmp_path / "payout-2.log").read_text()[-3000:]
 
     events = _settled(refunds, expected)
     ends: dict[str, list[str]] = defaultdict(list)

@@ -18,11 +18,14 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from confluent_kafka import Producer as KafkaProducer
+from psycopg.types.json import Jsonb
 
+from opsflow import db
 from services.contracts import (
     Actor,
     ActorRole,
@@ -41,7 +44,7 @@ from services.review.service import task_id_for
 from tests.support.carrier import CarrierProcess
 from tests.support.dispatching import make_orders, run_dispatch, settled_events
 from tests.support.reviewing import World, decided, make_world
-from tests.support.stack import Stack
+from tests.support.stack import Stack, free_port
 
 
 @pytest.fixture(scope="module")
@@ -299,6 +302,61 @@ def test_concurrent_decisions_on_one_task_let_exactly_one_through(shared: World)
     )
 
 
+def test_a_decision_recorded_by_an_instance_killed_before_writing_it_is_written_once(
+    shared: World,
+) -> None:
+    """What an instance killed between recording a decision and the broker's
+    acknowledgement leaves: the row in ``task_transitions``, not marked written, and no
+    record. The next action on the task writes it before deciding (and is refused,
+    naming its decider); on a task nobody touches, the timers' round writes it."""
+    checks = shared.request_review(2)
+    tasks = shared.tasks_for(checks)
+    ann = shared.people["ann"]
+    recorded = {}
+    with db.connect(shared.database_url) as conn:
+        for check in checks:
+            task_id = tasks[check.order_id]["task_id"]
+            event = ReviewDecided(
+                envelope=ReviewDecided.envelope_for(
+                    key=check.order_id,
+                    idempotency_key=f"review:{task_id}:1:decided:{ann.user_id}",
+                    producer="review",
+                ),
+                order_id=check.order_id,
+                task_id=task_id,
+                actor=Actor(
+                    user_id=ann.user_id, display_name=ann.display_name, role=ActorRole.REVIEWER
+                ),
+                tier=ReviewTier.REVIEWER,
+                decision=ReviewDecision.REJECTED,
+                reason="recorded, then killed",
+            )
+            conn.execute(
+                "INSERT INTO task_transitions (topic, task_id, version, event_type, event, written)"
+                " VALUES (%s, %s, 2, 'review.decided', %s, false)",
+                (f"{shared.prefix}review", task_id, Jsonb(event.model_dump(mode="json"))),
+            )
+            recorded[task_id] = event.envelope.event_id
+        conn.commit()
+    touched, untouched = recorded
+    refused = shared.call("POST", f"/tasks/{touched}/approve", "bob", json={"reason": "mine"})
+    assert refused.status_code == 409, refused.text
+    assert f"already rejected by {ann.display_name}" in refused.json()["detail"]
+    deadline = time.monotonic() + 20
+    while shared.call("GET", f"/tasks/{untouched}", "ann").json()["status"] != "rejected":
+        assert time.monotonic() < deadline, "the recorded decision was never written"
+        time.sleep(0.1)
+    events = shared.events("review", decided({c.order_id for c in checks}), quiet=2)
+    written = [e for _, e in events if isinstance(e, ReviewDecided) and e.task_id in recorded]
+    assert sorted(e.envelope.event_id for e in written) == sorted(recorded.values())
+    with db.connect(shared.database_url) as conn:
+        rows = conn.execute(
+            "SELECT task_id, written FROM task_transitions WHERE task_id = ANY(%s)",
+            (list(recorded),),
+        ).fetchall()
+    assert dict(rows) == dict.fromkeys(recorded, True)
+
+
 # --- who may act -------------------------------------------------------------------------
 
 
@@ -455,3 +513,115 @@ def test_after_kill_9_with_500_open_tasks_the_queue_reads_the_same(world: World)
         "review", lambda evs: sum(isinstance(e, ReviewRequested) for e in evs) >= 500
     )
     assert sum(isinstance(e, ReviewRequested) for _, e in requested) == 500
+
+
+@pytest.mark.process
+def test_two_instances_share_the_tasks_and_after_kill_9_the_survivor_decides_and_fires_once(
+    world: World, tmp_path: Path
+) -> None:
+    sla = tmp_path / "sla.yaml"
+    sla.write_text("reviewer_minutes: 120\nsupervisor_minutes: 600\nreasons: {SLA_10: 10}\n")
+    other = free_port()
+    a = world.launch(REVIEW_SLA_FILE=str(sla))
+    b = world.launch(port=other, REVIEW_SLA_FILE=str(sla))
+    world.ready(a)
+    world.ready(b, port=other)
+    urls = {"a": world.url, "b": f"http://127.0.0.1:{other}"}
+
+    def call(on: str, method: str, path: str, who: str | None, **kw: Any) -> httpx.Response:
+        headers = world.people[who].auth if who else {}
+        return httpx.request(method, f"{urls[on]}{path}", headers=headers, timeout=30, **kw)
+
+    checks = world.request_review(
+        90, codes=lambda i: ["SLA_10" if i % 3 == 0 else "AMOUNT_OVER_LIMIT"]
+    )
+    overdue, regular = checks[::3], [c for i, c in enumerate(checks) if i % 3]
+    tasks = {order_id: task["task_id"] for order_id, task in world.tasks_for(checks).items()}
+    deadline = time.monotonic() + 20
+    while len(call("b", "GET", "/tasks", "ann").json()["tasks"]) < len(checks):
+        assert time.monotonic() < deadline, "instance b never listed every task"
+        time.sleep(0.05)
+
+    # Racing decisions on one task, on the two instances: one wins, the other is refused
+    # as on one instance, naming the winner.
+    acknowledged: dict[str, tuple[str, str]] = {}  # task id -> (user id, decision)
+    refusals: dict[str, list[str]] = {}
+    start = threading.Barrier(60)
+
+    def decide(on: str, who: str, verb: str, task_id: str) -> None:
+        start.wait()
+        answer = call(on, "POST", f"/tasks/{task_id}/{verb}", who, json={"reason": who})
+        if answer.status_code == 200:
+            assert task_id not in acknowledged, f"{task_id} decided twice"
+            body = answer.json()
+            acknowledged[task_id] = (body["decided_by"]["user_id"], body["status"])
+        else:
+            assert answer.status_code == 409, answer.text
+            refusals.setdefault(task_id, []).append(answer.json()["detail"])
+
+    racers = [
+        threading.Thread(target=decide, args=args)
+        for check in regular[:30]
+        for args in (
+            ("a", "ann", "approve", tasks[check.order_id]),
+            ("b", "bob", "reject", tasks[check.order_id]),
+        )
+    ]
+    for thread in racers:
+        thread.start()
+    for thread in racers:
+        thread.join()
+    raced = {tasks[c.order_id] for c in regular[:30]}
+    assert set(acknowledged) == raced and set(refusals) == raced
+    names = {world.people[p].user_id: world.people[p].display_name for p in ("ann", "bob")}
+    for task_id, (user_id, status) in acknowledged.items():
+        [detail] = refusals[task_id]
+        assert f"already {status} by {names[user_id]}" in detail, detail
+
+    # Ann claims on a; b's clock and then a's pass the 10-minute SLA; a is killed while
+    # the timers of both fire.
+    claimed = [tasks[c.order_id] for c in regular[30:]]
+    for task_id in claimed:
+        assert call("a", "POST", f"/tasks/{task_id}/claim", "ann").status_code == 200
+    due = max(datetime.fromisoformat(t["due_at"]) for t in world.queue(reason="SLA_10"))
+    later = {"now": (due + timedelta(seconds=1)).isoformat()}
+    assert call("b", "PUT", "/testing/clock", None, json=later).status_code == 200
+    assert call("a", "PUT", "/testing/clock", None, json=later).status_code == 200
+    while not call("a", "GET", "/tasks", "sue", params={"tier": "SUPERVISOR"}).json()["tasks"]:
+        time.sleep(0.005)
+    world.stop(a, signal.SIGKILL)
+
+    # The survivor serves a's tasks: ann decides what she claimed there, Sue some
+    # escalated ones.
+    for task_id in claimed:
+        answer = call("b", "POST", f"/tasks/{task_id}/approve", "ann", json={"reason": "ok"})
+        assert answer.status_code == 200, answer.text
+        acknowledged[task_id] = (world.people["ann"].user_id, "approved")
+    for check in overdue[:10]:
+        task_id = tasks[check.order_id]
+        answer = call("b", "POST", f"/tasks/{task_id}/reject", "sue", json={"reason": "late"})
+        assert answer.status_code == 200, answer.text
+        acknowledged[task_id] = (world.people["sue"].user_id, "rejected")
+
+    late = {c.order_id for c in overdue}
+    events = [
+        e
+        for _, e in world.events(
+            "review",
+            lambda evs: late <= {e.order_id for e in evs if isinstance(e, ReviewEscalated)},
+            quiet=2,
+        )
+    ]
+    decisions = [e for e in events if isinstance(e, ReviewDecided)]
+    assert Counter(e.task_id for e in decisions) == dict.fromkeys(acknowledged, 1)
+    assert {
+        e.task_id: (e.actor.user_id, e.decision.value.lower()) for e in decisions
+    } == acknowledged
+    escalations = Counter(e.order_id for e in events if isinstance(e, ReviewEscalated))
+    assert escalations == dict.fromkeys(late, 1)
+    assert not any(isinstance(e, ReviewSlaBreached) for e in events)
+    # And the survivor's table is the log's.
+    listed = call("b", "GET", "/tasks", "sue", params={"status": "decided"}).json()["tasks"]
+    assert {t["task_id"]: t["status"] for t in listed} == {
+        task_id: status for task_id, (_, status) in acknowledged.items()
+    }

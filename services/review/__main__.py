@@ -7,7 +7,7 @@ Settings come from ``REVIEW_*`` variables and the shared ``KAFKA_BOOTSTRAP_SERVE
 file, the database and the broker are checked before the server starts: a bad
 one ends the process with one line on stderr and exit status 2.
 
-Run one instance per deployment.
+Run as many instances as the load needs: they share the tasks (``opsflow.nodes.human``).
 """
 
 from __future__ import annotations

@@ -95,33 +95,37 @@ class World:
             **extra,
         }
 
-    def start(self, **env: str) -> subprocess.Popen[bytes]:
-        """Start the review service and wait until it is ready (topic replayed)."""
-        return self.ready(self.launch(**env))
+    def start(self, *, port: int | None = None, **env: str) -> subprocess.Popen[bytes]:
+        """Start the review service and wait until it is ready (topic replayed); on
+        ``port``, for a second instance (default: the world's ``port``)."""
+        return self.ready(self.launch(port=port, **env), port=port)
 
-    def launch(self, **env: str) -> subprocess.Popen[bytes]:
+    def launch(self, *, port: int | None = None, **env: str) -> subprocess.Popen[bytes]:
         """Start the review service without waiting for it (``ready`` waits)."""
         log = self.logs / f"review-{len(self.processes)}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "services.review"],
             cwd=ROOT,
-            env=self.env(REVIEW_PORT=str(self.port), REVIEW_TEST_CLOCK="1", **env),
+            env=self.env(REVIEW_PORT=str(port or self.port), REVIEW_TEST_CLOCK="1", **env),
             stdout=log.open("ab"),
             stderr=subprocess.STDOUT,
         )
         self.processes.append(proc)
         return proc
 
-    def ready(self, proc: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+    def ready(
+        self, proc: subprocess.Popen[bytes], *, port: int | None = None
+    ) -> subprocess.Popen[bytes]:
         """Wait until the launched service answers ``/readyz`` (its topic replayed)."""
         log = self.logs / f"review-{self.processes.index(proc)}.log"
+        url = f"http://127.0.0.1:{port or self.port}"
         deadline = time.monotonic() + 60
         try:
             while True:
                 assert proc.poll() is None, f"review exited {proc.returncode}:\n{log.read_text()}"
                 assert time.monotonic() < deadline, f"review never got ready:\n{log.read_text()}"
                 try:
-                    if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
                         return proc
                 except httpx.TransportError:
                     pass

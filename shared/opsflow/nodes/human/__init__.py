@@ -27,13 +27,19 @@ anyway: replaying 500 tasks (about 1,500 events) took 0.5 s in the reference
 application's tests (logged as "<step> topic replayed"), and there is no second
 copy of the state (a changelog topic) that could drift from the log.
 
-**One process, one instance.** The step's process serves the API and runs the
-task opener, the topic reader and the timers in threads (``feed``). Decisions
-are serialized per task with locks in that process (``desk``), so run exactly
-one instance per deployment: two would each accept a decision on the same task.
+**Instances share the work.** The step's process serves the API and runs the
+task opener, the topic reader and the timers in threads (``feed``). Run as
+many as you like: the opener's consumer group splits the step's inputs
+between them, every one reads the whole topic into its own table and answers
+the API from it, and a change to a task (a person's action, a timer) is made
+in a turn on that task that every instance takes through PostgreSQL
+(``transitions``), starting from the task's last recorded event: a decision is
+taken once and a timer fires once, whichever instances race, and an instance
+killed at any moment leaves nothing half done that the others do not finish.
 
 Modules: ``spec`` (what an application declares), ``tasks`` (the state
-machine, deterministic), ``desk`` (locks, write then apply), ``feed``
+machine, deterministic), ``desk`` (turns: record, write, apply),
+``transitions`` (the turns' locks and records in PostgreSQL), ``feed``
 (threads), ``api`` (HTTP), ``inbox`` (pages), ``sla`` (SLAs), ``clock`` (the
 injectable clock), ``settings`` (the step's variables).
 """

@@ -37,7 +37,7 @@ from starlette.concurrency import run_in_threadpool
 
 from opsflow.contracts.bounds import MAX_TEXT
 from opsflow.nodes.human.clock import Clock
-from opsflow.nodes.human.desk import Desk
+from opsflow.nodes.human.desk import ActionPending, Desk
 from opsflow.nodes.human.feed import Feed
 from opsflow.nodes.human.settings import HumanTaskSettings
 from opsflow.nodes.human.sla import load_sla
@@ -50,8 +50,10 @@ from opsflow.nodes.human.tasks import (
     TaskConflict,
     TaskNotFound,
 )
+from opsflow.nodes.human.transitions import Transitions
 from opsflow.producer import Producer
 from opsflow.settings import KafkaSettings, RegistrySettings
+from opsflow.topics import topic_name
 from opsflow.users import Role, User, verify_token
 from opsflow.web import (
     ProblemError,
@@ -91,8 +93,9 @@ _RESPONSE_TEXT = {
     413: "The body is too large.",
     415: "The body is not declared as JSON.",
     422: "The body or a parameter does not match the contract.",
-    503: "The service is still reading its topic, or the broker is unavailable; "
-    "nothing was written. Retry shortly.",
+    503: "The service is still reading its topic, or the broker or the database is "
+    "unavailable: nothing was written, unless the detail says the action is recorded (then "
+    "it is written once the broker answers). Retry shortly.",
 }
 _READ_PROBLEMS = problem_responses(401, 422, 503, descriptions=_RESPONSE_TEXT)
 _ACT_PROBLEMS = problem_responses(
@@ -301,7 +304,8 @@ def create_app(
     """
     clock = Clock(settings.clock_offset_s)
     sla = load_sla(settings.sla_file, f"{settings.prefix()}SLA_FILE")
-    desk = Desk(spec, producer, clock, supervisor_sla=sla.supervisor)
+    transitions = Transitions(pool, topic_name(spec.topic), [model for _, model in spec.events])
+    desk = Desk(spec, producer, transitions, clock, supervisor_sla=sla.supervisor)
     view = views(spec)
     TaskView, QueueView = view.task_model, view.queue
     feed = Feed(
@@ -497,12 +501,14 @@ def create_app(
     install_problem_handlers(app)
     for error, status in ((TaskNotFound, 404), (TaskConflict, 409), (NotAllowed, 403)):
         app.add_exception_handler(error, _problem(status))
+    # Not "nothing was written", as for other unavailable dependencies: it is recorded.
+    app.add_exception_handler(ActionPending, _problem(503, {"Retry-After": "1"}))
     install_openapi(app, bodies=[DecisionBody, ReleaseBody, ClockBody])
     return app
 
 
-def _problem(status: int) -> Any:
+def _problem(status: int, headers: dict[str, str] | None = None) -> Any:
     async def answer(request: Request, exc: Exception) -> Response:
-        return ProblemError(status, str(exc)).response(request.url.path)
+        return ProblemError(status, str(exc), headers=headers).response(request.url.path)
 
     return answer

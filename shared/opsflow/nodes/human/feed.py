@@ -14,10 +14,14 @@ Three daemon threads, started and stopped with the API (``Feed.start``/``stop``)
    take-over commit is what unblocks ``read_committed`` readers after a crash,
    and reading "to the end" before that would stop short of events already
    written, such as escalations, which would then fire again.
-3. **timers**: once the replay is done, fires every due timer, earliest
-   deadline first, then looks again every ``TIMER_INTERVAL_S``. Due times are
-   in the log and so is every timer's event, so after a restart the rebuilt
-   table knows which fired; the overdue ones fire once each, in deadline order.
+3. **timers**: once the replay is done, writes the events a killed instance
+   recorded but never saw acknowledged (``Desk.finish_unwritten``, then every
+   ``UNWRITTEN_INTERVAL_S``), fires every due timer, earliest deadline first,
+   then looks again every ``TIMER_INTERVAL_S``. Due times are in the log and so
+   is every timer's event, so after a restart the rebuilt table knows which
+   fired; the overdue ones fire once each, in deadline order. Every instance
+   of the step runs its timers: a timer fires in a turn on its task (``desk``),
+   so only the first instance to take the turn fires it.
 
 ``ready`` is set after the replay and the first round of timers: until then
 the API answers 503, so nobody acts on a table still being rebuilt.
@@ -35,6 +39,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 from confluent_kafka.schema_registry import SchemaRegistryClient
 
@@ -48,6 +53,8 @@ from opsflow.topics import reader_config, topic_name
 log = logging.getLogger("opsflow.nodes.human")
 
 TIMER_INTERVAL_S = 0.2
+# How often the timers look for events recorded by a turn that never saw them written.
+UNWRITTEN_INTERVAL_S = 2.0
 # The opener joins its group in about half a session timeout (6 s); a broker
 # that is down for longer makes the service wait, not fail.
 _JOIN_LOG_EVERY_S = 30.0
@@ -178,10 +185,16 @@ class Feed:
         while not self.replayed.wait(0.05):
             if self._stopping.is_set():
                 return
+        swept = -UNWRITTEN_INTERVAL_S
         while not self._stopping.is_set():
             try:
+                if time.monotonic() - swept >= UNWRITTEN_INTERVAL_S:
+                    self.desk.finish_unwritten()
+                    swept = time.monotonic()
                 self.desk.fire_due()
             except OpsflowError as err:
                 log.warning("timers wait for the broker", extra={"error": str(err)})
+            except psycopg.Error as err:
+                log.warning("timers wait for the database", extra={"error": str(err)[:500]})
             self.ready.set()
             self._stopping.wait(TIMER_INTERVAL_S)

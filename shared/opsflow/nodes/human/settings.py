@@ -26,7 +26,8 @@ class HumanTaskSettings(BaseSettings):
     Attributes:
         host / port: where the HTTP API listens (loopback by default, like every
             embedded component; set 0.0.0.0 in a container).
-        database_pool_size: connections for token checks.
+        database_pool_size: connections for token checks and task turns (each action
+            or timer holds one while it records and writes its event).
         sla_file: the SLA table (see ``opsflow.nodes.human.sla``).
         due_soon_s: what ``GET /tasks?due_soon=true`` calls soon.
         clock_offset_s: added to the wall clock for every timer and every
