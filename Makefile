@@ -38,8 +38,10 @@ $(CHROMIUM):
 run: setup
 	$(BIN)/opsflow up
 
+# Two workers share the session's stack; a module's tests stay on one worker, so a
+# module's own stack or browser starts once (README: The test suite).
 test: setup
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python -m tests.bench
