@@ -135,7 +135,7 @@ def test_a_thousand_orders_each_end_once_with_dispatch_killed_mid_run(tmp_path: 
 
         # Approvals reach dispatch while it is down or restarting.
         reviews = [o for o in orders if o.scenario.category is Category.REVIEW]
-        decide_reviews(env["REVIEW_URL"], reviewer, reviews, timeout=120)
+        decide_reviews(env["REVIEW_URL"], reviewer, reviews, timeout=240)
 
         events = follow(env, set(category), timeout=240)
         assert stack.components()["dispatch"]["pid"] != killed, "dispatch was restarted"
