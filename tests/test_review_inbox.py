@@ -384,8 +384,17 @@ def test_reviewers_decide_from_the_orders_facts_see_each_others_claims_and_filte
         winner = world.call("GET", f"/tasks/{other_task}", "ann").json()["claimed_by"]
     for page in (ann, bob):
         expect(page.get_by_test_id("claimed-by")).to_contain_text(winner["display_name"])
-    loser = bob if winner["user_id"] == world.people["ann"].user_id else ann
+    loser, holder = (bob, ann) if winner["user_id"] == world.people["ann"].user_id else (ann, bob)
     expect(loser.get_by_test_id("claim")).to_have_count(0)
+    # A released claim is gone from the task's state, not from its history.
+    holder.get_by_test_id("release").click()
+    expect(holder.get_by_test_id("claimed-by")).to_have_text("nobody")
+    expect(holder.locator("[data-testid=history] li[data-kind=released]")).to_contain_text(
+        f"Released by {winner['display_name']}"
+    )
+    expect(holder.locator("[data-testid=history] li[data-kind=claimed]")).to_contain_text(
+        f"Claimed by {winner['display_name']}"
+    )
     claims = world.events("review", lambda events: True)
     assert [e.actor.user_id for _, e in claims if isinstance(e, ReviewClaimed)
             and e.task_id == other_task] == [winner["user_id"]]  # fmt: skip
