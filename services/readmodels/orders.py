@@ -10,6 +10,7 @@ event (see ``opsflow.projections.merge`` for how values combine).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,6 +66,10 @@ ORDERS_CURRENT = MergeTable(
         "destination_country": "text",
         "sales_channel": "text",
         "received_at": "timestamptz",
+        "placed_at": "timestamptz",
+        "destination": "jsonb",
+        "items": "jsonb",
+        "notes": "text",
         "policy_outcome": "text",
         "policy_reason_codes": "text[]",
         "rules_version": "text",
@@ -105,6 +110,10 @@ ORDERS_CURRENT = MergeTable(
         "destination_country",
         "sales_channel",
         "received_at",
+        "placed_at",
+        "destination",
+        "items",
+        "notes",
         "policy_outcome",
         "policy_reason_codes",
         "rules_version",
@@ -154,6 +163,10 @@ def partial(record: EventRecord) -> dict[str, Any] | None:
                 "risk_tier": d["customer_risk_tier"], "amount_minor": d["amount_minor"],
                 "currency": d["currency"], "destination_country": d["destination"]["country"],
                 "sales_channel": d.get("sales_channel"), "received_at": at,
+                "placed_at": d["placed_at"], "notes": d.get("notes"),
+                # Staged as JSON text, cast to jsonb by the merge.
+                "destination": json.dumps(d["destination"], sort_keys=True),
+                "items": json.dumps(d["items"], sort_keys=True),
             }  # fmt: skip
         case "policy.checked":
             row |= {

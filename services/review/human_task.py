@@ -1,7 +1,8 @@
 """The review step as opsflow's human task (``opsflow.nodes.human``): its events, its people.
 
 Orders the policy check could not approve wait here for a reviewer, under the
-SLAs of ``sla.yaml``; past them they go to supervisors. ``python -m
+SLAs of ``sla.yaml``; past them they go to supervisors. A task's page shows the
+order as the read models have it (``facts``). ``python -m
 services.review`` serves it.
 """
 
@@ -24,6 +25,7 @@ from services.contracts import (
     ReviewSlaBreached,
     ReviewTier,
 )
+from services.review.facts import order_facts
 
 
 class ReviewSettings(HumanTaskSettings):
@@ -51,4 +53,6 @@ REVIEW = HumanTask(
     decisions=ReviewDecision,
     opener="services.review.service:service",
     settings=ReviewSettings,
+    # The order, its history and its customer's, from the read models (see facts.py).
+    facts=order_facts,
 )

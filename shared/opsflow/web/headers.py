@@ -5,11 +5,12 @@ run a script it did not write: any script on the origin acts as the signed-in
 person (it can read the pages, their CSRF tokens included, and post the forms).
 ``SecurityHeaders`` puts on every response:
 
-- ``Content-Security-Policy``: the service's own stylesheet, and nothing else:
-  no script at all (the pages have none), no inline style, no plugin, forms
-  post only back here, ``<base>`` cannot redirect relative links, and no site
-  may frame the pages (``frame-ancestors 'none'``, and ``X-Frame-Options: DENY``
-  for browsers older than CSP 2), so a click cannot be hijacked by an overlay;
+- ``Content-Security-Policy``: the service's own stylesheet and script files,
+  and nothing else: no inline script or style, no script from elsewhere, no
+  plugin, requests (the inbox's refresh) and forms only back here, ``<base>``
+  cannot redirect relative links, and no site may frame the pages
+  (``frame-ancestors 'none'``, and ``X-Frame-Options: DENY`` for browsers older
+  than CSP 2), so a click cannot be hijacked by an overlay;
 - ``X-Content-Type-Options: nosniff``: a JSON answer is never run as a script
   or read as a stylesheet, whatever it contains;
 - ``Referrer-Policy: same-origin``: other sites never learn a task's URL; the
@@ -30,6 +31,8 @@ PAGE_POLICY = "; ".join(
     [
         "default-src 'none'",
         "style-src 'self'",
+        "script-src 'self'",
+        "connect-src 'self'",
         "img-src 'self'",
         "form-action 'self'",
         "frame-ancestors 'none'",

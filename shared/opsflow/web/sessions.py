@@ -106,18 +106,29 @@ def start_session(
 
 
 def resume_session(
-    conn: psycopg.Connection[Any], session_id: str, *, scope: str, limits: SessionLimits
+    conn: psycopg.Connection[Any],
+    session_id: str,
+    *,
+    scope: str,
+    limits: SessionLimits,
+    touch: bool = True,
 ) -> Session | None:
     """The live session ``session_id`` of ``scope``, its request recorded; None when there is
-    no such session, it is over (idle, too old, signed out) or its user is revoked."""
+    no such session, it is over (idle, too old, signed out) or its user is revoked.
+
+    ``touch=False`` for a request the page made by itself (an open page refreshing its
+    queue): it does not count as the person's activity, so a screen left open still
+    ends its session after the idle time.
+    """
     with requires_table("opsflow_sessions"), conn.transaction():
         row = conn.execute(
-            "UPDATE opsflow_sessions s SET last_seen_at = now() FROM opsflow_users u"
+            "UPDATE opsflow_sessions s SET last_seen_at ="
+            " CASE WHEN %s THEN now() ELSE s.last_seen_at END FROM opsflow_users u"
             " WHERE s.session_hash = %s AND s.scope = %s AND u.user_id = s.user_id"
             " AND u.revoked_at IS NULL"
             " AND s.last_seen_at >= now() - %s AND s.created_at >= now() - %s"
             f" RETURNING {user_columns('u')}",
-            (_digest(session_id), scope, limits.idle, limits.absolute),
+            (touch, _digest(session_id), scope, limits.idle, limits.absolute),
         ).fetchone()
     return Session(user_of_row(row), csrf_token(session_id)) if row else None
 

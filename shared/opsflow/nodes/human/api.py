@@ -367,6 +367,10 @@ def create_app(
         due_within_s: Annotated[
             float | None, Query(ge=0, description="Only tasks due within this many seconds.")
         ] = None,
+        search: Annotated[
+            str | None,
+            Query(max_length=200, description="Only tasks whose key contains this (any case)."),
+        ] = None,
     ) -> Any:
         now = clock.now()
         window = due_within_s if due_within_s is not None else settings.due_soon_s
@@ -378,6 +382,7 @@ def create_app(
             due_before=now + timedelta(seconds=window)
             if due_soon or due_within_s is not None
             else None,
+            search=search,
         )
         tasks = desk.queue(where, view.task)
         return QueueView(now=now, count=len(tasks), tasks=tasks)
@@ -497,7 +502,16 @@ def create_app(
         idle=timedelta(seconds=settings.session_idle_s),
         absolute=timedelta(seconds=settings.session_max_s),
     )
-    app.include_router(inbox_router(desk, view, ready=ready, limits=limits))
+    app.include_router(
+        inbox_router(
+            desk,
+            view,
+            ready=ready,
+            limits=limits,
+            due_soon=timedelta(seconds=settings.due_soon_s),
+            refresh_s=settings.refresh_s,
+        )
+    )
     install_problem_handlers(app)
     for error, status in ((TaskNotFound, 404), (TaskConflict, 409), (NotAllowed, 403)):
         app.add_exception_handler(error, _problem(status))

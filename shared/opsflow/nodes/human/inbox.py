@@ -18,9 +18,22 @@ CSRF: every change is a POST form; GET requests change nothing. A POST is
 refused (403) unless the browser says it comes from this server's own pages
 (``Origin``, or ``Referer``) and, once signed in, unless it sends back the
 session's CSRF token, which every form carries in a hidden field. The cookie's
-``SameSite=Strict`` stays as a third line. The pages run no script and load
-nothing from elsewhere: the service's ``Content-Security-Policy``
-(``opsflow.web.headers``) allows their one stylesheet, served here.
+``SameSite=Strict`` stays as a third line. The pages load nothing from
+elsewhere and have no inline script: the service's
+``Content-Security-Policy`` (``opsflow.web.headers``) allows their one
+stylesheet and one script file, both served here.
+
+A task's page shows what a decision needs: the instance's facts as the
+application declares them (``HumanTask.facts``, read from its read models,
+never from the request), the reasons, and the task's every event with its
+actor and time. The queue filters by tier, reason, holder and due time and
+searches by key, marks what is due soon, and points supervisors at escalated
+work. Every page works without script; ``inbox.js`` (every
+``<PREFIX>REFRESH_S``) fetches the page again and swaps its live parts (the
+queue, a task's state, holder, history, facts), never one the person is typing
+in or has focused, so two reviewers see each other's claims without reloading.
+A GET changes nothing, so the refresh is as safe as a reload; it is marked
+(``X-Inbox-Refresh``) so it does not keep an unattended session alive.
 
 Forms are ``application/x-www-form-urlencoded`` with a field or two, parsed
 with the standard library (``urllib.parse``) rather than adding
@@ -29,35 +42,39 @@ python-multipart for file uploads the inbox never takes.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs, quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from psycopg import Error as DatabaseError
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from opsflow.nodes.human.api import DecisionBody, Views, actor_of, authenticated
 from opsflow.nodes.human.desk import Desk
+from opsflow.nodes.human.facts import Section, read_facts
 from opsflow.nodes.human.spec import HumanTask
 from opsflow.nodes.human.tasks import (
     Actor,
     NotAllowed,
     QueueFilter,
     TaskConflict,
+    TaskEntry,
     TaskNotFound,
     TaskTable,
 )
-from opsflow.users import User
+from opsflow.users import Role, User
 from opsflow.web import ProblemError, read_limited
 from opsflow.web.sessions import (
     Session,
@@ -69,7 +86,11 @@ from opsflow.web.sessions import (
     start_session,
 )
 
+log = logging.getLogger("opsflow.nodes.human")
+
 PREFIX = "/inbox"
+# The header inbox.js marks its own requests with (see the module docstring).
+REFRESH_HEADER = "x-inbox-refresh"
 _TEMPLATES = Path(__file__).with_name("templates")
 _FORM_LIMIT = 16 * 1024
 _SESSION_OVER = (
@@ -92,6 +113,7 @@ _DEFAULTS: dict[str, Any] = {
     "csrf": None,
     "error": None,
     "rows": [],
+    "refresh_s": 0,
 }
 
 _templates = Jinja2Templates(
@@ -168,27 +190,34 @@ def _options(
     )
 
 
-def _history(spec: HumanTask, task: Any) -> list[tuple[datetime, str]]:
-    """What the task's state records of its life, oldest first (a released claim is gone
-    from the state; the step's topic keeps every event)."""
-    entries: list[tuple[datetime, str]] = [
-        (task.requested_at, f"{spec.name.capitalize()} requested")
-    ]
-    if task.claimed_by is not None and task.claimed_at is not None:
-        entries.append((task.claimed_at, f"Claimed by {task.claimed_by.display_name}"))
-    if task.escalated_at is not None:
-        entries.append((task.escalated_at, "Escalated to supervisors (first SLA missed)"))
-    if task.sla_breached_at is not None:
-        entries.append((task.sla_breached_at, "Supervisor SLA breached"))
-    if task.decided_by is not None and task.decided_at is not None:
-        entries.append(
-            (
-                task.decided_at,
-                f"{task.status.capitalize()} by {task.decided_by.display_name} "
-                f"({task.decided_by.role.value.lower()}): {task.decision_reason}",
-            )
-        )
-    return sorted(entries, key=lambda entry: entry[0])
+def _history(spec: HumanTask, entries: list[TaskEntry]) -> list[tuple[datetime, str, str]]:
+    """Every event of the task as a line for people, oldest first: when, what (the event
+    kind, for the page's markup), and who did it and why."""
+
+    def by(entry: TaskEntry) -> str:
+        actor = entry.actor
+        return f" by {actor.display_name} ({actor.role.value.lower()})" if actor else ""
+
+    def because(entry: TaskEntry) -> str:
+        return f": {entry.reason}" if entry.reason else ""
+
+    lines = []
+    for entry in entries:
+        if entry.kind == "requested":
+            text = f"{spec.name.capitalize()} requested"
+        elif entry.kind == "claimed":
+            text = f"Claimed{by(entry)}"
+        elif entry.kind == "released":
+            text = f"Released{by(entry)}{because(entry)}"
+        elif entry.kind == "decided":
+            verb = "Approved" if entry.decision == spec.approved else "Rejected"
+            text = f"{verb}{by(entry)}{because(entry)}"
+        elif entry.kind == "escalated":
+            text = "Escalated to supervisors (first SLA missed)"
+        else:
+            text = "Supervisor SLA breached"
+        lines.append((entry.at, entry.kind, text))
+    return lines
 
 
 def _refusal(err: Exception) -> tuple[int, str] | None:
@@ -221,8 +250,57 @@ def _user_of(request: Request, token: str) -> User:
     return authenticated(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
 
 
+@dataclass(frozen=True)
+class QueueQuery:
+    """The queue page's filters as the person chose them (the form's fields, kept as
+    given so the form shows them again), and the ``QueueFilter`` they make."""
+
+    status: str = "open"
+    tier: str = ""
+    reason: str = ""
+    claimed: str = ""
+    due_within: str = ""
+    search: str = ""
+
+    def where(self, spec: HumanTask, now: datetime) -> QueueFilter:
+        """The filter these fields select.
+
+        Raises:
+            ProblemError: 422 for a value the form does not offer.
+        """
+        if self.status not in ("open", "decided", "all"):
+            raise ProblemError(422, "show open, decided or all tasks")
+        tier = spec.tiers.__members__.get(self.tier) if self.tier else None
+        if self.tier and tier is None:
+            raise ProblemError(422, f"there is no tier {self.tier!r}")
+        if self.claimed not in ("", "yes", "no"):
+            raise ProblemError(422, "claimed is yes, no or empty")
+        minutes = None
+        if self.due_within:
+            try:
+                minutes = float(self.due_within)
+            except ValueError:
+                minutes = -1.0
+            if not 0 <= minutes <= 10**6:
+                raise ProblemError(422, "due within is a number of minutes")
+        return QueueFilter(
+            status=self.status,
+            tier=tier,
+            reason=self.reason or None,
+            claimed={"yes": True, "no": False}.get(self.claimed),
+            due_before=now + timedelta(minutes=minutes) if minutes is not None else None,
+            search=self.search.strip() or None,
+        )
+
+
 def inbox_router(
-    desk: Desk, view: Views, *, ready: Callable[[], None], limits: SessionLimits
+    desk: Desk,
+    view: Views,
+    *,
+    ready: Callable[[], None],
+    limits: SessionLimits,
+    due_soon: timedelta,
+    refresh_s: float,
 ) -> APIRouter:
     """The inbox's pages under ``/inbox``, acting on ``desk``.
 
@@ -231,6 +309,8 @@ def inbox_router(
         view: the API's views of a task.
         ready: raises the API's 503 while the step's topic is still being read.
         limits: how long a session lasts.
+        due_soon: how near its due time a task is marked as due soon.
+        refresh_s: how often an open page refreshes itself (0: never).
     """
     spec = desk.spec
     cookie = f"opsflow_{spec.name.replace('-', '_')}_session"
@@ -243,6 +323,7 @@ def inbox_router(
         "topic": spec.topic.value,
     }
     stylesheet = _TEMPLATES.joinpath("inbox.css").read_text("utf-8")
+    script = _TEMPLATES.joinpath("inbox.js").read_text("utf-8")
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
     def render(request: Request, name: str, *, status: int = 200, **context: Any) -> Response:
@@ -265,7 +346,13 @@ def inbox_router(
 
     def resume(request: Request, session_id: str) -> Session | None:
         with pool(request).connection() as conn:
-            return resume_session(conn, session_id, scope=spec.name, limits=limits)
+            return resume_session(
+                conn,
+                session_id,
+                scope=spec.name,
+                limits=limits,
+                touch=REFRESH_HEADER not in request.headers,
+            )
 
     def start(request: Request, user: User) -> str:
         with pool(request).connection() as conn:
@@ -304,9 +391,29 @@ def inbox_router(
             user=session.user,
             csrf=session.csrf_token,
             error=message,
+            refresh_s=refresh_s,
         )
 
-    def task_page(
+    def urgency(due_at: datetime, now: datetime) -> str:
+        """How the page marks an open task's time left: overdue, due soon, or not."""
+        if due_at <= now:
+            return "overdue"
+        return "soon" if due_at - now <= due_soon else ""
+
+    async def facts_of(request: Request, key: str) -> tuple[list[Section], str | None]:
+        """The instance's facts as the application declares them, or why they are missing."""
+        if spec.facts is None:
+            return [], None
+        try:
+            return await run_in_threadpool(read_facts, pool(request), spec.facts, key), None
+        except DatabaseError as err:
+            log.warning(
+                "facts of a task's instance unreadable",
+                extra={"correlation_id": key, "error": str(err)},
+            )
+            return [], f"the facts of this {spec.subject} could not be read now ({err}); reload"
+
+    async def task_page(
         request: Request,
         session: Session,
         task_id: str,
@@ -320,10 +427,13 @@ def inbox_router(
         except ProblemError:
             actor = None
 
-        def look(table: TaskTable) -> tuple[Any, Options]:
-            return view.task(table.get(task_id)), _options(spec, table, task_id, actor, now)
+        def look(table: TaskTable) -> tuple[Any, str, Options, list[TaskEntry]]:
+            found = table.get(task_id)
+            options = _options(spec, table, task_id, actor, now)
+            return view.task(found), found.key, options, list(found.history)
 
-        task, options = desk.read(look)
+        task, key, options, entries = desk.read(look)
+        facts, facts_error = await facts_of(request, key)
         return render(
             request,
             "task.html",
@@ -333,18 +443,33 @@ def inbox_router(
             error=error,
             task=task,
             options=options,
-            history=_history(spec, task),
+            history=_history(spec, entries),
+            facts=facts,
+            facts_declared=spec.facts is not None,
+            facts_error=facts_error,
             left=time_left(task.due_at, now),
+            urgency=urgency(task.due_at, now),
             now=now,
+            refresh_s=refresh_s,
         )
 
     @router.get("/inbox.css")
     async def css() -> Response:
         return Response(stylesheet, media_type="text/css")
 
+    @router.get("/inbox.js")
+    async def js() -> Response:
+        return Response(script, media_type="text/javascript")
+
     @router.get("")
     async def queue(
-        request: Request, status: Literal["open", "decided", "all"] = "open"
+        request: Request,
+        status: str = "open",
+        tier: str = "",
+        reason: str = "",
+        claimed: str = "",
+        due_within: str = "",
+        search: Annotated[str, Query(max_length=200)] = "",
     ) -> Response:
         if not request.cookies.get(cookie):
             return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
@@ -352,15 +477,27 @@ def inbox_router(
             session = await signed_in(request)
         except ProblemError as err:
             return sign_in_page(request, 401, err.problem.detail)
+        chosen = QueueQuery(status, tier, reason, claimed, due_within, search)
+        now = desk.clock.now()
         try:
             ready()
+            where = chosen.where(spec, now)
         except ProblemError as err:
             return refused(request, session, err.problem.status, err.problem.detail)
-        now = desk.clock.now()
-        tasks = desk.queue(QueueFilter(status=status), view.task)
+
+        def look(table: TaskTable) -> tuple[list[Any], list[str], int]:
+            everything = table.tasks.values()
+            codes = sorted({code for task in everything for code in task.reason_codes})
+            escalated = sum(1 for t in everything if t.open and t.tier == spec.second_tier)
+            return [view.task(task) for task in table.queue(where)], codes, escalated
+
+        tasks, reason_codes, escalated = desk.read(look)
         # A decided task has no time left to show.
         rows = [
-            (task, time_left(task.due_at, now) if task.status == "open" else "") for task in tasks
+            (task, time_left(task.due_at, now), urgency(task.due_at, now))
+            if task.status == "open"
+            else (task, "", "")
+            for task in tasks
         ]
         return render(
             request,
@@ -370,6 +507,13 @@ def inbox_router(
             rows=rows,
             now=now,
             status_filter=status,
+            chosen=chosen,
+            tiers=[(tier.name, tier.value.lower()) for tier in spec.tiers],
+            second_tier=spec.second_tier.name,
+            reason_codes=reason_codes,
+            escalated=escalated,
+            supervisor=session.user.role == Role.SUPERVISOR,
+            refresh_s=refresh_s,
         )
 
     @router.get("/sign-in")
@@ -430,7 +574,7 @@ def inbox_router(
             return sign_in_page(request, 401, err.problem.detail)
         try:
             ready()
-            return task_page(request, session, task_id)
+            return await task_page(request, session, task_id)
         except (ProblemError, TaskNotFound) as err:
             code, message = _refusal(err) or (500, str(err))
             return refused(request, session, code, message)
@@ -466,7 +610,7 @@ def inbox_router(
         except (ProblemError, ValidationError, TaskNotFound, TaskConflict, NotAllowed) as err:
             code, message = _refusal(err) or (500, str(err))
             try:
-                return task_page(request, session, task_id, status=code, error=message)
+                return await task_page(request, session, task_id, status=code, error=message)
             except TaskNotFound:
                 return refused(request, session, code, message)
         # Post/redirect/get: a reload does not repeat the action.

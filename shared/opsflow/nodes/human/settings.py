@@ -40,6 +40,9 @@ class HumanTaskSettings(BaseSettings):
             or this long after sign-in however busy (8 h: a working day), as
             OWASP's session guidance suggests for an application of this risk.
             Wall-clock time: ``clock_offset_s`` and the test clock do not move it.
+        refresh_s: how often an open inbox page brings its queue, claims and facts
+            up to date by itself (its own script; 0: never, the person reloads). A
+            refresh does not count as activity for ``session_idle_s``.
     """
 
     host: str = "127.0.0.1"
@@ -51,6 +54,7 @@ class HumanTaskSettings(BaseSettings):
     test_clock: bool = False
     session_idle_s: float = Field(default=30 * 60, gt=0)
     session_max_s: float = Field(default=8 * 3600, gt=0)
+    refresh_s: float = Field(default=5.0, ge=0)
 
     @classmethod
     def prefix(cls) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 from opsflow.contracts import AvroRecord, Event, Topic
 from opsflow.errors import ConfigurationError
+from opsflow.nodes.human.facts import FactsReader
 from opsflow.nodes.human.settings import HumanTaskSettings
 
 # The fields each event kind must have, next to the topic's key field.
@@ -65,6 +66,9 @@ class HumanTask:
             process runs it next to the API.
         settings: its settings class (a ``HumanTaskSettings`` with its own
             variable prefix and SLA file).
+        facts: what a task's page shows of the instance it is about, read from the
+            application's read models (``opsflow.nodes.human.facts``); without it the
+            page shows the task alone.
     """
 
     name: str
@@ -76,6 +80,7 @@ class HumanTask:
     decisions: type[StrEnum]
     opener: str
     settings: type[HumanTaskSettings]
+    facts: FactsReader | None = None
 
     def __post_init__(self) -> None:
         where = f"human task {self.name!r}"

@@ -47,10 +47,26 @@ class NotAllowed(PermanentError):
     """The actor's role may not act on this task."""
 
 
+@dataclass(frozen=True)
+class TaskEntry:
+    """One thing that happened to a task, as its event says: what (the event kind:
+    ``requested``, ``claimed``, ``released``, ``decided``, ``escalated``, ``breached``),
+    when, by whom (None for the step's own timers and opener), and the event's words
+    (a decision's or a release's reason, the decision itself, the tier it moved to)."""
+
+    at: datetime
+    kind: str
+    actor: Actor | None = None
+    decision: StrEnum | None = None
+    tier: StrEnum | None = None
+    reason: str | None = None
+
+
 @dataclass
 class Task:
     """One task: what it is about (``key``, the instance's id), who holds it, what became
-    of it."""
+    of it, and ``history``: every event applied to it, oldest first (a claim that was
+    released is gone from ``claimed_by`` but stays there)."""
 
     task_id: str
     key: str
@@ -69,6 +85,7 @@ class Task:
     decision_reason: str | None = None
     escalated_at: datetime | None = None
     breached_at: datetime | None = None
+    history: list[TaskEntry] = field(default_factory=list)
 
     @property
     def open(self) -> bool:
@@ -102,6 +119,7 @@ class QueueFilter:
         reason: only tasks with this reason code.
         claimed: only claimed (True) or unclaimed (False) open tasks.
         due_before: only tasks due before this time.
+        search: only tasks whose key (the instance's id) contains this, in any case.
     """
 
     status: str = "open"
@@ -109,6 +127,7 @@ class QueueFilter:
     reason: str | None = None
     claimed: bool | None = None
     due_before: datetime | None = None
+    search: str | None = None
 
     def matches(self, task: Task) -> bool:
         """Whether ``task`` belongs in the listing."""
@@ -121,6 +140,8 @@ class QueueFilter:
         if self.reason is not None and self.reason not in task.reason_codes:
             return False
         if self.claimed is not None and (task.claimed_by is not None) is not self.claimed:
+            return False
+        if self.search and self.search.casefold() not in task.key.casefold():
             return False
         return self.due_before is None or task.due_at < self.due_before
 
@@ -156,6 +177,7 @@ class TaskTable:
                 reasons=list(data.reasons),
                 requested_at=event.envelope.occurred_at,
                 last_event_id=event_id,
+                history=[TaskEntry(event.envelope.occurred_at, "requested", tier=data.tier)],
             )
             return True
         task_id = getattr(event, "task_id", None)
@@ -175,19 +197,27 @@ class TaskTable:
         at = event.envelope.occurred_at
         if isinstance(event, kinds.claimed):
             task.claimed_by, task.claimed_at = data.actor, at
+            entry = TaskEntry(at, "claimed", data.actor, tier=data.tier)
         elif isinstance(event, kinds.released):
             task.claimed_by, task.claimed_at = None, None
+            entry = TaskEntry(at, "released", data.actor, tier=data.tier, reason=data.reason)
         elif isinstance(event, kinds.decided):
             task.decision, task.decided_by = data.decision, data.actor
             task.decided_at, task.decision_reason = at, data.reason
+            entry = TaskEntry(
+                at, "decided", data.actor, data.decision, tier=data.tier, reason=data.reason
+            )
         elif isinstance(event, kinds.escalated):
             # The task goes to the supervisors' queue: a reviewer's claim ends with it.
             task.tier, task.due_at, task.escalated_at = data.tier, data.due_at, at
             task.claimed_by, task.claimed_at = None, None
+            entry = TaskEntry(at, "escalated", tier=data.tier)
         elif isinstance(event, kinds.breached):
             task.breached_at = at
+            entry = TaskEntry(at, "breached", tier=data.tier)
         else:
             return False
+        task.history.append(entry)
         task.version += 1
         task.last_event_id = event_id
         return True
