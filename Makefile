@@ -38,8 +38,8 @@ $(CHROMIUM):
 run: setup
 	$(BIN)/opsflow up
 
-# Two workers share the session's stack; a module's tests stay on one worker, so a
-# module's own stack or browser starts once (README: The test suite).
+# Two workers, each with a session stack of its own; a module's tests stay on one
+# worker, so a module's own stack or browser starts once (README: The test suite).
 test: setup
 	$(BIN)/pytest --numprocesses 2 --dist loadfile
 

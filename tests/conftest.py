@@ -13,8 +13,6 @@ groups and database schemas. The inbox's browser tests share Debian's chromium
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,13 +32,12 @@ CHROMIUM = Path("/usr/bin/chromium")
 os.environ.setdefault("OPSFLOW_APP", "orders")
 
 
-# Where the stack a pytest-xdist controller started for its workers is (see
-# pytest_configure); a worker finds it here, in the environment it inherited.
-_SHARED_STACK = "OPSFLOW_TEST_SHARED_STACK"
-_shared_key = pytest.StashKey[Stack]()
-
-
-def _session_stack(data_dir: Path) -> Stack:
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The session's stack; with workers (``make test`` runs two, pytest-xdist), one per
+    worker: a test may restart the stack's PostgreSQL (test_projections.py), which
+    must not happen under another worker's tests."""
+    data_dir = tmp_path_factory.mktemp("session-stack")
     env = {**os.environ, "OPSFLOW_DATA_DIR": str(data_dir)}
     # The shared test cluster is throwaway and runs the services with Kafka
     # transactions, which the durable store is not used with (see README, "Known
@@ -49,35 +46,7 @@ def _session_stack(data_dir: Path) -> Stack:
     env.setdefault("OPSFLOW_BROKER_STORAGE", "memory")
     # Tests start the services they test themselves, in topics of their own.
     env.setdefault("OPSFLOW_SERVICES", "false")
-    return Stack(data_dir, env)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """With workers (``make test`` runs two, pytest-xdist), one stack serves them all: the
-    controller starts it before the workers exist, they inherit where it is."""
-    if hasattr(config, "workerinput") or not getattr(config.option, "numprocesses", None):
-        return
-    data_dir = Path(tempfile.mkdtemp(prefix="opsflow-test-stack-"))
-    shared = _session_stack(data_dir)
-    shared.run("up", "--detach")
-    os.environ[_SHARED_STACK] = str(data_dir)
-    config.stash[_shared_key] = shared
-
-
-def pytest_unconfigure(config: pytest.Config) -> None:
-    shared = config.stash.get(_shared_key, None)
-    if shared is not None:
-        shared.run("down", check=False)
-        shutil.rmtree(shared.data_dir, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    shared = os.environ.get(_SHARED_STACK)
-    if shared:
-        yield _session_stack(Path(shared))
-        return
-    session = _session_stack(tmp_path_factory.mktemp("session-stack"))
+    session = Stack(data_dir, env)
     session.run("up", "--detach")
     yield session
     session.run("down")
