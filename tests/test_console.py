@@ -3,9 +3,8 @@
 The console's app is served by uvicorn in a thread of the test process, over the
 test's topics and (migrated) database schema; the one-hop ``tests.services.relay``
 runs in a thread too and dead-letters an order whose notes name a bug until a
-restart with ``RELAY_FIXED`` "deploys the fix" (as in ``test_dlq.py``). In the
-browser test dispatch runs as well (``tests.support.dispatching``), so the redriven
-order goes on to the carrier's booking. People sign in with tokens made by
+restart with ``RELAY_FIXED`` "deploys the fix" (as in ``test_dlq.py``), after which
+the redriven order goes on to its next step. People sign in with tokens made by
 ``opsflow.users``; the browser is Debian's chromium (``chromium`` fixture).
 """
 
@@ -32,7 +31,6 @@ from opsflow.console.app import Cluster, create_app
 from opsflow.console.settings import ConsoleSettings
 from opsflow.producer import Producer
 from opsflow.users import Role
-from tests.support.dispatching import World, world  # noqa: F401 (a fixture)
 from tests.support.runtime import (
     Topics,
     make_topics,
@@ -224,22 +222,10 @@ def _accessible(page: Page) -> None:
 
 
 def test_an_operator_finds_a_dead_letter_reads_why_redrives_it_once_and_follows_the_order(
-    world: World,  # noqa: F811 (the fixture imported above)
-    stack: Stack,
-    registry_url: str,
-    chromium: Browser,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    console: Console, chromium: Browser, tmp_path: Path
 ) -> None:
-    topics = Topics(
-        world.prefix, stack.address("KAFKA_BOOTSTRAP_SERVERS"), world.codec, registry_url
-    )
-    order_id = dead_letter_one_order(topics)
-    with (
-        serving(stack, topics, world.database_url, monkeypatch) as console,
-        running(topics, RELAY_FIXED="console"),  # the fix is deployed
-    ):
-        world.run_dispatch()
+    order_id = dead_letter_one_order(console.topics)
+    with running(console.topics, RELAY_FIXED="console"):  # the fix is deployed
         context = chromium.new_context()
         page = context.new_page()
         shots = iter(range(1, 100))
@@ -289,14 +275,15 @@ def test_an_operator_finds_a_dead_letter_reads_why_redrives_it_once_and_follows_
         page.get_by_role("link", name=order_id).click()
         now = page.get_by_test_id("now")
         deadline = time.monotonic() + 60
-        while "waiting for proof of delivery" not in (now.text_content() or ""):
+        # The relay handled the copy: the order is approved and goes on to dispatch.
+        while "waiting for dispatch (approved by policy relay-1" not in (now.text_content() or ""):
             assert time.monotonic() < deadline, now.text_content()
             time.sleep(0.5)
             page.reload()
         steps = page.get_by_test_id("step")
         expect(steps.first).to_contain_text("order.received")
-        expect(page.get_by_test_id("trace")).to_contain_text("dispatch.executed")
+        expect(page.get_by_test_id("trace")).to_contain_text("policy.checked")
         shot("trace")
         _accessible(page)
         context.close()
-    assert len(list(tmp_path.glob("*.png"))) == 7
+    assert len(list(tmp_path.glob("*.png"))) == 6
