@@ -260,7 +260,7 @@ def test_inbox_pages_forbid_third_party_scripts_and_framing(world: World) -> Non
             "/inbox/sign-in",
             "/inbox",
             f"/inbox/tasks/{task_id}",
-            "/inbox/inbox.css",
+            "/inbox/pages.css",
             "/inbox/inbox.js",
         )
     }
@@ -290,7 +290,7 @@ def test_inbox_pages_forbid_third_party_scripts_and_framing(world: World) -> Non
         assert not re.search(r"\son[a-z]+=", page) and "javascript:" not in page, path
         assert "style=" not in page, path
         assert not re.search(r"""(src|href|action)="(https?:)?//""", page), path
-    assert answers["/inbox/inbox.css"].headers["content-type"].startswith("text/css")
+    assert answers["/inbox/pages.css"].headers["content-type"].startswith("text/css")
     assert answers["/inbox/inbox.js"].headers["content-type"].startswith("text/javascript")
     # FastAPI's documentation pages load their scripts from a CDN: not on this origin.
     for docs in ("/docs", "/redoc"):

@@ -109,11 +109,12 @@ def test_the_built_package_is_the_library_and_the_command_without_test_or_bench_
     packages = {name.split("/")[0] for name in names if not name.startswith("opsflow-")}
     assert packages == {"opsflow"}, "no reference application, tests or benches inside"
     assert {"opsflow/contracts/envelope.avsc", "opsflow/py.typed"} <= set(names)
-    # The inbox's pages, its stylesheet and script (served by the service: its CSP allows
-    # no other) and the sessions' table.
+    # The pages' shared templates and stylesheet, the inbox's pages and script (served by
+    # the service: its CSP allows no other) and the sessions' table.
     assert {
-        "opsflow/nodes/human/templates/base.html",
-        "opsflow/nodes/human/templates/inbox.css",
+        "opsflow/web/templates/base.html",
+        "opsflow/web/templates/pages.css",
+        "opsflow/nodes/human/templates/task.html",
         "opsflow/nodes/human/templates/inbox.js",
         "opsflow/migrations/0012_sessions.sql",
     } <= set(names)

@@ -829,7 +829,6 @@ def trace_instance(
     from rich.markup import escape
 
     from opsflow import trace
-    from opsflow.errors import RetryableError
     from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
 
     kafka_settings, registry = KafkaSettings(), RegistrySettings()
@@ -855,45 +854,36 @@ def trace_instance(
         return WireCodec(SchemaRegistryClient(registry.client_config()))
 
     prefix = TopicSettings().prefix
-    index: trace.Index | None = None
-    database_url = DatabaseSettings().database_url
     # The application (and what it imports, fastavro among it) first, in this thread:
     # two threads importing fastavro at once can meet its modules half initialised
     # ("cannot import name ... from partially initialized module", seen in CI).
     from opsflow.application import load_application
 
     load_application()
+
+    def full_scan(why: str) -> None:
+        errors.print(f"[dim]{escape(why)}; reading the topics in full.[/]")
+
     # The codec's remaining imports are done while the database and the broker are asked.
     with ThreadPoolExecutor(max_workers=1) as pool:
         codec_made = pool.submit(registry_codec)
-        if database_url:
-            try:
-                index = trace.load_index(database_url, key)
-            except trace.IndexUnavailable as err:
-                errors.print(f"[dim]{escape(str(err))}; reading the topics in full.[/]")
-        client = dict(kafka_settings.client_config())
-        found = trace.scan(client, key, prefix=prefix, index=index)
-        if not found.records:
-            raise trace.unknown_instance(key, found, prefix, _instance())
-        codec = codec_made.result()
-    try:
-        records, unreadable = trace.decode(found.records, codec, key)
-    except RetryableError as err:
-        raise ConfigurationError(
-            "SCHEMA_REGISTRY_URL",
-            f"the schema registry at {registry_url} could not be asked ({err})",
-            "Check that it is up and the variable names it, or point the shell at the "
-            "running stack with `eval $(opsflow env)`",
-        ) from err
-    result = trace.assemble(
-        key,
-        records,
-        datetime.now(UTC),
-        path=found.path,
-        unreadable=unreadable,
-        records_read=found.records_read,
-        index_behind=found.behind,
-    )
+        try:
+            result = trace.read(
+                dict(kafka_settings.client_config()),
+                codec_made.result,
+                key,
+                prefix=prefix,
+                database_url=DatabaseSettings().database_url,
+                now=datetime.now(UTC),
+                on_full_scan=full_scan,
+            )
+        except trace.RegistryUnavailable as err:
+            raise ConfigurationError(
+                "SCHEMA_REGISTRY_URL",
+                f"the schema registry at {registry_url} could not be asked ({err})",
+                "Check that it is up and the variable names it, or point the shell at the "
+                "running stack with `eval $(opsflow env)`",
+            ) from err
     if as_json:
         print(json.dumps(trace.as_json(result)))
         return
@@ -1208,7 +1198,7 @@ def dlq_redrive(
         )
     queues = _queues()
     if ids:
-        chosen = _by_ids(queues, ids)
+        chosen = queues.by_ids(ids)
     else:
         everything = queues.entries([filters.topic] if filters.topic else None)
         chosen = [e for e in everything if e.redrive is None and filters.matches(e)]
@@ -1219,23 +1209,6 @@ def dlq_redrive(
         _print_redrive(result)
     if result.failed:
         sys.exit(1)
-
-
-def _by_ids(queues: Any, ids: list[str]) -> list[Any]:
-    """The dead letters named, with the other dead letters of the same case (so a duplicate
-    is marked with it); an unknown id fails with the nearest ones."""
-    from opsflow.dlq import cases
-
-    found = cases(queues.entries())
-    known = {e.id for case in found for e in case.entries}
-    named = {queues.canonical(one) for one in ids}
-    for one in sorted(named - known):
-        queues.entry(one)  # not there: fails with the nearest ids
-    chosen = []
-    for case in found:
-        if any(e.id in named for e in case.entries):
-            chosen += [e for e in case.entries if e.id in named or e.redrive is None]
-    return chosen
 
 
 def _print_redrive(result: Any) -> None:

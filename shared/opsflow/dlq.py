@@ -348,6 +348,24 @@ class DeadLetterQueues:
             "  Ids look like <topic>.dlq/2/15; `opsflow dlq list` prints them."
         )
 
+    def by_ids(self, ids: Collection[str]) -> list[Entry]:
+        """The dead letters named, with the other pending dead letters of the same case
+        (so a duplicate is marked with it), for ``redrive``.
+
+        Raises:
+            UnknownDeadLetterError: an id names no dead letter (with the nearest ones).
+        """
+        found = cases(self.entries())
+        known = {e.id for case in found for e in case.entries}
+        named = {self.canonical(one) for one in ids}
+        for one in sorted(named - known):
+            self.entry(one)  # not there: fails with the nearest ids
+        chosen = []
+        for case in found:
+            if any(e.id in named for e in case.entries):
+                chosen += [e for e in case.entries if e.id in named or e.redrive is None]
+        return chosen
+
     def _with_marks(self, letters: Sequence[DeadLetter]) -> list[Entry]:
         marks = self._marks({letter.topic for letter in letters})
         return [

@@ -33,7 +33,7 @@ the audit log has no row for it) below the position; ``opsflow dlq list
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -45,7 +45,7 @@ from rich.tree import Tree
 
 from opsflow.application import Application, Verdict, load_application
 from opsflow.contracts import Event, Topic
-from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
+from opsflow.errors import BadInputError, ConfigurationError, OpsflowError, RetryableError
 
 TRACEPARENT = "traceparent"
 FULL_SCAN = "full-scan"
@@ -473,6 +473,10 @@ def nearest(key: str, keys: Iterable[str], n: int = 3) -> list[str]:
 # --- the index: where an instance's records are -------------------------------------------
 
 
+class RegistryUnavailable(RetryableError):
+    """The schema registry could not be asked while decoding the instance's records."""
+
+
 class IndexUnavailable(OpsflowError):
     """The audit projection cannot serve as an index here; the topics are read in full."""
 
@@ -786,4 +790,51 @@ def unknown_instance(key: str, scan: Scan, prefix: str, instance: str = "instanc
     return OpsflowError(
         f"no events for {instance} {key} in {where}, {scan.records_read:,} records read.\n"
         f"  {hint[0].upper()}{hint[1:]}"
+    )
+
+
+def read(
+    kafka: Mapping[str, Any],
+    codec: Callable[[], Any],
+    key: str,
+    *,
+    prefix: str,
+    database_url: str | None,
+    now: datetime,
+    on_full_scan: Callable[[str], None] | None = None,
+) -> Trace:
+    """One instance's trace, as ``opsflow trace`` and the operator console show it: the
+    audit index where the database has one, the topics, decoded, assembled.
+
+    Args:
+        codec: gives the ``WireCodec`` to decode with, asked once the records are read
+            (so making one, imports and all, can overlap the reading).
+        on_full_scan: told why, when the index cannot be used and the topics are read in full.
+
+    Raises:
+        OpsflowError: no record is keyed by ``key`` (naming the nearest ids seen).
+        RegistryUnavailable: the schema registry could not be asked.
+    """
+    index: Index | None = None
+    if database_url:
+        try:
+            index = load_index(database_url, key)
+        except IndexUnavailable as err:
+            if on_full_scan is not None:
+                on_full_scan(str(err))
+    found = scan(dict(kafka), key, prefix=prefix, index=index)
+    if not found.records:
+        raise unknown_instance(key, found, prefix, load_application().instance)
+    try:
+        records, unreadable = decode(found.records, codec(), key)
+    except RetryableError as err:
+        raise RegistryUnavailable(str(err)) from err
+    return assemble(
+        key,
+        records,
+        now,
+        path=found.path,
+        unreadable=unreadable,
+        records_read=found.records_read,
+        index_behind=found.behind,
     )

@@ -54,4 +54,6 @@ def relay(order: OrderReceived) -> PolicyChecked:
         reason_codes=[],
         reasons=[],
         rules_version="relay-1",
+        # As policy-check does: dispatch books an approval from itself.
+        destination=order.destination,
     )

@@ -1,10 +1,9 @@
 """A human step's inbox: server-rendered pages over the same desk and checks as the API.
 
 A person signs in by pasting their token (``opsflow users create NAME --role
-...``), checked exactly as the API checks a bearer token (``api.authenticated``);
-the inbox then starts a server-side session (``opsflow.web.sessions``) and the
-cookie holds only its id (``HttpOnly``, ``SameSite=Strict``, ``Secure`` over
-https, path ``/inbox``), never the token. A session ends after
+...``), checked as the API checks a bearer token; sign-in, the session's
+cookie, CSRF and the shared templates are ``opsflow.web.pages``' (the operator
+console has the same), the cookie's path is ``/inbox``. A session ends after
 ``<PREFIX>SESSION_IDLE_S`` without a request or ``<PREFIX>SESSION_MAX_S``
 after sign-in, at sign-out, and at once when the user is revoked; its cookie,
 and any copy of it, then only leads back to the sign-in page. Every action
@@ -14,12 +13,9 @@ look but not act), and whether a button is shown is asked of the same
 page and the API cannot disagree. A refusal (401, 403, 404, 409, 422, 503) is
 shown on the page with the API's message and status.
 
-CSRF: every change is a POST form; GET requests change nothing. A POST is
-refused (403) unless the browser says it comes from this server's own pages
-(``Origin``, or ``Referer``) and, once signed in, unless it sends back the
-session's CSRF token, which every form carries in a hidden field. The cookie's
-``SameSite=Strict`` stays as a third line. The pages load nothing from
-elsewhere and have no inline script: the service's
+CSRF: every change is a POST form; GET requests change nothing; a POST from
+elsewhere or without the session's token is refused (``opsflow.web.pages``).
+The pages load nothing from elsewhere and have no inline script: the service's
 ``Content-Security-Policy`` (``opsflow.web.headers``) allows their one
 stylesheet and one script file, both served here.
 
@@ -34,34 +30,25 @@ queue, a task's state, holder, history, facts), never one the person is typing
 in or has focused, so two reviewers see each other's claims without reloading.
 A GET changes nothing, so the refresh is as safe as a reload; it is marked
 (``X-Inbox-Refresh``) so it does not keep an unattended session alive.
-
-Forms are ``application/x-www-form-urlencoded`` with a field or two, parsed
-with the standard library (``urllib.parse``) rather than adding
-python-multipart for file uploads the inbox never takes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs, quote
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials
-from fastapi.templating import Jinja2Templates
-from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from psycopg import Error as DatabaseError
-from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from opsflow.nodes.human.api import DecisionBody, Views, actor_of, authenticated
+from opsflow.nodes.human.api import DecisionBody, Views, actor_of
 from opsflow.nodes.human.desk import Desk
 from opsflow.nodes.human.facts import Section, read_facts
 from opsflow.nodes.human.spec import HumanTask
@@ -74,17 +61,10 @@ from opsflow.nodes.human.tasks import (
     TaskNotFound,
     TaskTable,
 )
-from opsflow.users import Role, User
-from opsflow.web import ProblemError, read_limited
-from opsflow.web.sessions import (
-    Session,
-    SessionLimits,
-    csrf_token_matches,
-    end_session,
-    from_this_origin,
-    resume_session,
-    start_session,
-)
+from opsflow.users import Role
+from opsflow.web import ProblemError
+from opsflow.web.pages import NO_CSRF_TOKEN, Pages
+from opsflow.web.sessions import Session, SessionLimits, csrf_token_matches
 
 log = logging.getLogger("opsflow.nodes.human")
 
@@ -92,37 +72,7 @@ PREFIX = "/inbox"
 # The header inbox.js marks its own requests with (see the module docstring).
 REFRESH_HEADER = "x-inbox-refresh"
 _TEMPLATES = Path(__file__).with_name("templates")
-_FORM_LIMIT = 16 * 1024
-_SESSION_OVER = (
-    "your session has ended (signed out, unused for too long, too old, or your access was "
-    "revoked); sign in again"
-)
-_FOREIGN_POST = (
-    "this form was not sent from this inbox's own pages (the browser named no origin, or "
-    "another one); open the inbox and try again"
-)
-_NO_CSRF_TOKEN = (
-    "this form did not carry the token of your session (a page from before you signed in "
-    "again, or a form from elsewhere); reload the page and try again"
-)
 _REFUSALS: dict[type[Exception], int] = {TaskNotFound: 404, TaskConflict: 409, NotAllowed: 403}
-# What every page may use; a page passes what it has.
-_DEFAULTS: dict[str, Any] = {
-    "prefix": PREFIX,
-    "user": None,
-    "csrf": None,
-    "error": None,
-    "rows": [],
-    "refresh_s": 0,
-}
-
-_templates = Jinja2Templates(
-    env=Environment(
-        loader=FileSystemLoader(_TEMPLATES),
-        autoescape=True,  # every value on the page comes from events or people
-        undefined=StrictUndefined,  # a misspelt name fails the page, not shows blank
-    )
-)
 
 
 def time_left(due: datetime, now: datetime) -> str:
@@ -139,13 +89,6 @@ def time_left(due: datetime, now: datetime) -> str:
     else:
         span = f"{minutes // (24 * 60)} d {minutes // 60 % 24} h"
     return f"{span} left" if seconds >= 0 else f"overdue by {span}"
-
-
-def _when(at: datetime | None) -> str:
-    return at.strftime("%Y-%m-%d %H:%M:%S UTC") if at else ""
-
-
-_templates.env.filters["when"] = _when
 
 
 @dataclass(frozen=True)
@@ -233,23 +176,6 @@ def _refusal(err: Exception) -> tuple[int, str] | None:
     return None
 
 
-async def _form(request: Request) -> dict[str, str]:
-    raw = await read_limited(request, _FORM_LIMIT, hint="shorten the reason")
-    fields = parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True)
-    return {name: values[0] for name, values in fields.items()}
-
-
-def _user_of(request: Request, token: str) -> User:
-    """The user holding ``token``, checked as the API checks a bearer token.
-
-    Raises:
-        ProblemError: 401 for no token, or an unknown or revoked one.
-    """
-    if not token:
-        raise ProblemError(401, "sign in with your token")
-    return authenticated(request, HTTPAuthorizationCredentials(scheme="Bearer", credentials=token))
-
-
 @dataclass(frozen=True)
 class QueueQuery:
     """The queue page's filters as the person chose them (the form's fields, kept as
@@ -313,85 +239,35 @@ def inbox_router(
         refresh_s: how often an open page refreshes itself (0: never).
     """
     spec = desk.spec
-    cookie = f"opsflow_{spec.name.replace('-', '_')}_session"
     decisions = {"approve": spec.approved, "reject": spec.rejected}
-    # What every page of this step shows: its name, what its tasks are about, the key.
-    step = {
-        "title": f"{spec.name.capitalize()} inbox",
-        "subject": spec.subject,
-        "key_field": spec.key_field,
-        "topic": spec.topic.value,
-    }
-    stylesheet = _TEMPLATES.joinpath("inbox.css").read_text("utf-8")
+    pages = Pages(
+        prefix=PREFIX,
+        scope=spec.name,
+        title=f"{spec.name.capitalize()} inbox",
+        templates=_TEMPLATES,
+        limits=limits,
+        roles=tuple(Role),  # operators may look (``actor_of`` keeps them from acting)
+        refusal_page="queue.html",
+        # What every page of this step shows: what its tasks are about, the key.
+        defaults={
+            "subject": spec.subject,
+            "key_field": spec.key_field,
+            "topic": spec.topic.value,
+            "rows": [],
+            "script": "inbox.js",
+            "role_hint": "reviewer",
+        },
+        refresh_header=REFRESH_HEADER,
+    )
+    render, sign_in_page, signed_in = pages.render, pages.sign_in_page, pages.signed_in
     script = _TEMPLATES.joinpath("inbox.js").read_text("utf-8")
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
-
-    def render(request: Request, name: str, *, status: int = 200, **context: Any) -> Response:
-        response = _templates.TemplateResponse(
-            request, name, {**_DEFAULTS, **step, **context}, status
-        )
-        # Pages show who holds what: never serve one from a cache after the fact.
-        response.headers["Cache-Control"] = "no-store"
-        return response
-
-    def sign_in_page(request: Request, status: int, message: str | None) -> Response:
-        response = render(request, "sign_in.html", status=status, error=message)
-        if status == 401:
-            response.delete_cookie(cookie, path=PREFIX)
-        return response
-
-    def pool(request: Request) -> ConnectionPool[Any]:
-        found: ConnectionPool[Any] = request.app.state.pool
-        return found
-
-    def resume(request: Request, session_id: str) -> Session | None:
-        with pool(request).connection() as conn:
-            return resume_session(
-                conn,
-                session_id,
-                scope=spec.name,
-                limits=limits,
-                touch=REFRESH_HEADER not in request.headers,
-            )
-
-    def start(request: Request, user: User) -> str:
-        with pool(request).connection() as conn:
-            return start_session(conn, user, scope=spec.name, limits=limits)
-
-    def end(request: Request, session_id: str) -> None:
-        with pool(request).connection() as conn:
-            end_session(conn, session_id)
-
-    async def signed_in(request: Request) -> Session:
-        """The request's live session.
-
-        Raises:
-            ProblemError: 401 when there is none, or it is over.
-        """
-        session_id = request.cookies.get(cookie)
-        if not session_id:
-            raise ProblemError(401, "sign in with your token")
-        session = await run_in_threadpool(resume, request, session_id)
-        if session is None:
-            raise ProblemError(401, _SESSION_OVER)
-        return session
-
-    def refused_post(request: Request) -> Response | None:
-        """The 403 for a POST another site's page may have sent; None when it is ours."""
-        if from_this_origin(request):
-            return None
-        return render(request, "queue.html", status=403, error=_FOREIGN_POST)
+    pages.add_routes(router)
 
     def refused(request: Request, session: Session, status: int, message: str) -> Response:
         """A refusal shown on the signed-in person's queue page (without its rows)."""
-        return render(
-            request,
-            "queue.html",
-            status=status,
-            user=session.user,
-            csrf=session.csrf_token,
-            error=message,
-            refresh_s=refresh_s,
+        return pages.signed_in_page(
+            request, session, "queue.html", status=status, error=message, refresh_s=refresh_s
         )
 
     def urgency(due_at: datetime, now: datetime) -> str:
@@ -405,7 +281,7 @@ def inbox_router(
         if spec.facts is None:
             return [], None
         try:
-            return await run_in_threadpool(read_facts, pool(request), spec.facts, key), None
+            return await run_in_threadpool(read_facts, pages.pool(request), spec.facts, key), None
         except DatabaseError as err:
             log.warning(
                 "facts of a task's instance unreadable",
@@ -453,10 +329,6 @@ def inbox_router(
             refresh_s=refresh_s,
         )
 
-    @router.get("/inbox.css")
-    async def css() -> Response:
-        return Response(stylesheet, media_type="text/css")
-
     @router.get("/inbox.js")
     async def js() -> Response:
         return Response(script, media_type="text/javascript")
@@ -471,7 +343,7 @@ def inbox_router(
         due_within: str = "",
         search: Annotated[str, Query(max_length=200)] = "",
     ) -> Response:
-        if not request.cookies.get(cookie):
+        if not request.cookies.get(pages.cookie):
             return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
         try:
             session = await signed_in(request)
@@ -516,56 +388,6 @@ def inbox_router(
             refresh_s=refresh_s,
         )
 
-    @router.get("/sign-in")
-    async def sign_in_form(request: Request) -> Response:
-        return sign_in_page(request, 200, None)
-
-    @router.post("/sign-in")
-    async def sign_in(request: Request) -> Response:
-        # Checked here too: another site must not sign a browser in as someone else.
-        if (refusal := refused_post(request)) is not None:
-            return refusal
-        token = (await _form(request)).get("token", "").strip()
-        try:
-            user = await run_in_threadpool(_user_of, request, token)
-        except ProblemError as err:
-            return sign_in_page(request, 401, err.problem.detail)
-        if previous := request.cookies.get(cookie):
-            await run_in_threadpool(end, request, previous)
-        session_id = await run_in_threadpool(start, request, user)
-        response = RedirectResponse(PREFIX, status_code=303)
-        response.set_cookie(
-            cookie,
-            session_id,
-            # The browser forgets it when the server would refuse it anyway.
-            max_age=math.ceil(limits.absolute.total_seconds()),
-            path=PREFIX,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-        return response
-
-    @router.post("/sign-out")
-    async def sign_out(request: Request) -> Response:
-        if (refusal := refused_post(request)) is not None:
-            return refusal
-        session_id = request.cookies.get(cookie)
-        session = await run_in_threadpool(resume, request, session_id) if session_id else None
-        if session_id and session is not None:
-            if not csrf_token_matches(session, (await _form(request)).get("csrf_token")):
-                return refused(request, session, 403, _NO_CSRF_TOKEN)
-            await run_in_threadpool(end, request, session_id)
-        response = RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
-        response.delete_cookie(
-            cookie,
-            path=PREFIX,
-            httponly=True,
-            samesite="strict",
-            secure=request.url.scheme == "https",
-        )
-        return response
-
     @router.get("/tasks/{task_id}")
     async def task(request: Request, task_id: str) -> Response:
         try:
@@ -583,15 +405,15 @@ def inbox_router(
     async def act(
         request: Request, task_id: str, action: Literal["claim", "release", "decide"]
     ) -> Response:
-        if (refusal := refused_post(request)) is not None:
+        if (refusal := pages.refused_post(request)) is not None:
             return refusal
         try:
             session = await signed_in(request)
         except ProblemError as err:
             return sign_in_page(request, 401, err.problem.detail)
-        form = await _form(request)
+        form = await pages.form(request)
         if not csrf_token_matches(session, form.get("csrf_token")):
-            return refused(request, session, 403, _NO_CSRF_TOKEN)
+            return refused(request, session, 403, NO_CSRF_TOKEN)
         try:
             ready()
             actor = actor_of(spec, session.user)

@@ -1,0 +1,382 @@
+"""The console's app: its pages over the operator commands' library code (see the package)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from psycopg_pool import ConnectionPool
+from starlette.concurrency import run_in_threadpool
+
+from opsflow import operator_actions, stack
+from opsflow.console.settings import ConsoleSettings
+from opsflow.dlq import DeadLetterQueues, Filters, RedriveResult, UnknownDeadLetterError, cases
+from opsflow.dlq import decoded as decoded_value
+from opsflow.errors import ConfigurationError, OpsflowError
+from opsflow.producer import Producer
+from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
+from opsflow.users import Role
+from opsflow.web import ProblemError, SecurityHeaders, add_health_routes, install_problem_handlers
+from opsflow.web.pages import Pages
+from opsflow.web.sessions import Session, SessionLimits
+
+PREFIX = "/console"
+_TEMPLATES = Path(__file__).with_name("templates")
+REDRIVE = "dlq.redrive"
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What the console reads and writes: the cluster, the registry and the database.
+
+    Attributes:
+        kafka: librdkafka settings with the operator's credentials.
+        registry: the schema registry client's settings.
+        database_url: where sessions, redrive marks and operator actions are.
+        prefix: ``OPSFLOW_TOPIC_PREFIX``.
+        metrics: service name -> its metrics URL, for processed/s (the local stack's).
+    """
+
+    kafka: Mapping[str, Any]
+    registry: Mapping[str, Any]
+    database_url: str
+    prefix: str
+    metrics: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_environment(cls) -> Cluster:
+        """The cluster the variables name (as for every operator command)."""
+        plan = stack.running_plan()
+        metrics = {
+            c.name: c.address
+            for c in (plan.components if plan is not None else ())
+            if c.module[:1] == ("opsflow.runtime",)
+        }
+        return cls(
+            kafka={"socket.timeout.ms": 5000, "log_level": 0, **KafkaSettings().client_config()},
+            registry=RegistrySettings().client_config(),
+            database_url=DatabaseSettings().database_url or "",
+            prefix=TopicSettings().prefix,
+            metrics=metrics,
+        )
+
+    def queues(self) -> DeadLetterQueues:
+        return DeadLetterQueues(self.kafka, self.database_url, prefix=self.prefix)
+
+    def codec(self) -> Any:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        from opsflow.contracts.wire import WireCodec
+
+        return WireCodec(SchemaRegistryClient(dict(self.registry)))
+
+
+def create_app(
+    settings: ConsoleSettings,
+    *,
+    pool: ConnectionPool[Any],
+    producer: Producer,
+    cluster: Cluster | None = None,
+) -> FastAPI:
+    """The console over an open pool (and the producer its readiness check asks)."""
+    app = FastAPI(title="opsflow console", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(SecurityHeaders)
+    app.state.pool = pool
+    add_health_routes(app, pool=pool, producer=producer)
+    limits = SessionLimits(
+        idle=timedelta(seconds=settings.session_idle_s),
+        absolute=timedelta(seconds=settings.session_max_s),
+    )
+    app.include_router(console_router(cluster or Cluster.from_environment(), limits))
+    install_problem_handlers(app)
+    return app
+
+
+def _redrive_outcome(result: RedriveResult) -> tuple[str, dict[str, Any]]:
+    """What a redrive did, in a sentence for the audit and the page, and as data."""
+    detail = result.as_json()
+    if result.failed:
+        errors = "; ".join(error for _, error in result.failed)
+        return f"not written ({errors}); it stays pending: try again", detail
+    if result.redriven:
+        where = ", ".join(
+            f"{entries[0].letter.source_topic}/{to.partition}/{to.offset}" if to else "?"
+            for entries, to in result.redriven
+        )
+        letters = sum(len(entries) for entries, _ in result.redriven)
+        return f"redriven: written back once as {where} ({letters} dead letter(s))", detail
+    marks = [e.redrive.redriven_at for e in result.skipped if e.redrive is not None]
+    since = f" at {min(marks):%Y-%m-%d %H:%M:%S} UTC" if marks else ""
+    return f"nothing written: it was redriven already{since}", detail
+
+
+def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
+    """The console's pages under ``/console`` (see the package docstring)."""
+    pages = Pages(
+        prefix=PREFIX,
+        scope="console",
+        title="Operator console",
+        templates=_TEMPLATES,
+        limits=limits,
+        roles=(Role.OPERATOR,),
+        refusal_page="message.html",
+    )
+    router = APIRouter(prefix=PREFIX, include_in_schema=False)
+    pages.add_routes(router)
+
+    async def call(work: Callable[..., T], *args: Any) -> T:
+        """Run a blocking command (broker, database) off the event loop."""
+        return await run_in_threadpool(work, *args)
+
+    def message(request: Request, session: Session, status: int, text: str) -> Response:
+        return pages.signed_in_page(request, session, "message.html", status=status, error=text)
+
+    async def operator(request: Request) -> Session | Response:
+        """The signed-in operator, or the page to answer with instead (sign-in, 403)."""
+        try:
+            return await pages.signed_in(request)
+        except ProblemError as err:
+            if err.problem.status == 401:
+                if not request.cookies.get(pages.cookie):
+                    return RedirectResponse(f"{PREFIX}/sign-in", status_code=303)
+                return pages.sign_in_page(request, 401, err.problem.detail)
+            return pages.render(
+                request, "message.html", status=err.problem.status, error=err.problem.detail
+            )
+
+    def refusal(request: Request, session: Session, err: Exception) -> Response:
+        """A command's failure as a page: a wrong id 404, an unreachable dependency 503."""
+        if isinstance(err, UnknownDeadLetterError):
+            return message(request, session, 404, str(err))
+        if isinstance(err, ConfigurationError):
+            return message(request, session, 503, str(err))
+        return message(request, session, 422, str(err))
+
+    @router.get("")
+    async def overview_page(request: Request) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        from opsflow.overview import overview
+
+        plan = stack.running_plan()
+        components = await call(stack.status, plan) if plan is not None else None
+        found = await call(overview, cluster.kafka, cluster.database_url, cluster.metrics)
+        return pages.signed_in_page(
+            request, session, "overview.html", components=components, found=found
+        )
+
+    @router.get("/dead-letters")
+    async def dead_letters(
+        request: Request,
+        topic: Annotated[str, Query(max_length=200)] = "",
+        error_class: Annotated[str, Query(max_length=200)] = "",
+        service: Annotated[str, Query(max_length=200)] = "",
+        key: Annotated[str, Query(max_length=200)] = "",
+        include_redriven: str = "",
+    ) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        from opsflow.dlq import summary
+
+        queues = cluster.queues()
+        filters = Filters(topic or None, error_class or None, service or None, key or None)
+        if filters.topic is not None and filters.topic not in queues.topics:
+            return message(request, session, 422, f"there is no topic {topic!r}")
+        try:
+            entries = await call(queues.entries, [filters.topic] if filters.topic else None)
+        except OpsflowError as err:
+            return refusal(request, session, err)
+        found = cases(e for e in entries if filters.matches(e))
+        shown = [case for case in found if include_redriven or case.pending]
+        return pages.signed_in_page(
+            request,
+            session,
+            "dead_letters.html",
+            groups=summary(found),
+            cases=shown[:200],
+            more=max(0, len(shown) - 200),
+            filters=filters,
+            include_redriven=bool(include_redriven),
+            topics=queues.topics,
+        )
+
+    @router.get("/dead-letters/{topic}/{partition}/{offset}")
+    async def dead_letter(request: Request, topic: str, partition: int, offset: int) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        dead_letter_id = f"{topic}/{partition}/{offset}"
+        queues = cluster.queues()
+        try:
+            entry = await call(queues.entry, dead_letter_id)
+            value, problem = await call(decoded_value, entry.letter.value, cluster.codec())
+        except OpsflowError as err:
+            return refusal(request, session, err)
+        actions = await call(recent_actions, request, entry.id)
+        return pages.signed_in_page(
+            request,
+            session,
+            "dead_letter.html",
+            entry=entry,
+            value=value,
+            value_error=problem,
+            actions=actions,
+        )
+
+    @router.get("/dead-letters/{topic}/{partition}/{offset}/redrive")
+    async def confirm_redrive(
+        request: Request, topic: str, partition: int, offset: int
+    ) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        dead_letter_id = f"{topic}/{partition}/{offset}"
+        queues = cluster.queues()
+        try:
+            chosen = await call(queues.by_ids, [dead_letter_id])
+            plan = queues.redrive(chosen, dry_run=True)
+        except OpsflowError as err:
+            return refusal(request, session, err)
+        return pages.signed_in_page(
+            request,
+            session,
+            "confirm_redrive.html",
+            dead_letter_id=dead_letter_id,
+            plan=plan,
+            entry=next(e for e in chosen if e.id == dead_letter_id),
+        )
+
+    @router.post("/dead-letters/{topic}/{partition}/{offset}/redrive")
+    async def redrive(request: Request, topic: str, partition: int, offset: int) -> Response:
+        try:
+            session, _form = await pages.posted(request)
+        except ProblemError as err:
+            if err.problem.status == 401:
+                return pages.sign_in_page(request, 401, err.problem.detail)
+            return pages.render(
+                request, "message.html", status=err.problem.status, error=err.problem.detail
+            )
+        dead_letter_id = f"{topic}/{partition}/{offset}"
+        queues = cluster.queues()
+        try:
+            chosen = await call(queues.by_ids, [dead_letter_id])
+        except OpsflowError as err:
+            return refusal(request, session, err)
+
+        def audited() -> str:
+            """Record the action, redrive, record its outcome (see opsflow.operator_actions)."""
+            with pages.pool(request).connection() as conn:
+                action_id = operator_actions.begin(conn, session.user, REDRIVE, dead_letter_id)
+            try:
+                outcome, detail = _redrive_outcome(queues.redrive(chosen))
+            except Exception as err:
+                outcome, detail = f"failed: {err}", {"error": str(err)}
+            with pages.pool(request).connection() as conn:
+                operator_actions.finish(conn, action_id, outcome, detail)
+            return action_id
+
+        action_id = await call(audited)
+        # Post/redirect/get: a reload shows the outcome, it does not redrive again.
+        return RedirectResponse(f"{PREFIX}/actions/{action_id}", status_code=303)
+
+    def recent_actions(
+        request: Request, target: str | None
+    ) -> list[operator_actions.OperatorAction]:
+        with pages.pool(request).connection() as conn:
+            return operator_actions.recent(conn, target=target)
+
+    def one_action(request: Request, action_id: str) -> operator_actions.OperatorAction | None:
+        with pages.pool(request).connection() as conn:
+            return operator_actions.get(conn, action_id)
+
+    @router.get("/actions")
+    async def actions(request: Request) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        found = await call(recent_actions, request, None)
+        return pages.signed_in_page(request, session, "actions.html", actions=found)
+
+    @router.get("/actions/{action_id}")
+    async def action(request: Request, action_id: str) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        found = await call(one_action, request, action_id)
+        if found is None:
+            return message(request, session, 404, f"no operator action {action_id!r}")
+        key = None
+        if found.action == REDRIVE and found.detail:
+            redriven = found.detail.get("redriven") or []
+            key = redriven[0]["key"] if redriven else None
+        if key is None and found.action == REDRIVE:
+            # Nothing written this time: the dead letter still names its instance.
+            try:
+                key = (await call(cluster.queues().entry, found.target)).key
+            except OpsflowError:
+                key = None
+        return pages.signed_in_page(request, session, "action.html", action=found, key=key)
+
+    @router.get("/trace")
+    async def trace_page(
+        request: Request, key: Annotated[str, Query(max_length=200)] = ""
+    ) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        from opsflow import trace
+        from opsflow.application import load_application
+
+        instance = load_application().instance
+        if not key.strip():
+            return pages.signed_in_page(
+                request, session, "trace.html", key="", found=None, instance=instance
+            )
+        notes: list[str] = []
+        try:
+            found = await call(
+                lambda: trace.read(
+                    cluster.kafka,
+                    cluster.codec,
+                    key.strip(),
+                    prefix=cluster.prefix,
+                    database_url=cluster.database_url or None,
+                    now=datetime.now(UTC),
+                    on_full_scan=notes.append,
+                )
+            )
+        except OpsflowError as err:
+            status = 503 if err.retryable or isinstance(err, ConfigurationError) else 404
+            return pages.signed_in_page(
+                request,
+                session,
+                "trace.html",
+                status=status,
+                error=str(err),
+                key=key,
+                found=None,
+                instance=instance,
+            )
+        return pages.signed_in_page(
+            request,
+            session,
+            "trace.html",
+            key=key,
+            found=found,
+            instance=instance,
+            notes=notes,
+            who=trace.who,
+            actor_of=trace.actor_of,
+            elapsed=trace.elapsed,
+            stamp=trace.stamp,
+        )
+
+    return router
