@@ -53,7 +53,8 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
     with psycopg.connect(database_url, autocommit=True) as conn:
         # The schema and the bookkeeping as they were: opsflow's versions 1 to 8 (the
         # audit log's instance column still named order_id, no effect claims, no key
-        # scopes, no sessions, no task transitions, dispatch's own table), no owners.
+        # scopes, no sessions, no task transitions, no operator actions, dispatch's own
+        # table), no owners.
         conn.execute(
             "CREATE TABLE dispatch_orders (order_id text PRIMARY KEY, destination jsonb NOT NULL,"
             " received_event_id uuid NOT NULL, dispatch_key text, claimed_at timestamptz)"
@@ -68,6 +69,7 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
         conn.execute("DROP TABLE effect_claims")
         conn.execute("DROP TABLE opsflow_sessions")
         conn.execute("DROP TABLE task_transitions")
+        conn.execute("DROP TABLE operator_actions")
         conn.execute("ALTER TABLE opsflow_api_keys DROP COLUMN events")
         # ...and orders_current without the order's facts the review page shows.
         conn.execute(
@@ -85,7 +87,7 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             "FROM generate_series(1, 8) AS v"
         )
     adopted = db.migrate(database_url)
-    new = [(db.OPSFLOW, v) for v in range(9, 14)]
+    new = [(db.OPSFLOW, v) for v in range(9, 15)]
     assert adopted == new + [(o, v) for o, v in _shipped() if o == "orders"], (
         "opsflow's new ones run; the application's from opsflow recorded, its new one run"
     )
@@ -98,4 +100,4 @@ def test_a_database_migrated_before_the_workflows_tables_moved_keeps_them_and_it
             "SELECT owner, count(*) FROM opsflow_migrations GROUP BY owner ORDER BY owner"
         ).fetchall()
     assert kept == [("o-1", {"destination": {"city": "Hamburg"}})], "dispatch's rows moved"
-    assert owners == [(db.OPSFLOW, 13), ("orders", 5)]
+    assert owners == [(db.OPSFLOW, 14), ("orders", 5)]
