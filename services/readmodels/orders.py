@@ -18,6 +18,7 @@ import psycopg
 from psycopg import sql
 
 from opsflow.projections import EventRecord, Latest, MergeTable, Projection, Tables
+from opsflow.projections.merge import Row, merging
 from services.contracts import DISPATCH, ORDERS, POD, POLICY_CHECK, REVIEW
 
 # Causal ranks of the states: a step's events outrank every earlier step's.
@@ -279,19 +280,15 @@ def _summarise(conn: psycopg.Connection[Any], tables: Tables, days: list[Any] | 
     )
 
 
-def apply(
-    conn: psycopg.Connection[Any], records: Sequence[EventRecord], tables: Tables, bulk: bool
-) -> None:
-    rows = ORDERS_CURRENT.fold(p for p in map(partial, records) if p is not None)
-    ORDERS_CURRENT.write(conn, tables["orders_current"], rows)
-    if rows and not bulk:
-        days = conn.execute(
-            sql.SQL(f"SELECT DISTINCT {_DAY} FROM {{}} WHERE order_id = ANY(%s)").format(
-                sql.Identifier(tables["orders_current"])
-            ),
-            ([row["order_id"] for row in rows],),
-        ).fetchall()
-        _summarise(conn, tables, [day for (day,) in days if day is not None])
+def _summarise_days(conn: psycopg.Connection[Any], rows: Sequence[Row], tables: Tables) -> None:
+    """Recompute ``daily_summary`` for the days of the orders a batch touched."""
+    days = conn.execute(
+        sql.SQL(f"SELECT DISTINCT {_DAY} FROM {{}} WHERE order_id = ANY(%s)").format(
+            sql.Identifier(tables["orders_current"])
+        ),
+        ([row["order_id"] for row in rows],),
+    ).fetchall()
+    _summarise(conn, tables, [day for (day,) in days if day is not None])
 
 
 def finish(conn: psycopg.Connection[Any], tables: Tables) -> None:
@@ -302,7 +299,7 @@ projection = Projection(
     name="orders_current",
     topics=(ORDERS, POLICY_CHECK, REVIEW, DISPATCH, POD),
     tables=("orders_current", "daily_summary"),
-    apply=apply,
+    apply=merging(ORDERS_CURRENT, partial, _summarise_days),
     finish=finish,
     description="one row per order: its state and the time of each step; daily roll-up",
     event_types=EVENT_TYPES,

@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import multiprocessing
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,11 +37,14 @@ from psycopg import sql
 from opsflow import db
 from opsflow.errors import BadInputError
 from opsflow.projections import positions
+from opsflow.projections.merge import Merging
 from opsflow.projections.positions import TopicPartition
 from opsflow.projections.projection import Projection, Tables
 from opsflow.projections.records import EventRecord, RecordDecoder
-from opsflow.projections.runner import ProjectionRunner
+from opsflow.projections.runner import ProjectionRunner, Unfoldable
 from opsflow.topics import ReadToEnd, consumer_config
+
+log = logging.getLogger("opsflow.projections")
 
 Progress = Callable[[int, int], None]
 """Called with (records read, records to read) as the replay goes."""
@@ -139,17 +143,7 @@ def rebuild(
                 )
             )
         positions.forget(conn, key)
-    runner = ProjectionRunner(
-        projection,
-        kafka=kafka,
-        registry=registry,
-        database_url=database_url,
-        tables=shadow,
-        position_key=key,
-        max_events=REBUILD_BATCH,
-        max_wait_s=0.5,
-        bulk=True,
-    )
+    runner = _replayer(projection, kafka, registry, database_url, shadow, key, None, fold=True)
     runner.open()
     try:
         ends = runner.high_watermarks()
@@ -157,10 +151,16 @@ def rebuild(
         if workers > 1 and total >= parallel_from:
             _replay_in_parallel(runner, ends, workers, registry, progress)
         while True:
-            while not runner.caught_up(ends):
-                runner.step()
-                if progress:
-                    progress(sum(runner.positions.values()), total)
+            try:
+                while not runner.caught_up(ends):
+                    runner.step()
+                    if progress:
+                        progress(sum(runner.positions.values()), total)
+                runner.flush()
+            except Unfoldable as err:
+                runner.close()
+                runner = _unfolded(runner, err)
+                continue
             ends = runner.high_watermarks()
             total = sum(ends.values())
             if sum(max(0, end - runner.positions[tp]) for tp, end in ends.items()) <= SWAP_LAG:
@@ -174,6 +174,50 @@ def rebuild(
     if progress:
         progress(result.records, result.records)
     return result
+
+
+def _replayer(
+    projection: Projection,
+    kafka: Mapping[str, Any],
+    registry: SchemaRegistryClient,
+    database_url: str,
+    tables: Tables,
+    key: str,
+    partitions: Collection[TopicPartition] | None,
+    *,
+    fold: bool,
+) -> ProjectionRunner:
+    """A runner replaying into the shadow tables; folding when the projection's rows are
+    merged (``ProjectionRunner``'s ``fold``: each row written once, not once per batch)."""
+    return ProjectionRunner(
+        projection,
+        kafka=kafka,
+        registry=registry,
+        database_url=database_url,
+        tables=tables,
+        position_key=key,
+        max_events=REBUILD_BATCH,
+        max_wait_s=0.5,
+        bulk=True,
+        partitions=partitions,
+        fold=fold and isinstance(projection.apply, Merging),
+    )
+
+
+def _unfolded(runner: ProjectionRunner, err: Unfoldable) -> ProjectionRunner:
+    """A runner like ``runner`` that does not fold, opened at the stored position: the
+    tables refused folded rows, and batch by batch the records at fault are found and
+    dead-lettered, as the live runner would."""
+    log.warning(
+        "folded rows refused: replaying batch by batch",
+        extra={"projection": runner.key, "error": str(err)[:500]},
+    )
+    replacement = _replayer(
+        runner.projection, runner.kafka, runner.registry, runner.database_url,
+        runner.tables, runner.key, runner.only, fold=False,
+    )  # fmt: skip
+    replacement.open()
+    return replacement
 
 
 def _replay_in_parallel(
@@ -235,25 +279,23 @@ def _replay_share(
     ends: Mapping[TopicPartition, int],
 ) -> int:
     """One process of a parallel replay: apply its partitions up to ``ends``."""
-    runner = ProjectionRunner(
-        projection,
-        kafka=kafka,
-        registry=SchemaRegistryClient(registry_conf),
-        database_url=database_url,
-        tables=tables,
-        position_key=key,
-        max_events=REBUILD_BATCH,
-        max_wait_s=0.5,
-        bulk=True,
-        partitions=ends.keys(),
+    registry = SchemaRegistryClient(registry_conf)
+    runner = _replayer(
+        projection, kafka, registry, database_url, tables, key, ends.keys(), fold=True
     )
     runner.open()
     try:
-        while not runner.caught_up(ends):
-            runner.step()
+        while True:
+            try:
+                while not runner.caught_up(ends):
+                    runner.step()
+                runner.flush()
+                return runner.applied
+            except Unfoldable as err:
+                runner.close()
+                runner = _unfolded(runner, err)
     finally:
         runner.close()
-    return runner.applied
 
 
 def _swap(

@@ -6,9 +6,16 @@ how fast a read model comes back. Building the typed model of each event
 bench machine (``python -m tests.bench --only codec``); projections need the
 fields, not the validation (the producers validated them before writing).
 So a projection gets an ``EventRecord``: the event type, the envelope fields
-it needs, the datum as fastavro reads it with logical types left as plain
-values (timestamps as epoch milliseconds, ready for ``to_timestamp`` in SQL),
-and where the record sits in the log.
+it needs, the datum as plain dicts with logical types left as plain values
+(timestamps as epoch milliseconds, ready for ``to_timestamp`` in SQL), and
+where the record sits in the log.
+
+The body is decoded by cavro (Avro in Cython), not fastavro: on the
+projections' real schemas and the bench's event mix it decodes a record in
+about 60% of fastavro's ``schemaless_reader`` time (3.6 against 6.3 us, 6.9
+against 11.7 us on a busier machine, interleaved medians of 7 passes over
+100,000 records), and decoding is the largest part of a rebuild. Both give
+equal dicts for every event type.
 
 Schema resolution is the same as the wire codec's: a record written with an
 older version of its event type is read with the latest schema, so a field
@@ -18,14 +25,13 @@ added later is present with its default.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-import fastavro
+import cavro
 from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
@@ -80,6 +86,11 @@ def _plain(schema: Any) -> Any:
     return schema
 
 
+def _schema(source: Any) -> cavro.Schema:
+    """A cavro schema decoding records to dicts, logical types as plain values."""
+    return cavro.Schema(_plain(source), record_decodes_to_dict=True, logical_types=())
+
+
 class RecordDecoder:
     """Decodes Confluent-framed records into ``EventRecord``s, caching schemas by id.
 
@@ -99,10 +110,10 @@ class RecordDecoder:
     ) -> None:
         self._registry = registry
         self._contracts = contracts or catalogue()
-        self._readers: dict[int, tuple[str, Any, Any, str]] = {}
+        self._readers: dict[int, tuple[str, Any, str]] = {}
         self._wanted = None if event_types is None else frozenset(event_types)
 
-    def _reader(self, schema_id: int) -> tuple[str, Any, Any, str]:
+    def _reader(self, schema_id: int) -> tuple[str, Any, str]:
         cached = self._readers.get(schema_id)
         if cached is None:
             try:
@@ -121,16 +132,11 @@ class RecordDecoder:
                 raise BadInputError(
                     f"schema id {schema_id} is record {name}, which no contract defines"
                 ) from err
-            plain_writer, plain_latest = _plain(writer), _plain(event_type.latest_schema)
-            # Resolution only for older writers: fastavro would otherwise compare
-            # two equal schemas on every record.
-            reader = None if plain_writer == plain_latest else fastavro.parse_schema(plain_latest)
-            cached = (
-                event_type.name,
-                fastavro.parse_schema(plain_writer),
-                reader,
-                event_type.topic.key,
-            )
+            # Resolved against the latest schema only for older writers.
+            decoder = _schema(writer)
+            if _plain(writer) != _plain(event_type.latest_schema):
+                decoder = _schema(event_type.latest_schema).reader_for_writer(decoder)
+            cached = (event_type.name, decoder, event_type.topic.key)
             self._readers[schema_id] = cached
         return cached
 
@@ -160,21 +166,21 @@ class RecordDecoder:
         magic, schema_id = _HEADER.unpack_from(value)
         if magic != 0:
             raise BadInputError(f"record value starts with byte {magic}, not the magic byte 0")
-        event_type, writer, reader, key = self._readers.get(schema_id) or self._reader(schema_id)
+        event_type, decoder, key = self._readers.get(schema_id) or self._reader(schema_id)
         if wanted is not None and event_type not in wanted:
             return None
         try:
-            data = fastavro.schemaless_reader(io.BytesIO(value[_HEADER.size :]), writer, reader)
-        except (EOFError, ValueError, TypeError, IndexError, UnicodeDecodeError) as err:
+            data = decoder.binary_decode(value[_HEADER.size :])
+        except (EOFError, ValueError, TypeError, IndexError, cavro.CavroException) as err:
             raise BadInputError(
                 f"{event_type} body does not match schema id {schema_id}: {err}"
             ) from err
         # A record its declaration does not let that producer write is not projected.
-        self._contracts.check_producer(event_type, data["envelope"]["producer"])  # type: ignore[call-overload,index]
+        self._contracts.check_producer(event_type, data["envelope"]["producer"])
         return EventRecord(
             event_type,
-            data,  # type: ignore[arg-type]
-            data[key],  # type: ignore[call-overload,index]
+            data,
+            data[key],
             msg.topic(),  # type: ignore[arg-type]
             msg.partition(),  # type: ignore[arg-type]
             msg.offset(),  # type: ignore[arg-type]
