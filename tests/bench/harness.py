@@ -21,6 +21,7 @@ import gc
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import statistics
@@ -550,6 +551,13 @@ def _stack_overrides(cases: Sequence[type[Case]]) -> dict[str, str]:
     return merged
 
 
+def _without_passfile(url: str) -> str:
+    """A connection URL without its ``passfile`` parameter: a path of the machine the
+    bench ran on, which a result file must not carry."""
+    kept = re.sub(r"passfile=[^&]*&?", "", url)
+    return kept.rstrip("?&")
+
+
 def _portable(command: Sequence[str]) -> list[str]:
     """``command`` with its interpreter relative to the checkout (else its file name)."""
     if not command:
@@ -636,7 +644,7 @@ def run(
         "software": software_facts(),
         "stack": {
             "external": stack.external,
-            "env": {k: redact(v) for k, v in stack.env.items()},
+            "env": {k: _without_passfile(redact(v)) for k, v in stack.env.items()},
             "overrides": _stack_overrides(cases),
         },
         "cases": {result.case.name: result.to_json() for result in results},
