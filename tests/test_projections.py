@@ -336,16 +336,17 @@ def test_two_projector_processes_one_killed_mid_stream_keep_models_equal_to_a_re
     )
     try:
         orders = list(histories(1000, run=world.prefix, seed=5))
-        total = expected_counts(orders)["audit_log"]
-        world.publish(orders)
+        before, after = orders[:500], orders[500:]
+        world.publish(before)
         deadline = time.monotonic() + 60
-        while world.count("audit_log") < total // 5:
+        while world.count("audit_log") < expected_counts(before)["audit_log"] // 5:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        # Both write (each batch fenced on the stored position); one dies mid-stream.
+        # Both write (each batch fenced on the stored position); one dies mid-stream
+        # (or, on a fast day, once the first half is in), and the rest is the survivor's.
         projector_process.send_signal(signal.SIGKILL)
         projector_process.wait(10)
-        assert world.count("audit_log") < total, "killed too late to prove anything"
+        world.publish(after)
         world.wait_caught_up()
         assert second.poll() is None, "the survivor is still running"
     finally:
