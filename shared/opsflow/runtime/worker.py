@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -284,6 +284,8 @@ class Worker:
         self.health = observability.Health()
         self.tracer = observability.tracer(service.name)
         self.recording = observability.exporting()
+        # Unrecorded spans' trace context read and written without the propagators.
+        self.direct_trace = not self.recording and observability.w3c_only()
         # Recovery scans run beside the poll loop (never in a rebalance callback,
         # where a long scan held the whole group's rebalance), one at a time.
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recovery")
@@ -534,6 +536,8 @@ class Worker:
         )
 
     def _span(self, msg: _Input) -> AbstractContextManager[Span]:
+        if self.direct_trace:
+            return nullcontext(observability.unrecorded_span(msg.headers))
         attributes = (
             {
                 "messaging.system": "kafka",
@@ -648,7 +652,7 @@ class Worker:
             part.open, part.txn_started = True, time.monotonic()
         skip = part.skip
         assert skip is not None
-        trace_context = observability.trace_headers(span)
+        trace_context = observability.trace_headers(span, direct=self.direct_trace)
         for out in outcome:
             source = recovery.source_of(part.topic, part.partition, msg.offset, out.index)
             if source in skip:
