@@ -43,8 +43,10 @@ from opsflow.settings import RegistrySettings
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
 # Records decode to dicts, the shape ``from_avro`` takes; timestamps come back as
-# UTC datetimes and UUIDs as ``uuid.UUID``, as fastavro gave them.
-_OPTIONS = cavro.DEFAULT_OPTIONS.replace(record_decodes_to_dict=True)
+# UTC datetimes. UUIDs are left as text for the model to parse: cavro builds
+# ``uuid.UUID`` objects in Python, pydantic in Rust (decode plus ``from_avro`` of
+# an order: 122 -> 99 us, 5,000 varied orders under load, the same models).
+_OPTIONS = cavro.DEFAULT_OPTIONS.replace(record_decodes_to_dict=True, return_uuid_object=False)
 
 
 def _schema(schema: dict[str, Any]) -> cavro.Schema:
