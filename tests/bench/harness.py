@@ -562,6 +562,13 @@ def _portable(command: Sequence[str]) -> list[str]:
     return [shown, *command[1:]]
 
 
+def _shown_address(value: str, data_dir: Path | None) -> str:
+    """An address as the results file shows it: no password, and no path of this machine
+    (the embedded database's URL names a password file in the temporary data directory)."""
+    shown = redact(value)
+    return shown.replace(str(data_dir), "<data dir>") if data_dir is not None else shown
+
+
 def write_results(document: dict[str, Any], started: datetime) -> Path:
     """Write ``results/<UTC timestamp>.json``, never overwriting an earlier run's file."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -636,7 +643,7 @@ def run(
         "software": software_facts(),
         "stack": {
             "external": stack.external,
-            "env": {k: redact(v) for k, v in stack.env.items()},
+            "env": {k: _shown_address(v, stack.data_dir) for k, v in stack.env.items()},
             "overrides": _stack_overrides(cases),
         },
         "cases": {result.case.name: result.to_json() for result in results},
