@@ -13,15 +13,22 @@ what opsflow's code around fastavro costs. To compare like with like:
   stock deserializer returning dicts, and ``OrderReceived.from_avro`` alone,
   are timed as well.
 
+The Avro libraries are also timed alone on the bodies (no framing, no model),
+fastavro against cavro, the one ``WireCodec`` uses: the figures the switch
+between them was decided on.
+
 Both sides use their own registry client against the benchmark stack's
 registry, warmed in ``prepare``, so no registry call falls in a timed loop.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any, ClassVar
 
+import cavro
+import fastavro
 from confluent_kafka.schema_registry import SchemaRegistryClient, topic_record_subject_name_strategy
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
@@ -51,6 +58,10 @@ class CodecCase(Case):
         Metric("stock_decode", "stock    from_avro(deserializer(bytes))"),
         Metric("stock_decode_dict", "stock    deserializer(bytes) -> dict"),
         Metric("model_from_avro", "model    from_avro(dict)"),
+        Metric("fastavro_encode", "fastavro schemaless_writer(dict)"),
+        Metric("cavro_encode", "cavro    binary_encode(dict)"),
+        Metric("fastavro_decode", "fastavro schemaless_reader(body)"),
+        Metric("cavro_decode", "cavro    binary_decode(body)"),
     )
     ratios: ClassVar[tuple[Ratio, ...]] = (
         Ratio(
@@ -77,6 +88,8 @@ class CodecCase(Case):
             "opsflow_decode",
             "stock_decode_dict",
         ),
+        Ratio("cavro_encode", "encode cavro/fastavro", "cavro_encode", "fastavro_encode"),
+        Ratio("cavro_decode", "decode cavro/fastavro", "cavro_decode", "fastavro_decode"),
         # events/s of the whole over events/s of the part = the part's share of the time
         Ratio(
             "encode_model_share",
@@ -140,6 +153,24 @@ class CodecCase(Case):
                 problem = "AvroDeserializer's dict is not the original event"
             if problem:
                 raise BenchError(f"codec: sample {n} ({event.order_id}): {problem}")
+        self.fastavro = fastavro.parse_schema(event_type.latest_schema)
+        self.cavro = cavro.Schema(
+            schema, options=cavro.DEFAULT_OPTIONS.replace(record_decodes_to_dict=True)
+        )
+        self.bodies = [value[5:] for value in self.values]
+        for n, (datum, body) in enumerate(zip(self.dicts, self.bodies, strict=True)):
+            if self._fastavro_encode(datum) != body or self.cavro.binary_encode(datum) != body:
+                raise BenchError(f"codec: sample {n}: fastavro or cavro wrote other bytes")
+            if self.cavro.binary_decode(body) != self._fastavro_decode(body):
+                raise BenchError(f"codec: sample {n}: cavro and fastavro read different data")
+
+    def _fastavro_encode(self, datum: dict[str, Any]) -> bytes:
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, self.fastavro, datum)
+        return out.getvalue()
+
+    def _fastavro_decode(self, body: bytes) -> object:
+        return fastavro.schemaless_reader(io.BytesIO(body), self.fastavro, None)
 
     def _stock_encode(self, event: OrderReceived) -> object:
         return self.serializer(event.to_avro(), self.ctx)
@@ -165,5 +196,9 @@ class CodecCase(Case):
                 ("stock_decode", self._stock_decode, self.values),
                 ("stock_decode_dict", self._stock_decode_dict, self.values),
                 ("model_from_avro", OrderReceived.from_avro, self.dicts),
+                ("fastavro_encode", self._fastavro_encode, self.dicts),
+                ("cavro_encode", self.cavro.binary_encode, self.dicts),
+                ("fastavro_decode", self._fastavro_decode, self.bodies),
+                ("cavro_decode", self.cavro.binary_decode, self.bodies),
             ]
         )

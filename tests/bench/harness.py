@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import platform
-import re
 import shlex
 import signal
 import statistics
@@ -551,13 +550,6 @@ def _stack_overrides(cases: Sequence[type[Case]]) -> dict[str, str]:
     return merged
 
 
-def _without_passfile(url: str) -> str:
-    """A connection URL without its ``passfile`` parameter: a path of the machine the
-    bench ran on, which a result file must not carry."""
-    kept = re.sub(r"passfile=[^&]*&?", "", url)
-    return kept.rstrip("?&")
-
-
 def _portable(command: Sequence[str]) -> list[str]:
     """``command`` with its interpreter relative to the checkout (else its file name)."""
     if not command:
@@ -568,6 +560,13 @@ def _portable(command: Sequence[str]) -> list[str]:
     except ValueError:
         shown = ".venv/bin/python" if interpreter.parent.name == "bin" else interpreter.name
     return [shown, *command[1:]]
+
+
+def _shown_address(value: str, data_dir: Path | None) -> str:
+    """An address as the results file shows it: no password, and no path of this machine
+    (the embedded database's URL names a password file in the temporary data directory)."""
+    shown = redact(value)
+    return shown.replace(str(data_dir), "<data dir>") if data_dir is not None else shown
 
 
 def write_results(document: dict[str, Any], started: datetime) -> Path:
@@ -644,7 +643,7 @@ def run(
         "software": software_facts(),
         "stack": {
             "external": stack.external,
-            "env": {k: _without_passfile(redact(v)) for k, v in stack.env.items()},
+            "env": {k: _shown_address(v, stack.data_dir) for k, v in stack.env.items()},
             "overrides": _stack_overrides(cases),
         },
         "cases": {result.case.name: result.to_json() for result in results},

@@ -7,7 +7,10 @@ The same hop, ``order.received`` in and one event out per input, is run by:
   what any Python service on this client can cost;
 - **opsflow**: the real runtime running ``tests.services.relay``;
 - **faust**: a faust-streaming agent, exactly once if the broker lets it;
-- **faststream**: a FastStream batch subscriber, at-least-once (no transactions).
+- **faststream**: a FastStream batch subscriber, at-least-once (no transactions);
+- **quix**: a Quix Streams application, ``processing_guarantee="exactly-once"``,
+  in an environment of its own (``tests/bench/quixenv.py``: it pins older
+  confluent-kafka and pydantic than opsflow).
 
 Protocol, the same for each system, on topics of its own (6 partitions):
 
@@ -64,6 +67,7 @@ from opsflow.runtime.service import BatchPolicy
 from opsflow.topics import ensure_topics
 from services.demo.orders import varied_order
 from tests.bench.harness import REPO_DIR, BenchError, Case, Metric, Ratio, StackInfo
+from tests.bench.quixenv import quix_python, quix_version
 from tests.support.stack import STACK_VARIABLES
 
 EVENTS = 200_000
@@ -71,14 +75,15 @@ PARTITIONS = 6  # as TopicSettings' default, so opsflow runs as many producers a
 PROBES = 2_000
 PROBE_RATE = 500.0  # events/s: a fraction of the slowest system's rate, so nothing queues
 STARTUP_TIMEOUT_S = 120.0  # to the first output
-WALL_CAP_S = {"raw": 300.0, "opsflow": 300.0, "faust": 240.0, "faststream": 300.0}
+WALL_CAP_S = {"raw": 300.0, "opsflow": 300.0, "faust": 240.0, "faststream": 300.0, "quix": 300.0}
 QUIET_S = 3.0  # after the last expected output, to catch late duplicates
-SYSTEMS = ("raw", "opsflow", "faust", "faststream")
+SYSTEMS = ("raw", "opsflow", "faust", "faststream", "quix")
 GUARANTEE = {
     "raw": "exactly once",
     "opsflow": "exactly once",
     "faust": "exactly once",
     "faststream": "at-least-once",
+    "quix": "exactly once",
 }
 BATCH = BatchPolicy()
 
@@ -480,10 +485,11 @@ def _records_on(bootstrap: str, topic: str) -> int:
 # --- the case -----------------------------------------------------------------------------
 
 
-def _metrics(faust_guarantee: str = "exactly once") -> tuple[Metric, ...]:
+def _metrics(guarantees: Mapping[str, str] | None = None) -> tuple[Metric, ...]:
+    """The figures of every system; ``guarantees`` relabels those that ran with another."""
     metrics = []
     for name in SYSTEMS:
-        guarantee = faust_guarantee if name == "faust" else GUARANTEE[name]
+        guarantee = (guarantees or {}).get(name, GUARANTEE[name])
         metrics += [
             Metric(f"{name}_rate", f"{name} throughput, {guarantee}"),
             Metric(
@@ -504,11 +510,11 @@ def _metrics(faust_guarantee: str = "exactly once") -> tuple[Metric, ...]:
 
 
 class OneHopCase(Case):
-    """Sustained throughput, memory and latency of the one-hop pass-through, four ways."""
+    """Sustained throughput, memory and latency of the one-hop pass-through, five ways."""
 
     name: ClassVar[str] = "onehop"
     summary: ClassVar[str] = (
-        "order.received -> decode -> encode -> produce; raw, opsflow, faust, faststream"
+        "order.received -> decode -> encode -> produce; raw, opsflow, faust, faststream, quix"
     )
     default_repeat: ClassVar[int] = 1
     stack_overrides: ClassVar[Mapping[str, str]] = {"OPSFLOW_BROKER_STORAGE": "memory"}
@@ -516,7 +522,14 @@ class OneHopCase(Case):
     ratios: ClassVar[tuple[Ratio, ...]] = (
         Ratio("vs_raw", "throughput opsflow/raw", "opsflow_rate", "raw_rate", target=0.5),
         Ratio("vs_faust", "throughput opsflow/faust", "opsflow_rate", "faust_rate", target=3.0),
-        Ratio("vs_faststream", "throughput opsflow/faststream", "opsflow_rate", "faststream_rate"),
+        Ratio(
+            "vs_faststream",
+            "throughput opsflow/faststream",
+            "opsflow_rate",
+            "faststream_rate",
+            target=1.0,
+        ),
+        Ratio("vs_quix", "throughput opsflow/quix", "opsflow_rate", "quix_rate", target=1.2),
     )
 
     def __init__(self, stack: StackInfo, *, events: int | None = None) -> None:
@@ -524,8 +537,11 @@ class OneHopCase(Case):
         self.events = events or EVENTS
         self.probes = min(PROBES, max(self.events // 10, 100))
         self.workdir = Path(tempfile.mkdtemp(prefix="opsflow-onehop-"))
-        self.faust_guarantee = "exactly_once"
-        self.faust_fallback = ""
+        # The baselines that try exactly once first, with what they really ran with,
+        # and why they fell back to at-least-once if they did.
+        self.guarantees = {"faust": "exactly_once", "quix": "exactly_once"}
+        self.fallbacks: dict[str, str] = {}
+        self.quix = ""
         self.runs: dict[str, list[Run]] = {name: [] for name in SYSTEMS}
 
     def params(self) -> dict[str, Any]:
@@ -536,7 +552,9 @@ class OneHopCase(Case):
             "probe_rate_per_s": PROBE_RATE,
             "batch_max_events": BATCH.max_events,
             "batch_max_interval_s": BATCH.max_interval_s,
-            "faust_processing_guarantee": self.faust_guarantee,
+            "faust_processing_guarantee": self.guarantees["faust"],
+            "quix_processing_guarantee": self.guarantees["quix"].replace("_", "-"),
+            "quix_version": self.quix,
             "wall_cap_s": WALL_CAP_S,
             "mean_value_bytes": round(
                 sum(len(v) for _, v in self.inputs.backlog) / len(self.inputs.backlog), 1
@@ -555,19 +573,20 @@ class OneHopCase(Case):
         }
 
     def labelled_metrics(self) -> tuple[Metric, ...]:
-        """The faust rows say which guarantee it really ran with (see ``_run``)."""
-        return _metrics({"exactly_once": "exactly once"}.get(self.faust_guarantee, "AT-LEAST-ONCE"))
+        """The faust and quix rows say which guarantee they really ran with (see ``_run``)."""
+        return _metrics({name: "AT-LEAST-ONCE" for name in self.fallbacks})
 
     def notes(self) -> list[str]:
         notes = [
             f"latency: {self.probes:,} probes at {PROBE_RATE:.0f}/s after the backlog drained; "
             "output minus input record timestamp",
-            "targets: opsflow >= 0.5x raw, >= 3x faust, <= 150 MB RSS",
+            "targets: opsflow >= 0.5x raw, >= 3x faust, >= 1.2x quix exactly once, "
+            ">= 1x faststream at-least-once, <= 150 MB RSS",
+            f"quix: {self.quix}, in an environment of its own (tests/bench/quixenv.py)",
         ]
-        if self.faust_guarantee != "exactly_once":
+        for name, why in self.fallbacks.items():
             notes.append(
-                "faust ran AT-LEAST-ONCE: exactly_once did not start on this broker "
-                f"({self.faust_fallback})"
+                f"{name} ran AT-LEAST-ONCE: exactly once did not start on this broker ({why})"
             )
         for runs in self.runs.values():
             for run in runs:
@@ -581,7 +600,7 @@ class OneHopCase(Case):
         return notes
 
     def close(self) -> None:
-        """Remove the logs and faust's data directory; a failure's log tail is in its error."""
+        """Remove the logs and faust's and quix's state; a failure's log tail is in its error."""
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def prepare(self) -> None:
@@ -602,6 +621,8 @@ class OneHopCase(Case):
         self.inputs = make_inputs(self.registry, self.events, self.probes)
         self.schema_file = self.workdir / "order.received.avsc"
         self.schema_file.write_text(self.inputs.schema, encoding="utf-8")
+        self.quix_python = quix_python()
+        self.quix = quix_version(self.quix_python)
 
     def _env(self, **extra: str) -> dict[str, str]:
         """This environment minus anything that points elsewhere, plus the stack's addresses.
@@ -633,38 +654,52 @@ class OneHopCase(Case):
             )
         topics = [f"{prefix}in", f"{prefix}out"]
         ensure_topics(_admin(self.bootstrap), topics, partitions=PARTITIONS)
-        command = [
-            sys.executable,
-            "-m",
-            "tests.bench.hops",
-            name,
+        common = [
             f"--bootstrap={self.bootstrap}",
             f"--input={topics[0]}",
             f"--output={topics[1]}",
             f"--group={prefix}hop",
             f"--schema={self.schema_file}",
-            f"--guarantee={guarantee}",
         ]
+        if name == "quix":
+            command = [
+                str(self.quix_python),
+                str(REPO_DIR / "tests" / "bench" / "quixhop.py"),
+                *common,
+                f"--state={self.workdir / f'{prefix}quix'}",
+                f"--commit-every={BATCH.max_events}",
+                f"--commit-interval={BATCH.max_interval_s}",
+                f"--guarantee={guarantee.replace('_', '-')}",
+            ]
+        else:
+            command = [
+                sys.executable,
+                "-m",
+                "tests.bench.hops",
+                name,
+                *common,
+                f"--guarantee={guarantee}",
+            ]
         return System(name, command, self._env(), input_topic=topics[0], output_topic=topics[1])
 
     def _run(self, name: str, repetition: int) -> Run:
-        if name == "faust":
+        guarantee = self.guarantees.get(name, "exactly_once")
+        if name in self.guarantees and guarantee == "exactly_once":
             try:
-                return self._run_once(name, repetition, self.faust_guarantee)
+                return self._run_once(name, repetition, guarantee)
             except BenchError as err:
-                if self.faust_guarantee != "exactly_once":
-                    raise
-                # exactly_once needs transactions as aiokafka drives them; if the
-                # broker refuses, the next best is what faust users would run.
-                self.faust_guarantee = "at_least_once"
+                # Exactly once needs transactions as the framework drives them; if the
+                # broker refuses, the next best is what its users would run.
+                self.guarantees[name] = guarantee = "at_least_once"
                 errors = [line for line in str(err).splitlines() if "Error" in line]
-                self.faust_fallback = errors[-1].strip() if errors else str(err).splitlines()[0]
-                print(f"  faust: exactly_once failed ({self.faust_fallback}); at-least-once")
-        return self._run_once(name, repetition, self.faust_guarantee)
+                why = errors[-1].strip() if errors else str(err).splitlines()[0]
+                self.fallbacks[name] = why
+                print(f"  {name}: exactly once failed ({why}); at-least-once")
+        return self._run_once(name, repetition, guarantee)
 
     def _run_once(self, name: str, repetition: int, guarantee: str) -> Run:
         system = self._system(name, guarantee)
-        suffix = f"-{guarantee}" if name == "faust" else ""
+        suffix = f"-{guarantee}" if name in self.guarantees else ""
         log = self.workdir / f"{name}{suffix}-{repetition + 1}.log"
         broker = psutil.Process(self.stack.broker_pid) if self.stack.broker_pid else None
         run, out = run_system(system, self.inputs, self.bootstrap, log, WALL_CAP_S[name], broker)

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import AbstractContextManager
+from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -46,18 +44,19 @@ class Lineage:
     cause: Envelope
     producer: str
     occurred_at: datetime
-    _emitted: Counter[str] = field(default_factory=Counter)
+    # A dict, not a Counter: one is made per input, and an empty Counter costs 0.6 us.
+    _emitted: dict[str, int] = field(default_factory=dict)
 
     def next_key(self, event_type: str) -> str:
         """The idempotency key the next ``event_type`` output will get: lets a handler
         record a side effect under the key before the event exists (log before effect)."""
-        index = self._emitted[event_type]
+        index = self._emitted.get(event_type, 0)
         return derive_idempotency_key(self.cause.idempotency_key, self.producer, event_type, index)
 
     def envelope_for(self, event_type: str, contract_version: int) -> Envelope:
         """The next output envelope of ``event_type`` for this cause."""
         key = self.next_key(event_type)
-        self._emitted[event_type] += 1
+        self._emitted[event_type] = self._emitted.get(event_type, 0) + 1
         # Every value is built here from checked ones, so validating them again
         # would only cost time (a third of deriving an envelope, measured).
         return Envelope.model_construct(
@@ -79,11 +78,27 @@ def current() -> Lineage | None:
     return _current.get()
 
 
-@contextmanager
-def caused_by(cause: Envelope, *, producer: str, occurred_at: datetime) -> Iterator[Lineage]:
+class _Caused(AbstractContextManager[Lineage]):
+    """The block of ``caused_by``: a class, not ``@contextmanager``, since the runtime
+    enters one per input (a generator-based one shows as ~1.5% of its CPU in py-spy)."""
+
+    __slots__ = ("lineage", "token")
+
+    def __init__(self, lineage: Lineage) -> None:
+        self.lineage = lineage
+        self.token: Token[Lineage | None] | None = None
+
+    def __enter__(self) -> Lineage:
+        self.token = _current.set(self.lineage)
+        return self.lineage
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.token is not None:
+            _current.reset(self.token)
+
+
+def caused_by(
+    cause: Envelope, *, producer: str, occurred_at: datetime
+) -> AbstractContextManager[Lineage]:
     """Derive the envelopes of events built in this block from ``cause``."""
-    token = _current.set(Lineage(cause, producer, utc_millis(occurred_at)))
-    try:
-        yield _current.get()  # type: ignore[misc]
-    finally:
-        _current.reset(token)
+    return _Caused(Lineage(cause, producer, utc_millis(occurred_at)))

@@ -17,18 +17,20 @@ registry, the services need no write rights on it, and a process whose
 contracts were never provisioned says so instead of registering them behind
 the operator's back.
 
-fastavro does the Avro work; schema ids are cached per codec, so the registry
-is asked once per schema, not once per record.
+cavro (Avro in Cython) does the Avro work: on ``order.received`` it decodes
+1.67x and encodes 1.46x as many records a second as fastavro (``make bench``'s
+codec case, the same bytes either way), and the codec is most of what the
+runtime spends on an event beside the broker client. Schema ids are cached
+per codec, so the registry is asked once per schema, not once per record.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 from typing import Any
 
-import fastavro
+import cavro
 import pydantic
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
@@ -40,6 +42,15 @@ from opsflow.settings import RegistrySettings
 
 MAGIC_BYTE = 0
 _HEADER = struct.Struct(">bI")
+# Records decode to dicts, the shape ``from_avro`` takes; timestamps come back as
+# UTC datetimes. UUIDs are left as text for the model to parse: cavro builds
+# ``uuid.UUID`` objects in Python, pydantic in Rust (decode plus ``from_avro`` of
+# an order: 122 -> 99 us, 5,000 varied orders under load, the same models).
+_OPTIONS = cavro.DEFAULT_OPTIONS.replace(record_decodes_to_dict=True, return_uuid_object=False)
+
+
+def _schema(schema: dict[str, Any]) -> cavro.Schema:
+    return cavro.Schema(json.dumps(schema), options=_OPTIONS)
 
 
 class WireCodec:
@@ -57,10 +68,12 @@ class WireCodec:
         self._registry = registry
         self.contracts = contracts or catalogue()
         self._auto_register = RegistrySettings().schema_registry_auto_register
-        self._latest: dict[str, tuple[int, Any]] = {}
-        self._writers: dict[int, tuple[EventType, Any]] = {}
+        self._latest: dict[str, tuple[int, cavro.Schema]] = {}
+        self._writers: dict[int, tuple[EventType, cavro.Schema]] = {}
+        # Per writer schema id: what reads its bodies as the latest schema of its type.
+        self._readers: dict[int, Any] = {}
 
-    def _latest_schema(self, event_type: EventType) -> tuple[int, Any]:
+    def _latest_schema(self, event_type: EventType) -> tuple[int, cavro.Schema]:
         cached = self._latest.get(event_type.name)
         if cached is None:
             schema = Schema(json.dumps(event_type.latest_schema), "AVRO")
@@ -70,7 +83,7 @@ class WireCodec:
                 schema_id = _call(self._registry.register_schema, event_type.subject, schema)
             else:
                 schema_id = self._registered_id(event_type, schema)
-            cached = (schema_id, fastavro.parse_schema(event_type.latest_schema))
+            cached = (schema_id, _schema(event_type.latest_schema))
             self._latest[event_type.name] = cached
         return cached
 
@@ -96,7 +109,7 @@ class WireCodec:
         schema_id: int = found.schema_id
         return schema_id
 
-    def _writer_schema(self, schema_id: int) -> tuple[EventType, Any]:
+    def _writer_schema(self, schema_id: int) -> tuple[EventType, cavro.Schema]:
         cached = self._writers.get(schema_id)
         if cached is None:
             try:
@@ -111,18 +124,28 @@ class WireCodec:
                 raise BadInputError(
                     f"schema id {schema_id} is record {name}, which no contract defines"
                 ) from err
-            cached = (event_type, fastavro.parse_schema(parsed))
+            cached = (event_type, _schema(parsed))
             self._writers[schema_id] = cached
         return cached
+
+    def _reader(self, schema_id: int) -> tuple[EventType, Any]:
+        """The event type of a writer schema id, and what reads its bodies as the latest
+        schema: the writer's own schema when it is the latest, else the writer's resolved
+        to the latest (the resolution is worked out once per writer, not per record)."""
+        event_type, writer = self._writer_schema(schema_id)
+        reader = self._readers.get(schema_id)
+        if reader is None:
+            latest_id, latest = self._latest_schema(event_type)
+            reader = writer if schema_id == latest_id else latest.reader_for_writer(writer)
+            self._readers[schema_id] = reader
+        return event_type, reader
 
     def encode(self, event: Event) -> bytes:
         """The event's record value: header, then the body written with the latest schema."""
         event_type = self.contracts[event.event_type]
         schema_id, parsed = self._latest_schema(event_type)
-        buffer = io.BytesIO()
-        buffer.write(_HEADER.pack(MAGIC_BYTE, schema_id))
-        fastavro.schemaless_writer(buffer, parsed, event.to_avro())
-        return buffer.getvalue()
+        body: bytes = parsed.binary_encode(event.to_avro())
+        return _HEADER.pack(MAGIC_BYTE, schema_id) + body
 
     def decode(self, data: bytes | None) -> Event:
         """The event a record value holds, as the latest model of its type.
@@ -137,15 +160,18 @@ class WireCodec:
         magic, schema_id = _HEADER.unpack_from(data)
         if magic != MAGIC_BYTE:
             raise BadInputError(f"record value starts with byte {magic}, not the magic byte 0")
-        event_type, writer = self._writer_schema(schema_id)
-        latest_id, latest = self._latest_schema(event_type)
-        # Resolution is only needed for older writers; fastavro would otherwise
-        # compare the two (equal) schemas on every record.
-        reader = None if schema_id == latest_id else latest
+        event_type, reader = self._reader(schema_id)
         try:
-            datum = fastavro.schemaless_reader(io.BytesIO(data[_HEADER.size :]), writer, reader)
-            return event_type.model.from_avro(datum)  # type: ignore[arg-type]
-        except (EOFError, ValueError, TypeError, IndexError, pydantic.ValidationError) as err:
+            datum = reader.binary_decode(data[_HEADER.size :])
+            return event_type.model.from_avro(datum)
+        except (
+            EOFError,
+            ValueError,
+            TypeError,
+            IndexError,
+            cavro.CavroException,
+            pydantic.ValidationError,
+        ) as err:
             raise BadInputError(
                 f"{event_type.name} body does not match schema id {schema_id}: {err}"
             ) from err
