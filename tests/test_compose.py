@@ -30,9 +30,11 @@ from pydantic import TypeAdapter
 from pydantic_settings import BaseSettings
 
 from opsflow.application import load_application
+from opsflow.console import ConsoleSettings
 from opsflow.contracts import REPLAY_LEVEL
 from opsflow.runtime.observability import Health, Metrics, serve
-from opsflow.settings import RegistrySettings
+from opsflow.settings import RegistrySettings, RuntimeSettings
+from opsflow.stack.components import CONSOLE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "deploy" / "Dockerfile"
@@ -66,6 +68,18 @@ def _long_running() -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in _opsflow_processes().items() if name != "provision"}
 
 
+def _port_variable(name: str) -> str:
+    """The variable of the port a process serves ``/healthz`` and ``/readyz`` on: an
+    HTTP program's own (the application's, or the operator console's), else the
+    metrics port of a runtime service and the projector."""
+    program = load_application().program(name)
+    if program is not None and program.port_env:
+        return program.port_env
+    if name == CONSOLE:
+        return _variable(ConsoleSettings, "port")
+    return _variable(RuntimeSettings, "metrics_port")
+
+
 def _reads_opsflow_settings(name: str) -> bool:
     """All but the stand-in of an external partner, which reads no opsflow settings."""
     program = load_application().program(name)
@@ -88,6 +102,8 @@ def test_every_program_of_the_application_runs_in_compose_as_the_stack_runs_it()
         assert program.name in processes, f"{program.name} is not in docker-compose.yml"
         assert tuple(processes[program.name]["command"]) == program.command
     assert processes["projector"]["command"] == ["opsflow.projector"]
+    # The library's own programs run as `opsflow up` runs them.
+    assert processes[CONSOLE]["command"] == ["opsflow.console"]
     for svc in processes.values():
         dockerfile = ROOT / svc["build"]["context"] / svc["build"]["dockerfile"]
         assert dockerfile.parent == ROOT / "deploy" and dockerfile.exists()
@@ -177,10 +193,8 @@ def test_every_opsflow_process_has_a_readyz_healthcheck_on_the_port_it_serves() 
     assert processes
     for name, svc in processes.items():
         program = load_application().program(name)
-        env = svc["environment"]
         # HTTP programs answer on their own port, the others on the metrics port.
-        port = env[program.port_env] if program and program.port_env else None
-        port = port or env.get("OPSFLOW_METRICS_PORT")
+        port = svc["environment"].get(_port_variable(name))
         assert port, f"{name} serves no health endpoint compose knows the port of"
         # The carrier stand-in answers /healthz only (like under `opsflow up`).
         path = "/healthz" if program is not None and program.stand_in else "/readyz"

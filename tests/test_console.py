@@ -4,8 +4,10 @@ The console's app is served by uvicorn in a thread of the test process, over the
 test's topics and (migrated) database schema; the one-hop ``tests.services.relay``
 runs in a thread too and dead-letters an order whose notes name a bug until a
 restart with ``RELAY_FIXED`` "deploys the fix" (as in ``test_dlq.py``), after which
-the redriven order goes on to its next step. People sign in with tokens made by
-``opsflow.users``; the browser is Debian's chromium (``chromium`` fixture).
+the redriven order goes on to its next step. A read model is rebuilt from the
+console over order histories the projector (in a thread) kept first. People sign
+in with tokens made by ``opsflow.users``; the browser is Debian's chromium
+(``chromium`` fixture).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,14 +26,22 @@ import httpx
 import pytest
 import uvicorn
 from axe_playwright_python.sync_playwright import Axe
+from confluent_kafka.admin import AdminClient
 from playwright.sync_api import Browser, Page, expect
 from psycopg_pool import ConnectionPool
 
 from opsflow import db, users
 from opsflow.console.app import Cluster, create_app
 from opsflow.console.settings import ConsoleSettings
+from opsflow.contracts.wire import WireCodec
 from opsflow.producer import Producer
+from opsflow.projections.rebuild import checksum
+from opsflow.readmodels import projections
+from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from opsflow.users import Role
+from services.contracts import TOPICS
+from tests.support.histories import histories
+from tests.support.projecting import World, projecting
 from tests.support.runtime import (
     Topics,
     make_topics,
@@ -210,8 +221,109 @@ def test_console_posts_without_the_sessions_csrf_token_or_from_elsewhere_change_
         path, data={"csrf_token": token}, headers={"Origin": "https://evil.example"}
     )
     assert forged.status_code == 403 and "not sent from these pages" in forged.text
+    rebuild = operator.post("/console/projections/orders_current/rebuild", data={})
+    assert rebuild.status_code == 403 and "did not carry the token" in rebuild.text
     assert console.actions() == []
     assert sum(record_ends(console.topics.bootstrap, console.topics.orders).values()) == before
+
+
+def test_an_operator_rebuilds_a_read_model_from_the_console_and_it_equals_what_it_was(
+    stack: Stack,
+    bootstrap_servers: str,
+    registry_url: str,
+    database_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    chromium: Browser,
+) -> None:
+    """The projections page shows each read model's position; a confirmed rebuild runs in
+    the console's process, its progress shown on reload, one at a time, and swaps in the
+    same rows the projector kept, recorded under the operator's name. Every topic of the application
+    exists here (a rebuild reads all of a projection's)."""
+    prefix = f"cr{uuid.uuid4().hex[:8]}."
+    names = [topic_name(t, prefix=prefix) for t in TOPICS]
+    ensure_topics(
+        AdminClient({"bootstrap.servers": bootstrap_servers}),
+        names + [dead_letter_topic(n) for n in names],
+        partitions=3,
+    )
+    world = World(prefix, bootstrap_servers, registry_url, database_url, stack)
+    topics = Topics(prefix, bootstrap_servers, WireCodec(world.registry), registry_url)
+    with serving(stack, topics, database_url, monkeypatch) as console:
+        orders = list(histories(40, run=prefix))
+        world.publish(orders)
+        with projecting(world):
+            world.wait_caught_up()
+        projection = projections()["orders_current"]
+        live = {t: t for t in projection.tables}
+        with db.connect(database_url) as conn:
+            before = checksum(conn, projection, live)
+            table_before = conn.execute("SELECT 'orders_current'::regclass::oid").fetchone()
+        assert before["orders_current"].rows == len(orders)
+
+        operator = console.client("olga")
+        listed = operator.get("/console/projections")
+        assert listed.status_code == 200, listed.text
+        read = set(projection.topics)
+        position = sum(1 for history in orders for event in history if event.topic in read)
+        assert f"<td>{position}</td>" in listed.text
+        confirm = operator.get("/console/projections/orders_current/rebuild")
+        assert confirm.status_code == 200 and "Confirm rebuild" in confirm.text, confirm.text
+        [token] = _CSRF.findall(confirm.text)[-1:]
+        path = "/console/projections/orders_current/rebuild"
+        # The live position held as a live projector holds it mid-batch: the rebuild
+        # replays everything, then waits at the swap, so it is seen running.
+        with db.connect(database_url) as holder:
+            holder.execute(
+                "SELECT 1 FROM projection_positions WHERE projection = %s FOR UPDATE",
+                ("orders_current",),
+            )
+            started = operator.post(path, data={"csrf_token": token})
+            assert started.status_code == 303
+            deadline = time.monotonic() + 120
+            while "records (100%)" not in (page := operator.get("/console/projections").text):
+                assert time.monotonic() < deadline, page
+                time.sleep(0.2)
+            assert "running, started by Olga Operator" in page
+            # A second rebuild while it runs starts nothing, and says whose is running.
+            assert "is running already" in operator.get(path).text
+            again = operator.post(path, data={"csrf_token": token}, follow_redirects=True)
+            assert again.status_code == 200 and "running, started by Olga Operator" in again.text
+            holder.rollback()
+        deadline = time.monotonic() + 120
+        while True:
+            page = operator.get(started.headers["location"]).text
+            if "rebuilt: " in page:
+                break
+            assert "failed: " not in page, page
+            assert time.monotonic() < deadline, page
+            time.sleep(0.2)
+        assert re.search(r"rebuilt: [\d,]+ records in", page) and "(by Olga Operator," in page
+
+        with db.connect(database_url) as conn:
+            assert checksum(conn, projection, live) == before
+            # Rebuilt tables were swapped in, not the old ones left in place.
+            table_after = conn.execute("SELECT 'orders_current'::regclass::oid").fetchone()
+            assert table_after != table_before
+        olga = console.user_ids["olga"]
+        recorded = console.actions()
+        assert [row[:5] for row in recorded] == [
+            (olga, "Olga Operator", "operator", "projection.rebuild", "orders_current")
+        ] * 2
+        assert recorded[0][5].startswith("rebuilt: ")
+        assert recorded[1][5].startswith("not started: a rebuild of orders_current started by")
+
+        # The page as an operator's browser shows it, signed in with the keyboard.
+        page = chromium.new_context().new_page()
+        page.goto(f"{console.url}/console")
+        page.get_by_label("Token").fill(console.tokens["olga"])
+        page.keyboard.press("Enter")
+        page.get_by_role("link", name="Projections").click()
+        expect(page.get_by_test_id("rebuild-orders_current")).to_contain_text("by Olga Operator")
+        _accessible(page)
+        page.get_by_role("link", name="Rebuild orders_current").click()
+        expect(page.get_by_test_id("what-will-happen")).to_contain_text(f"{prefix}orders")
+        _accessible(page)
+        page.context.close()
 
 
 def _accessible(page: Page) -> None:

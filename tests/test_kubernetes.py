@@ -44,9 +44,11 @@ from opsflow.application import ENTRY_POINT_GROUP, load_application
 from opsflow.readmodels import audit
 from opsflow.runtime.observability import Health, Metrics, serve
 from opsflow.settings import RegistrySettings, RuntimeSettings
+from opsflow.stack.components import CONSOLE
 from tests.test_compose import (
     _compose,
     _opsflow_processes,
+    _port_variable,
     _reads_opsflow_settings,
     _stages,
     _variable,
@@ -232,9 +234,7 @@ def test_settings_come_from_the_configmap_and_credentials_only_from_the_secret(
 
 def _served_port(name: str, env: dict[str, str]) -> int:
     """The port a process answers /healthz and /readyz on, as compose knows it."""
-    program = load_application("orders").program(name)
-    port = env.get(program.port_env) if program and program.port_env else None
-    return int(port or env["OPSFLOW_METRICS_PORT"])
+    return int(env[_port_variable(name)])
 
 
 def _named_port(container: dict[str, Any], port: int | str) -> int:
@@ -428,7 +428,7 @@ def test_every_service_routes_to_its_deployments_port(overlay: list[dict[str, An
     # uses between processes (http://pod-webhook:8800/pods) work here too.
     for name in deployments:
         program = load_application("orders").program(name)
-        if program is not None and program.port_env:
+        if (program is not None and program.port_env) or name == CONSOLE:
             assert name in services, f"{name} has no Service"
             exposed = {p.split(":")[-1] for p in compose[name].get("ports", [])}
             assert (

@@ -132,10 +132,32 @@ def test_what_may_lag_behind_the_workflow_yields_the_cpu_to_it(
     nice = {c.name: c.nice for c in plan_stack().components}
     assert {name for name, n in nice.items() if n > 0} == {
         "projector",
+        "console",
         "pod-webhook",
         "pod-capture",
     }
     assert nice["dispatch"] == nice["policy-check"] == nice["ingest"] == nice["broker"] == 0
+
+
+def test_the_operator_console_runs_with_the_programs_and_its_url_is_a_stack_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`opsflow up` starts the console after provisioning, on a port of its own, and
+    tells others (`opsflow env`, `opsflow status`) where it is, as it does for the
+    application's HTTP programs; without the programs there is no console either."""
+    monkeypatch.setenv("OPSFLOW_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("OPSFLOW_SERVICES", "true")
+    plan = plan_stack()
+    console = plan.component("console")
+    assert console is not None and console.module == ("opsflow.console",)
+    assert console.is_service, "it is started once provisioning is done, checked on /readyz"
+    assert console.env["CONSOLE_PORT"] == str(console.port)
+    assert plan.env["CONSOLE_URL"] == console.address == f"http://127.0.0.1:{console.port}"
+    assert console.port not in {c.port for c in plan.components if c is not console}
+
+    monkeypatch.setenv("OPSFLOW_SERVICES", "false")
+    plan = plan_stack()
+    assert plan.component("console") is None and "CONSOLE_URL" not in plan.env
 
 
 def test_a_second_up_finds_the_running_stack_instead_of_starting_another(own_stack: Stack) -> None:

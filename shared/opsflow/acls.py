@@ -16,8 +16,11 @@ own (``User:<program>``) allowed exactly what it does:
   ``emitted_by`` (the review desk's API writes its decisions);
 - the projector: read every topic and write their dead-letter topics;
 - provisioning: create topics and set their configuration;
-- the operator's commands (replay, dead-letter redrive, status, trace): read
-  and write every topic, describe every group.
+- the operator's commands (replay, dead-letter redrive, status, trace) and the
+  operator console (``opsflow.console``, which runs them as pages): read and
+  write every topic, describe every group. The console is not a principal of
+  its own: it does what an operator's commands do, so it authenticates as the
+  operator.
 
 Writing with idempotence needs nothing more on Kafka 3.0 and later (KIP-679:
 ``IdempotentWrite`` is implied by ``Write`` on the topic).

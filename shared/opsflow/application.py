@@ -58,7 +58,17 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "opsflow.applications"
 # The stack's own components: an application's programs may not take their names.
 RESERVED_NAMES = frozenset(
-    {"bucket", "broker", "kafka", "postgres", "registry", "projector", "provision", "supervisor"}
+    {
+        "bucket",
+        "broker",
+        "kafka",
+        "postgres",
+        "registry",
+        "projector",
+        "provision",
+        "supervisor",
+        "console",
+    }
 )
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
 _ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")

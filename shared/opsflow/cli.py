@@ -773,9 +773,10 @@ def acls(
 
     One principal per program (User:<program> unless --principal-format or
     --principal say otherwise), plus the projector, provisioning and the operator's
-    commands: the topics each reads and writes, its consumer group and its
-    transactional ids, as `kafka-acls.sh` commands (KAFKA_ADMIN_CONFIG: the admin
-    client's properties file). Topic and group names carry OPSFLOW_TOPIC_PREFIX.
+    commands (and the operator console): the topics each reads and writes, its
+    consumer group and its transactional ids, as `kafka-acls.sh` commands
+    (KAFKA_ADMIN_CONFIG: the admin client's properties file). Topic and group names
+    carry OPSFLOW_TOPIC_PREFIX.
     """
     from opsflow.acls import acls_for
     from opsflow.application import load_application

@@ -11,14 +11,18 @@ serves, under ``/console``, for people with the ``operator`` role only:
 - the dead letters grouped as ``opsflow dlq list`` groups them, one dead letter
   with why it failed (``dlq show``), and its redrive (``dlq redrive``), after a
   confirmation page saying what will be written where and who reads it;
+- the read models with their positions (``opsflow projections list``), and a
+  rebuild of one after a confirmation page (``opsflow projections rebuild``), run
+  in a background thread of this process with its progress on the page
+  (``opsflow.console.rebuilds``);
 - an instance's trace: its causal tree with times, producers, actors and where
   it stands now (``opsflow trace``);
 - the operator actions taken here, newest first.
 
 Every page calls the commands' own library code (``opsflow.dlq``,
-``opsflow.trace``, ``opsflow.overview``), so the console and the CLI cannot
-disagree. It knows no workflow: topics, read models and the trace's verdict
-come from the application in use (``opsflow.application``).
+``opsflow.trace``, ``opsflow.overview``, ``opsflow.projections``), so the
+console and the CLI cannot disagree. It knows no workflow: topics, read models
+and the trace's verdict come from the application in use (``opsflow.application``).
 
 Every action is authenticated and audited: the person signs in with their
 token (``opsflow.web.pages``: sessions, CSRF, the same defences as a human

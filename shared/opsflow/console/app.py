@@ -14,12 +14,18 @@ from psycopg_pool import ConnectionPool
 from starlette.concurrency import run_in_threadpool
 
 from opsflow import operator_actions, stack
+from opsflow.console.rebuilds import RebuildRun, Rebuilds
 from opsflow.console.settings import ConsoleSettings
+from opsflow.db import requires_table
 from opsflow.dlq import DeadLetterQueues, Filters, RedriveResult, UnknownDeadLetterError, cases
 from opsflow.dlq import decoded as decoded_value
 from opsflow.errors import ConfigurationError, OpsflowError
 from opsflow.producer import Producer
+from opsflow.projections import Projection
+from opsflow.projections.rebuild import RebuildResult
+from opsflow.projections.status import ProjectionStatus
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
+from opsflow.topics import topic_name
 from opsflow.users import Role
 from opsflow.web import ProblemError, SecurityHeaders, add_health_routes, install_problem_handlers
 from opsflow.web.pages import Pages
@@ -28,6 +34,7 @@ from opsflow.web.sessions import Session, SessionLimits
 PREFIX = "/console"
 _TEMPLATES = Path(__file__).with_name("templates")
 REDRIVE = "dlq.redrive"
+REBUILD = "projection.rebuild"
 T = TypeVar("T")
 
 
@@ -154,7 +161,7 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
         """A command's failure as a page: a wrong id 404, an unreachable dependency 503."""
         if isinstance(err, UnknownDeadLetterError):
             return message(request, session, 404, str(err))
-        if isinstance(err, ConfigurationError):
+        if isinstance(err, ConfigurationError) or (isinstance(err, OpsflowError) and err.retryable):
             return message(request, session, 503, str(err))
         return message(request, session, 422, str(err))
 
@@ -324,6 +331,112 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
             except OpsflowError:
                 key = None
         return pages.signed_in_page(request, session, "action.html", action=found, key=key)
+
+    rebuilds = Rebuilds()
+
+    def projection_named(name: str) -> Projection | None:
+        from opsflow.readmodels import projections
+
+        return projections().get(name)
+
+    @router.get("/projections")
+    async def projections_page(request: Request) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        from opsflow.projections.status import statuses
+        from opsflow.readmodels import projections
+
+        def read() -> list[ProjectionStatus]:
+            with pages.pool(request).connection() as conn, requires_table("projection_positions"):
+                return statuses(conn, projections().values(), cluster.kafka)
+
+        try:
+            found = await call(read)
+        except OpsflowError as err:
+            return refusal(request, session, err)
+        return pages.signed_in_page(
+            request, session, "projections.html", projections=found, runs=rebuilds.latest()
+        )
+
+    @router.get("/projections/{name}/rebuild")
+    async def confirm_rebuild(request: Request, name: str) -> Response:
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        projection = projection_named(name)
+        if projection is None:
+            return message(request, session, 404, f"there is no projection {name!r}")
+        return pages.signed_in_page(
+            request,
+            session,
+            "confirm_rebuild.html",
+            projection=projection,
+            topics=[topic_name(t, prefix=cluster.prefix) for t in projection.topics],
+            running=rebuilds.running(name),
+        )
+
+    @router.post("/projections/{name}/rebuild")
+    async def rebuild_projection(request: Request, name: str) -> Response:
+        try:
+            session, _form = await pages.posted(request)
+        except ProblemError as err:
+            if err.problem.status == 401:
+                return pages.sign_in_page(request, 401, err.problem.detail)
+            return pages.render(
+                request, "message.html", status=err.problem.status, error=err.problem.detail
+            )
+        projection = projection_named(name)
+        if projection is None:
+            return message(request, session, 404, f"there is no projection {name!r}")
+
+        def finished(
+            run: RebuildRun, result: RebuildResult | None, error: Exception | None
+        ) -> None:
+            detail: dict[str, Any] = (
+                {
+                    "records": result.records,
+                    "seconds": round(result.seconds, 3),
+                    "position": sum(result.positions.values()),
+                }
+                if result is not None
+                else {"error": str(error)}
+            )
+            with pages.pool(request).connection() as conn:
+                operator_actions.finish(conn, run.action_id, run.outcome or "", detail)
+
+        def started() -> None:
+            """Record the action, then start the rebuild (or find one running)."""
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+
+            from opsflow.projections.rebuild import rebuild
+
+            registry = SchemaRegistryClient(dict(cluster.registry))
+            with pages.pool(request).connection() as conn:
+                action_id = operator_actions.begin(conn, session.user, REBUILD, name)
+            run = RebuildRun(name, action_id, session.user.display_name)
+            chosen = rebuilds.start(
+                run,
+                lambda progress: rebuild(
+                    projection,
+                    kafka=cluster.kafka,
+                    registry=registry,
+                    database_url=cluster.database_url,
+                    progress=progress,
+                ),
+                finished,
+            )
+            if chosen is not run:
+                outcome = (
+                    f"not started: a rebuild of {name} started by {chosen.actor} at "
+                    f"{chosen.started_at:%Y-%m-%d %H:%M:%S} UTC is running"
+                )
+                with pages.pool(request).connection() as conn:
+                    operator_actions.finish(conn, action_id, outcome, {"running": chosen.action_id})
+
+        await call(started)
+        # Post/redirect/get: the page shows the progress; a reload starts nothing.
+        return RedirectResponse(f"{PREFIX}/projections", status_code=303)
 
     @router.get("/trace")
     async def trace_page(

@@ -13,10 +13,10 @@ registry       Confluent Schema Registry     SCHEMA_REGISTRY_URL
 =============  ============================  =========================
 
 On top of them run the application's programs (``opsflow.application``;
-unless ``OPSFLOW_SERVICES=false``) and the projector (the read models), each
-started once provisioning is done. A program standing in for an external
-partner (``Program.stand_in``) is not started when its URL variable
-is set.
+unless ``OPSFLOW_SERVICES=false``), the projector (the read models) and the
+operator console (``CONSOLE_URL``), each started once provisioning is done. A
+program standing in for an external partner (``Program.stand_in``) is not
+started when its URL variable is set.
 
 The plan is pure data (names, ports, commands): ``supervisor`` turns it into
 a process manager's configuration and ``launch`` runs each command.
@@ -53,6 +53,9 @@ OFF_PATH_NICE = 10
 DURABLE_PROJECTOR_FETCH_WAIT_MS = 500
 # ... and how long its readers leave records waiting before fetching more.
 DURABLE_PROJECTOR_FETCH_BACKOFF_MS = 500
+# The operator console's component, and the variable that tells others where it is.
+CONSOLE = "console"
+CONSOLE_URL = "CONSOLE_URL"
 
 
 @dataclass(frozen=True)
@@ -306,7 +309,7 @@ def _services(
     runtime_env: dict[str, str],
     projector_env: dict[str, str],
 ) -> list[Component]:
-    """The application's programs (``opsflow.application``), and the projector.
+    """The application's programs (``opsflow.application``), the projector and the console.
 
     A partner's stand-in is not started when its URL variable is set: that
     partner is used instead.
@@ -363,6 +366,21 @@ def _services(
             110,
             module=("opsflow.projector",),
             env={"OPSFLOW_METRICS_PORT": str(projector_port), **projector_env},
+            nice=OFF_PATH_NICE,
+        )
+    )
+    # The operator console (``opsflow.console``): a program of every stack, like the
+    # projector, off the workflow's path; its URL is in the stack's variables.
+    console_port = ports.choose(CONSOLE, None, "")
+    env[CONSOLE_URL] = url(console_port)
+    found.append(
+        Component(
+            CONSOLE,
+            console_port,
+            url(console_port),
+            110,
+            module=("opsflow.console",),
+            env={"CONSOLE_PORT": str(console_port)},
             nice=OFF_PATH_NICE,
         )
     )
