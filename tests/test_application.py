@@ -93,7 +93,8 @@ def test_the_reference_application_is_found_through_its_installed_entry_point(
 def test_the_stack_runs_the_programs_the_application_declares(tiny: Path) -> None:
     plan = plan_stack(StackSettings(data_dir=tiny / "data"))
     programs = {c.name: c for c in plan.components if c.module}
-    assert list(programs) == ["greeter", "echo", "partner", "projector"]
+    # Then the library's own programs: the projector and the operator console.
+    assert list(programs) == ["greeter", "echo", "partner", "projector", "console"]
     greeter, echo, partner = programs["greeter"], programs["echo"], programs["partner"]
     assert greeter.module == ("tiny_greeter",)
     assert greeter.env["GREETER_PORT"] == str(greeter.port)
