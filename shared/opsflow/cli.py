@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, overload
+from typing import Annotated, Any, TypeVar, overload
 
 import click
 import typer
@@ -31,6 +34,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True)
 _debug = False
+T = TypeVar("T")
 
 
 # Commands that manage the local stack themselves, or need nothing of it.
@@ -164,10 +168,14 @@ def status(
     }
 
     def screen() -> tuple[Any, bool, dict[str, Any]]:
+        # The overview is asked for while the components are probed (the screen takes
+        # the slower of the two, not their sum) and dropped, unwaited for, when the
+        # broker turns out not to answer.
+        asked = _in_background(overview, kafka, database_url, metrics)
         rows = stack.status(plan) if plan is not None else []
         broker = [row for row in rows if row.name in ("broker", "kafka")]
         if all(row.healthy for row in broker):
-            found = overview(kafka, database_url, metrics)
+            found = asked.result()
         else:  # starting, or down: the components table says which, the rest can wait
             found = Overview(unavailable=[f"services and read models: {broker[0].detail}"])
         healthy = all(row.healthy for row in rows)
@@ -197,6 +205,21 @@ def status(
                 time.sleep(interval)
         except KeyboardInterrupt:
             pass
+
+
+def _in_background(call: Callable[..., T], *args: Any) -> Future[T]:
+    """``call(*args)`` in a daemon thread: a caller that stops waiting for it does not
+    keep the process alive until it ends (an executor's threads are joined at exit)."""
+    result: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            result.set_result(call(*args))
+        except BaseException as err:
+            result.set_exception(err)
+
+    threading.Thread(target=run, daemon=True).start()
+    return result
 
 
 def _overview_tables(found: Any) -> list[Any]:

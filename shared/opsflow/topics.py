@@ -28,7 +28,11 @@ from confluent_kafka import (
     Message,
     TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    ClusterMetadata,
+    NewTopic,
+)
 
 from opsflow.errors import RetryableError
 from opsflow.settings import TopicSettings, for_consumer
@@ -262,7 +266,16 @@ def partitions_of(consumer: Consumer, topics: Sequence[str]) -> list[Partition]:
     Raises:
         RetryableError: a topic does not exist (yet): provisioning creates them.
     """
-    metadata = consumer.list_topics(timeout=10)
+    return partitions_in(consumer.list_topics(timeout=10), topics)
+
+
+def partitions_in(metadata: ClusterMetadata, topics: Sequence[str]) -> list[Partition]:
+    """Every partition of ``topics`` in metadata already fetched (one request serves many
+    lookups: ``opsflow status`` asked for it two dozen times, 5 ms each).
+
+    Raises:
+        RetryableError: a topic does not exist (yet): provisioning creates them.
+    """
     found: list[Partition] = []
     for topic in topics:
         meta = metadata.topics.get(topic)

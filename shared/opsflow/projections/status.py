@@ -63,7 +63,8 @@ def statuses(
             topics = sorted({topic_name(t) for p in projections for t in p.topics})
             ends = end_offsets(kafka, partitions_of(consumer, topics))
         for projection in projections:
-            parts = partitions_of(consumer, [topic_name(t) for t in projection.topics])
+            names = {topic_name(t) for t in projection.topics}
+            parts = [tp for tp in ends if tp[0] in names]
             at = positions.load(conn, projection.name)
             behind = {tp: at.get(tp, 0) for tp in parts if at.get(tp, 0) < ends[tp]}
             last_event, error, error_at = conn.execute(
