@@ -27,13 +27,15 @@ import pytest
 import uvicorn
 from axe_playwright_python.sync_playwright import Axe
 from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
 from playwright.sync_api import Browser, Page, expect
 from psycopg_pool import ConnectionPool
 
-from opsflow import db, users
+from opsflow import db, operator_actions, users
 from opsflow.console.app import Cluster, create_app
 from opsflow.console.settings import ConsoleSettings
 from opsflow.contracts.wire import WireCodec
+from opsflow.operator_actions import ACTIONS_TOPIC
 from opsflow.producer import Producer
 from opsflow.projections.rebuild import checksum
 from opsflow.readmodels import projections
@@ -49,6 +51,7 @@ from tests.support.runtime import (
     publish,
     record_ends,
     running,
+    settled_records,
     wait_until_processed,
 )
 from tests.support.stack import Stack, free_port
@@ -74,6 +77,14 @@ class Console:
             assert answer.status_code == 303, answer.text
         return client
 
+    def action_events(self) -> list[operator_actions.ActionEvent]:
+        """The operator action events on the test's topic, oldest first."""
+        return operator_actions.events(
+            {"bootstrap.servers": self.topics.bootstrap},
+            SchemaRegistryClient({"url": self.topics.registry_url}),
+            prefix=self.topics.prefix,
+        )
+
     def actions(self) -> list[tuple[Any, ...]]:
         with db.connect(self.database_url) as conn:
             return conn.execute(
@@ -88,6 +99,11 @@ def serving(
 ) -> Iterator[Console]:
     """The console's app over the test's topics and schema, with an operator and a reviewer."""
     db.migrate(database_url)
+    ensure_topics(  # as provisioning makes it
+        AdminClient({"bootstrap.servers": topics.bootstrap}),
+        [topic_name(ACTIONS_TOPIC, prefix=topics.prefix)],
+        partitions=1,
+    )
     for name, value in {
         "KAFKA_BOOTSTRAP_SERVERS": topics.bootstrap,
         "SCHEMA_REGISTRY_URL": topics.registry_url,
@@ -193,6 +209,16 @@ def test_a_second_confirmation_of_a_redrive_writes_nothing_says_so_and_both_are_
     assert recorded[0][5].startswith("redriven: ") and recorded[1][5].startswith("nothing written")
     listed = operator.get("/console/actions").text
     assert listed.count("<td>Olga Operator (operator)</td>") == 2
+    # Each action is on the log as events: its intent, then its outcome, naming Olga.
+    events = console.action_events()
+    assert [(e.phase, e.action, e.target) for e in events] == [
+        ("STARTED", "dlq.redrive", target),
+        ("ENDED", "dlq.redrive", target),
+    ] * 2
+    assert {(e.actor.name, e.actor.user_id, e.actor.role, e.actor.via) for e in events} == {
+        ("Olga Operator", olga, "operator", "console")
+    }
+    assert [e.outcome for e in events if e.phase == "ENDED"] == [row[5] for row in recorded]
 
 
 def test_a_reviewer_is_refused_the_console_and_gets_no_session(console: Console) -> None:
@@ -203,6 +229,88 @@ def test_a_reviewer_is_refused_the_console_and_gets_no_session(console: Console)
     assert "opsflow_console_session" not in reviewer.cookies
     # Without a session every page leads to the sign-in, never to what it shows.
     assert reviewer.get("/console/dead-letters").status_code == 303
+    # And no action of theirs reaches the log: the redrive and the replay are refused.
+    dead_letter_one_order(console.topics)
+    path, token = _redrive_path(console.client("olga"))
+    for posted in (path, "/console/replay"):
+        refused = reviewer.post(posted, data={"csrf_token": token, "topic": "orders"})
+        assert refused.status_code == 401 and "Sign in" in refused.text, refused.text
+    assert console.action_events() == [] and console.actions() == []
+
+
+def test_an_operator_sees_a_replays_dry_run_in_the_console_then_confirms_it_and_it_is_audited(
+    console: Console,
+) -> None:
+    """The dry run is opsflow.replay's own (what ``opsflow replay --dry-run`` reports): the
+    records of the range, by type and instance, and how many already have outputs; it
+    writes nothing, not even an action. The confirmed replay is recorded, then runs."""
+    sent = orders(3)
+    publish(console.topics, sent)
+    operator = console.client("olga")
+    form = {"topic": "orders", "into": "policy-check"}
+    before = {
+        name: sum(record_ends(console.topics.bootstrap, name).values())
+        for name in (console.topics.orders, console.topics.checks)
+    }
+
+    page = operator.get("/console/replay", params=form)
+    assert page.status_code == 200, page.text
+    summary = re.sub(r"\s+", " ", page.text)
+    assert "A replay would re-drive <strong>3</strong> event(s) of <strong>3</strong> order(s)" in (
+        summary
+    )
+    assert "<td>order.received</td><td>3</td>" in summary
+    assert "<strong>0</strong> of 3 inputs already have outputs in the log" in summary
+    assert all(o.order_id in page.text for o in sent) and "Confirm replay" in page.text
+    # A bounded range: offsets past the end read nothing, and offer nothing to confirm.
+    none = operator.get("/console/replay", params={**form, "from_offset": "1000"})
+    assert "re-drive <strong>0</strong> event(s)" in none.text
+    assert "Confirm replay" not in none.text
+    # Bad input is named.
+    bad = operator.get("/console/replay", params={**form, "from_offset": "ten"})
+    assert bad.status_code == 422 and "from offset: &#39;ten&#39; is not a whole number" in bad.text
+    wrong = operator.get("/console/replay", params={"topic": "orders", "into": "dispatch"})
+    assert wrong.status_code == 422 and "dispatch does not consume orders" in wrong.text
+    after = {
+        name: sum(record_ends(console.topics.bootstrap, name).values())
+        for name in (console.topics.orders, console.topics.checks)
+    }
+    assert after == before and console.action_events() == [] and console.actions() == []
+
+    [token] = _CSRF.findall(page.text)[-1:]
+    done = operator.post(
+        "/console/replay", data={**form, "csrf_token": token}, follow_redirects=True
+    )
+    assert done.status_code == 200, done.text
+    assert "replayed: 3 events of 3 instance(s) into policy-check, 3 written" in done.text
+    checks = settled_records(console.topics.bootstrap, console.topics.checks)
+    assert sorted(m.key().decode() for m in checks) == sorted(o.order_id for o in sent)
+    started, ended = console.action_events()
+    assert (started.phase, started.action, started.target) == (
+        "STARTED",
+        "replay",
+        "orders into policy-check",
+    )
+    assert started.detail == {
+        "into": "policy-check",
+        "selection": {
+            "topic": "orders",
+            "partitions": None,
+            "from_offset": None,
+            "to_offset": None,
+            "from_time": None,
+            "to_time": None,
+            "keys": [],
+        },
+    }
+    assert (started.actor.name, started.actor.user_id) == (
+        "Olga Operator",
+        console.user_ids["olga"],
+    )
+    assert ended.outcome and ended.outcome.startswith("replayed: 3 events")
+    assert [row[3:6] for row in console.actions()] == [
+        ("replay", "orders into policy-check", ended.outcome)
+    ]
 
 
 def test_console_posts_without_the_sessions_csrf_token_or_from_elsewhere_change_nothing(

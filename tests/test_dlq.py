@@ -22,11 +22,15 @@ from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.schema_registry import SchemaRegistryClient
 
-from opsflow import db
+from opsflow import db, operator_actions
 from opsflow.deadletters import REDRIVEN_FROM, dead_letter_headers
 from opsflow.errors import BadInputError
+from opsflow.operator_actions import ACTIONS_TOPIC
 from opsflow.testing import CommandResult, command
+from opsflow.topics import ensure_topics, topic_name
 from services.contracts import OrderReceived, PolicyChecked
 from tests.support.runtime import (
     Topics,
@@ -52,8 +56,14 @@ def topics(stack: Stack, bootstrap_servers: str, registry_url: str) -> Topics:
 def operator_env(
     stack: Stack, topics: Topics, registry_url: str, database_url: str
 ) -> dict[str, str]:
-    """The shell of an operator pointed at the test's topics and (migrated) database."""
+    """The shell of an operator pointed at the test's topics (with the operator-actions
+    topic provisioning makes) and (migrated) database."""
     db.migrate(database_url)
+    ensure_topics(
+        AdminClient({"bootstrap.servers": topics.bootstrap}),
+        [topic_name(ACTIONS_TOPIC, prefix=topics.prefix)],
+        partitions=1,
+    )
     return {
         **stack.env,
         "KAFKA_BOOTSTRAP_SERVERS": topics.bootstrap,
@@ -282,6 +292,68 @@ def test_a_record_dead_lettered_by_several_consumers_is_redriven_once_as_it_was(
     assert opsflow_json(operator_env, "dlq", "redrive", "--all")["redriven"] == []
     after = opsflow_json(operator_env, "dlq", "list")
     assert (after["pending"], after["redriven"]) == (0, 2)
+
+
+def test_a_cli_redrive_is_recorded_as_an_operator_action_event_naming_the_actor(
+    stack: Stack, topics: Topics, operator_env: dict[str, str], registry_url: str
+) -> None:
+    """The intent is on the log before the copy is written, the outcome after; the table
+    of actions is their read model, and rebuilds from them alone."""
+    _, order = write_dead_letters(topics, consumers=["relay"])
+    [dead_letter] = opsflow_json(operator_env, "dlq", "list")["dead_letters"]
+    env = {**operator_env, "OPSFLOW_ACTOR": "Dana On-Call"}
+    opsflow(env, "dlq", "redrive", "--dry-run", dead_letter["id"])  # writes nothing: no action
+    assert actions_of(topics, registry_url) == []
+    opsflow(env, "dlq", "redrive", dead_letter["id"])
+
+    started, ended = actions_of(topics, registry_url)
+    assert (started.phase, ended.phase) == ("STARTED", "ENDED")
+    assert started.action_id == ended.action_id
+    assert (started.action, started.target) == ("dlq.redrive", dead_letter["id"])
+    assert started.actor == ended.actor
+    assert (started.actor.name, started.actor.via, started.actor.user_id) == (
+        "Dana On-Call",
+        "cli",
+        None,
+    )
+    assert started.at <= ended.at and ended.outcome is not None
+    assert ended.outcome.startswith("redriven: written back once as")
+    assert ended.detail and ended.detail["redriven"][0]["key"] == order.order_id
+
+    url = operator_env["DATABASE_URL"]
+    with db.connect(url) as conn:
+        row = conn.execute(
+            "SELECT actor, via, user_id, role, action, target, outcome FROM operator_actions"
+        ).fetchall()
+        assert row == [
+            ("Dana On-Call", "cli", None, None, "dlq.redrive", dead_letter["id"], ended.outcome)
+        ]
+        # The table is a read model of the events: emptied, it comes back from the log.
+        conn.execute("DELETE FROM operator_actions")
+        conn.commit()
+        kafka = {"bootstrap.servers": topics.bootstrap}
+        registry = SchemaRegistryClient({"url": registry_url})
+        assert operator_actions.restore(conn, kafka, registry, prefix=topics.prefix) == 2
+        assert (
+            conn.execute(
+                "SELECT actor, via, user_id, role, action, target, outcome FROM operator_actions"
+            ).fetchall()
+            == row
+        )
+
+    # A blank actor is refused before anything is written.
+    refused = opsflow({**env, "OPSFLOW_ACTOR": "  "}, "dlq", "redrive", "--all", code=2)
+    assert "OPSFLOW_ACTOR" in refused.stderr and "not a name" in refused.stderr
+    assert len(actions_of(topics, registry_url)) == 2
+
+
+def actions_of(topics: Topics, registry_url: str) -> list[operator_actions.ActionEvent]:
+    """The operator action events of the test's topics, oldest first."""
+    return operator_actions.events(
+        {"bootstrap.servers": topics.bootstrap},
+        SchemaRegistryClient({"url": registry_url}),
+        prefix=topics.prefix,
+    )
 
 
 @pytest.mark.process

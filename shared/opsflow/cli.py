@@ -535,6 +535,17 @@ def _reachable(kafka: dict[str, Any]) -> None:
         ) from err
 
 
+def _action_log(kafka: dict[str, Any], registry: Any, database_url: str) -> tuple[Any, Any]:
+    """Where this command records the operator action it takes, and who takes it:
+    ``OPSFLOW_ACTOR`` (else the OS user) with the Kafka principal configured
+    (``opsflow.operator_actions``)."""
+    from opsflow.operator_actions import ActionLog, Actor
+    from opsflow.settings import TopicSettings
+
+    log = ActionLog(kafka, registry, database_url or None, prefix=TopicSettings().prefix)
+    return log, Actor.command_line(kafka)
+
+
 def _projection(name: str) -> Any:
     import difflib
 
@@ -615,10 +626,12 @@ def projections_rebuild(
         TimeRemainingColumn,
     )
 
+    from opsflow.operator_actions import REBUILD
     from opsflow.projections.rebuild import rebuild
 
     projection = _projection(name)
     kafka, registry, url = _cluster()
+    log, actor = _action_log(kafka, registry, url)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -633,14 +646,17 @@ def projections_rebuild(
             speed = bar.tasks[0].speed
             bar.update(task, completed=done, total=total, rate=f"{speed:,.0f}" if speed else "-")
 
-        result = rebuild(
-            projection,
-            kafka=kafka,
-            registry=registry,  # type: ignore[arg-type]
-            database_url=url,
-            verify=verify,
-            progress=progress,
-        )
+        with log.recorded(actor, REBUILD, name) as recorded:
+            result = rebuild(
+                projection,
+                kafka=kafka,
+                registry=registry,  # type: ignore[arg-type]
+                database_url=url,
+                verify=verify,
+                progress=progress,
+            )
+            recorded.text, recorded.detail = result.outcome(), result.detail()
+    log.close()
     console.print(
         f"Rebuilt {name}: {result.records:,} records in {result.seconds:.1f} s "
         f"({result.records_per_s:,.0f} events/s); swapped in at offsets "
@@ -704,6 +720,7 @@ def replay_command(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from opsflow.operator_actions import REPLAY
     from opsflow.replay import Replay, Selection, target_of
 
     kafka, registry, url = _cluster(database_optional=True)
@@ -717,6 +734,8 @@ def replay_command(
         keys=frozenset(key or ()),
     )
     job = Replay(target_of(into), selection, kafka=kafka, registry=registry, database_url=url)  # type: ignore[arg-type]
+    # A dry run writes nothing and is no action; a replay is recorded before it runs.
+    log, actor = _action_log(kafka, registry, url) if not dry_run else (None, None)
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -731,7 +750,19 @@ def replay_command(
             rate = done / max(time.monotonic() - started, 1e-3)
             bar.update(task, completed=done, total=total, rate=f"{rate:,.0f}")
 
-        report = job.run(dry_run=dry_run, progress=progress)
+        if log is None:
+            report = job.run(dry_run=dry_run, progress=progress)
+        else:
+            chosen = {"selection": selection.as_json(), "into": into}
+            with log.recorded(actor, REPLAY, f"{topic} into {into}", chosen) as recorded:
+                report = job.run(dry_run=dry_run, progress=progress)
+                recorded.text = (
+                    f"replayed: {sum(report.events.values()):,} events of "
+                    f"{len(report.instances):,} instance(s) into {report.target}, "
+                    f"{report.outputs:,} written (replay id {report.replay_id})"
+                )
+                recorded.detail = report.as_json()
+            log.close()
     elapsed = time.monotonic() - started
     if as_json:
         print(json.dumps({**report.as_json(), "seconds": round(elapsed, 3)}))
@@ -1220,13 +1251,30 @@ def dlq_redrive(
             "say what to redrive: IDs, filters (--topic, --error-class, --service, --key) "
             "or --all; add --dry-run to see it first"
         )
-    queues = _queues()
+    from opsflow.dlq import DeadLetterQueues
+    from opsflow.operator_actions import REDRIVE
+    from opsflow.settings import TopicSettings
+
+    kafka, registry, url = _cluster()
+    queues = DeadLetterQueues(kafka, url, prefix=TopicSettings().prefix)
     if ids:
         chosen = queues.by_ids(ids)
     else:
         everything = queues.entries([filters.topic] if filters.topic else None)
         chosen = [e for e in everything if e.redrive is None and filters.matches(e)]
-    result = queues.redrive(chosen, dry_run=dry_run)
+    if dry_run:  # writes nothing: no action to record
+        result = queues.redrive(chosen, dry_run=True)
+    else:
+        log, actor = _action_log(kafka, registry, url)
+        named = [
+            *(queues.canonical(one) for one in ids or ()),
+            *(["--all"] if redrive_all else []),
+            *(f"--{k.replace('_', '-')} {v}" for k, v in asdict(filters).items() if v),
+        ]
+        with log.recorded(actor, REDRIVE, " ".join(named)) as recorded:
+            result = queues.redrive(chosen)
+            recorded.text, recorded.detail = result.outcome(), result.as_json()
+        log.close()
     if as_json:
         print(json.dumps(result.as_json()))
     else:

@@ -266,6 +266,23 @@ class RedriveResult:
             ],
         }
 
+    def outcome(self) -> str:
+        """What the redrive did, in a sentence: an operator action's recorded outcome."""
+        if self.failed:
+            errors = "; ".join(error for _, error in self.failed)
+            return f"not written ({errors}); it stays pending: try again"
+        if self.redriven:
+            where = ", ".join(
+                f"{entries[0].letter.source_topic}/{to.partition}/{to.offset}" if to else "?"
+                for entries, to in self.redriven
+            )
+            letters = sum(len(entries) for entries, _ in self.redriven)
+            return f"redriven: written back once as {where} ({letters} dead letter(s))"
+        marks = [e.redrive.redriven_at for e in self.skipped if e.redrive is not None]
+        if not marks:
+            return "nothing written: no pending dead letter matched"
+        return f"nothing written: it was redriven already at {min(marks):%Y-%m-%d %H:%M:%S} UTC"
+
 
 class DeadLetterQueues:
     """The dead-letter topics of one environment and the redrive marks in its database.

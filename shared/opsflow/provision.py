@@ -4,9 +4,12 @@ Run by ``opsflow up`` once the components answer, and in production as a
 one-shot job (``python -m opsflow.provision``) against the real counterparts:
 
 1. apply the database migrations (under an advisory lock);
-2. create the topics of record (explicit partitions, infinite retention);
+2. create the topics of record (explicit partitions, infinite retention), and the
+   platform's own: ``opsflow.operator-actions``, where operator actions are audited
+   (``opsflow.operator_actions``);
 3. register every published version of every contract under its subject, oldest
-   first, so the registry holds the same history as ``schemas/`` and checks it.
+   first, so the registry holds the same history as ``schemas/`` and checks it;
+   the platform's contract (``opsflow.operator.action``) too.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from opsflow import db
+from opsflow import db, operator_actions
 from opsflow.application import load_application
 from opsflow.contracts.catalogue import catalogue
 from opsflow.errors import ConfigurationError, OpsflowError
+from opsflow.operator_actions import ACTIONS_TOPIC
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 
@@ -69,9 +73,10 @@ def _required(value: str | None, variable: str) -> str:
 
 def record_topics() -> dict[str, int]:
     """Every topic of record of the application and its dead-letter topic, by name, with
-    its partitions (the topic's own count, else ``OPSFLOW_TOPIC_PARTITIONS``)."""
+    its partitions (the topic's own count, else ``OPSFLOW_TOPIC_PARTITIONS``), and the
+    platform's operator-actions topic (no dead-letter topic: no service consumes it)."""
     default = TopicSettings().partitions
-    found: dict[str, int] = {}
+    found: dict[str, int] = {topic_name(ACTIONS_TOPIC): ACTIONS_TOPIC.partitions or 1}
     for topic in load_application().topics:
         name = topic_name(topic)
         found[name] = found[dead_letter_topic(name)] = topic.partitions or default
@@ -102,14 +107,16 @@ def provision() -> None:
     print(f"topics created: {created or 'none (all exist)'}")
 
     client = SchemaRegistryClient(RegistrySettings().client_config(registry_url))
-    for event in catalogue().values():
-        for number, parsed in sorted(event.versions.items()):
-            subject, schema = event.subject, Schema(json.dumps(parsed), "AVRO")
+    contracts = [(event.subject, event.versions) for event in catalogue().values()]
+    contracts.append((operator_actions.subject(), operator_actions.versions()))
+    for subject, versions in contracts:
+        for number, parsed in sorted(versions.items()):
+            schema = Schema(json.dumps(parsed), "AVRO")
             schema_id = _retry(
                 f"registering {subject} v{number}",
                 functools.partial(client.register_schema, subject, schema),
             )
-            print(f"{event.subject} v{number}: schema id {schema_id}")
+            print(f"{subject} v{number}: schema id {schema_id}")
 
 
 def main() -> None:

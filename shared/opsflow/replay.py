@@ -79,6 +79,85 @@ class Selection:
     to_time: datetime | None = None
     keys: frozenset[str] = frozenset()
 
+    def as_json(self) -> dict[str, Any]:
+        """The selection as data: what an operator action records it chose."""
+        return {
+            "topic": self.topic.value,
+            "partitions": None if self.partitions is None else list(self.partitions),
+            "from_offset": self.from_offset,
+            "to_offset": self.to_offset,
+            "from_time": None if self.from_time is None else self.from_time.isoformat(),
+            "to_time": None if self.to_time is None else self.to_time.isoformat(),
+            "keys": sorted(self.keys),
+        }
+
+
+def selection_of(
+    topic: str,
+    *,
+    partitions: str = "",
+    from_offset: str = "",
+    to_offset: str = "",
+    from_time: str = "",
+    to_time: str = "",
+    keys: str = "",
+) -> Selection:
+    """A selection from text, as a form gives it (the console's replay page): the same
+    choices as ``opsflow replay``'s arguments, checked with an error naming the field.
+
+    ``partitions`` and ``keys`` are lists separated by commas or spaces; times are ISO
+    8601, UTC unless they say otherwise; an empty field is not a bound.
+
+    Raises:
+        BadInputError: an unknown topic, a malformed number or time, or a range whose
+            end comes before its start.
+    """
+    import re
+
+    known = {t.value: t for t in load_application().topics}
+    if topic not in known:
+        raise BadInputError(f"topic: there is no topic {topic!r} (topics: {', '.join(known)})")
+
+    def number(field: str, text: str) -> int | None:
+        if not text.strip():
+            return None
+        if not text.strip().isdigit():
+            raise BadInputError(f"{field}: {text!r} is not a whole number of 0 or more")
+        return int(text)
+
+    def moment(field: str, text: str) -> datetime | None:
+        if not text.strip():
+            return None
+        try:
+            at = datetime.fromisoformat(text.strip())
+        except ValueError as err:
+            raise BadInputError(
+                f"{field}: {text!r} is not a time (ISO 8601, e.g. 2024-05-01T09:30)"
+            ) from err
+        return at.replace(tzinfo=at.tzinfo or UTC)
+
+    parts = [number("partitions", p) for p in re.split(r"[,\s]+", partitions.strip()) if p]
+    selection = Selection(
+        topic=known[topic],
+        partitions=tuple(p for p in parts if p is not None) or None,
+        from_offset=number("from offset", from_offset),
+        to_offset=number("to offset", to_offset),
+        from_time=moment("from", from_time),
+        to_time=moment("to", to_time),
+        keys=frozenset(k for k in re.split(r"[,\s]+", keys.strip()) if k),
+    )
+    if None not in (selection.from_offset, selection.to_offset) and (
+        selection.to_offset < selection.from_offset  # type: ignore[operator]
+    ):
+        raise BadInputError(
+            f"to offset: {selection.to_offset} comes before the from offset {selection.from_offset}"
+        )
+    if None not in (selection.from_time, selection.to_time) and (
+        selection.to_time < selection.from_time  # type: ignore[operator]
+    ):
+        raise BadInputError("to: the end of the time range comes before its start")
+    return selection
+
 
 @dataclass
 class Report:

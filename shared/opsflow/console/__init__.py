@@ -17,19 +17,25 @@ serves, under ``/console``, for people with the ``operator`` role only:
   (``opsflow.console.rebuilds``);
 - an instance's trace: its causal tree with times, producers, actors and where
   it stands now (``opsflow trace``);
+- a replay: the range chosen as ``opsflow replay`` takes it, its dry run's report
+  (``opsflow.replay``, what ``--dry-run`` computes), and the replay itself after
+  that page as its confirmation;
 - the operator actions taken here, newest first.
 
 Every page calls the commands' own library code (``opsflow.dlq``,
-``opsflow.trace``, ``opsflow.overview``, ``opsflow.projections``), so the
+``opsflow.trace``, ``opsflow.overview``, ``opsflow.projections``,
+``opsflow.replay``), so the
 console and the CLI cannot disagree. It knows no workflow: topics, read models
 and the trace's verdict come from the application in use (``opsflow.application``).
 
 Every action is authenticated and audited: the person signs in with their
 token (``opsflow.web.pages``: sessions, CSRF, the same defences as a human
 step's inbox), the role is checked on every request, and an action is
-recorded in ``operator_actions`` with its actor before it runs and with its
-outcome after (``opsflow.operator_actions``). A redrive is at most once per
-dead letter by construction (``dlq_redrives``, under the redrive lock): a
+recorded as an operator action event naming its actor before it takes effect
+and with its outcome after, as the CLI records its own (``opsflow.operator_actions``:
+the ``opsflow.operator-actions`` topic, and ``operator_actions`` as its read model).
+A redrive is at most once per dead letter by construction (``dlq_redrives``, under
+the redrive lock): a
 second confirmation, a reload or a second operator writes nothing and is told
 when it was redriven already.
 

@@ -17,9 +17,10 @@ from opsflow import operator_actions, stack
 from opsflow.console.rebuilds import RebuildRun, Rebuilds
 from opsflow.console.settings import ConsoleSettings
 from opsflow.db import requires_table
-from opsflow.dlq import DeadLetterQueues, Filters, RedriveResult, UnknownDeadLetterError, cases
+from opsflow.dlq import DeadLetterQueues, Filters, UnknownDeadLetterError, cases
 from opsflow.dlq import decoded as decoded_value
-from opsflow.errors import ConfigurationError, OpsflowError
+from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
+from opsflow.operator_actions import REBUILD, REDRIVE, REPLAY, ActionLog, Actor
 from opsflow.producer import Producer
 from opsflow.projections import Projection
 from opsflow.projections.rebuild import RebuildResult
@@ -33,8 +34,6 @@ from opsflow.web.sessions import Session, SessionLimits
 
 PREFIX = "/console"
 _TEMPLATES = Path(__file__).with_name("templates")
-REDRIVE = "dlq.redrive"
-REBUILD = "projection.rebuild"
 T = TypeVar("T")
 
 
@@ -76,12 +75,19 @@ class Cluster:
     def queues(self) -> DeadLetterQueues:
         return DeadLetterQueues(self.kafka, self.database_url, prefix=self.prefix)
 
-    def codec(self) -> Any:
+    def registry_client(self) -> Any:
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
+        return SchemaRegistryClient(dict(self.registry))
+
+    def codec(self) -> Any:
         from opsflow.contracts.wire import WireCodec
 
-        return WireCodec(SchemaRegistryClient(dict(self.registry)))
+        return WireCodec(self.registry_client())
+
+    def action_log(self) -> ActionLog:
+        """Where the console records operator actions: the events, then their rows."""
+        return ActionLog(self.kafka, self.registry_client(), self.database_url, prefix=self.prefix)
 
 
 def create_app(
@@ -105,24 +111,6 @@ def create_app(
     return app
 
 
-def _redrive_outcome(result: RedriveResult) -> tuple[str, dict[str, Any]]:
-    """What a redrive did, in a sentence for the audit and the page, and as data."""
-    detail = result.as_json()
-    if result.failed:
-        errors = "; ".join(error for _, error in result.failed)
-        return f"not written ({errors}); it stays pending: try again", detail
-    if result.redriven:
-        where = ", ".join(
-            f"{entries[0].letter.source_topic}/{to.partition}/{to.offset}" if to else "?"
-            for entries, to in result.redriven
-        )
-        letters = sum(len(entries) for entries, _ in result.redriven)
-        return f"redriven: written back once as {where} ({letters} dead letter(s))", detail
-    marks = [e.redrive.redriven_at for e in result.skipped if e.redrive is not None]
-    since = f" at {min(marks):%Y-%m-%d %H:%M:%S} UTC" if marks else ""
-    return f"nothing written: it was redriven already{since}", detail
-
-
 def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
     """The console's pages under ``/console`` (see the package docstring)."""
     pages = Pages(
@@ -136,6 +124,11 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
     )
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
     pages.add_routes(router)
+    # One writer of operator actions for the console's life (its producer is reused).
+    action_log = cluster.action_log()
+
+    def actor(session: Session) -> Actor:
+        return Actor.console_user(session.user, cluster.kafka)
 
     async def call(work: Callable[..., T], *args: Any) -> T:
         """Run a blocking command (broker, database) off the event loop."""
@@ -279,18 +272,20 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
             return refusal(request, session, err)
 
         def audited() -> str:
-            """Record the action, redrive, record its outcome (see opsflow.operator_actions)."""
-            with pages.pool(request).connection() as conn:
-                action_id = operator_actions.begin(conn, session.user, REDRIVE, dead_letter_id)
+            """Record the intent, redrive, record the outcome (see opsflow.operator_actions)."""
+            begun = action_log.begin(actor(session), REDRIVE, dead_letter_id)
             try:
-                outcome, detail = _redrive_outcome(queues.redrive(chosen))
+                result = queues.redrive(chosen)
+                outcome, detail = result.outcome(), result.as_json()
             except Exception as err:
                 outcome, detail = f"failed: {err}", {"error": str(err)}
-            with pages.pool(request).connection() as conn:
-                operator_actions.finish(conn, action_id, outcome, detail)
-            return action_id
+            action_log.finish(begun, outcome, detail)
+            return begun.action_id
 
-        action_id = await call(audited)
+        try:
+            action_id = await call(audited)
+        except OpsflowError as err:  # the intent could not be recorded: nothing was done
+            return refusal(request, session, err)
         # Post/redirect/get: a reload shows the outcome, it does not redrive again.
         return RedirectResponse(f"{PREFIX}/actions/{action_id}", status_code=303)
 
@@ -393,17 +388,8 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
         def finished(
             run: RebuildRun, result: RebuildResult | None, error: Exception | None
         ) -> None:
-            detail: dict[str, Any] = (
-                {
-                    "records": result.records,
-                    "seconds": round(result.seconds, 3),
-                    "position": sum(result.positions.values()),
-                }
-                if result is not None
-                else {"error": str(error)}
-            )
-            with pages.pool(request).connection() as conn:
-                operator_actions.finish(conn, run.action_id, run.outcome or "", detail)
+            detail = result.detail() if result is not None else {"error": str(error)}
+            action_log.finish(run.action, run.outcome or "", detail)
 
         def started() -> None:
             """Record the action, then start the rebuild (or find one running)."""
@@ -412,9 +398,8 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
             from opsflow.projections.rebuild import rebuild
 
             registry = SchemaRegistryClient(dict(cluster.registry))
-            with pages.pool(request).connection() as conn:
-                action_id = operator_actions.begin(conn, session.user, REBUILD, name)
-            run = RebuildRun(name, action_id, session.user.display_name)
+            begun = action_log.begin(actor(session), REBUILD, name)
+            run = RebuildRun(name, begun, session.user.display_name)
             chosen = rebuilds.start(
                 run,
                 lambda progress: rebuild(
@@ -431,12 +416,147 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
                     f"not started: a rebuild of {name} started by {chosen.actor} at "
                     f"{chosen.started_at:%Y-%m-%d %H:%M:%S} UTC is running"
                 )
-                with pages.pool(request).connection() as conn:
-                    operator_actions.finish(conn, action_id, outcome, {"running": chosen.action_id})
+                action_log.finish(begun, outcome, {"running": chosen.action.action_id})
 
-        await call(started)
+        try:
+            await call(started)
+        except OpsflowError as err:  # the intent could not be recorded: nothing started
+            return refusal(request, session, err)
         # Post/redirect/get: the page shows the progress; a reload starts nothing.
         return RedirectResponse(f"{PREFIX}/projections", status_code=303)
+
+    replay_fields: tuple[str, ...] = ("topic", "into", "partitions", "from_offset")
+    replay_fields += ("to_offset", "from_time", "to_time", "keys")
+
+    def replay_job(form: Mapping[str, str]) -> tuple[Any, Any]:
+        """The replay a form chooses (``opsflow.replay``, as ``opsflow replay`` runs it).
+
+        Raises:
+            BadInputError: a field names no topic, no target, or a malformed bound.
+        """
+        from opsflow.replay import Replay, selection_of, target_of
+
+        known = replay_targets()
+        if form["into"] not in known:
+            raise BadInputError(f"into: there is no service or read model {form['into']!r}")
+        selection = selection_of(**{k: form[k] for k in replay_fields if k != "into"})
+        target = target_of(form["into"])
+        job = Replay(
+            target,
+            selection,
+            kafka=cluster.kafka,
+            registry=cluster.registry_client(),
+            database_url=cluster.database_url or None,
+        )
+        return job, selection
+
+    def replay_targets() -> dict[str, str]:
+        """Every service and read model a replay can go into, with what it is."""
+        from opsflow.application import load_application
+        from opsflow.readmodels import projections
+
+        services = {name: "service" for name in load_application().services}
+        return {**services, **{name: "read model" for name in projections()}}
+
+    @router.get("/replay")
+    async def replay_page(
+        request: Request,
+        topic: Annotated[str, Query(max_length=200)] = "",
+        into: Annotated[str, Query(max_length=200)] = "",
+        partitions: Annotated[str, Query(max_length=200)] = "",
+        from_offset: Annotated[str, Query(max_length=30)] = "",
+        to_offset: Annotated[str, Query(max_length=30)] = "",
+        from_time: Annotated[str, Query(max_length=60)] = "",
+        to_time: Annotated[str, Query(max_length=60)] = "",
+        keys: Annotated[str, Query(max_length=2000)] = "",
+    ) -> Response:
+        """The replay form and, once a topic is chosen, its dry run: what would be re-driven."""
+        session = await operator(request)
+        if isinstance(session, Response):
+            return session
+        from opsflow.application import load_application
+
+        application = load_application()
+        form = {"topic": topic, "into": into, "partitions": partitions, "keys": keys}
+        form |= {"from_offset": from_offset, "to_offset": to_offset}
+        form |= {"from_time": from_time, "to_time": to_time}
+        targets = replay_targets()
+        shown: dict[str, Any] = {
+            "form": form,
+            "fields": replay_fields,
+            "topics": [t.value for t in application.topics],
+            "targets": list(targets.items()),
+            "instance": application.instance,
+            "report": None,
+        }
+        if not topic:
+            return pages.signed_in_page(request, session, "replay.html", **shown)
+        try:
+            job, _ = await call(replay_job, form)
+            report = await call(lambda: job.run(dry_run=True))
+        except OpsflowError as err:
+            status = 503 if err.retryable or isinstance(err, ConfigurationError) else 422
+            return pages.signed_in_page(
+                request, session, "replay.html", status=status, error=str(err), **shown
+            )
+        produces = getattr(job.target, "produces", ())
+        return pages.signed_in_page(
+            request,
+            session,
+            "replay.html",
+            **{
+                **shown,
+                "report": report,
+                "kind": "service" if targets[into] == "service" else "projection",
+                "read": sum(report.events.values()),
+                "shown_instances": sorted(report.instances)[:20],
+                "produces": ", ".join(topic_name(t, prefix=cluster.prefix) for t in produces),
+            },
+        )
+
+    @router.post("/replay")
+    async def replay(request: Request) -> Response:
+        """The confirmed replay: its intent recorded, the replay run, its outcome recorded."""
+        try:
+            session, posted = await pages.posted(request)
+        except ProblemError as err:
+            if err.problem.status == 401:
+                return pages.sign_in_page(request, 401, err.problem.detail)
+            return pages.render(
+                request, "message.html", status=err.problem.status, error=err.problem.detail
+            )
+        form = {name: str(posted.get(name) or "")[:2000] for name in replay_fields}
+        try:
+            job, selection = await call(replay_job, form)
+        except OpsflowError as err:
+            return refusal(request, session, err)
+
+        def audited() -> str:
+            begun = action_log.begin(
+                actor(session),
+                REPLAY,
+                f"{form['topic']} into {form['into']}",
+                {"selection": selection.as_json(), "into": form["into"]},
+            )
+            try:
+                report = job.run(dry_run=False)
+                outcome = (
+                    f"replayed: {sum(report.events.values()):,} events of "
+                    f"{len(report.instances):,} instance(s) into {report.target}, "
+                    f"{report.outputs:,} written (replay id {report.replay_id})"
+                )
+                detail = report.as_json()
+            except Exception as err:
+                outcome, detail = f"failed: {err}", {"error": str(err)}
+            action_log.finish(begun, outcome, detail)
+            return begun.action_id
+
+        try:
+            action_id = await call(audited)
+        except OpsflowError as err:  # the intent could not be recorded: nothing was done
+            return refusal(request, session, err)
+        # Post/redirect/get: a reload shows the outcome, it does not replay again.
+        return RedirectResponse(f"{PREFIX}/actions/{action_id}", status_code=303)
 
     @router.get("/trace")
     async def trace_page(

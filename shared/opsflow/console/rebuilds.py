@@ -6,8 +6,9 @@ minutes for a large log, longer than a request may wait. So the console starts i
 thread of its own process and answers at once; the page shows how far it got on each
 refresh. The progress lives in this process only (the console runs one instance): what
 lasts is the operator action, recorded with its actor before the rebuild starts and with
-its outcome after (``opsflow.operator_actions``). One rebuild per projection at a time: a
-second request while one runs starts nothing and says who started the running one.
+its outcome after, as operator action events (``opsflow.operator_actions``). One rebuild
+per projection at a time: a second request while one runs starts nothing and says who
+started the running one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from opsflow.operator_actions import Begun
 from opsflow.projections.rebuild import Progress, RebuildResult
 
 
@@ -25,7 +27,7 @@ class RebuildRun:
     """One rebuild the console started: who, when, how far, and how it ended."""
 
     projection: str
-    action_id: str
+    action: Begun
     actor: str
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     done: int = 0
@@ -41,14 +43,6 @@ class RebuildRun:
     def percent(self) -> int | None:
         """How far the replay is, once the records to read are known."""
         return min(100, self.done * 100 // self.total) if self.total else None
-
-
-def rebuilt(result: RebuildResult) -> str:
-    """A finished rebuild in a sentence, for the audit and the page."""
-    return (
-        f"rebuilt: {result.records:,} records in {result.seconds:.1f} s, "
-        f"swapped in at offsets {sum(result.positions.values()):,}"
-    )
 
 
 class Rebuilds:
@@ -89,7 +83,7 @@ class Rebuilds:
             error: Exception | None = None
             try:
                 result = work(progress)
-                run.outcome = rebuilt(result)
+                run.outcome = result.outcome()
             except Exception as err:  # the page and the audit say why; the console goes on
                 error = err
                 run.outcome = f"failed: {err}"

@@ -84,6 +84,22 @@ class RebuildResult:
     def records_per_s(self) -> float:
         return self.records / self.seconds if self.seconds else 0.0
 
+    def outcome(self) -> str:
+        """The rebuild in a sentence: an operator action's recorded outcome."""
+        return (
+            f"rebuilt: {self.records:,} records in {self.seconds:.1f} s, "
+            f"swapped in at offsets {sum(self.positions.values()):,}"
+        )
+
+    def detail(self) -> dict[str, Any]:
+        """The rebuild as data, for the operator action's record."""
+        return {
+            "records": self.records,
+            "seconds": round(self.seconds, 3),
+            "position": sum(self.positions.values()),
+            "verified": self.verified,
+        }
+
 
 def checksum(
     conn: psycopg.Connection[Any], projection: Projection, tables: Tables
