@@ -1,18 +1,29 @@
 """The operator console (``opsflow.console``) as an operator uses it, on the real stack.
 
 The console's app is served by uvicorn in a thread of the test process, over the
-test's topics and (migrated) database schema; the one-hop ``tests.services.relay``
-runs in a thread too and dead-letters an order whose notes name a bug until a
-restart with ``RELAY_FIXED`` "deploys the fix" (as in ``test_dlq.py``), after which
-the redriven order goes on to its next step. A read model is rebuilt from the
+test's topics and (migrated) database schema. A read model is rebuilt from the
 console over order histories the projector (in a thread) kept first. People sign
 in with tokens made by ``opsflow.users``; the browser is Debian's chromium
 (``chromium`` fixture).
+
+Dead letters come from one of two services, run by the runtime's ``Worker`` in a
+thread. The one-hop ``tests.services.relay`` dead-letters an order whose notes
+name a bug (as in ``test_dlq.py``): enough for the redrive's bookkeeping, but its
+``policy.checked`` is not policy-check's, so no real service takes it further.
+The operator's walk follows an order to delivery instead: a buggy release of
+policy-check (``tests.services.buggy_policy_check``, named policy-check, the
+real rules but for the bug) dead-letters it; then the fix is deployed (the real
+``services.policy_check`` in the same consumer group) and the real rest of the
+workflow runs over the test's topics: dispatch (in a thread) books with the
+carrier stand-in (a process on loopback), whose proof of delivery goes to the
+pod-capture webhook (a process, with a carrier's API key), which matches it
+against the bookings the pod-capture runtime service (a process) keeps.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
 import threading
 import time
 import uuid
@@ -32,6 +43,7 @@ from playwright.sync_api import Browser, Page, expect
 from psycopg_pool import ConnectionPool
 
 from opsflow import db, operator_actions, users
+from opsflow.apikeys import create_key
 from opsflow.console.app import Cluster, create_app
 from opsflow.console.settings import ConsoleSettings
 from opsflow.contracts.wire import WireCodec
@@ -39,9 +51,13 @@ from opsflow.operator_actions import ACTIONS_TOPIC
 from opsflow.producer import Producer
 from opsflow.projections.rebuild import checksum
 from opsflow.readmodels import projections
+from opsflow.runtime import load_service
 from opsflow.topics import dead_letter_topic, ensure_topics, topic_name
 from opsflow.users import Role
-from services.contracts import TOPICS
+from services.contracts import TOPICS, OrderReceived, PolicyOutcome
+from services.policy_check import RULES
+from tests.support.carrier import CarrierProcess
+from tests.support.dispatching import run_dispatch
 from tests.support.histories import histories
 from tests.support.projecting import World, projecting
 from tests.support.runtime import (
@@ -54,7 +70,13 @@ from tests.support.runtime import (
     settled_records,
     wait_until_processed,
 )
-from tests.support.stack import Stack, free_port
+from tests.support.stack import (
+    QUICK_JOIN_ENV,
+    Stack,
+    free_port,
+    start_service,
+    stop_process,
+)
 
 _CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
 
@@ -441,17 +463,116 @@ def _accessible(page: Page) -> None:
     assert results.violations_count == 0, results.generate_report()
 
 
+def an_order_policy_check_approves(notes: str) -> OrderReceived:
+    """An order the released rules auto-approve (one gadget, 500.00 EUR: under every
+    review limit), with ``notes``."""
+    [order] = orders(1, notes={0: notes})
+    gadget = order.items[-1]
+    approvable = order.model_copy(
+        update={"items": [gadget], "amount_minor": gadget.quantity * gadget.unit_price_minor}
+    )
+    assert RULES.evaluate(approvable).outcome is PolicyOutcome.AUTO_APPROVED
+    return approvable
+
+
+@contextmanager
+def delivering(
+    stack: Stack, console: Console, monkeypatch: pytest.MonkeyPatch, logs: Path
+) -> Iterator[CarrierProcess]:
+    """The workflow after policy-check, real, over the console's topics and schema: dispatch
+    (in a thread), the carrier stand-in sending its proofs of delivery half a second
+    after a booking to the pod-capture webhook with a carrier's API key, and the
+    pod-capture runtime service keeping the bookings the webhook matches them against."""
+    topics = console.topics
+    names = [topic_name(t, prefix=topics.prefix) for t in TOPICS]
+    ensure_topics(  # orders, its dead letters and policy-check's exist already
+        AdminClient({"bootstrap.servers": topics.bootstrap}),
+        names + [dead_letter_topic(n) for n in names],
+        partitions=4,
+    )
+    env = {
+        **stack.env,
+        **stack.addresses(),
+        **QUICK_JOIN_ENV,
+        "DATABASE_URL": console.database_url,
+        "OPSFLOW_TOPIC_PREFIX": topics.prefix,
+    }
+    with db.connect(console.database_url) as conn:
+        key = create_key(conn, "carrier").secret  # the producer pod.captured names
+    webhook_port, metrics_port = free_port(), free_port()
+    webhook = f"http://127.0.0.1:{webhook_port}"
+    carrier = CarrierProcess(
+        logs / "carrier.log",
+        {
+            "CARRIER_POD_WEBHOOK_URL": f"{webhook}/pods",
+            "CARRIER_POD_API_KEY": key,
+            "CARRIER_POD_DELAY_S": "0.5",
+        },
+    ).launch()
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        started.append(
+            start_service(
+                ["-m", "services.pod_capture"],
+                {**env, "POD_PORT": str(webhook_port)},
+                logs / "webhook.log",
+                f"{webhook}/readyz",
+            )
+        )
+        started.append(
+            start_service(
+                ["-m", "opsflow", "run", "services.pod_capture"],
+                {**env, "OPSFLOW_METRICS_PORT": str(metrics_port)},
+                logs / "pod-capture.log",
+                f"http://127.0.0.1:{metrics_port}/readyz",  # ready: it has joined its group
+            )
+        )
+        carrier.ready()
+        dispatch = run_dispatch(
+            monkeypatch,
+            bootstrap=topics.bootstrap,
+            registry_url=topics.registry_url,
+            prefix=topics.prefix,
+            database_url=console.database_url,
+            carrier_url=carrier.url,
+        )
+        try:
+            yield carrier
+        finally:
+            dispatch.stop()
+    finally:
+        for proc in started:
+            stop_process(proc)
+        carrier.stop()
+
+
 def test_an_operator_finds_a_dead_letter_reads_why_redrives_it_once_and_follows_the_order(
-    console: Console, chromium: Browser, tmp_path: Path
+    console: Console,
+    stack: Stack,
+    chromium: Browser,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    order_id = dead_letter_one_order(console.topics)
-    with running(console.topics, RELAY_FIXED="console"):  # the fix is deployed
+    """The order is dead-lettered by a buggy release of policy-check; the operator redrives
+    it once the fix (the released policy-check) runs, and follows it to delivery."""
+    order = an_order_policy_check_approves("bug:console")
+    order_id = order.order_id
+    publish(console.topics, [order])
+    with running(console.topics, load_service("tests.services.buggy_policy_check")):
+        wait_until_processed(console.topics, service="policy-check")
+    shots_dir = tmp_path / "screenshots"
+    shots_dir.mkdir()
+    fixed = load_service("services.policy_check")
+    with (
+        delivering(stack, console, monkeypatch, tmp_path) as carrier,
+        running(console.topics, fixed),
+    ):
         context = chromium.new_context()
         page = context.new_page()
         shots = iter(range(1, 100))
 
         def shot(name: str) -> None:
-            page.screenshot(path=tmp_path / f"{next(shots):02d}-{name}.png", full_page=True)
+            page.screenshot(path=shots_dir / f"{next(shots):02d}-{name}.png", full_page=True)
 
         page.goto(f"{console.url}/console")
         page.get_by_label("Token").fill(console.tokens["olga"])
@@ -469,7 +590,7 @@ def test_an_operator_finds_a_dead_letter_reads_why_redrives_it_once_and_follows_
         _accessible(page)
         page.get_by_test_id("dead-letters").get_by_role("link").click()
         expect(page.get_by_test_id("why")).to_contain_text(
-            f"relay bug console hit by order {order_id}"
+            f"policy-check bug console hit by order {order_id}"
         )
         shot("dead-letter")
         _accessible(page)
@@ -495,15 +616,25 @@ def test_an_operator_finds_a_dead_letter_reads_why_redrives_it_once_and_follows_
         page.get_by_role("link", name=order_id).click()
         now = page.get_by_test_id("now")
         deadline = time.monotonic() + 60
-        # The relay handled the copy: the order is approved and goes on to dispatch.
-        while "waiting for dispatch (approved by policy relay-1" not in (now.text_content() or ""):
+        # The fixed policy-check approves the copy, dispatch books it, the carrier's
+        # proof of delivery is captured: the order is delivered.
+        while not (now.text_content() or "").startswith("Now: delivered at "):
             assert time.monotonic() < deadline, now.text_content()
             time.sleep(0.5)
             page.reload()
-        steps = page.get_by_test_id("step")
-        expect(steps.first).to_contain_text("order.received")
-        expect(page.get_by_test_id("trace")).to_contain_text("policy.checked")
+        expect(page.get_by_test_id("step").first).to_contain_text("order.received")
+        # Each step written by the service whose it is: the fixed policy-check's approval,
+        # dispatch's booking, the proof of delivery the carrier sent.
+        trace = " ".join((page.get_by_test_id("trace").text_content() or "").split())
+        [booking] = re.findall(r"dispatch\.executed [^:]* by dispatch : booked (BK-\w+)", trace)
+        assert re.search(r"policy\.checked [^:]* by policy-check : AUTO_APPROVED", trace), trace
+        assert re.search(r"dispatch\.requested [^:]* by dispatch : ", trace), trace
+        assert re.search(rf"pod\.captured [^:]* by carrier : {booking} received by", trace), trace
+        expect(now).to_contain_text(f"(booking {booking})")
         shot("trace")
         _accessible(page)
         context.close()
-    assert len(list(tmp_path.glob("*.png"))) == 6
+        # Redriven once, booked once.
+        bookings = httpx.get(f"{carrier.url}/bookings", timeout=10).json()
+        assert [b["booking_reference"] for b in bookings["bookings"]] == [booking]
+    assert len(list(shots_dir.glob("*.png"))) == 6
