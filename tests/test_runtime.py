@@ -61,6 +61,7 @@ from tests.support.runtime import (
     make_topics,
     orders,
     publish,
+    record_ends,
     running,
     runtime_log,
     settled_records,
@@ -241,6 +242,30 @@ def test_a_transient_handler_error_is_retried_and_then_processed_once(topics: To
     flaky = str(inputs[5].envelope.event_id)
     assert [getattr(r, "event_id", None) for r in retries] == [flaky, flaky]
     assert settled_records(topics.bootstrap, topics.dead_letters) == []
+
+
+def test_a_retry_whose_rewind_the_consumer_did_not_take_skips_no_input(topics: Topics) -> None:
+    # A partition is rewound to an input to retry it; if the consumer then delivers a
+    # later record first, it did not take the rewind, and taking that record would
+    # skip the input. Made to happen: while the retry waits, the consumer is moved
+    # three records past it behind the worker's back.
+    inputs = orders(80, notes={0: "flaky:1"})  # the first input: records follow it
+    publish(topics, inputs)
+    ends = record_ends(topics.bootstrap, topics.orders)
+    message = "a partition rewound for a retry delivered a later record: fetching again"
+    with runtime_log(message) as refetched, running(topics) as worker:
+        deadline = time.monotonic() + 60
+        while not any(part.paused_until for part in list(worker.partitions.values())):
+            assert time.monotonic() < deadline, "the flaky input was never retried"
+            time.sleep(0.001)
+        (waiting,) = [part for part in list(worker.partitions.values()) if part.paused_until]
+        assert ends[waiting.partition] > waiting.position + 3
+        worker.consumer.seek(TopicPartition(waiting.topic, waiting.partition, waiting.position + 3))
+        assert_exactly_once(topics, inputs)
+    assert refetched, "the worker took the later record"
+    assert {getattr(r, "partition", None) for r in refetched} == {
+        f"{waiting.topic}/{waiting.partition}"
+    }
 
 
 def test_a_database_out_of_reach_is_retried_not_dead_lettered(topics: Topics) -> None:

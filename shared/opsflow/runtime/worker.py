@@ -54,6 +54,9 @@ log = logging.getLogger("opsflow.runtime")
 EVENT_TYPE_HEADER = "opsflow-event-type"
 # How long the offset lookups on assignment may wait for the broker.
 _LOOKUP_TIMEOUT_S = 30.0
+# A partition rewound for a retry that has not delivered the input again this long
+# after it was resumed is fetched again (see ``_refetch_rewound``).
+_REFETCH_AFTER_S = 10.0
 # Consumer group timing (see _consumer_config): a member is replaced once the
 # broker heard nothing from it for the session timeout.
 _SESSION_TIMEOUT_MS = 6_000
@@ -128,6 +131,10 @@ class _Partition:
     paused_until: float | None = None
     # The recovery scan may finish no earlier than this (monotonic; see _CONFIRM_S).
     recover_after: float = 0.0
+    # Rewound to an input to retry it, and not delivered it again since this time
+    # (monotonic: when it was resumed; see _refetch_rewound).
+    rewound_at: float | None = None
+    refetched_at: float = 0.0
 
     @property
     def tp(self) -> TopicPartition:
@@ -296,6 +303,7 @@ class Worker:
         # where a long scan held the whole group's rebalance), one at a time.
         self._scanner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recovery")
         self._recovery: _Recovery | None = None
+        self._refetch_checked = 0.0
         self._cancel = threading.Event()
         # Every stall of the process is logged; log-scan delivery also fences itself on it.
         self.stalls = StallWatch()
@@ -530,6 +538,16 @@ class Worker:
         part = self.partitions.get((msg.topic, msg.partition))
         if part is None or not self._owned(part, msg):
             return None  # not ours any more, waiting to retry or recover, or already handled
+        if part.rewound_at is not None:
+            if msg.offset > part.position:
+                # The input to retry is in the log, so nothing may come before it: the
+                # consumer did not take the rewind. Taken, this record would skip it.
+                # (Records fetched before a seek may still come after it: one seek a
+                # second is enough.)
+                if time.monotonic() - part.refetched_at >= 1.0:
+                    self._refetch(part, "a partition rewound for a retry delivered a later record")
+                return None
+            part.rewound_at = None
         return msg, part
 
     def _owned(self, part: _Partition, msg: _Input) -> bool:
@@ -715,6 +733,7 @@ class Worker:
         if part.skip is not None:  # else the commit failed: redone from the last commit
             self.consumer.seek(TopicPartition(part.topic, part.partition, msg.offset))
             part.position = msg.offset
+            part.rewound_at = time.monotonic()  # restarted when it is resumed
         part.paused_until = time.monotonic() + delay
         log.warning(
             "retrying",
@@ -732,8 +751,44 @@ class Worker:
         for part in self.partitions.values():
             if part.paused_until is not None and part.paused_until <= now:
                 part.paused_until = None
+                if part.rewound_at is not None:
+                    part.rewound_at = now
                 if part.skip is not None:  # else its recovery scan resumes it
                     self.consumer.resume([part.tp])
+        if now - self._refetch_checked >= 1.0:
+            self._refetch_checked = now
+            self._refetch_rewound(now)
+
+    def _refetch_rewound(self, now: float) -> None:
+        """Fetch again a partition rewound to an input for a retry that has not delivered
+        that input again ``_REFETCH_AFTER_S`` after it was resumed.
+
+        The input is in the log (it was read once), so a partition that stays silent
+        is stuck, not waiting. Seen once in several runs of a kill -9 test of the
+        refunds' payouts: a partition paused, rewound and resumed for a retry
+        delivered nothing more, both instances healthy, until the test gave up (two
+        refunds never ended). The cause is not known; seeking again costs one fetch
+        and keeps such a stall from holding the partition's records back until the
+        next rebalance. (Its sibling, a rewind the consumer did not take and a later
+        record delivered first, is caught in ``_admit`` and tested.)
+        """
+        for part in self.partitions.values():
+            if (
+                part.rewound_at is not None
+                and part.paused_until is None
+                and part.skip is not None
+                and now - part.rewound_at >= _REFETCH_AFTER_S
+            ):
+                self._refetch(part, "a partition rewound for a retry delivered nothing since")
+
+    def _refetch(self, part: _Partition, why: str) -> None:
+        """Seek ``part`` to its position again (the input it was rewound to)."""
+        log.warning(
+            f"{why}: fetching again",
+            extra={"partition": f"{part.topic}/{part.partition}", "position": part.position},
+        )
+        part.rewound_at = part.refetched_at = time.monotonic()
+        self.consumer.seek(TopicPartition(part.topic, part.partition, part.position))
 
     # --- commits -------------------------------------------------------------------------
 
