@@ -45,7 +45,7 @@ import os
 import socket
 import struct
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -379,6 +379,29 @@ class ActionLog:
             self.finish(begun, f"failed: {err or type(err).__name__}", {"error": str(err)})
             raise
         self.finish(begun, ended.text or "done", ended.detail)
+
+    def run(
+        self,
+        actor: Actor,
+        action: str,
+        target: str,
+        act: Callable[[], tuple[str, dict[str, Any]]],
+        detail: dict[str, Any] | None = None,
+    ) -> str:
+        """Record the intent, run ``act`` (its outcome in words and as data), record the
+        outcome (``failed: <error>`` when it raised, which is not raised again: the
+        record says it); the action's id, for a page that shows how it ended.
+
+        Raises:
+            RetryableError: the intent could not be recorded: nothing was done.
+        """
+        begun = self.begin(actor, action, target, detail)
+        try:
+            outcome, ended = act()
+        except Exception as err:
+            outcome, ended = f"failed: {err}", {"error": str(err)}
+        self.finish(begun, outcome, ended)
+        return begun.action_id
 
     def close(self) -> None:
         if self._producer is not None:

@@ -271,16 +271,13 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
         except OpsflowError as err:
             return refusal(request, session, err)
 
+        def redriven() -> tuple[str, dict[str, Any]]:
+            result = queues.redrive(chosen)
+            return result.outcome(), result.as_json()
+
         def audited() -> str:
             """Record the intent, redrive, record the outcome (see opsflow.operator_actions)."""
-            begun = action_log.begin(actor(session), REDRIVE, dead_letter_id)
-            try:
-                result = queues.redrive(chosen)
-                outcome, detail = result.outcome(), result.as_json()
-            except Exception as err:
-                outcome, detail = f"failed: {err}", {"error": str(err)}
-            action_log.finish(begun, outcome, detail)
-            return begun.action_id
+            return action_log.run(actor(session), REDRIVE, dead_letter_id, redriven)
 
         try:
             action_id = await call(audited)
@@ -531,25 +528,23 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
         except OpsflowError as err:
             return refusal(request, session, err)
 
+        def replayed() -> tuple[str, dict[str, Any]]:
+            report = job.run(dry_run=False)
+            outcome = (
+                f"replayed: {sum(report.events.values()):,} events of "
+                f"{len(report.instances):,} instance(s) into {report.target}, "
+                f"{report.outputs:,} written (replay id {report.replay_id})"
+            )
+            return outcome, report.as_json()
+
         def audited() -> str:
-            begun = action_log.begin(
+            return action_log.run(
                 actor(session),
                 REPLAY,
                 f"{form['topic']} into {form['into']}",
+                replayed,
                 {"selection": selection.as_json(), "into": form["into"]},
             )
-            try:
-                report = job.run(dry_run=False)
-                outcome = (
-                    f"replayed: {sum(report.events.values()):,} events of "
-                    f"{len(report.instances):,} instance(s) into {report.target}, "
-                    f"{report.outputs:,} written (replay id {report.replay_id})"
-                )
-                detail = report.as_json()
-            except Exception as err:
-                outcome, detail = f"failed: {err}", {"error": str(err)}
-            action_log.finish(begun, outcome, detail)
-            return begun.action_id
 
         try:
             action_id = await call(audited)
