@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import psutil
@@ -20,7 +21,8 @@ import pytest
 from confluent_kafka import Consumer, Message, Producer
 from confluent_kafka.admin import AdminClient
 
-from opsflow.stack.components import plan_stack
+from opsflow.overview import overview
+from opsflow.stack.components import Component, StackPlan, plan_stack
 from services.contracts import TOPICS
 from tests.support.stack import OPSFLOW, Stack, stack_env
 
@@ -137,6 +139,38 @@ def test_what_may_lag_behind_the_workflow_yields_the_cpu_to_it(
         "pod-capture",
     }
     assert nice["dispatch"] == nice["policy-check"] == nice["ingest"] == nice["broker"] == 0
+
+
+def test_the_plan_records_what_each_stream_service_reads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """So `opsflow status` shows each service's lag without importing the services."""
+    monkeypatch.setenv("OPSFLOW_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("OPSFLOW_SERVICES", "true")
+    plan = plan_stack()
+    plan.save()
+    reads = {c.name: (c.service, c.consumes) for c in StackPlan.load(tmp_path).components}
+    assert reads["dispatch"] == ("dispatch", ("policy-check", "review", "dispatch"))
+    assert reads["policy-check"] == ("policy-check", ("orders",))
+    assert reads["review"] == ("review", ("policy-check",)), "an HTTP program with a worker"
+    assert reads["ingest"] == ("", ()) and reads["projector"] == ("", ())
+
+
+def test_status_takes_what_a_service_reads_from_the_plan_and_else_from_its_code(
+    stack: Stack,
+) -> None:
+    plan = StackPlan.load(stack.data_dir)
+    assert plan is not None and not any(c.consumes for c in plan.components), "no services"
+    kafka = {"bootstrap.servers": stack.address("KAFKA_BOOTSTRAP_SERVERS")}
+    learnt = {row.name: set(row.lag) for row in overview(kafka, None, plan).services}
+    assert learnt["dispatch"] == {"policy-check", "review", "dispatch"}
+    assert learnt["policy-check"] == {"orders"}
+
+    recorded = Component("dispatch", 1, "-", 110, service="dispatch", consumes=("orders",))
+    planned = replace(plan, components=(*plan.components, recorded))
+    shown = {row.name: set(row.lag) for row in overview(kafka, None, planned).services}
+    assert shown["dispatch"] == {"orders"}, "the plan's record, not the code's"
+    assert shown["policy-check"] == {"orders"}
 
 
 def test_the_operator_console_runs_with_the_programs_and_its_url_is_a_stack_variable(

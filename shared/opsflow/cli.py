@@ -161,17 +161,12 @@ def status(
     if plan is None:
         _reachable(kafka)  # no components to show: a broker that does not answer is the news
     database_url = env.get("DATABASE_URL") or DatabaseSettings().database_url
-    metrics = {
-        c.name: c.address
-        for c in (plan.components if plan is not None else ())
-        if c.module[:1] == ("opsflow.runtime",)
-    }
 
     def screen() -> tuple[Any, bool, dict[str, Any]]:
         # The overview is asked for while the components are probed (the screen takes
         # the slower of the two, not their sum) and dropped, unwaited for, when the
         # broker turns out not to answer.
-        asked = _in_background(overview, kafka, database_url, metrics)
+        asked = _in_background(overview, kafka, database_url, plan)
         rows = stack.status(plan) if plan is not None else []
         broker = [row for row in rows if row.name in ("broker", "kafka")]
         if all(row.healthy for row in broker):

@@ -47,7 +47,8 @@ from opsflow.contracts.lineage import EVENT_ID_NAMESPACE, caused_by, derive_idem
 from opsflow.contracts.record import utc_millis
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
-from opsflow.projections import Projection, RecordDecoder
+from opsflow.projections import Projection
+from opsflow.projections.decoder import RecordDecoder
 from opsflow.readmodels import projections
 from opsflow.runtime import Service, load_service
 from opsflow.runtime.recovery import SOURCE_HEADER, source_of

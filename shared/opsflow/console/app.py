@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -26,6 +26,7 @@ from opsflow.projections import Projection
 from opsflow.projections.rebuild import RebuildResult
 from opsflow.projections.status import ProjectionStatus
 from opsflow.settings import DatabaseSettings, KafkaSettings, RegistrySettings, TopicSettings
+from opsflow.stack.components import StackPlan
 from opsflow.topics import topic_name
 from opsflow.users import Role
 from opsflow.web import ProblemError, SecurityHeaders, add_health_routes, install_problem_handlers
@@ -46,30 +47,24 @@ class Cluster:
         registry: the schema registry client's settings.
         database_url: where sessions, redrive marks and operator actions are.
         prefix: ``OPSFLOW_TOPIC_PREFIX``.
-        metrics: service name -> its metrics URL, for processed/s (the local stack's).
+        plan: the local stack's, when one runs (its services' rates and inputs).
     """
 
     kafka: Mapping[str, Any]
     registry: Mapping[str, Any]
     database_url: str
     prefix: str
-    metrics: Mapping[str, str] = field(default_factory=dict)
+    plan: StackPlan | None = None
 
     @classmethod
     def from_environment(cls) -> Cluster:
         """The cluster the variables name (as for every operator command)."""
-        plan = stack.running_plan()
-        metrics = {
-            c.name: c.address
-            for c in (plan.components if plan is not None else ())
-            if c.module[:1] == ("opsflow.runtime",)
-        }
         return cls(
             kafka={"socket.timeout.ms": 5000, "log_level": 0, **KafkaSettings().client_config()},
             registry=RegistrySettings().client_config(),
             database_url=DatabaseSettings().database_url or "",
             prefix=TopicSettings().prefix,
-            metrics=metrics,
+            plan=stack.running_plan(),
         )
 
     def queues(self) -> DeadLetterQueues:
@@ -167,7 +162,7 @@ def console_router(cluster: Cluster, limits: SessionLimits) -> APIRouter:
 
         plan = stack.running_plan()
         components = await call(stack.status, plan) if plan is not None else None
-        found = await call(overview, cluster.kafka, cluster.database_url, cluster.metrics)
+        found = await call(overview, cluster.kafka, cluster.database_url, cluster.plan)
         return pages.signed_in_page(
             request, session, "overview.html", components=components, found=found
         )

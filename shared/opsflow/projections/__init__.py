@@ -11,14 +11,13 @@ from __future__ import annotations
 
 from opsflow.projections.merge import Latest, MergeTable
 from opsflow.projections.projection import Projection, Tables, shadow_name
-from opsflow.projections.records import EventRecord, RecordDecoder
+from opsflow.projections.records import EventRecord
 
 __all__ = [
     "EventRecord",
     "Latest",
     "MergeTable",
     "Projection",
-    "RecordDecoder",
     "Tables",
     "shadow_name",
 ]

@@ -37,10 +37,11 @@ from psycopg import sql
 from opsflow import db
 from opsflow.errors import BadInputError
 from opsflow.projections import positions
+from opsflow.projections.decoder import RecordDecoder
 from opsflow.projections.merge import Merging
 from opsflow.projections.positions import TopicPartition
 from opsflow.projections.projection import Projection, Tables
-from opsflow.projections.records import EventRecord, RecordDecoder
+from opsflow.projections.records import EventRecord
 from opsflow.projections.runner import ProjectionRunner, Unfoldable
 from opsflow.topics import ReadToEnd, consumer_config
 

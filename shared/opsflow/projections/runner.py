@@ -46,10 +46,11 @@ from opsflow import db
 from opsflow.deadletters import dead_letter_headers
 from opsflow.errors import BadInputError, ConfigurationError, RetryableError
 from opsflow.projections import positions
+from opsflow.projections.decoder import RecordDecoder
 from opsflow.projections.merge import Merging, Row
 from opsflow.projections.positions import Fenced, Move, TopicPartition
 from opsflow.projections.projection import Projection, Tables
-from opsflow.projections.records import EventRecord, RecordDecoder
+from opsflow.projections.records import EventRecord
 from opsflow.topics import consumer_config, dead_letter_topic, partitions_of, topic_name
 
 log = logging.getLogger("opsflow.projections")

@@ -30,6 +30,7 @@ import socket
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from opsflow.application import load_application
 from opsflow.errors import ConfigurationError
@@ -73,6 +74,11 @@ class Component:
         nice: how much lower its CPU priority is (``os.nice``), for what may lag
             behind the workflow when the cores are busy.
         api_key_env: the variable in which it gets an ingest API key of its own.
+        service: for a stream service, its ``Service``'s name (its consumer group's).
+        consumes: for a stream service, the topics it reads (contract names), so
+            ``opsflow status`` reads its lag without importing it: the services'
+            modules and the runtime were most of a status's CPU. Empty when the
+            service could not be loaded; status then tries, and says why.
     """
 
     name: str
@@ -84,6 +90,8 @@ class Component:
     env: dict[str, str] = field(default_factory=dict)
     nice: int = 0
     api_key_env: str | None = None
+    service: str = ""
+    consumes: tuple[str, ...] = ()
 
     @property
     def command(self) -> list[str]:
@@ -111,6 +119,11 @@ class StackPlan:
     def state_file(self) -> Path:
         return self.data_dir / "stack.json"
 
+    @property
+    def metrics(self) -> dict[str, str]:
+        """Each runtime service's metrics URL, by program name (``/metrics``, ``/healthz``)."""
+        return {c.name: c.address for c in self.components if c.module[:1] == ("opsflow.runtime",)}
+
     def component(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)
 
@@ -132,7 +145,14 @@ class StackPlan:
         data = json.loads(path.read_text())
         data["data_dir"] = Path(data["data_dir"])
         data["components"] = tuple(
-            Component(**{**c, "waits_for": tuple(c["waits_for"]), "module": tuple(c["module"])})
+            Component(
+                **{
+                    **c,
+                    "waits_for": tuple(c["waits_for"]),
+                    "module": tuple(c["module"]),
+                    "consumes": tuple(c.get("consumes", ())),
+                }
+            )
             for c in data["components"]
         )
         return cls(**data)
@@ -194,6 +214,18 @@ class _PortChooser:
             return self.previous.supervisor_port
         old = self.previous.component(name)
         return old.port if old else None
+
+
+def _reads(target: str) -> dict[str, Any]:
+    """``service`` and ``consumes`` of the component running the service ``target``;
+    none when it cannot be loaded (it will say why when it starts, status when it looks)."""
+    from opsflow.runtime import load_service
+
+    try:
+        service = load_service(target)
+    except Exception:
+        return {}
+    return {"service": service.name, "consumes": tuple(str(t) for t in service.consumes)}
 
 
 def plan_stack(settings: StackSettings | None = None) -> StackPlan:
@@ -355,6 +387,7 @@ def _services(
                 env=own,
                 nice=OFF_PATH_NICE if program.off_path else 0,
                 api_key_env=program.api_key_env,
+                **(_reads(program.service) if program.service else {}),
             )
         )
     projector_port = ports.choose("projector", None, "")
