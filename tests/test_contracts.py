@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ from opsflow.contracts import (
     load_catalogue,
     schemas_dir,
 )
+from opsflow.contracts.lineage import EVENT_ID_NAMESPACE, caused_by, derived_event_id
 from opsflow.contracts.mirror import avro_shape, flatten, mismatches, model_shape
 from opsflow.errors import BadInputError
 from services.contracts import (
@@ -314,6 +316,24 @@ def test_new_envelope_carries_the_models_contract_version_and_causation() -> Non
         ).contract_version
         == 2
     )
+
+
+def test_a_derived_envelope_is_the_model_pydantic_would_construct_with_a_uuid5_id() -> None:
+    """The runtime's shortcuts (``of_checked``, ``derived_event_id``) build what the
+    library's own calls build: equal, frozen, the same fields set and dumped alike."""
+    cause = envelope(MODELS["order.received"], 3)
+    with caused_by(cause, producer="policy-check", occurred_at=cause.occurred_at) as lineage:
+        key = lineage.next_key("policy.checked")
+        derived = lineage.envelope_for("policy.checked", 2)
+    assert derived.event_id == uuid.uuid5(EVENT_ID_NAMESPACE, key)
+    assert derived_event_id("x\x1fy") == uuid.uuid5(EVENT_ID_NAMESPACE, "x\x1fy")
+    constructed = Envelope.model_construct(**dict(derived))
+    assert derived == constructed and hash(derived) == hash(constructed)
+    assert derived.model_fields_set == constructed.model_fields_set
+    assert derived.model_dump() == constructed.model_dump()
+    assert Envelope.model_validate(derived.model_dump()) == derived
+    with pytest.raises(pydantic.ValidationError):
+        derived.producer = "someone else"  # type: ignore[misc]
 
 
 # --- evolution: the replay guarantee ------------------------------------------------------

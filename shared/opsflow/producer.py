@@ -49,7 +49,7 @@ from opsflow.apikeys import check_producer_name
 from opsflow.application import load_application
 from opsflow.contracts import Envelope, Event
 from opsflow.contracts.bounds import MAX_TEXT, violation
-from opsflow.contracts.lineage import EVENT_ID_NAMESPACE
+from opsflow.contracts.lineage import derived_event_id
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, RetryableError
 from opsflow.settings import KafkaSettings, RegistrySettings, TopicSettings
@@ -105,7 +105,7 @@ def event_bodies(events: Iterable[type[Event]] | None = None) -> dict[str, type[
 def event_id_for(producer: str, idempotency_key: str) -> uuid.UUID:
     """The id of the event ``producer`` sends under ``idempotency_key``: the same inputs
     always give the same id, so a retry is recognisable downstream."""
-    return uuid.uuid5(EVENT_ID_NAMESPACE, f"{producer}\x1f{idempotency_key}")
+    return derived_event_id(f"{producer}\x1f{idempotency_key}")
 
 
 def batch_item_key(idempotency_key: str, index: int) -> str:

@@ -43,7 +43,7 @@ from confluent_kafka.schema_registry import SchemaRegistryClient
 from opsflow import db
 from opsflow.application import load_application
 from opsflow.contracts import Event, Topic
-from opsflow.contracts.lineage import EVENT_ID_NAMESPACE, caused_by, derive_idempotency_key
+from opsflow.contracts.lineage import caused_by, derive_idempotency_key, derived_event_id
 from opsflow.contracts.record import utc_millis
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import BadInputError, ConfigurationError, OpsflowError
@@ -396,7 +396,7 @@ class Replay:
         if not self.database_url or not produced:
             return False
         ids = [
-            str(uuid.uuid5(EVENT_ID_NAMESPACE, derive_idempotency_key(
+            str(derived_event_id(derive_idempotency_key(
                 event.envelope.idempotency_key, service.name, event_type, 0)))
             for event_type in produced
         ]  # fmt: skip

@@ -29,6 +29,16 @@ from opsflow.contracts.record import utc_millis
 # Fixed namespace for event ids derived from idempotency keys (never change it:
 # replays compare ids across versions of opsflow).
 EVENT_ID_NAMESPACE = uuid.UUID("0f5f1000-0000-4000-8000-6f7073666c6f")
+# uuid5's hash after the namespace, copied for each id rather than hashed again:
+# 2.5 -> 1.5 us an id (measured), and every output of every handler gets one.
+_AFTER_NAMESPACE = hashlib.sha1(EVENT_ID_NAMESPACE.bytes, usedforsecurity=False)
+
+
+def derived_event_id(name: str) -> uuid.UUID:
+    """``uuid.uuid5(EVENT_ID_NAMESPACE, name)``: the id of the event derived from ``name``."""
+    digest = _AFTER_NAMESPACE.copy()
+    digest.update(name.encode())
+    return uuid.UUID(bytes=digest.digest()[:16], version=5)
 
 
 def derive_idempotency_key(parent_key: str, producer: str, event_type: str, index: int) -> str:
@@ -59,14 +69,16 @@ class Lineage:
         self._emitted[event_type] = self._emitted.get(event_type, 0) + 1
         # Every value is built here from checked ones, so validating them again
         # would only cost time (a third of deriving an envelope, measured).
-        return Envelope.model_construct(
-            event_id=uuid.uuid5(EVENT_ID_NAMESPACE, key),
-            idempotency_key=key,
-            occurred_at=self.occurred_at,
-            correlation_id=self.cause.correlation_id,
-            causation_id=str(self.cause.event_id),
-            producer=self.producer,
-            contract_version=contract_version,
+        return Envelope.of_checked(
+            {
+                "event_id": derived_event_id(key),
+                "idempotency_key": key,
+                "occurred_at": self.occurred_at,
+                "correlation_id": self.cause.correlation_id,
+                "causation_id": str(self.cause.event_id),
+                "producer": self.producer,
+                "contract_version": contract_version,
+            }
         )
 
 
