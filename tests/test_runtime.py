@@ -36,7 +36,7 @@ from opsflow.contracts import Event
 from opsflow.contracts.lineage import derive_idempotency_key
 from opsflow.contracts.wire import WireCodec
 from opsflow.errors import RetryableError
-from opsflow.runtime import recovery
+from opsflow.runtime import observability, recovery
 from opsflow.settings import for_producer
 from opsflow.topics import (
     ReadToEnd,
@@ -297,6 +297,38 @@ def test_a_trace_id_on_the_input_appears_on_every_output(topics: Topics) -> None
         version, trace_id, span_id, _ = headers["traceparent"].decode().split("-")
         assert (version, trace_id) == ("00", TRACE_ID)
         assert span_id != "00f067aa0ba902b7", "the output's parent is the processing span"
+
+
+PARENTS = {
+    "sampled": [("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01".encode())],
+    "unsampled, random": [("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-02".encode())],
+    "with state": [
+        ("traceparent", f"00-{TRACE_ID}-00f067aa0ba902b7-01".encode()),
+        ("tracestate", b"vendor=abc,other=1"),
+    ],
+    "zero trace id": [("traceparent", b"00-" + b"0" * 32 + b"-00f067aa0ba902b7-01")],
+    "zero span id": [("traceparent", f"00-{TRACE_ID}-{'0' * 16}-01".encode())],
+    "version ff": [("traceparent", f"ff-{TRACE_ID}-00f067aa0ba902b7-01".encode())],
+    "malformed": [("traceparent", b"00-nothex-01")],
+    "none": [],
+}
+
+
+@pytest.mark.parametrize("case", PARENTS)
+def test_the_direct_trace_context_is_what_opentelemetry_would_write(case: str) -> None:
+    """Without an exporter the runtime parses and writes ``traceparent`` itself: the
+    output's trace id, flags and state must be the SDK's (a new span id either way)."""
+    headers = PARENTS[case]
+    tracer = observability.tracer("relay")
+    with observability.process_span(tracer, headers, "orders") as span:
+        sdk = dict(observability.trace_headers(span))
+    direct = dict(observability.trace_headers(observability.unrecorded_span(headers), direct=True))
+    assert direct.keys() == sdk.keys()
+    ours, theirs = direct["traceparent"].split(b"-"), sdk["traceparent"].split(b"-")
+    assert (ours[0], ours[3]) == (theirs[0], theirs[3]), "version and flags"
+    if headers and case not in ("zero trace id", "zero span id", "version ff", "malformed"):
+        assert ours[1] == theirs[1] == TRACE_ID.encode(), "the input's trace"
+    assert direct.get("tracestate") == sdk.get("tracestate")
 
 
 @pytest.mark.process

@@ -35,7 +35,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
-from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, TraceState
+from opentelemetry.trace import (
+    INVALID_SPAN_ID,
+    INVALID_TRACE_ID,
+    NonRecordingSpan,
+    SpanContext,
+    TraceFlags,
+    TraceState,
+)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -219,8 +226,9 @@ def w3c_only() -> bool:
     return {name.strip() for name in names.split(",")} <= {"tracecontext", "baggage"}
 
 
-def _parent(headers: list[tuple[str, bytes]]) -> SpanContext | None:
-    """The valid W3C parent in ``headers``, if any (as the propagator would extract it)."""
+def _parent(headers: list[tuple[str, bytes]]) -> tuple[int, int, TraceState | None] | None:
+    """The trace id, flags and trace state of the valid W3C parent in ``headers``, if any
+    (as the propagator would extract it)."""
     parent = state = None
     for key, value in headers:
         if key == "traceparent" and parent is None:
@@ -235,14 +243,11 @@ def _parent(headers: list[tuple[str, bytes]]) -> SpanContext | None:
     version, trace_id, span_id, flags, rest = found.groups()
     if version == b"ff" or (version == b"00" and rest):
         return None
-    context = SpanContext(
-        int(trace_id, 16),
-        int(span_id, 16),
-        is_remote=True,
-        trace_flags=TraceFlags(int(flags, 16)),
-        trace_state=TraceState.from_header([state.decode("latin-1")]) if state else None,
-    )
-    return context if context.is_valid else None
+    trace_number = int(trace_id, 16)
+    if trace_number == INVALID_TRACE_ID or int(span_id, 16) == INVALID_SPAN_ID:
+        return None
+    trace_state = TraceState.from_header([state.decode("latin-1")]) if state else None
+    return trace_number, int(flags, 16), trace_state
 
 
 def unrecorded_span(headers: list[tuple[str, bytes]]) -> trace.Span:
@@ -256,8 +261,8 @@ def unrecorded_span(headers: list[tuple[str, bytes]]) -> trace.Span:
     if parent is None:
         trace_id, trace_state, flags = _ids.getrandbits(128) or 1, None, RANDOM_TRACE_ID
     else:
-        trace_id, trace_state = parent.trace_id, parent.trace_state
-        flags = parent.trace_flags & RANDOM_TRACE_ID
+        trace_id, flags, trace_state = parent
+        flags &= RANDOM_TRACE_ID
     return NonRecordingSpan(
         SpanContext(
             trace_id,

@@ -319,6 +319,8 @@ class Service:
         if fn is None:
             return []
         needs = self.needs[event.event_type]
+        if not needs:  # the common case, without building an empty dict per event
+            return self._outputs(fn(event))
         given = {name: self._provide(wanted) for name, wanted in needs.items()}
         return self._outputs(fn(event, **given))
 
