@@ -112,18 +112,7 @@ class WireCodec:
     def _writer_schema(self, schema_id: int) -> tuple[EventType, cavro.Schema]:
         cached = self._writers.get(schema_id)
         if cached is None:
-            try:
-                schema = _call(self._registry.get_schema, schema_id)
-            except SchemaRegistryError as err:
-                raise BadInputError(f"unknown schema id {schema_id}: {err.error_message}") from err
-            parsed = json.loads(schema.schema_str)
-            name = record_full_name(parsed)
-            try:
-                event_type = self.contracts.by_record_name(name)
-            except KeyError as err:
-                raise BadInputError(
-                    f"schema id {schema_id} is record {name}, which no contract defines"
-                ) from err
+            event_type, parsed = writer_schema(self._registry, self.contracts, schema_id)
             cached = (event_type, _schema(parsed))
             self._writers[schema_id] = cached
         return cached
@@ -175,6 +164,29 @@ class WireCodec:
             raise BadInputError(
                 f"{event_type.name} body does not match schema id {schema_id}: {err}"
             ) from err
+
+
+def writer_schema(
+    registry: SchemaRegistryClient, contracts: Catalogue, schema_id: int
+) -> tuple[EventType, dict[str, Any]]:
+    """The event type whose version the registry's schema ``schema_id`` is, and that schema.
+
+    Raises:
+        BadInputError: an id the registry does not know, or a record no contract defines.
+        RetryableError: the registry could not be asked, or refused the credentials.
+    """
+    try:
+        schema = _call(registry.get_schema, schema_id)
+    except SchemaRegistryError as err:
+        raise BadInputError(f"unknown schema id {schema_id}: {err.error_message}") from err
+    parsed: dict[str, Any] = json.loads(schema.schema_str or "{}")
+    name = record_full_name(parsed)
+    try:
+        return contracts.by_record_name(name), parsed
+    except KeyError as err:
+        raise BadInputError(
+            f"schema id {schema_id} is record {name}, which no contract defines"
+        ) from err
 
 
 def _call(method: Any, *args: Any) -> Any:

@@ -14,7 +14,6 @@ added later is present with its default.
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Collection
 from typing import Any
@@ -22,10 +21,10 @@ from typing import Any
 import cavro
 from confluent_kafka import Message
 from confluent_kafka.schema_registry import SchemaRegistryClient
-from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-from opsflow.contracts.catalogue import Catalogue, catalogue, record_full_name
-from opsflow.errors import BadInputError, RetryableError
+from opsflow.contracts.catalogue import Catalogue, catalogue
+from opsflow.contracts.wire import writer_schema
+from opsflow.errors import BadInputError
 from opsflow.projections.records import EventRecord
 
 _HEADER = struct.Struct(">bI")
@@ -70,22 +69,7 @@ class RecordDecoder:
     def _reader(self, schema_id: int) -> tuple[str, Any, str]:
         cached = self._readers.get(schema_id)
         if cached is None:
-            try:
-                schema = self._registry.get_schema(schema_id)
-            except SchemaRegistryError as err:
-                if err.http_status_code >= 500:
-                    raise RetryableError(f"schema registry error: {err.error_message}") from err
-                raise BadInputError(f"unknown schema id {schema_id}: {err.error_message}") from err
-            except Exception as err:  # connection errors come from the HTTP library underneath
-                raise RetryableError(f"schema registry unreachable: {err}") from err
-            writer = json.loads(schema.schema_str or "{}")
-            name = record_full_name(writer)
-            try:
-                event_type = self._contracts.by_record_name(name)
-            except KeyError as err:
-                raise BadInputError(
-                    f"schema id {schema_id} is record {name}, which no contract defines"
-                ) from err
+            event_type, writer = writer_schema(self._registry, self._contracts, schema_id)
             # Resolved against the latest schema only for older writers.
             decoder = _schema(writer)
             if _plain(writer) != _plain(event_type.latest_schema):
