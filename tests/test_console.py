@@ -23,7 +23,6 @@ against the bookings the pod-capture runtime service (a process) keeps.
 from __future__ import annotations
 
 import re
-import subprocess
 import threading
 import time
 import uuid
@@ -59,6 +58,7 @@ from services.policy_check import RULES
 from tests.support.carrier import CarrierProcess
 from tests.support.dispatching import run_dispatch
 from tests.support.histories import histories
+from tests.support.pods import pod_capture_running
 from tests.support.projecting import World, projecting
 from tests.support.runtime import (
     Topics,
@@ -74,8 +74,6 @@ from tests.support.stack import (
     QUICK_JOIN_ENV,
     Stack,
     free_port,
-    start_service,
-    stop_process,
 )
 
 _CSRF = re.compile(r'name="csrf_token" value="([0-9a-f]{64})"')
@@ -499,51 +497,31 @@ def delivering(
     }
     with db.connect(console.database_url) as conn:
         key = create_key(conn, "carrier").secret  # the producer pod.captured names
-    webhook_port, metrics_port = free_port(), free_port()
-    webhook = f"http://127.0.0.1:{webhook_port}"
-    carrier = CarrierProcess(
-        logs / "carrier.log",
-        {
-            "CARRIER_POD_WEBHOOK_URL": f"{webhook}/pods",
-            "CARRIER_POD_API_KEY": key,
-            "CARRIER_POD_DELAY_S": "0.5",
-        },
-    ).launch()
-    started: list[subprocess.Popen[bytes]] = []
-    try:
-        started.append(
-            start_service(
-                ["-m", "services.pod_capture"],
-                {**env, "POD_PORT": str(webhook_port)},
-                logs / "webhook.log",
-                f"{webhook}/readyz",
-            )
-        )
-        started.append(
-            start_service(
-                ["-m", "opsflow", "run", "services.pod_capture"],
-                {**env, "OPSFLOW_METRICS_PORT": str(metrics_port)},
-                logs / "pod-capture.log",
-                f"http://127.0.0.1:{metrics_port}/readyz",  # ready: it has joined its group
-            )
-        )
-        carrier.ready()
-        dispatch = run_dispatch(
-            monkeypatch,
-            bootstrap=topics.bootstrap,
-            registry_url=topics.registry_url,
-            prefix=topics.prefix,
-            database_url=console.database_url,
-            carrier_url=carrier.url,
-        )
+    with pod_capture_running(env, logs) as webhook:
+        carrier = CarrierProcess(
+            logs / "carrier.log",
+            {
+                "CARRIER_POD_WEBHOOK_URL": f"{webhook}/pods",
+                "CARRIER_POD_API_KEY": key,
+                "CARRIER_POD_DELAY_S": "0.5",
+            },
+        ).launch()
         try:
-            yield carrier
+            carrier.ready()
+            dispatch = run_dispatch(
+                monkeypatch,
+                bootstrap=topics.bootstrap,
+                registry_url=topics.registry_url,
+                prefix=topics.prefix,
+                database_url=console.database_url,
+                carrier_url=carrier.url,
+            )
+            try:
+                yield carrier
+            finally:
+                dispatch.stop()
         finally:
-            dispatch.stop()
-    finally:
-        for proc in started:
-            stop_process(proc)
-        carrier.stop()
+            carrier.stop()
 
 
 def test_an_operator_finds_a_dead_letter_reads_why_redrives_it_once_and_follows_the_order(

@@ -12,7 +12,6 @@ and booking references, so each counts only its own records.
 
 from __future__ import annotations
 
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,6 +31,7 @@ from opsflow.contracts.wire import WireCodec
 from opsflow.db import migrate
 from opsflow.producer import Producer, body_model, event_id_for
 from services.contracts import DispatchExecuted, PodCaptured, PodRejected, PodRejectionCode
+from tests.support.pods import pod_capture_running
 from tests.support.stack import (
     QUICK_JOIN_ENV,
     Stack,
@@ -141,9 +141,6 @@ def pods(
         "DATABASE_URL": database_url,
         "OPSFLOW_TOPIC_PREFIX": prefix,
     }
-    port, metrics_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}"
-    started: list[subprocess.Popen[bytes]] = []
     dispatcher = Producer(
         "dispatch",
         bootstrap_servers=bootstrap_servers,
@@ -151,39 +148,21 @@ def pods(
         topic_prefix=prefix,
     )
     try:
-        webhook_env = {
-            **env,
-            "POD_PORT": str(port),
-            "POD_MATCH_WAIT_S": str(MATCH_WAIT_S),
-            "POD_MAX_BODY_BYTES": str(MAX_BODY),
-        }
-        started.append(
-            start_service(
-                ["-m", "services.pod_capture"], webhook_env, logs / "webhook.log", f"{url}/readyz"
+        with pod_capture_running(
+            env, logs, POD_MATCH_WAIT_S=str(MATCH_WAIT_S), POD_MAX_BODY_BYTES=str(MAX_BODY)
+        ) as url:
+            key = stack.run("keys", "create", "--producer", CALLER, DATABASE_URL=database_url)
+            yield Pods(
+                url,
+                prefix,
+                bootstrap_servers,
+                database_url,
+                env,
+                key.stdout.strip(),
+                dispatcher,
+                WireCodec(SchemaRegistryClient({"url": registry_url})),
             )
-        )
-        started.append(
-            start_service(
-                ["-m", "opsflow", "run", "services.pod_capture"],
-                {**env, "OPSFLOW_METRICS_PORT": str(metrics_port)},
-                logs / "runtime.log",
-                f"http://127.0.0.1:{metrics_port}/readyz",  # ready: it has joined its group
-            )
-        )
-        key = stack.run("keys", "create", "--producer", CALLER, DATABASE_URL=database_url)
-        yield Pods(
-            url,
-            prefix,
-            bootstrap_servers,
-            database_url,
-            env,
-            key.stdout.strip(),
-            dispatcher,
-            WireCodec(SchemaRegistryClient({"url": registry_url})),
-        )
     finally:
-        for proc in started:
-            stop_process(proc)
         dispatcher.close()
         drop_schema(base, schema)
 
